@@ -1,0 +1,3 @@
+from pykvm.cli import main
+import sys
+sys.exit(main())

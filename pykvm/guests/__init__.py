@@ -1,0 +1,25 @@
+"""The small x86-64 test guests and their build driver (sources in guests/)."""
+
+from .build import (
+    BuildError,
+    ToolchainMissing,
+    UnknownGuest,
+    build,
+    cache_dir,
+    elf_path,
+    image_path,
+    source_dir,
+)
+from .catalog import GUESTS
+
+__all__ = [
+    "GUESTS",
+    "BuildError",
+    "ToolchainMissing",
+    "UnknownGuest",
+    "build",
+    "cache_dir",
+    "elf_path",
+    "image_path",
+    "source_dir",
+]

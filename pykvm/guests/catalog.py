@@ -1,0 +1,10 @@
+"""The test guests: name -> one-line description, in presentation order."""
+
+GUESTS: dict[str, str] = {
+    "hello": "prints a greeting, its command line and memory size, then exits 0",
+    "compute": "CPU-bound sieve and CRC32 at CPL3 that checks its own result (rounds=N)",
+    "timer": "checks PIT and LAPIC timer interrupt rates against the TSC",
+    "dirty": "dirties pages=N pages at CPL3 and checks none lost a write (seconds=S, stride=K)",
+    "smp": "starts every AP with INIT-SIPI-SIPI and waits for all to check in (cpus=N)",
+    "pio": "count=N port 0x80 writes (mode=in: reads) at CPL3: one VM exit each",
+}

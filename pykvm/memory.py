@@ -1,0 +1,227 @@
+"""Guest RAM: mmap'd slots, bounds-checked access, and the VMM-side dirty bitmap.
+
+Guest-physical addresses are translated to a (slot, offset) pair; every access is checked against
+the slot so a bad address from a guest (or a bug of ours) raises GuestMemoryError instead of
+touching host memory. Writes the VMM makes into guest RAM are recorded in a per-slot dirty bitmap,
+because KVM's dirty log only sees writes made by the guest's vCPUs; migration and FT merge both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+# The x86 PC keeps [3 GiB, 4 GiB) for MMIO (LAPIC, IOAPIC, PCI BARs, KVM's TSS); RAM beyond that
+# point continues above 4 GiB, as on QEMU's and Firecracker's machines.
+MMIO_HOLE_START = 0xC000_0000
+MMIO_HOLE_END = 0x1_0000_0000
+
+# Linux's value; the mmap module only exports it from Python 3.13 on. Guest RAM is reserved lazily.
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class GuestMemoryError(Exception):
+    """A guest-physical access outside RAM (or crossing the end of a slot)."""
+
+
+@dataclass(eq=False)
+class MemorySlot:
+    """One contiguous range of guest RAM backed by one host mapping (one KVM memslot)."""
+
+    index: int
+    guest_addr: int
+    size: int
+    mapping: mmap.mmap
+    fd: int | None  # memfd behind the mapping, when shared-file backed
+    view: memoryview = field(init=False, repr=False)
+    host_addr: int = field(init=False)
+    # One bit per page, in the layout KVM_GET_DIRTY_LOG uses, so the two can be OR-ed directly.
+    dirty: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.view = memoryview(self.mapping)
+        anchor = ctypes.c_char.from_buffer(self.mapping)
+        self.host_addr = ctypes.addressof(anchor)
+        del anchor  # release the buffer export so the mapping can be closed later
+        self.dirty = np.zeros(self.pages // 64 + (self.pages % 64 != 0), dtype=np.uint64)
+
+    @property
+    def pages(self) -> int:
+        return self.size >> PAGE_SHIFT
+
+    @property
+    def end(self) -> int:
+        return self.guest_addr + self.size
+
+
+def ram_layout(size: int) -> list[tuple[int, int]]:
+    """Split `size` bytes of RAM into (guest_addr, length) ranges around the MMIO hole."""
+    if size <= MMIO_HOLE_START:
+        return [(0, size)]
+    return [(0, MMIO_HOLE_START), (MMIO_HOLE_END, size - MMIO_HOLE_START)]
+
+
+class GuestMemory:
+    """All of a VM's RAM. Thread-safe for concurrent device access; the dirty bitmap has a lock."""
+
+    def __init__(self, size: int, *, shared: bool = False) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"guest memory size must be a positive multiple of {PAGE_SIZE}")
+        self.size = size
+        self.slots: list[MemorySlot] = []
+        self._dirty_lock = threading.Lock()
+        for index, (guest_addr, length) in enumerate(ram_layout(size)):
+            self.slots.append(self._map_slot(index, guest_addr, length, shared))
+
+    @staticmethod
+    def _map_slot(index: int, guest_addr: int, length: int, shared: bool) -> MemorySlot:
+        flags = MAP_NORESERVE
+        if shared:
+            # A memfd lets another process (a snapshot writer, a standby) map the same RAM.
+            fd = os.memfd_create(f"pykvm-ram{index}", os.MFD_CLOEXEC)
+            os.ftruncate(fd, length)
+            mapping = mmap.mmap(fd, length, flags=flags | mmap.MAP_SHARED)
+        else:
+            fd = None
+            mapping = mmap.mmap(-1, length, flags=flags | mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return MemorySlot(index, guest_addr, length, mapping, fd)
+
+    def close(self) -> None:
+        for slot in self.slots:
+            slot.view.release()
+            slot.mapping.close()
+            if slot.fd is not None:
+                os.close(slot.fd)
+        self.slots = []
+
+    # -- translation ---------------------------------------------------------------------------
+
+    def locate(self, addr: int, length: int) -> tuple[MemorySlot, int]:
+        """Return (slot, offset) for [addr, addr+length), which must lie inside one slot."""
+        for slot in self.slots:
+            offset = addr - slot.guest_addr
+            if 0 <= offset <= slot.size and 0 <= length <= slot.size - offset:
+                return slot, offset
+        raise GuestMemoryError(
+            f"guest-physical access [{addr:#x}, {addr + length:#x}) is outside guest RAM"
+        )
+
+    def contains(self, addr: int, length: int) -> bool:
+        try:
+            self.locate(addr, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    # -- access --------------------------------------------------------------------------------
+
+    def view(self, addr: int, length: int, *, write: bool = False) -> memoryview:
+        """A zero-copy view of guest RAM. `write=True` marks the range dirty for the VMM bitmap:
+        say so whenever the caller (or a syscall like preadv) will write through the view."""
+        slot, offset = self.locate(addr, length)
+        if write:
+            self._mark(slot, offset, length)
+        return slot.view[offset : offset + length]
+
+    def read(self, addr: int, length: int) -> bytes:
+        slot, offset = self.locate(addr, length)
+        return slot.mapping[offset : offset + length]
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        length = len(data)
+        slot, offset = self.locate(addr, length)
+        slot.view[offset : offset + length] = data
+        self._mark(slot, offset, length)
+
+    def fill(self, addr: int, length: int, byte: int = 0) -> None:
+        slot, offset = self.locate(addr, length)
+        np.frombuffer(slot.view, dtype=np.uint8, count=length, offset=offset)[:] = byte
+        self._mark(slot, offset, length)
+
+    def read_u16(self, addr: int) -> int:
+        slot, offset = self.locate(addr, 2)
+        return _U16.unpack_from(slot.view, offset)[0]
+
+    def read_u32(self, addr: int) -> int:
+        slot, offset = self.locate(addr, 4)
+        return _U32.unpack_from(slot.view, offset)[0]
+
+    def read_u64(self, addr: int) -> int:
+        slot, offset = self.locate(addr, 8)
+        return _U64.unpack_from(slot.view, offset)[0]
+
+    def write_u16(self, addr: int, value: int) -> None:
+        self._write_struct(_U16, addr, value)
+
+    def write_u32(self, addr: int, value: int) -> None:
+        self._write_struct(_U32, addr, value)
+
+    def write_u64(self, addr: int, value: int) -> None:
+        self._write_struct(_U64, addr, value)
+
+    def _write_struct(self, fmt: struct.Struct, addr: int, value: int) -> None:
+        slot, offset = self.locate(addr, fmt.size)
+        fmt.pack_into(slot.view, offset, value)
+        self._mark(slot, offset, fmt.size)
+
+    # -- VMM-side dirty tracking -----------------------------------------------------------------
+
+    def mark_dirty(self, addr: int, length: int) -> None:
+        """Record a write the VMM made behind the guest's back (e.g. through a view)."""
+        slot, offset = self.locate(addr, length)
+        self._mark(slot, offset, length)
+
+    def _mark(self, slot: MemorySlot, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        first = offset >> PAGE_SHIFT
+        last = (offset + length - 1) >> PAGE_SHIFT
+        bits = slot.dirty
+        with self._dirty_lock:
+            if first == last:  # the common case: a used-ring entry, a small buffer
+                bits[first >> 6] |= np.uint64(1 << (first & 63))
+            else:
+                _set_bit_range(bits, first, last + 1)
+
+    def take_dirty(self, slot: MemorySlot) -> np.ndarray:
+        """Return the slot's VMM dirty bitmap and start a fresh one (atomic w.r.t. writers)."""
+        fresh = np.zeros_like(slot.dirty)
+        with self._dirty_lock:
+            taken, slot.dirty = slot.dirty, fresh
+        return taken
+
+
+def _set_bit_range(words: np.ndarray, start: int, stop: int) -> None:
+    """Set bits [start, stop) of a little-endian u64 bitmap."""
+    first_word, last_word = start >> 6, (stop - 1) >> 6
+    head = np.uint64((~0 << (start & 63)) & 0xFFFF_FFFF_FFFF_FFFF)
+    tail = np.uint64(0xFFFF_FFFF_FFFF_FFFF >> (63 - ((stop - 1) & 63)))
+    if first_word == last_word:
+        words[first_word] |= head & tail
+        return
+    words[first_word] |= head
+    words[first_word + 1 : last_word] = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+    words[last_word] |= tail
+
+
+def dirty_pages(bitmap: np.ndarray) -> np.ndarray:
+    """Page indices of the set bits of a u64 dirty bitmap, ascending (numpy, no Python loop)."""
+    nonzero = np.flatnonzero(bitmap)
+    if nonzero.size == 0:
+        return np.empty(0, dtype=np.int64)
+    bits = np.unpackbits(bitmap[nonzero].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+    word_idx, bit_idx = np.nonzero(bits)
+    return nonzero[word_idx] * 64 + bit_idx

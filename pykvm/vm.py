@@ -1,0 +1,122 @@
+"""A virtual machine: the KVM VM fd, guest RAM, the I/O bus, the in-kernel PC chips and the vCPUs.
+
+A Vm knows nothing of particular devices or boot formats; the machine layer (pykvm.machine)
+places devices on its bus and loads an image into its memory. What it does own is the life cycle:
+start the vCPU threads, pause and resume them all (see RunControl), stop, and close.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from pykvm.bus import IoBus
+from pykvm.errors import ConfigError
+from pykvm.kvm import Kvm
+from pykvm.kvm import constants as k
+from pykvm.memory import GuestMemory
+from pykvm.vcpu import KICK_SIGNAL, RunControl, RunState, StopReason, Vcpu
+
+# KVM needs three pages for the real-mode TSS and one for the EPT identity map on Intel; both sit
+# just below the BIOS area at the top of the 4 GiB space, inside the MMIO hole (as in QEMU).
+TSS_ADDRESS = 0xFFFB_D000
+IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+
+
+class Vm:
+    def __init__(self, memory_size: int, cpus: int = 1, *, kvm: Kvm | None = None, shared_memory: bool = False) -> None:
+        self.kvm = kvm or Kvm()
+        self._own_kvm = kvm is None
+        max_vcpus = self.kvm.check_extension(k.KVM_CAP_MAX_VCPUS) or self.kvm.check_extension(k.KVM_CAP_NR_VCPUS) or 1
+        if not 1 <= cpus <= max_vcpus:
+            raise ConfigError(f"--cpus {cpus}: KVM on this host allows 1 to {max_vcpus} vCPUs")
+        self.fd = self.kvm.create_vm()
+        self.fd.set_tss_address(TSS_ADDRESS)
+        self.fd.set_identity_map_address(IDENTITY_MAP_ADDRESS)
+        self.fd.create_irqchip()  # PIC + IOAPIC + per-vCPU LAPICs, before any vCPU exists
+        # SPEAKER_DUMMY is what makes KVM serve port 0x61 (PIT channel 2 gate and output, which
+        # guests use to calibrate the TSC); without it those accesses would exit to us.
+        self.fd.create_pit2(k.KVM_PIT_SPEAKER_DUMMY)
+        self.memory = GuestMemory(memory_size, shared=shared_memory)
+        for slot in self.memory.slots:
+            self.fd.set_user_memory_region(slot.index, slot.guest_addr, slot.size, slot.host_addr)
+        self.bus = IoBus()
+        self.control = RunControl()
+        cpuid = self.kvm.supported_cpuid()
+        mmap_size = self.kvm.vcpu_mmap_size()
+        self.vcpus = [
+            Vcpu(self.fd.create_vcpu(i, mmap_size), i, self.bus, self.memory, self.control, cpuid)
+            for i in range(cpus)
+        ]
+        self._irq_lock = threading.Lock()
+
+    @property
+    def state(self) -> RunState:
+        return self.control.state
+
+    def irq_line(self, irq: int, level: bool) -> None:
+        """Drive an interrupt line of the in-kernel PIC/IOAPIC (GSI `irq`)."""
+        with self._irq_lock:
+            self.fd.irq_line(irq, 1 if level else 0)
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        _install_kick_handler()
+        for vcpu in self.vcpus:
+            vcpu.start()
+
+    def pause(self) -> None:
+        """Stop all vCPUs; returns once each is outside KVM_RUN with its pending I/O completed."""
+        self.control.pause()
+
+    def resume(self) -> None:
+        self.control.resume()
+
+    def stop(self, status: int, reason: str, report: str = "") -> None:
+        """Stop the VM for good; callable from any thread, including a vCPU's own device handler."""
+        self.control.stop(StopReason(status, reason, report))
+
+    def wait(self, timeout: float | None = None) -> StopReason | None:
+        """Wait for every vCPU thread to leave; returns why the VM stopped (None on timeout)."""
+        return self.control.wait_stopped(timeout)
+
+    def run(self) -> StopReason:
+        self.start()
+        reason = self.wait()
+        assert reason is not None
+        return reason
+
+    def close(self) -> None:
+        if self.control.state is not RunState.STOPPED:
+            self.stop(0, "closed")
+        self.wait()
+        for vcpu in self.vcpus:
+            if vcpu.thread is not None:
+                vcpu.thread.join()
+            vcpu.close()
+        self.fd.close()
+        self.memory.close()
+        if self._own_kvm:
+            self.kvm.close()
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _install_kick_handler() -> None:
+    """KICK_SIGNAL must have a handler (any handler) so that it interrupts KVM_RUN with EINTR.
+    SIG_DFL would kill the process and SIG_IGN would discard the signal."""
+    current = signal.getsignal(KICK_SIGNAL)
+    if callable(current):
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(f"install a handler for {KICK_SIGNAL.name} from the main thread before starting a VM")
+    signal.signal(KICK_SIGNAL, _ignore_kick)
+
+
+def _ignore_kick(signum: int, frame: object) -> None:
+    """The kick's only job is to interrupt KVM_RUN; nothing to do here."""

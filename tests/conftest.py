@@ -1,0 +1,42 @@
+"""Shared fixtures: the real /dev/kvm, the built guests, and a way to run the pykvm CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pykvm import guests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+requires_kvm = pytest.mark.skipif(not kvm_usable(), reason="/dev/kvm is not usable here")
+
+
+@pytest.fixture(scope="session")
+def guest_images() -> dict[str, Path]:
+    """Every bundled guest, built once per session (cached across sessions)."""
+    return guests.build(log=lambda line: None)
+
+
+def run_pykvm(*args: str, timeout: float = 60, input: bytes | None = None, env: dict | None = None,
+              prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would, in a child process; returns its status and text output."""
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "pykvm", *args],
+        cwd=REPO, capture_output=True, timeout=timeout, input=input if input is not None else b"",
+        env={**os.environ, **(env or {})},
+    )

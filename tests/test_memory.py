@@ -1,0 +1,121 @@
+"""Guest memory: bounds checks (hypothesis), slot layout, and the VMM-side dirty bitmap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pykvm.memory import (
+    MMIO_HOLE_END,
+    MMIO_HOLE_START,
+    PAGE_SIZE,
+    GuestMemory,
+    GuestMemoryError,
+    dirty_pages,
+    ram_layout,
+)
+
+SIZE = 64 * PAGE_SIZE
+
+
+@pytest.fixture(scope="module")
+def memory():
+    mem = GuestMemory(SIZE)
+    yield mem
+    mem.close()
+
+
+addresses = st.integers(min_value=-2 * SIZE, max_value=3 * SIZE)
+lengths = st.integers(min_value=-16, max_value=2 * SIZE)
+
+
+@settings(max_examples=500, deadline=None)
+@given(addr=addresses, length=lengths)
+def test_every_access_is_inside_ram_or_refused(memory, addr, length):
+    inside = addr >= 0 and length >= 0 and addr + length <= SIZE
+    accesses = [lambda: memory.read(addr, length), lambda: memory.view(addr, length)]
+    if length >= 0:
+        accesses.append(lambda: memory.write(addr, b"\xab" * length))
+    for access in accesses:
+        if inside:
+            access()
+        else:
+            with pytest.raises(GuestMemoryError):
+                access()
+
+
+@settings(max_examples=200, deadline=None)
+@given(addr=st.integers(min_value=0, max_value=SIZE - 1), data=st.binary(min_size=1, max_size=3 * PAGE_SIZE))
+def test_write_read_round_trip_and_dirty_pages(addr, data):
+    mem = GuestMemory(SIZE)
+    try:
+        if addr + len(data) > SIZE:
+            with pytest.raises(GuestMemoryError):
+                mem.write(addr, data)
+            assert dirty_pages(mem.take_dirty(mem.slots[0])).size == 0  # a refused write marks nothing
+            return
+        mem.write(addr, data)
+        assert mem.read(addr, len(data)) == data
+        pages = dirty_pages(mem.take_dirty(mem.slots[0]))
+        assert pages.tolist() == list(range(addr // PAGE_SIZE, (addr + len(data) - 1) // PAGE_SIZE + 1))
+        assert dirty_pages(mem.take_dirty(mem.slots[0])).size == 0  # taking clears
+    finally:
+        mem.close()
+
+
+@pytest.mark.parametrize("width", [16, 32, 64])
+def test_integer_accessors_are_bounds_checked(memory, width):
+    read = getattr(memory, f"read_u{width}")
+    write = getattr(memory, f"write_u{width}")
+    size = width // 8
+    write(SIZE - size, (1 << width) - 1)
+    assert read(SIZE - size) == (1 << width) - 1
+    with pytest.raises(GuestMemoryError):
+        read(SIZE - size + 1)
+    with pytest.raises(GuestMemoryError):
+        write(SIZE - size + 1, 0)
+
+
+def test_views_do_not_cross_the_end_of_ram(memory):
+    view = memory.view(SIZE - 8, 8, write=True)
+    view[:] = b"12345678"
+    assert memory.read(SIZE - 8, 8) == b"12345678"
+    with pytest.raises(GuestMemoryError):
+        memory.view(SIZE - 8, 9)
+
+
+def test_ram_above_the_mmio_hole_is_a_second_slot():
+    assert ram_layout(64 << 20) == [(0, 64 << 20)]
+    assert ram_layout(MMIO_HOLE_START + (1 << 30)) == [(0, MMIO_HOLE_START), (MMIO_HOLE_END, 1 << 30)]
+    mem = GuestMemory(MMIO_HOLE_START + 2 * PAGE_SIZE)  # NORESERVE: nothing is touched but two pages
+    try:
+        mem.write_u32(MMIO_HOLE_END + 4, 0xDEADBEEF)
+        assert mem.read_u32(MMIO_HOLE_END + 4) == 0xDEADBEEF
+        with pytest.raises(GuestMemoryError):
+            mem.read(MMIO_HOLE_START, 4)  # the hole is not RAM
+        with pytest.raises(GuestMemoryError):
+            mem.read(MMIO_HOLE_START - 2, 4)  # nor is an access straddling its start
+        assert dirty_pages(mem.take_dirty(mem.slots[1])).tolist() == [0]
+    finally:
+        mem.close()
+
+
+def test_dirty_pages_matches_a_python_model():
+    rng = np.random.default_rng(1)
+    bitmap = np.zeros(1024, dtype=np.uint64)
+    chosen = sorted(set(rng.integers(0, 1024 * 64, size=3000).tolist()))
+    for page in chosen:
+        bitmap[page >> 6] |= np.uint64(1 << (page & 63))
+    assert dirty_pages(bitmap).tolist() == chosen
+
+
+def test_shared_memory_is_a_memfd(memory):
+    mem = GuestMemory(SIZE, shared=True)
+    try:
+        mem.write(0, b"shared")
+        import os
+        assert os.pread(mem.slots[0].fd, 6, 0) == b"shared"
+    finally:
+        mem.close()

@@ -1,0 +1,105 @@
+"""Pause/resume of all vCPUs from another thread while guests run: the guests' results stay right."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pykvm.machine import Machine, MachineConfig
+from pykvm.vcpu import RunState
+from tests.conftest import requires_kvm
+
+pytestmark = requires_kvm
+
+
+def _pause_while_running(machine: Machine, cycles: int) -> int:
+    """Pause and resume `cycles` times from a controller thread, each time checking that the
+    vCPU threads are parked; returns how many pauses happened while the guest was running."""
+    vm = machine.vm
+    done = threading.Event()
+    paused_while_running = 0
+
+    def controller() -> None:
+        nonlocal paused_while_running
+        for _ in range(cycles):
+            if vm.state is RunState.STOPPED:
+                break
+            vm.pause()
+            if vm.state is RunState.PAUSED:
+                paused_while_running += 1
+                exits_before = [v.exit_count for v in vm.vcpus]
+                regs_before = [v.fd.get_regs().rip for v in vm.vcpus]
+                # Paused means no vCPU moves: its registers are stable while we look twice.
+                assert [v.fd.get_regs().rip for v in vm.vcpus] == regs_before
+                assert [v.exit_count for v in vm.vcpus] == exits_before
+            vm.resume()
+        done.set()
+
+    thread = threading.Thread(target=controller)
+    vm.start()
+    thread.start()
+    done.wait()
+    thread.join()
+    return paused_while_running
+
+
+def test_compute_survives_many_pauses(guest_images):
+    output = bytearray()
+    with Machine(MachineConfig(), serial_output=output.extend) as machine:
+        machine.load(guest_images["compute"], cmdline="rounds=200")
+        paused = _pause_while_running(machine, cycles=300)
+        stop = machine.vm.wait()
+    assert stop.status == 0, output.decode()
+    assert b"compute: ok rounds=200 primes=78498" in output
+    assert paused > 0
+
+
+def test_smp_pauses_every_vcpu(guest_images):
+    """Two vCPUs running `dirty` (which checks every page it wrote): pausing both many times
+    loses no write."""
+    output = bytearray()
+    with Machine(MachineConfig(cpus=2), serial_output=output.extend) as machine:
+        machine.load(guest_images["dirty"], cmdline="pages=1024 seconds=2")
+        paused = _pause_while_running(machine, cycles=200)
+        stop = machine.vm.wait()
+    assert stop.status == 0, output.decode()
+    assert output.rstrip().endswith(b"dirty: done")
+    assert paused > 0
+
+
+def test_pause_from_a_vcpu_thread_is_refused(guest_images):
+    with Machine(MachineConfig(), serial_output=lambda data: None) as machine:
+        machine.load(guest_images["hello"])
+        errors = []
+
+        class PausingDevice:
+            """Stands in for COM1 and, on the guest's first write, tries to pause its own VM."""
+
+            def pio_read(self, offset: int, size: int) -> int:
+                return 0
+
+            def pio_write(self, offset: int, size: int, value: int) -> None:
+                try:
+                    machine.vm.pause()
+                except RuntimeError as error:
+                    errors.append(error)
+                machine.vm.stop(0, "done")
+
+        machine.vm.bus.unregister_pio(0x3F8, 8)
+        machine.vm.bus.register_pio(0x3F8, 8, PausingDevice())
+        stop = machine.run()
+    assert stop.reason == "done"
+    assert errors and "cannot pause" in str(errors[0])
+
+
+def test_stop_while_paused_ends_the_run(guest_images):
+    with Machine(MachineConfig(), serial_output=lambda data: None) as machine:
+        machine.load(guest_images["compute"], cmdline="rounds=100000")
+        vm = machine.vm
+        vm.start()
+        vm.pause()
+        assert vm.state is RunState.PAUSED
+        vm.stop(7, "stopped by test")
+        stop = vm.wait(timeout=10)
+    assert stop is not None and stop.status == 7
