@@ -18,6 +18,8 @@ from pathlib import Path
 from pykvm import guests
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
+from pykvm.devices.net_backends import NetSpec
+from pykvm.devices.virtio.blk import DiskSpec
 from pykvm.diagnostics import ExitTracer
 from pykvm.errors import ConfigError
 from pykvm.kvm import KvmError, KvmUnavailable
@@ -62,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--append", default="", metavar="ARGS", help="the guest's command line")
     run.add_argument("--serial", default="stdio", help="COM1: stdio, file:PATH or none (default stdio)")
     run.add_argument("--load-addr", metavar="ADDR", help="load address of a flat binary")
+    run.add_argument("--disk", action="append", default=[], metavar="PATH[,readonly]",
+                     help="a virtio-blk disk on a file (repeatable)")
+    run.add_argument("--net", action="append", default=[], metavar="SPEC",
+                     help="a virtio-net NIC: tap:NAME or socket:PATH[,peer=PATH], each [,mac=M] (repeatable)")
     run.add_argument("--trace", action="store_true", help="print every VM exit to stderr")
 
     guest_cmd = commands.add_parser("guests", help="list, build or locate the bundled test guests")
@@ -86,7 +92,12 @@ def _resolve_image(name: str | None) -> Path | bytes:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus)
+    config = MachineConfig(
+        memory=parse_size(args.mem),
+        cpus=args.cpus,
+        disks=tuple(DiskSpec.parse(text) for text in args.disk),
+        nets=tuple(NetSpec.parse(text) for text in args.net),
+    )
     load_addr = parse_address(args.load_addr) if args.load_addr is not None else None
     image = _resolve_image(args.image)
     console = SerialConsole(args.serial)

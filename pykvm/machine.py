@@ -4,12 +4,14 @@
     port 0x70-0x71    CMOS RAM and RTC
     port 0x60, 0x64   i8042 (its reset line ends the run with status 0)
     port 0xF4         debug exit (a write of v ends the run with status v)
+    port 0xCF8-0xCFF  PCI configuration mechanism 1: host bridge in slot 0, then one virtio
+                      function per --disk and per --net, in that order
     in-kernel         PIC, IOAPIC, LAPICs, PIT (ports 0x20/0xA0, 0x40-0x43, 0x61)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +20,12 @@ from pykvm.devices.cmos import Cmos
 from pykvm.devices.debug_exit import DEFAULT_PORT as DEBUG_EXIT_PORT
 from pykvm.devices.debug_exit import DebugExit
 from pykvm.devices.i8042 import I8042
+from pykvm.devices.net_backends import NetSpec
+from pykvm.devices.pci import attach_pci_bus
 from pykvm.devices.serial import Serial16550
+from pykvm.devices.virtio.blk import Blk, DiskImage, DiskSpec
+from pykvm.devices.virtio.net import DEFAULT_MAC, Net, parse_mac
+from pykvm.devices.virtio.pci import VirtioPciFunction
 from pykvm.kvm import Kvm
 from pykvm.vcpu import StopReason
 from pykvm.vm import Vm
@@ -35,6 +42,10 @@ DEFAULT_MEMORY = 64 * MIB
 class MachineConfig:
     memory: int = DEFAULT_MEMORY
     cpus: int = 1
+    disks: tuple[DiskSpec, ...] = field(default=())
+    nets: tuple[NetSpec, ...] = field(default=())
+    legacy_virtio: bool = True  # transitional devices (legacy I/O BAR too); False: modern only
+    ioeventfd: bool = True  # queue notifications through KVM ioeventfds (False: through Python)
 
 
 class Machine:
@@ -51,9 +62,22 @@ class Machine:
             vm.bus.register_pio(I8042_DATA_PORT, 1, self.i8042, base=I8042_DATA_PORT)
             vm.bus.register_pio(I8042_COMMAND_PORT, 1, self.i8042, base=I8042_DATA_PORT)
             vm.bus.register_pio(DEBUG_EXIT_PORT, 1, self.debug_exit)
+            self.pci = attach_pci_bus(vm)
+            self.virtio: list[VirtioPciFunction] = []
+            for spec in config.disks:
+                self._add_virtio(Blk(DiskImage(spec)))
+            for index, spec in enumerate(config.nets):
+                mac = parse_mac(spec.mac) if spec.mac else _default_mac(index)
+                self._add_virtio(Net(spec.open(), mac))
         except BaseException:
-            vm.close()
+            self.close()
             raise
+
+    def _add_virtio(self, device) -> VirtioPciFunction:
+        function = VirtioPciFunction(device, self.vm, legacy=self.config.legacy_virtio, ioeventfd=self.config.ioeventfd)
+        self.virtio.append(function)
+        self.pci.add(function)
+        return function
 
     def load(self, image: str | Path | bytes, *, cmdline: str = "", load_addr: int | None = None) -> LoadedImage:
         return load_image(self.vm, image, cmdline=cmdline, load_addr=load_addr)
@@ -62,6 +86,8 @@ class Machine:
         return self.vm.run()
 
     def close(self) -> None:
+        for function in getattr(self, "virtio", []):
+            function.close()
         self.vm.close()
 
     def __enter__(self) -> Machine:
@@ -69,3 +95,10 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _default_mac(index: int) -> bytes:
+    """52:54:00:12:34:56 for the first NIC (QEMU's default), then :57, :58, ..."""
+    mac = bytearray(parse_mac(DEFAULT_MAC))
+    mac[5] = (mac[5] + index) & 0xFF
+    return bytes(mac)

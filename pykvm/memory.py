@@ -102,7 +102,10 @@ class GuestMemory:
     def close(self) -> None:
         for slot in self.slots:
             slot.view.release()
-            slot.mapping.close()
+            try:
+                slot.mapping.close()
+            except BufferError:
+                pass  # a view is still held somewhere: the mapping goes when the last one does
             if slot.fd is not None:
                 os.close(slot.fd)
         self.slots = []
@@ -133,7 +136,7 @@ class GuestMemory:
         say so whenever the caller (or a syscall like preadv) will write through the view."""
         slot, offset = self.locate(addr, length)
         if write:
-            self._mark(slot, offset, length)
+            self.mark(slot, offset, length)
         return slot.view[offset : offset + length]
 
     def read(self, addr: int, length: int) -> bytes:
@@ -144,12 +147,12 @@ class GuestMemory:
         length = len(data)
         slot, offset = self.locate(addr, length)
         slot.view[offset : offset + length] = data
-        self._mark(slot, offset, length)
+        self.mark(slot, offset, length)
 
     def fill(self, addr: int, length: int, byte: int = 0) -> None:
         slot, offset = self.locate(addr, length)
         np.frombuffer(slot.view, dtype=np.uint8, count=length, offset=offset)[:] = byte
-        self._mark(slot, offset, length)
+        self.mark(slot, offset, length)
 
     def read_u16(self, addr: int) -> int:
         slot, offset = self.locate(addr, 2)
@@ -175,16 +178,17 @@ class GuestMemory:
     def _write_struct(self, fmt: struct.Struct, addr: int, value: int) -> None:
         slot, offset = self.locate(addr, fmt.size)
         fmt.pack_into(slot.view, offset, value)
-        self._mark(slot, offset, fmt.size)
+        self.mark(slot, offset, fmt.size)
 
     # -- VMM-side dirty tracking -----------------------------------------------------------------
 
     def mark_dirty(self, addr: int, length: int) -> None:
         """Record a write the VMM made behind the guest's back (e.g. through a view)."""
         slot, offset = self.locate(addr, length)
-        self._mark(slot, offset, length)
+        self.mark(slot, offset, length)
 
-    def _mark(self, slot: MemorySlot, offset: int, length: int) -> None:
+    def mark(self, slot: MemorySlot, offset: int, length: int) -> None:
+        """mark_dirty for a range already located (hot paths keep their (slot, offset))."""
         if length <= 0:
             return
         first = offset >> PAGE_SHIFT

@@ -26,7 +26,7 @@ from pykvm.kvm.structs import KvmSegment
 from pykvm.memory import GuestMemory
 
 if TYPE_CHECKING:
-    from pykvm.kvm.structs import KvmCpuid2
+    from ctypes import Structure as KvmCpuid2  # a cpuid2_type(n) instance
 
 # kvm_run layout: exit_reason at byte 8, the exit union at byte 32.
 _EXIT_REASON_WORD = 2  # index into the run page viewed as u32

@@ -13,7 +13,7 @@ uint64_t tsc_at_read(uint32_t (*read)(void), uint32_t *value)
 		uint32_t v = read();
 		uint64_t t1 = rdtsc();
 
-		if (t1 - t0 < best) {
+		if (i == 0 || t1 - t0 < best) {
 			best = t1 - t0;
 			at = t0 + best / 2;
 			*value = v;

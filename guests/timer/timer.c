@@ -2,16 +2,22 @@
  * timer in periodic mode, each timestamped with the TSC while CPL3 code waits.
  *
  * The TSC reference comes from CPUID when it states the frequency, else from
- * PIT channel 2 read without interrupts.  A busy host delays, drops or
- * replays in a burst (KVM's PIT reinjects) the ticks that fall while the
- * vCPU is descheduled, so rather than a count the check wants enough
- * intervals "on time", within 10% of the programmed period: with a wrong
- * rate, none are.  A mean rate below 1.5x rules out duplicated interrupts. */
+ * PIT channel 2 read without interrupts.
+ *
+ * A busy host deschedules the vCPU now and then: ticks due meanwhile are lost
+ * (LAPIC timer, QEMU's PIT) or replayed in a burst (KVM's PIT reinjects), and
+ * on this project's KVM single intervals jitter by up to ~10% even on an idle
+ * host.  So the check looks at pairs of consecutive intervals, which cancel
+ * that jitter and a late tick followed by a replayed one: a pair is on time
+ * if it spans two programmed periods within 10%.  A timer passes if at least
+ * a fifth of its pairs are on time, or if its mean rate over all ticks (exact
+ * when missed ticks are replayed) is within 10%.  With no interrupts, a wrong
+ * rate, or every interrupt delivered twice, neither holds. */
 #include "runtime.h"
 
 #define RATE_HZ 1000
 #define TICKS   200
-#define MIN_ON_TIME (TICKS / 10)
+#define MIN_ON_TIME (TICKS / 5)
 
 struct ticks {
 	volatile uint32_t n;
@@ -42,27 +48,34 @@ static bool wait_ticks(const struct ticks *t)
 
 /* What a timer did over its TICKS intervals; rates in mHz. */
 struct verdict {
-	unsigned on_time;               /* intervals within 10% of the period */
-	uint64_t rate;                  /* from the on-time intervals */
-	uint64_t mean_rate;             /* from all of them */
+	unsigned on_time;               /* pairs of intervals spanning 2 periods, within 10% */
+	uint64_t rate;                  /* from the on-time pairs */
+	uint64_t mean_rate;             /* from all intervals */
 };
 
 static struct verdict judge(const struct ticks *t, uint64_t expected)
 {
-	uint64_t period = tsc_hz * 1000 / expected, sum = 0;
+	uint64_t two_periods = 2 * tsc_hz * 1000 / expected, sum = 0;
 	struct verdict v = { 0, 0, TICKS * tsc_hz * 1000 / (t->at[TICKS] - t->at[0]) };
 
-	for (int i = 0; i < TICKS; i++) {
-		uint64_t d = t->at[i + 1] - t->at[i];
+	for (int i = 0; i + 2 <= TICKS; i++) {
+		uint64_t d = t->at[i + 2] - t->at[i];
 
-		if (d * 10 >= period * 9 && d * 10 <= period * 11) {
+		if (d * 10 >= two_periods * 9 && d * 10 <= two_periods * 11) {
 			v.on_time++;
 			sum += d;
 		}
 	}
 	if (v.on_time)
-		v.rate = v.on_time * tsc_hz * 1000 / sum;
+		v.rate = 2 * v.on_time * tsc_hz * 1000 / sum;
 	return v;
+}
+
+static bool within_10_percent(uint64_t measured, uint64_t expected)
+{
+	uint64_t diff = measured > expected ? measured - expected : expected - measured;
+
+	return diff * 10 <= expected;
 }
 
 /* Prints the details; false (after saying why) if the timer fails. */
@@ -72,14 +85,10 @@ static bool check(const char *name, const struct ticks *t, uint64_t expected, co
 		printf("timer: FAIL %s: %u of %d interrupts in 2 s\n", name, t->n, TICKS + 1);
 		return false;
 	}
-	printf("timer: %s %u/%d intervals on time, mean rate %lu mHz, programmed %lu mHz\n",
-	       name, v->on_time, TICKS, v->mean_rate, expected);
-	if (v->on_time < MIN_ON_TIME) {
-		printf("timer: FAIL %s: fewer than %d intervals on time\n", name, MIN_ON_TIME);
-		return false;
-	}
-	if (v->mean_rate * 2 > expected * 3) {
-		printf("timer: FAIL %s: mean rate over 1.5x the programmed rate\n", name);
+	printf("timer: %s %u/%d interval pairs on time, mean rate %lu mHz, programmed %lu mHz\n",
+	       name, v->on_time, TICKS - 1, v->mean_rate, expected);
+	if (v->on_time < MIN_ON_TIME && !within_10_percent(v->mean_rate, expected)) {
+		printf("timer: FAIL %s: fewer than %d pairs on time and the mean rate is off\n", name, MIN_ON_TIME);
 		return false;
 	}
 	return true;

@@ -152,7 +152,7 @@ class KvmError(OSError):
         self.ioctl = ioctl
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror if self.strerror is not None else super().__str__()
 
 
 class KvmUnavailable(KvmError):

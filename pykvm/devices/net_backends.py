@@ -1,0 +1,179 @@
+"""Where a virtio-net device's frames go: a TAP device, or a datagram socket.
+
+    --net tap:NAME[,mac=M]                 a TAP device (created if absent, brought up)
+    --net socket:PATH[,peer=PEER][,mac=M]  a Unix datagram socket bound at PATH, one frame per
+                                           datagram; frames go to PEER, or else to whoever sent
+                                           the last frame (so a test or another VMM can wire
+                                           itself in; QEMU's `-netdev dgram` speaks the same)
+
+A backend moves frames with vectored I/O on the caller's memoryviews: `send(views)` and
+`receive_into(views)`, which returns the frame length, None when nothing is waiting, or -1 for a
+frame that did not fit (dropped).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+
+from pykvm.errors import ConfigError
+
+TUN_PATH = "/dev/net/tun"
+TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ = 0x400454CA, 0x400454D0, 0x400454D8
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
+IFF_UP = 0x1
+IFNAMSIZ = 16
+VNET_HEADER = bytes(12)  # virtio_net_hdr_v1 with no offload: all zeros
+
+
+class NetBackend:
+    def fileno(self) -> int:
+        raise NotImplementedError
+
+    def send(self, views: list[memoryview]) -> None:
+        raise NotImplementedError
+
+    def receive_into(self, views: list[memoryview]) -> int | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    kind: str  # "tap" or "socket"
+    target: str  # TAP name or socket path
+    peer: str | None = None
+    mac: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> NetSpec:
+        kind, sep, rest = text.partition(":")
+        if not sep or kind not in ("tap", "socket") or not rest:
+            raise ConfigError(f"--net {text!r}: expected tap:NAME or socket:PATH[,peer=PATH] (each with [,mac=M])")
+        target, *options = rest.split(",")
+        fields: dict[str, str] = {}
+        for option in options:
+            key, eq, value = option.partition("=")
+            if not eq or key not in ("mac", "peer") or (key == "peer" and kind != "socket"):
+                raise ConfigError(f"--net {text!r}: unknown option {option!r}")
+            fields[key] = value
+        if kind == "tap" and (len(target) >= IFNAMSIZ or "/" in target):
+            raise ConfigError(f"--net {text!r}: a TAP name has at most {IFNAMSIZ - 1} characters and no '/'")
+        return cls(kind, target, fields.get("peer"), fields.get("mac"))
+
+    def open(self) -> NetBackend:
+        return TapBackend(self.target) if self.kind == "tap" else SocketBackend(self.target, self.peer)
+
+
+class TapBackend(NetBackend):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        try:
+            self.fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as error:
+            raise ConfigError(f"--net tap:{name}: cannot open {TUN_PATH}: {error.strerror}") from None
+        try:
+            ifreq = struct.pack(f"{IFNAMSIZ}sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            fcntl.ioctl(self.fd, TUNSETIFF, ifreq)
+            fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", len(VNET_HEADER)))
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, 0)  # no checksum or segmentation offloads
+            self._bring_up()
+        except OSError as error:
+            os.close(self.fd)
+            if error.errno in (errno.EPERM, errno.EACCES):
+                raise ConfigError(f"--net tap:{name}: creating or attaching a TAP needs root (CAP_NET_ADMIN)") from None
+            if error.errno == errno.EBUSY:
+                raise ConfigError(f"--net tap:{name}: the TAP is in use by another process") from None
+            raise ConfigError(f"--net tap:{name}: {error.strerror}") from None
+        self._header = bytearray(len(VNET_HEADER))
+
+    def _bring_up(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            ifreq = struct.pack(f"{IFNAMSIZ}sH", self.name.encode(), 0)
+            flags = struct.unpack_from(f"{IFNAMSIZ}sH", fcntl.ioctl(sock, SIOCGIFFLAGS, ifreq))[1]
+            if not flags & IFF_UP:
+                fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack(f"{IFNAMSIZ}sH", self.name.encode(), flags | IFF_UP))
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def send(self, views: list[memoryview]) -> None:
+        try:
+            os.writev(self.fd, [VNET_HEADER, *views])
+        except BlockingIOError:
+            pass  # the host side is not draining: drop, as a full wire would
+
+    def receive_into(self, views: list[memoryview]) -> int | None:
+        try:
+            length = os.readv(self.fd, [self._header, *views])
+        except BlockingIOError:
+            return None
+        return length - len(VNET_HEADER)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class SocketBackend(NetBackend):
+    def __init__(self, path: str, peer: str | None = None) -> None:
+        self.path, self.peer = path, peer
+        self.fixed_peer = peer is not None
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            if os.path.exists(path) and _is_stale_socket(path):
+                os.unlink(path)
+            self.sock.bind(path)
+        except OSError as error:
+            self.sock.close()
+            raise ConfigError(f"--net socket:{path}: cannot bind: {error.strerror}") from None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, views: list[memoryview]) -> None:
+        if self.peer is None:
+            return  # nobody has spoken to us yet: a frame to nowhere, like an unplugged cable
+        try:
+            self.sock.sendmsg(views, [], 0, self.peer)
+        except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
+            pass  # peer gone or not draining: the frame is lost, as on a wire
+
+    def receive_into(self, views: list[memoryview]) -> int | None:
+        try:
+            length, _, flags, sender = self.sock.recvmsg_into(views)
+        except BlockingIOError:
+            return None
+        if sender and not self.fixed_peer:
+            self.peer = sender
+        if flags & socket.MSG_TRUNC:
+            return -1
+        return length
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _is_stale_socket(path: str) -> bool:
+    """A socket file nobody is bound to any more (left by a killed VMM); anything else is kept."""
+    if not stat.S_ISSOCK(os.stat(path).st_mode):
+        raise ConfigError(f"--net socket:{path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return True
+    finally:
+        probe.close()
+    raise ConfigError(f"--net socket:{path}: another process is bound to it")

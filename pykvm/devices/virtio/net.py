@@ -1,0 +1,197 @@
+"""virtio-net (virtio 1.x, 5.1): a receive and a transmit queue, MAC in config space, mergeable
+receive buffers, on a backend that carries Ethernet frames (pykvm.devices.net_backends).
+
+Frames move between the backend and guest RAM by vectored I/O straight on the buffers' views: a
+transmitted frame is `writev`/`sendmsg` of the chain without its virtio-net header; a received
+frame is `readv`/`recvmsg_into` into the rx chains just after the header slot, and the header
+(with num_buffers) is then written in front. No offloads are offered, so the header carries no
+checksum or segmentation work.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from pykvm.devices import virtio as v
+from pykvm.devices.net_backends import NetBackend
+from pykvm.devices.virtio.iovec import scatter, trim
+from pykvm.devices.virtqueue import DescriptorChain, QueueError, SplitQueue
+from pykvm.errors import ConfigError
+
+RX, TX = 0, 1
+QUEUE_SIZE = 256
+MAX_FRAME = 1514 + 4  # Ethernet with a VLAN tag, at MTU 1500: what a receive must have room for
+
+F_MAC, F_MRG_RXBUF, F_STATUS = 1 << 5, 1 << 15, 1 << 16
+STATUS_LINK_UP = 1
+
+HEADER_SIZE = 12  # virtio_net_hdr_v1 (and the legacy header with MRG_RXBUF)
+LEGACY_HEADER_SIZE = 10  # legacy header without MRG_RXBUF: no num_buffers field
+_NUM_BUFFERS = struct.Struct("<H")  # the header's last field
+
+DEFAULT_MAC = "52:54:00:12:34:56"
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    try:
+        mac = bytes(int(part, 16) for part in parts)
+    except ValueError:
+        mac = b""
+    if len(parts) != 6 or len(mac) != 6 or any(len(p) != 2 for p in parts):
+        raise ConfigError(f"mac={text!r}: expected six hex bytes like {DEFAULT_MAC}")
+    if mac[0] & 1:
+        raise ConfigError(f"mac={text}: a multicast address cannot be a NIC's")
+    return mac
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+@dataclass
+class NetStats:
+    tx_frames: int = 0
+    rx_frames: int = 0
+    rx_dropped: int = 0  # frames that did not fit or found no buffers
+
+
+class Net(v.VirtioDevice):
+    device_type = v.TYPE_NET
+    name = "net"
+    queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+    features = F_MAC | F_MRG_RXBUF | F_STATUS
+
+    def __init__(self, backend: NetBackend, mac: bytes) -> None:
+        super().__init__()
+        self.backend = backend
+        self.mac = mac
+        self.stats = NetStats()
+        self._rx_starved = False  # no rx buffers: stop reading the backend until the guest adds some
+
+    def config_bytes(self) -> bytes:
+        return self.mac + struct.pack("<HH", STATUS_LINK_UP, 1)
+
+    @property
+    def header_size(self) -> int:
+        if self.driver_features & (v.F_VERSION_1 | F_MRG_RXBUF):
+            return HEADER_SIZE
+        return LEGACY_HEADER_SIZE
+
+    def reset(self) -> None:
+        super().reset()
+        self._rx_starved = False
+
+    # -- the I/O thread's entry points -------------------------------------------------------------
+
+    def queue_notified(self, index: int) -> None:
+        if index == TX:
+            self._transmit()
+        elif index == RX and self._rx_starved:
+            self._rx_starved = False  # buffers arrived: the I/O thread watches the backend again
+
+    def backend_fds(self) -> list[int]:
+        return [self.backend.fileno()]
+
+    def wants_backend(self, fd: int) -> bool:
+        return bool(self.queues) and self.queues[RX] is not None and not self._rx_starved
+
+    def backend_ready(self, fd: int) -> None:
+        self._receive()
+
+    # -- transmit ----------------------------------------------------------------------------------
+
+    def _transmit(self) -> None:
+        queue = self.queues[TX] if len(self.queues) > TX else None
+        if queue is None:
+            return
+        header = self.header_size
+        while True:
+            queue.set_notification(False)
+            while (chain := queue.pop()) is not None:
+                self._send(chain, header)
+                queue.add_used(chain.head, 0)
+            queue.set_notification(True)
+            if not queue.pending():
+                break
+        if queue.needs_interrupt():
+            self.interrupt(TX)
+
+    def _send(self, chain: DescriptorChain, header: int) -> None:
+        frame = trim(chain.readable_views(self.memory), header)
+        if not frame:
+            return  # a header and no frame: nothing to put on the wire
+        self.backend.send(frame)
+        self.stats.tx_frames += 1
+
+    # -- receive -----------------------------------------------------------------------------------
+
+    def _receive(self) -> None:
+        queue = self.queues[RX] if self.queues else None
+        if queue is None:
+            return
+        header = self.header_size
+        mergeable = bool(self.driver_features & F_MRG_RXBUF)
+        received = False
+        while True:
+            chains = self._take_buffers(queue, header + MAX_FRAME, mergeable)
+            if not chains:
+                self._rx_starved = True
+                queue.set_notification(True)  # wake us when buffers come
+                if queue.pending():  # ...unless they came meanwhile
+                    self._rx_starved = False
+                    continue
+                break
+            views = [view for chain in chains for view in chain.writable_views(self.memory)]
+            frame_views = trim(views, header)
+            length = self.backend.receive_into(frame_views)
+            if length is None:  # nothing more to read
+                queue.undo_pop(len(chains))
+                break
+            if length < 0:  # the frame did not fit the buffers: dropped
+                queue.undo_pop(len(chains))
+                self.stats.rx_dropped += 1
+                continue
+            self._complete(queue, chains, views, header, header + length, mergeable)
+            received = True
+        if received and queue.needs_interrupt():
+            self.interrupt(RX)
+
+    @staticmethod
+    def _take_buffers(queue: SplitQueue, needed: int, mergeable: bool) -> list[DescriptorChain]:
+        """Enough rx chains for a full frame: one (big enough) chain, or several when merging."""
+        chains, room = [], 0
+        while room < needed:
+            chain = queue.pop()
+            if chain is None:
+                break
+            if chain.readable:
+                raise QueueError(f"rx chain {chain.head} has device-readable buffers")
+            chains.append(chain)
+            room += chain.writable_length
+            if not mergeable:
+                break
+        return chains  # maybe less room than a maximal frame: the backend drops what does not fit
+
+    def _complete(self, queue: SplitQueue, chains: list[DescriptorChain], views: list[memoryview], header: int,
+                  total: int, mergeable: bool) -> None:
+        """Write the header, return the chains the frame filled, give back the others."""
+        used, remaining = [], total
+        for chain in chains:
+            take = min(chain.writable_length, remaining)
+            used.append((chain, take))
+            remaining -= take
+            if remaining == 0:
+                break
+        queue.undo_pop(len(chains) - len(used))
+        header_bytes = bytearray(header)
+        if header == HEADER_SIZE:
+            _NUM_BUFFERS.pack_into(header_bytes, HEADER_SIZE - 2, len(used) if mergeable else 1)
+        scatter(views, header_bytes)
+        for chain, length in used:
+            queue.add_used(chain.head, length)
+        self.stats.rx_frames += 1
+
+    def close(self) -> None:
+        self.backend.close()

@@ -1,0 +1,243 @@
+"""The split virtqueue (virtio 1.x, section 2.7) as a sans-IO object over guest memory.
+
+It knows the ring layout and the rules a driver must follow, and nothing of devices, threads,
+interrupts or notifications: a device pops descriptor chains, does its I/O on the buffers, puts
+the chains on the used ring, and asks whether the driver wants an interrupt. Everything the guest
+wrote — ring indices, descriptor addresses, lengths, flags, chain links — is checked; a violation
+raises QueueError, after which the device must go to NEEDS_RESET (virtio 1.x, 2.1.2).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from pykvm.memory import GuestMemory, GuestMemoryError, MemorySlot
+
+DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT = 1, 2, 4
+AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
+MAX_QUEUE_SIZE = 32768
+DESC_SIZE = 16
+USED_ELEM_SIZE = 8
+
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")  # id, len
+
+
+class QueueError(Exception):
+    """The driver broke the virtqueue contract (the reason is for the log)."""
+
+
+@dataclass(slots=True)
+class DescriptorChain:
+    """One request: the head index (returned in the used ring) and its buffers in order, the
+    device-readable ones first, then the device-writable ones, as guest-physical (addr, len)."""
+
+    head: int
+    readable: list[tuple[int, int]] = field(default_factory=list)
+    writable: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def readable_length(self) -> int:
+        return sum(length for _, length in self.readable)
+
+    @property
+    def writable_length(self) -> int:
+        return sum(length for _, length in self.writable)
+
+    def readable_views(self, memory: GuestMemory) -> list[memoryview]:
+        return [memory.view(addr, length) for addr, length in self.readable]
+
+    def writable_views(self, memory: GuestMemory) -> list[memoryview]:
+        """Views for the device to write through; the pages are marked dirty for migration/FT."""
+        return [memory.view(addr, length, write=True) for addr, length in self.writable]
+
+    def read(self, memory: GuestMemory, limit: int | None = None) -> bytes:
+        """The readable bytes, concatenated (for small headers; data goes through views)."""
+        out = bytearray()
+        for addr, length in self.readable:
+            take = length if limit is None else min(length, limit - len(out))
+            out += memory.read(addr, take)
+            if limit is not None and len(out) >= limit:
+                break
+        return bytes(out)
+
+    def write(self, memory: GuestMemory, data: bytes | memoryview, skip: int = 0) -> int:
+        """Scatter `data` into the writable buffers from byte `skip` on; returns bytes written."""
+        done, view = 0, memoryview(data)
+        for addr, length in self.writable:
+            if skip >= length:
+                skip -= length
+                continue
+            take = min(length - skip, len(view) - done)
+            memory.write(addr + skip, view[done : done + take])
+            done, skip = done + take, 0
+            if done == len(view):
+                break
+        return done
+
+
+@dataclass
+class QueueState:
+    """Everything needed to rebuild a queue exactly (save/restore, migration, FT)."""
+
+    size: int
+    desc: int
+    avail: int
+    used: int
+    next_avail: int
+    next_used: int
+    signalled_used: int
+    event_idx: bool
+    indirect: bool
+
+
+class SplitQueue:
+    def __init__(self, memory: GuestMemory, size: int, desc: int, avail: int, used: int, *,
+                 event_idx: bool = False, indirect: bool = False) -> None:
+        if size == 0 or size & (size - 1) or size > MAX_QUEUE_SIZE:
+            raise QueueError(f"queue size {size} is not a power of two of at most {MAX_QUEUE_SIZE}")
+        for name, addr, align in (("descriptor table", desc, 16), ("available ring", avail, 2), ("used ring", used, 4)):
+            if addr % align:
+                raise QueueError(f"{name} at {addr:#x} is not {align}-byte aligned")
+        self.memory = memory
+        self.size = size
+        self.desc, self.avail, self.used = desc, avail, used
+        self.event_idx, self.indirect = event_idx, indirect
+        try:
+            self._desc_slot, self._desc_off = memory.locate(desc, DESC_SIZE * size)
+            self._avail_slot, self._avail_off = memory.locate(avail, 6 + 2 * size)
+            self._used_slot, self._used_off = memory.locate(used, 6 + USED_ELEM_SIZE * size)
+        except GuestMemoryError as error:
+            raise QueueError(f"ring outside guest RAM: {error}") from None
+        self.next_avail = 0  # the next available-ring entry to take (free-running u16)
+        self.next_used = 0  # the used index we publish next
+        self.signalled_used = 0  # used index when the driver was last interrupted (event idx)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def state(self) -> QueueState:
+        return QueueState(self.size, self.desc, self.avail, self.used, self.next_avail, self.next_used,
+                          self.signalled_used, self.event_idx, self.indirect)
+
+    @classmethod
+    def from_state(cls, memory: GuestMemory, state: QueueState) -> SplitQueue:
+        queue = cls(memory, state.size, state.desc, state.avail, state.used,
+                    event_idx=state.event_idx, indirect=state.indirect)
+        queue.next_avail, queue.next_used, queue.signalled_used = state.next_avail, state.next_used, state.signalled_used
+        return queue
+
+    # -- the available ring ------------------------------------------------------------------------
+
+    def _avail_idx(self) -> int:
+        return _U16.unpack_from(self._avail_slot.view, self._avail_off + 2)[0]
+
+    def pending(self) -> int:
+        """How many chains the driver has made available and we have not taken."""
+        count = (self._avail_idx() - self.next_avail) & 0xFFFF
+        if count > self.size:
+            raise QueueError(f"available index ran {count} entries ahead of the device (queue size {self.size})")
+        return count
+
+    def pop(self) -> DescriptorChain | None:
+        """Take the next available chain, checked; None when the ring is empty."""
+        if not self.pending():
+            return None
+        slot_index = self.next_avail % self.size
+        head = _U16.unpack_from(self._avail_slot.view, self._avail_off + 4 + 2 * slot_index)[0]
+        chain = self._walk(head)
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        return chain
+
+    def undo_pop(self, count: int = 1) -> None:
+        """Give back chains taken but not used (e.g. rx buffers a shorter frame did not need)."""
+        self.next_avail = (self.next_avail - count) & 0xFFFF
+
+    def _walk(self, head: int) -> DescriptorChain:
+        if head >= self.size:
+            raise QueueError(f"available ring names descriptor {head}, beyond queue size {self.size}")
+        chain = DescriptorChain(head)
+        view, base, limit = self._desc_slot.view, self._desc_off, self.size
+        index, seen, in_indirect = head, 0, False
+        while True:
+            seen += 1
+            if seen > limit:
+                raise QueueError(f"descriptor chain from {head} is longer than its table ({limit}): a loop?")
+            addr, length, flags, next_index = _DESC.unpack_from(view, base + DESC_SIZE * index)
+            if flags & DESC_F_INDIRECT:
+                if in_indirect:
+                    raise QueueError(f"chain {head}: an indirect table inside an indirect table")
+                if not self.indirect:
+                    raise QueueError(f"chain {head}: indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+                if flags & DESC_F_NEXT:
+                    raise QueueError(f"chain {head}: indirect descriptor with NEXT set")
+                if length == 0 or length % DESC_SIZE:
+                    raise QueueError(f"chain {head}: indirect table length {length} is not a multiple of 16")
+                try:
+                    slot, offset = self.memory.locate(addr, length)
+                except GuestMemoryError:
+                    raise QueueError(f"chain {head}: indirect table [{addr:#x}, +{length}) outside guest RAM") from None
+                view, base, limit = slot.view, offset, length // DESC_SIZE
+                index, seen, in_indirect = 0, 0, True
+                continue
+            self._add_buffer(chain, head, addr, length, flags)
+            if not flags & DESC_F_NEXT:
+                return chain
+            if next_index >= limit:
+                raise QueueError(f"chain {head}: next descriptor {next_index} is beyond its table ({limit})")
+            index = next_index
+
+    def _add_buffer(self, chain: DescriptorChain, head: int, addr: int, length: int, flags: int) -> None:
+        if length == 0:
+            raise QueueError(f"chain {head}: zero-length buffer at {addr:#x}")
+        if not self.memory.contains(addr, length):
+            raise QueueError(f"chain {head}: buffer [{addr:#x}, +{length}) outside guest RAM")
+        if flags & DESC_F_WRITE:
+            chain.writable.append((addr, length))
+        elif chain.writable:
+            raise QueueError(f"chain {head}: device-readable buffer after a device-writable one")
+        else:
+            chain.readable.append((addr, length))
+
+    # -- the used ring -----------------------------------------------------------------------------
+
+    def add_used(self, head: int, written: int) -> None:
+        """Return a chain to the driver with `written` bytes of device-written data. The entry is
+        stored before the index, so the driver never sees the index before the entry (x86 keeps
+        stores in order)."""
+        slot, off = self._used_slot, self._used_off
+        entry = off + 4 + USED_ELEM_SIZE * (self.next_used % self.size)
+        _USED_ELEM.pack_into(slot.view, entry, head, written)
+        self.next_used = (self.next_used + 1) & 0xFFFF
+        _U16.pack_into(slot.view, off + 2, self.next_used)
+        self.memory.mark(slot, entry, USED_ELEM_SIZE)
+        self.memory.mark(slot, off + 2, 2)
+
+    def needs_interrupt(self) -> bool:
+        """Whether the driver asked to be interrupted for the entries added since the last time
+        this returned True (event index, virtio 1.x 2.7.10, or the NO_INTERRUPT flag)."""
+        if self.event_idx:
+            used_event = _U16.unpack_from(self._avail_slot.view, self._avail_off + 4 + 2 * self.size)[0]
+            new, old = self.next_used, self.signalled_used
+            wanted = (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+        else:
+            flags = _U16.unpack_from(self._avail_slot.view, self._avail_off)[0]
+            wanted = not flags & AVAIL_F_NO_INTERRUPT and self.next_used != self.signalled_used
+        if wanted:
+            self.signalled_used = self.next_used
+        return wanted
+
+    def set_notification(self, enabled: bool) -> None:
+        """Tell the driver whether to notify us of new buffers (we are about to sleep: yes;
+        we are draining the ring anyway: no). With event index: "notify past next_avail"."""
+        slot, off = self._used_slot, self._used_off
+        if self.event_idx:
+            if enabled:
+                at = off + 4 + USED_ELEM_SIZE * self.size
+                _U16.pack_into(slot.view, at, self.next_avail)
+                self.memory.mark(slot, at, 2)
+        else:
+            _U16.pack_into(slot.view, off, 0 if enabled else USED_F_NO_NOTIFY)
+            self.memory.mark(slot, off, 2)
