@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pykvm.boot import LoadedImage, load_image
 from pykvm.devices.cmos import Cmos
@@ -27,8 +29,9 @@ from pykvm.devices.virtio.blk import Blk, DiskImage, DiskSpec
 from pykvm.devices.virtio.net import DEFAULT_MAC, Net, parse_mac
 from pykvm.devices.virtio.pci import VirtioPciFunction
 from pykvm.kvm import Kvm
+from pykvm.state import Stateful, StateError, from_plain
 from pykvm.vcpu import StopReason
-from pykvm.vm import Vm
+from pykvm.vm import Vm, VmState
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
 CMOS_PORT = 0x70
@@ -46,6 +49,14 @@ class MachineConfig:
     nets: tuple[NetSpec, ...] = field(default=())
     legacy_virtio: bool = True  # transitional devices (legacy I/O BAR too); False: modern only
     ioeventfd: bool = True  # queue notifications through KVM ioeventfds (False: through Python)
+
+
+@dataclass
+class MachineState:
+    """The whole machine but its RAM: KVM's state and each device's, by device name."""
+
+    vm: VmState
+    devices: dict[str, Any]  # name -> that device's state dataclass (plain data once decoded)
 
 
 class Machine:
@@ -78,6 +89,45 @@ class Machine:
         self.virtio.append(function)
         self.pci.add(function)
         return function
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def devices(self) -> dict[str, Stateful]:
+        """Every device with state, by a name stable across runs of the same configuration."""
+        parts: dict[str, Stateful] = {
+            "serial": self.serial, "cmos": self.cmos, "i8042": self.i8042, "debug-exit": self.debug_exit,
+            "pci-bus": self.pci,
+        }
+        for function in self.virtio:
+            parts[f"pci.{function.slot}.virtio-{function.device.name}"] = function
+        return parts
+
+    @contextlib.contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """vCPUs paused and every device's I/O thread held between requests: nothing changes RAM or
+        device state until the block ends. Re-entrant for a VM that was already paused."""
+        was_running = self.vm.state.name == "RUNNING"
+        self.vm.pause()
+        with contextlib.ExitStack() as held:
+            for function in self.virtio:
+                held.enter_context(function.lock)
+            yield
+        if was_running:
+            self.vm.resume()
+
+    def save_state(self) -> MachineState:
+        """Call inside quiesced()."""
+        return MachineState(self.vm.save_state(), {name: part.save_state() for name, part in self.devices().items()})
+
+    def restore_state(self, state: MachineState) -> None:
+        """Into a machine built from the same configuration, before it runs."""
+        parts = self.devices()
+        if set(state.devices) != set(parts):
+            raise StateError(f"saved devices {sorted(state.devices)} do not match this machine's {sorted(parts)}")
+        self.vm.restore_state(state.vm)
+        for name, part in parts.items():
+            saved = state.devices[name]
+            part.restore_state(saved if isinstance(saved, part.state_type) else from_plain(part.state_type, saved))
 
     def load(self, image: str | Path | bytes, *, cmdline: str = "", load_addr: int | None = None) -> LoadedImage:
         return load_image(self.vm, image, cmdline=cmdline, load_addr=load_addr)

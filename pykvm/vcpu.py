@@ -10,6 +10,7 @@ does the loop consult RunControl.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import fcntl
 import signal
@@ -22,8 +23,19 @@ from pykvm.bus import IoBus
 from pykvm.kvm import KvmError, VcpuFd
 from pykvm.kvm import constants as k
 from pykvm.kvm.ioctls import KVM_RUN
-from pykvm.kvm.structs import KvmSegment
+from pykvm.kvm.structs import (
+    KvmDebugregs,
+    KvmLapicState,
+    KvmMpState,
+    KvmRegs,
+    KvmSegment,
+    KvmSregs,
+    KvmVcpuEvents,
+    KvmXcrs,
+    KvmXsave,
+)
 from pykvm.memory import GuestMemory
+from pykvm.state import StateError
 
 if TYPE_CHECKING:
     from ctypes import Structure as KvmCpuid2  # a cpuid2_type(n) instance
@@ -57,6 +69,24 @@ BOOT_CS64, BOOT_CS32, BOOT_DS = 0x08, 0x10, 0x18
 # LAPIC register offsets and LVT delivery modes, for wiring LINT0/LINT1 as a PC firmware does.
 APIC_LVT0, APIC_LVT1 = 0x350, 0x360
 APIC_MODE_EXTINT, APIC_MODE_NMI = 0x7 << 8, 0x4 << 8
+
+
+MSR_IA32_TSC_DEADLINE = 0x6E0
+
+
+@dataclass
+class VcpuState:
+    """Everything KVM keeps for a vCPU, as the raw bytes of its uapi structures."""
+
+    regs: bytes
+    sregs: bytes
+    xsave: bytes
+    xcrs: bytes
+    msrs: dict[int, int]
+    lapic: bytes
+    events: bytes
+    mp_state: bytes
+    debugregs: bytes
 
 
 @dataclass(frozen=True)
@@ -177,6 +207,7 @@ class Vcpu:
         memory: GuestMemory,
         control: RunControl,
         cpuid: KvmCpuid2,
+        msr_indices: list[int],
     ) -> None:
         self.fd = fd
         self.index = index
@@ -187,6 +218,7 @@ class Vcpu:
         self.exit_count = 0
         # Called as trace(vcpu, kind, **fields) on every exit when set; see diagnostics.ExitTracer.
         self.trace: Callable[..., None] | None = None
+        self.msr_indices = msr_indices  # the MSRs saved and restored with the vCPU
         self._run_view = memoryview(fd.run_mmap)
         self._setup_cpuid(cpuid)
         self._setup_lapic()
@@ -253,6 +285,39 @@ class Vcpu:
         regs = self.fd.get_regs()
         regs.rip, regs.rax, regs.rbx, regs.rflags = rip, rax, rbx, RFLAGS_RESERVED
         self.fd.set_regs(regs)
+
+    # -- state (the VM must be paused: RunControl.pause completes pending I/O first) ---------------
+
+    def save_state(self) -> VcpuState:
+        fd = self.fd
+        return VcpuState(
+            regs=bytes(fd.get_regs()),
+            sregs=bytes(fd.get_sregs()),
+            xsave=bytes(fd.get_xsave()),
+            xcrs=bytes(fd.get_xcrs()),
+            msrs=fd.get_msrs(self.msr_indices),
+            lapic=bytes(fd.get_lapic()),
+            events=bytes(fd.get_vcpu_events()),
+            mp_state=bytes(fd.get_mp_state()),
+            debugregs=bytes(fd.get_debugregs()),
+        )
+
+    def restore_state(self, state: VcpuState) -> None:
+        """Put a saved state into this vCPU (CPUID was set when it was created). The order matters:
+        MSRs after SREGS (EFER), LAPIC before events, and the TSC deadline after the LAPIC is in
+        TSC-deadline mode, or KVM drops it."""
+        fd = self.fd
+        fd.set_sregs(uapi_struct(KvmSregs, state.sregs))
+        fd.set_msrs({i: v for i, v in state.msrs.items() if i != MSR_IA32_TSC_DEADLINE})
+        fd.set_lapic(uapi_struct(KvmLapicState, state.lapic))
+        fd.set_regs(uapi_struct(KvmRegs, state.regs))
+        fd.set_xcrs(uapi_struct(KvmXcrs, state.xcrs))
+        fd.set_xsave(uapi_struct(KvmXsave, state.xsave))
+        fd.set_vcpu_events(uapi_struct(KvmVcpuEvents, state.events))
+        fd.set_mp_state(uapi_struct(KvmMpState, state.mp_state))
+        fd.set_debugregs(uapi_struct(KvmDebugregs, state.debugregs))
+        if MSR_IA32_TSC_DEADLINE in state.msrs:
+            fd.set_msrs({MSR_IA32_TSC_DEADLINE: state.msrs[MSR_IA32_TSC_DEADLINE]})
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -386,6 +451,13 @@ class Vcpu:
     def close(self) -> None:
         self._run_view.release()
         self.fd.close()
+
+
+def uapi_struct(kind: type, data: bytes):
+    """A uapi structure from saved bytes, refusing a blob of the wrong size."""
+    if len(data) != ctypes.sizeof(kind):
+        raise StateError(f"{kind.__name__}: {len(data)} bytes, expected {ctypes.sizeof(kind)}")
+    return kind.from_buffer_copy(data)
 
 
 def _flat_segment(seg: KvmSegment, *, selector: int, code: bool, long: bool) -> None:

@@ -9,18 +9,32 @@ from __future__ import annotations
 
 import signal
 import threading
+from dataclasses import dataclass
 
 from pykvm.bus import IoBus
 from pykvm.errors import ConfigError
-from pykvm.kvm import Kvm
+from pykvm.kvm import Kvm, KvmError
 from pykvm.kvm import constants as k
+from pykvm.kvm.structs import KvmClockData, KvmIrqchip, KvmPitState2
 from pykvm.memory import GuestMemory
-from pykvm.vcpu import KICK_SIGNAL, RunControl, RunState, StopReason, Vcpu
+from pykvm.state import StateError
+from pykvm.vcpu import KICK_SIGNAL, RunControl, RunState, StopReason, Vcpu, VcpuState, uapi_struct
 
 # KVM needs three pages for the real-mode TSS and one for the EPT identity map on Intel; both sit
 # just below the BIOS area at the top of the 4 GiB space, inside the MMIO hole (as in QEMU).
 TSS_ADDRESS = 0xFFFB_D000
 IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+IRQCHIPS = (k.KVM_IRQCHIP_PIC_MASTER, k.KVM_IRQCHIP_PIC_SLAVE, k.KVM_IRQCHIP_IOAPIC)
+
+
+@dataclass
+class VmState:
+    """The VM-wide state KVM keeps: interrupt controllers, PIT, kvmclock, and every vCPU."""
+
+    irqchips: list[bytes]  # PIC master, PIC slave, IOAPIC (struct kvm_irqchip)
+    pit: bytes  # struct kvm_pit_state2
+    clock: bytes  # struct kvm_clock_data
+    vcpus: list[VcpuState]
 
 
 class Vm:
@@ -45,9 +59,12 @@ class Vm:
         cpuid = self.kvm.supported_cpuid()
         mmap_size = self.kvm.vcpu_mmap_size()
         self.vcpus = [
-            Vcpu(self.fd.create_vcpu(i, mmap_size), i, self.bus, self.memory, self.control, cpuid)
+            Vcpu(self.fd.create_vcpu(i, mmap_size), i, self.bus, self.memory, self.control, cpuid, [])
             for i in range(cpus)
         ]
+        msrs = _saveable_msrs(self.kvm, self.vcpus[0])
+        for vcpu in self.vcpus:
+            vcpu.msr_indices = msrs
         self._irq_lock = threading.Lock()
 
     @property
@@ -58,6 +75,29 @@ class Vm:
         """Drive an interrupt line of the in-kernel PIC/IOAPIC (GSI `irq`)."""
         with self._irq_lock:
             self.fd.irq_line(irq, 1 if level else 0)
+
+    # -- state (paused VM only) --------------------------------------------------------------------
+
+    def save_state(self) -> VmState:
+        return VmState(
+            irqchips=[bytes(self.fd.get_irqchip(chip)) for chip in IRQCHIPS],
+            pit=bytes(self.fd.get_pit2()),
+            clock=bytes(self.fd.get_clock()),
+            vcpus=[vcpu.save_state() for vcpu in self.vcpus],
+        )
+
+    def restore_state(self, state: VmState) -> None:
+        """Into a VM created with the same configuration, before it starts (or while paused)."""
+        if len(state.vcpus) != len(self.vcpus) or len(state.irqchips) != len(IRQCHIPS):
+            raise StateError(f"state has {len(state.vcpus)} vCPUs, this VM {len(self.vcpus)}")
+        clock = uapi_struct(KvmClockData, state.clock)
+        clock.flags = 0  # only the value is settable; the flags describe how it was read
+        self.fd.set_clock(clock)
+        for blob in state.irqchips:
+            self.fd.set_irqchip(uapi_struct(KvmIrqchip, blob))
+        self.fd.set_pit2(uapi_struct(KvmPitState2, state.pit))
+        for vcpu, vcpu_state in zip(self.vcpus, state.vcpus):
+            vcpu.restore_state(vcpu_state)
 
     # -- life cycle --------------------------------------------------------------------------------
 
@@ -105,6 +145,23 @@ class Vm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _saveable_msrs(kvm: Kvm, vcpu: Vcpu) -> list[int]:
+    """The MSRs KVM lists for save/restore, less any this vCPU cannot read back."""
+    indices = kvm.msr_index_list()
+    try:
+        vcpu.fd.get_msrs(indices)
+        return indices
+    except KvmError:
+        readable = []
+        for index in indices:
+            try:
+                vcpu.fd.get_msrs([index])
+            except KvmError:
+                continue
+            readable.append(index)
+        return readable
 
 
 def _install_kick_handler() -> None:

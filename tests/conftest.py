@@ -40,3 +40,24 @@ def run_pykvm(*args: str, timeout: float = 60, input: bytes | None = None, env: 
         cwd=REPO, capture_output=True, timeout=timeout, input=input if input is not None else b"",
         env={**os.environ, **(env or {})},
     )
+
+
+class SerialCapture:
+    """A serial_output sink that tests can wait on: wait_for(b"ready") blocks until the guest
+    printed it (condition variable, no polling), or fails after `timeout`."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.data = bytearray()
+        self._cond = threading.Condition()
+
+    def __call__(self, chunk: bytes) -> None:
+        with self._cond:
+            self.data += chunk
+            self._cond.notify_all()
+
+    def wait_for(self, marker: bytes, timeout: float = 30) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: marker in self.data, timeout):
+                raise TimeoutError(f"guest never printed {marker!r}; output so far:\n{self.data.decode(errors='replace')}")

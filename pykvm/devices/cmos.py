@@ -12,7 +12,10 @@ from __future__ import annotations
 import calendar
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
+
+from pykvm.state import StateError
 
 SECONDS, MINUTES, HOURS = 0x00, 0x02, 0x04
 DAY_OF_WEEK, DAY_OF_MONTH, MONTH, YEAR = 0x06, 0x07, 0x08, 0x09
@@ -38,7 +41,18 @@ def _from_bcd(value: int) -> int:
     return (value >> 4) * 10 + (value & 0x0F)
 
 
+@dataclass
+class CmosState:
+    index: int
+    nmi_disabled: bool
+    nvram: bytes
+    offset: float  # guest time minus host wall-clock time
+    held_time: int | None
+    last_update_seen: int
+
+
 class Cmos:
+    state_type = CmosState
     def __init__(self, *, memory_size: int, cpus: int, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._lock = threading.Lock()
@@ -69,6 +83,21 @@ class Cmos:
         nv[0x5F] = cpus - 1
         checksum = sum(nv[0x10:0x2E])
         nv[0x2E], nv[0x2F] = checksum >> 8, checksum & 0xFF
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def save_state(self) -> CmosState:
+        with self._lock:
+            return CmosState(self.index, self.nmi_disabled, bytes(self.nvram), self.offset, self._held_time,
+                             self._last_update_seen)
+
+    def restore_state(self, state: CmosState) -> None:
+        if len(state.nvram) != len(self.nvram):
+            raise StateError(f"CMOS state has {len(state.nvram)} bytes of NVRAM, expected {len(self.nvram)}")
+        with self._lock:
+            self.index, self.nmi_disabled, self.offset = state.index, state.nmi_disabled, state.offset
+            self.nvram[:] = state.nvram
+            self._held_time, self._last_update_seen = state.held_time, state.last_update_seen
 
     # -- ports -----------------------------------------------------------------------------------
 

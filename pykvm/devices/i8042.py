@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 DATA, STATUS_COMMAND = 0, 4  # offsets from port 0x60
@@ -36,7 +37,21 @@ KBD_RESET, KBD_IDENTIFY = 0xFF, 0xF2
 KBD_ID = (0xAB, 0x83)  # MF2 keyboard
 
 
+AUX_BYTE = 0x100  # in saved output bytes: this one came from the aux port
+
+
+@dataclass
+class I8042State:
+    ctr: int
+    status: int
+    output_port: int
+    pending_command: int
+    output: list[int]  # bytes waiting for the guest, AUX_BYTE set for aux-port bytes
+    irq_levels: list[bool]  # keyboard, aux
+
+
 class I8042:
+    state_type = I8042State
     def __init__(self, on_reset: Callable[[], None], irq: Callable[[int, bool], None]) -> None:
         self._on_reset = on_reset
         self._irq = irq
@@ -47,6 +62,19 @@ class I8042:
         self.output_port = OUTPUT_PORT_RESET | 0x02  # reset deasserted, A20 enabled
         self.pending_command = 0  # a controller command waiting for its data byte
         self._irq_levels = {KBD_IRQ: False, AUX_IRQ: False}
+
+    def save_state(self) -> I8042State:
+        with self._lock:
+            return I8042State(self.ctr, self.status, self.output_port, self.pending_command,
+                              [byte | (AUX_BYTE if aux else 0) for byte, aux in self._out],
+                              [self._irq_levels[KBD_IRQ], self._irq_levels[AUX_IRQ]])
+
+    def restore_state(self, state: I8042State) -> None:
+        with self._lock:
+            self.ctr, self.status, self.output_port = state.ctr, state.status, state.output_port
+            self.pending_command = state.pending_command
+            self._out = collections.deque((value & 0xFF, bool(value & AUX_BYTE)) for value in state.output)
+            self._irq_levels = {KBD_IRQ: state.irq_levels[0], AUX_IRQ: state.irq_levels[1]}
 
     def pio_read(self, offset: int, size: int) -> int:
         with self._lock:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from pykvm.bus import IoBus
+from pykvm.state import StateError
 from pykvm.kvm.constants import KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE
 
 if TYPE_CHECKING:
@@ -60,6 +61,14 @@ _U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 
 def _align_up(value: int, alignment: int) -> int:
     return (value + alignment - 1) & ~(alignment - 1)
+
+
+@dataclass
+class PciState:
+    config: bytes  # the 256-byte configuration space (BAR addresses, command, capabilities)
+    intx_level: bool
+    msix_table: bytes = b""
+    msix_pending: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -226,6 +235,28 @@ class PciFunction:
     def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
         pass
 
+    # -- state ---------------------------------------------------------------------------------------
+
+    def save_pci_state(self) -> PciState:
+        msix: MsixTable | None = getattr(self, "msix", None)
+        return PciState(bytes(self.config), self._intx_level,
+                        bytes(msix.table) if msix else b"", list(msix.pending) if msix else [])
+
+    def restore_pci_state(self, state: PciState) -> None:
+        """Config space, MSI-X, INTx; BARs are re-mapped where the saved config puts them."""
+        msix: MsixTable | None = getattr(self, "msix", None)
+        if len(state.config) != CONFIG_SIZE or (msix and len(state.msix_table) != len(msix.table)):
+            raise StateError(f"PCI state of slot {self.slot} does not fit this device")
+        if state.config[:4] != self.config[:4]:
+            raise StateError(f"PCI state of slot {self.slot} is for another device (IDs {state.config[:4].hex()})")
+        self.config[:] = state.config
+        self._intx_level = state.intx_level
+        if msix:
+            msix.table[:] = state.msix_table
+            msix.pending = list(state.msix_pending)
+        for bar in self.bars.values():
+            self._remap(bar)
+
     # -- interrupts ------------------------------------------------------------------------------
 
     def set_intx(self, level: bool) -> None:
@@ -336,8 +367,17 @@ class HostBridge(PciFunction):
         super().__init__(vendor=0x8086, device=0x1237, class_code=0x060000, revision=2, interrupt_pin=0)
 
 
+@dataclass
+class PciBusState:
+    address: int  # the configuration address latch (port 0xCF8)
+    host_bridge: PciState
+
+
 class PciBus:
-    """Bus 0 behind configuration mechanism 1 (ports 0xCF8 address, 0xCFC-0xCFF data)."""
+    """Bus 0 behind configuration mechanism 1 (ports 0xCF8 address, 0xCFC-0xCFF data).
+    Its own state is the address latch and the host bridge; other functions save their own."""
+
+    state_type = PciBusState
 
     def __init__(self, io_bus: IoBus, irq_line: Callable[[int, bool], None]) -> None:
         self.io_bus = io_bus
@@ -375,6 +415,13 @@ class PciBus:
         command = _U16.unpack_from(function.config, COMMAND)[0] | COMMAND_IO | COMMAND_MEMORY
         function.config_write(COMMAND, 2, command)
         return slot
+
+    def save_state(self) -> PciBusState:
+        return PciBusState(self.address, self.functions[0].save_pci_state())
+
+    def restore_state(self, state: PciBusState) -> None:
+        self.address = state.address
+        self.functions[0].restore_pci_state(state.host_bridge)
 
     def _target(self) -> tuple[PciFunction | None, int]:
         address = self.address

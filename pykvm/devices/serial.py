@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 # Register offsets
@@ -35,7 +36,22 @@ MSR_DELTA_MASK = 0x0F
 RX_BUFFER_LIMIT = 4096  # host input waits (back-pressure) once this much is queued
 
 
+@dataclass
+class SerialState:
+    ier: int
+    lcr: int
+    mcr: int
+    lsr_errors: int
+    msr: int
+    scr: int
+    divisor: int
+    fifo_enabled: bool
+    thr_interrupt: bool
+    rx: bytes  # received, not yet read by the guest
+
+
 class Serial16550:
+    state_type = SerialState
     def __init__(self, output: Callable[[bytes], None], irq: Callable[[bool], None]) -> None:
         self._output = output
         self._irq = irq
@@ -154,6 +170,23 @@ class Serial16550:
             self.lsr_errors |= LSR_OE
             return
         self._rx.append(byte)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def save_state(self) -> SerialState:
+        with self._lock:
+            return SerialState(self.ier, self.lcr, self.mcr, self.lsr_errors, self.msr, self.scr, self.divisor,
+                               self.fifo_enabled, self.thr_interrupt, bytes(self._rx))
+
+    def restore_state(self, state: SerialState) -> None:
+        with self._lock:
+            (self.ier, self.lcr, self.mcr, self.lsr_errors, self.msr, self.scr, self.divisor,
+             self.fifo_enabled, self.thr_interrupt) = (
+                state.ier, state.lcr, state.mcr, state.lsr_errors, state.msr, state.scr, state.divisor,
+                state.fifo_enabled, state.thr_interrupt)
+            self._rx = collections.deque(state.rx)
+            # The line's level is part of the interrupt controller's restored state: just agree with it.
+            self._irq_level = self._iir() != IIR_NONE
 
     # -- host side ---------------------------------------------------------------------------------
 

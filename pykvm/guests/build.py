@@ -32,7 +32,7 @@ LDFLAGS = (
     "-Wl,--no-warn-rwx-segments",
 )
 SOURCE_SUFFIXES = {".c", ".h", ".S", ".ld"}
-TOOLS = ("gcc", "ld", "objcopy")
+TOOLS = ("gcc", "ld", "objcopy", "ar")
 
 
 class ToolchainMissing(Exception):
@@ -107,14 +107,30 @@ def _run(cmd: list[str], log: Callable[[str], object]) -> None:
         log(result.stderr.rstrip())
 
 
-def _compile(name: str, tmp: Path, log: Callable[[str], object]) -> None:
+def _includes() -> list[str]:
+    src = source_dir()
+    return [f"-I{src / 'runtime'}", f"-I{src / 'lib'}"]
+
+
+def _compile_library(tmp: Path, log: Callable[[str], object]) -> Path:
+    """lib/*.c as an archive: a guest links only the members it calls (PCI, virtio, the net stack)."""
+    objects = []
+    for source in sorted((source_dir() / "lib").glob("*.c")):
+        objects.append(tmp / f"lib-{source.stem}.o")
+        _run(["gcc", *CFLAGS, *_includes(), "-c", str(source), "-o", str(objects[-1])], log)
+    archive = tmp / "libguest.a"
+    _run(["ar", "rcs", str(archive), *map(str, objects)], log)
+    return archive
+
+
+def _compile(name: str, library: Path, tmp: Path, log: Callable[[str], object]) -> None:
     """NAME.elf is the linked image; NAME.bin its flat multiboot form."""
     src = source_dir()
     runtime = src / "runtime"
     sources = [*sorted(runtime.glob("*.[cS]")), *sorted((src / name).glob("*.[cS]"))]
     elf, bin_ = tmp / f"{name}.elf", tmp / f"{name}.bin"
-    _run(["gcc", *CFLAGS, f"-I{runtime}", "-T", str(runtime / "link.ld"), *LDFLAGS,
-          *map(str, sources), "-o", str(elf)], log)
+    _run(["gcc", *CFLAGS, *_includes(), "-T", str(runtime / "link.ld"), *LDFLAGS,
+          *map(str, sources), str(library), "-o", str(elf)], log)
     _run(["objcopy", "-O", "binary", str(elf), str(bin_)], log)
 
 
@@ -128,8 +144,9 @@ def build(names: list[str] | None = None, *, log: Callable[[str], object] = prin
         _require_toolchain()
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".build-") as tmp:
+            library = _compile_library(Path(tmp), log)
             with ThreadPoolExecutor() as pool:
-                list(pool.map(lambda n: _compile(n, Path(tmp), log), missing))
+                list(pool.map(lambda n: _compile(n, library, Path(tmp), log), missing))
             for name in missing:
                 # .bin last: its presence means both files are complete.
                 for suffix in (".elf", ".bin"):

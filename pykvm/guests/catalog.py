@@ -7,4 +7,5 @@ GUESTS: dict[str, str] = {
     "dirty": "dirties pages=N pages at CPL3 and checks none lost a write (seconds=S, stride=K)",
     "smp": "starts every AP with INIT-SIPI-SIPI and waits for all to check in (cpus=N)",
     "pio": "count=N port 0x80 writes (mode=in: reads) at CPL3: one VM exit each",
+    "blk": "writes, flushes and reads back a pattern on the first virtio-blk disk (seed=N start=S sectors=N)",
 }

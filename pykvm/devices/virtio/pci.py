@@ -17,12 +17,14 @@ import os
 import select
 import struct
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pykvm.devices import virtio as v
-from pykvm.devices.pci import CAP_VENDOR, Bar, MsixTable, PciFunction
-from pykvm.devices.virtqueue import QueueError, SplitQueue
+from pykvm.devices.pci import CAP_VENDOR, Bar, MsixTable, PciFunction, PciState
+from pykvm.devices.virtqueue import QueueError, QueueState, SplitQueue
 from pykvm.kvm import KvmError
+from pykvm.state import StateError
 
 if TYPE_CHECKING:
     from pykvm.vm import Vm
@@ -61,6 +63,31 @@ ISR_QUEUE, ISR_CONFIG = 0x1, 0x2
 NO_VECTOR = 0xFFFF
 
 
+@dataclass
+class QueueRegisters:
+    size: int
+    enabled: bool
+    desc: int
+    avail: int
+    used: int
+    vector: int
+    ring: QueueState | None  # the live ring's indices, once the driver is running
+
+
+@dataclass
+class VirtioPciState:
+    pci: PciState
+    status: int
+    isr: int
+    config_generation: int
+    config_vector: int
+    device_feature_select: int
+    driver_feature_select: int
+    driver_features: int
+    queue_select: int
+    queues: list[QueueRegisters]
+
+
 class _Queue:
     """The transport's registers for one queue, and its live SplitQueue once enabled."""
 
@@ -78,6 +105,7 @@ class _Queue:
 
 
 class VirtioPciFunction(PciFunction):
+    state_type = VirtioPciState
     def __init__(self, device: v.VirtioDevice, vm: Vm, *, legacy: bool = True, ioeventfd: bool = True) -> None:
         kind = device.device_type
         super().__init__(
@@ -288,6 +316,44 @@ class VirtioPciFunction(PciFunction):
         self.device.queues = [None] * len(self.queues)
         self.config_generation = (self.config_generation + 1) & 0xFF
         self._interrupt(self.config_vector, ISR_CONFIG)
+
+    # -- state (machine quiesced: vCPUs paused and this function's lock held) ---------------------
+
+    def save_state(self) -> VirtioPciState:
+        queues = [QueueRegisters(q.size, q.enabled, q.desc, q.avail, q.used, q.vector,
+                                 q.ring.state() if q.ring is not None else None) for q in self.queues]
+        return VirtioPciState(self.save_pci_state(), self.status, self.isr, self.config_generation,
+                              self.config_vector, self.device_feature_select, self.driver_feature_select,
+                              self.driver_features, self.queue_select, queues)
+
+    def restore_state(self, state: VirtioPciState) -> None:
+        """Become the saved device: registers, rings (chains the guest made available but we had not
+        taken are served right away), and a running I/O thread if the driver was running."""
+        if len(state.queues) != len(self.queues):
+            raise StateError(f"virtio-{self.device.name} state has {len(state.queues)} queues, expected {len(self.queues)}")
+        with self.lock:
+            self._io.stop()
+            self._unregister_ioeventfds()
+            self.device.reset()
+            self.restore_pci_state(state.pci)
+            (self.status, self.isr, self.config_generation, self.config_vector, self.device_feature_select,
+             self.driver_feature_select, self.driver_features, self.queue_select) = (
+                state.status, state.isr, state.config_generation, state.config_vector, state.device_feature_select,
+                state.driver_feature_select, state.driver_features, state.queue_select)
+            for q, saved in zip(self.queues, state.queues):
+                q.size, q.enabled, q.desc, q.avail, q.used, q.vector = (
+                    saved.size, saved.enabled, saved.desc, saved.avail, saved.used, saved.vector)
+                try:
+                    q.ring = SplitQueue.from_state(self.memory, saved.ring) if saved.ring is not None else None
+                except QueueError as error:
+                    raise StateError(f"virtio-{self.device.name}: {error}") from None
+            if self.status & v.STATUS_DRIVER_OK and not self.status & v.STATUS_NEEDS_RESET:
+                self.device.activate(self.memory, [q.ring for q in self.queues], self.driver_features)
+                self._register_ioeventfds()
+                self._io.start()
+                for q in self.queues:
+                    if q.ring is not None:
+                        os.eventfd_write(q.eventfd, 1)
 
     # -- legacy interface -------------------------------------------------------------------------
 
