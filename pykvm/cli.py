@@ -1,7 +1,10 @@
 """The `pykvm` command.
 
     pykvm run [GUEST|PATH] [--mem 64M] [--cpus N] [--append ARGS] [--serial stdio|file:PATH|none]
-              [--load-addr ADDR] [--trace]
+              [--load-addr ADDR] [--disk PATH[,readonly]]... [--net SPEC]... [--control PATH]
+              [--incoming tcp:HOST:PORT] [--trace]
+    pykvm restore FILE [--disk ...] [--net ...] [--serial ...] [--control PATH] [--verify] [--trace]
+    pykvm ctl SOCKET COMMAND [ARG]
     pykvm guests list | build [NAME...] | path NAME
 
 Exit status: the guest's (its debug-exit value, 0 for a reset or power-off), 1 when the guest
@@ -11,11 +14,12 @@ crashed or the VMM failed, 2 for bad input (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
 
-from pykvm import guests
+from pykvm import control, guests, migration, snapshot
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
 from pykvm.devices.net_backends import NetSpec
@@ -51,6 +55,17 @@ def parse_address(text: str) -> int:
         raise ConfigError(f"--load-addr {text!r}: not an address (examples: 0x100000, 0x7c00)") from None
 
 
+def _add_machine_options(parser: argparse.ArgumentParser) -> None:
+    """Options that run and restore share: backends, console, control, tracing."""
+    parser.add_argument("--disk", action="append", default=[], metavar="PATH[,readonly]",
+                        help="a virtio-blk disk on a file (repeatable)")
+    parser.add_argument("--net", action="append", default=[], metavar="SPEC",
+                        help="a virtio-net NIC: tap:NAME or socket:PATH[,peer=PATH], each [,mac=M] (repeatable)")
+    parser.add_argument("--serial", default="stdio", help="COM1: stdio, file:PATH or none (default stdio)")
+    parser.add_argument("--control", metavar="PATH", help="serve the JSON control protocol on this Unix socket")
+    parser.add_argument("--trace", action="store_true", help="print every VM exit to stderr")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pykvm", description="A pure-Python hypervisor on Linux KVM.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -62,13 +77,22 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--mem", default=str(DEFAULT_MEMORY >> 20) + "M", help="guest RAM, e.g. 64M or 1G (default 64M)")
     run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--append", default="", metavar="ARGS", help="the guest's command line")
-    run.add_argument("--serial", default="stdio", help="COM1: stdio, file:PATH or none (default stdio)")
     run.add_argument("--load-addr", metavar="ADDR", help="load address of a flat binary")
-    run.add_argument("--disk", action="append", default=[], metavar="PATH[,readonly]",
-                     help="a virtio-blk disk on a file (repeatable)")
-    run.add_argument("--net", action="append", default=[], metavar="SPEC",
-                     help="a virtio-net NIC: tap:NAME or socket:PATH[,peer=PATH], each [,mac=M] (repeatable)")
-    run.add_argument("--trace", action="store_true", help="print every VM exit to stderr")
+    run.add_argument("--incoming", metavar="tcp:HOST:PORT",
+                     help="wait for a live migration instead of booting (same options as the source)")
+    _add_machine_options(run)
+
+    restore = commands.add_parser("restore", help="resume a snapshot",
+                                  description="Resume a snapshot; --disk/--net replace its backends.")
+    restore.add_argument("file", metavar="FILE")
+    restore.add_argument("--verify", action="store_true", help="check the RAM sections' checksums too (reads all RAM)")
+    _add_machine_options(restore)
+
+    ctl = commands.add_parser("ctl", help="send a command to a running pykvm's control socket")
+    ctl.add_argument("socket", metavar="SOCKET")
+    ctl.add_argument("cmd", metavar="COMMAND", help="query-status, stop, cont, snapshot FILE, query-vcpus, "
+                                                    "migrate tcp:HOST:PORT, quit")
+    ctl.add_argument("arg", nargs="?", metavar="ARG")
 
     guest_cmd = commands.add_parser("guests", help="list, build or locate the bundled test guests")
     actions = guest_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -91,34 +115,78 @@ def _resolve_image(name: str | None) -> Path | bytes:
     return path
 
 
+def _backends(args: argparse.Namespace) -> tuple[tuple[DiskSpec, ...], tuple[NetSpec, ...]]:
+    return tuple(DiskSpec.parse(text) for text in args.disk), tuple(NetSpec.parse(text) for text in args.net)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    config = MachineConfig(
-        memory=parse_size(args.mem),
-        cpus=args.cpus,
-        disks=tuple(DiskSpec.parse(text) for text in args.disk),
-        nets=tuple(NetSpec.parse(text) for text in args.net),
-    )
+    disks, nets = _backends(args)
+    config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
     load_addr = parse_address(args.load_addr) if args.load_addr is not None else None
-    image = _resolve_image(args.image)
+    image = None if args.incoming else _resolve_image(args.image)
+    server = migration.listen(args.incoming) if args.incoming else None
     console = SerialConsole(args.serial)
     try:
         with Machine(config, serial_output=console.output) as machine:
-            loaded = machine.load(image, cmdline=args.append, load_addr=load_addr)
-            if args.trace:
-                tracer = ExitTracer()
-                for vcpu in machine.vm.vcpus:
-                    vcpu.trace = tracer
-                print(f"pykvm: loaded {loaded.format} image [{loaded.start:#x}, {loaded.end:#x}), "
-                      f"entry {loaded.entry:#x}", file=sys.stderr)
-            console.attach(machine.serial.feed)
-            stop = machine.run()
+            if server is not None:
+                print(f"pykvm: waiting for a migration on {args.incoming}", file=sys.stderr, flush=True)
+                migration.migrate_in(machine, server)
+            else:
+                loaded = machine.load(image, cmdline=args.append, load_addr=load_addr)
+                if args.trace:
+                    print(f"pykvm: loaded {loaded.format} image [{loaded.start:#x}, {loaded.end:#x}), "
+                          f"entry {loaded.entry:#x}", file=sys.stderr)
+            return _run(machine, args, console)
     finally:
         console.close()
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    snap = snapshot.open_snapshot(args.file, verify_memory=args.verify)
+    console = SerialConsole(args.serial)
+    try:
+        disks, nets = _backends(args)
+        config = snap.config
+        if disks or nets:
+            config = MachineConfig(config.memory, config.cpus, disks or config.disks, nets or config.nets,
+                                   config.legacy_virtio, config.ioeventfd)
+        with snap.machine(serial_output=console.output, config=config) as machine:
+            return _run(machine, args, console)
+    finally:
+        console.close()
+        snap.close()
+
+
+def _run(machine: Machine, args: argparse.Namespace, console: SerialConsole) -> int:
+    """Run a built (loaded or restored) machine to its end; returns the exit status."""
+    if args.trace:
+        tracer = ExitTracer()
+        for vcpu in machine.vm.vcpus:
+            vcpu.trace = tracer
+    server = control.ControlServer(args.control, machine) if args.control else None
+    try:
+        console.attach(machine.serial.feed)
+        stop = machine.run()
+    finally:
+        if server is not None:
+            server.close()
     if stop.report:
         print(f"pykvm: {stop.reason}\n{stop.report}", file=sys.stderr)
-    elif args.trace:
+    elif args.trace or stop.reason.startswith("migrated"):
         print(f"pykvm: {stop.reason}", file=sys.stderr)
     return stop.status
+
+
+_CTL_ARGUMENT = {"snapshot": "file", "migrate": "uri", "ft-protect": "uri"}
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    request = {"cmd": args.cmd}
+    if args.arg is not None:
+        request[_CTL_ARGUMENT.get(args.cmd, "arg")] = args.arg
+    reply = control.request(args.socket, request)
+    print(json.dumps(reply))
+    return 0 if reply.get("ok") else EXIT_FAILURE
 
 
 def cmd_guests(args: argparse.Namespace) -> int:
@@ -142,16 +210,17 @@ def _print_error(error: Exception) -> None:
     print(f"pykvm: error: {error}", file=sys.stderr)
 
 
+COMMANDS = {"run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "guests": cmd_guests}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        return cmd_guests(args)
+        return COMMANDS[args.command](args)
     except (ConfigError, KvmUnavailable, guests.ToolchainMissing, guests.UnknownGuest) as error:
         _print_error(error)
         return EXIT_USAGE
-    except (KvmError, guests.BuildError) as error:
+    except (KvmError, guests.BuildError, migration.MigrationError) as error:
         _print_error(error)
         return EXIT_FAILURE
     except KeyboardInterrupt:

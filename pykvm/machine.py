@@ -29,6 +29,7 @@ from pykvm.devices.virtio.blk import Blk, DiskImage, DiskSpec
 from pykvm.devices.virtio.net import DEFAULT_MAC, Net, parse_mac
 from pykvm.devices.virtio.pci import VirtioPciFunction
 from pykvm.kvm import Kvm
+from pykvm.memory import GuestMemory
 from pykvm.state import Stateful, StateError, from_plain
 from pykvm.vcpu import StopReason
 from pykvm.vm import Vm, VmState
@@ -60,9 +61,10 @@ class MachineState:
 
 
 class Machine:
-    def __init__(self, config: MachineConfig, *, serial_output: Callable[[bytes], None], kvm: Kvm | None = None) -> None:
+    def __init__(self, config: MachineConfig, *, serial_output: Callable[[bytes], None], kvm: Kvm | None = None,
+                 memory: GuestMemory | None = None) -> None:
         self.config = config
-        self.vm = vm = Vm(config.memory, config.cpus, kvm=kvm)
+        self.vm = vm = Vm(config.memory, config.cpus, kvm=kvm, memory=memory)
         try:
             self.serial = Serial16550(serial_output, irq=lambda level: vm.irq_line(COM1_IRQ, level))
             self.cmos = Cmos(memory_size=config.memory, cpus=config.cpus)

@@ -77,14 +77,21 @@ def ram_layout(size: int) -> list[tuple[int, int]]:
 class GuestMemory:
     """All of a VM's RAM. Thread-safe for concurrent device access; the dirty bitmap has a lock."""
 
-    def __init__(self, size: int, *, shared: bool = False) -> None:
+    def __init__(self, size: int, *, shared: bool = False, image: tuple[int, list[int]] | None = None) -> None:
+        """`image` = (fd, file offset of each slot): map RAM copy-on-write from a snapshot file,
+        so restoring costs no copy, whatever the size; pages are read when the guest touches them."""
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"guest memory size must be a positive multiple of {PAGE_SIZE}")
         self.size = size
         self.slots: list[MemorySlot] = []
         self._dirty_lock = threading.Lock()
         for index, (guest_addr, length) in enumerate(ram_layout(size)):
-            self.slots.append(self._map_slot(index, guest_addr, length, shared))
+            if image is not None:
+                fd, offsets = image
+                mapping = mmap.mmap(fd, length, flags=MAP_NORESERVE | mmap.MAP_PRIVATE, offset=offsets[index])
+                self.slots.append(MemorySlot(index, guest_addr, length, mapping, None))
+            else:
+                self.slots.append(self._map_slot(index, guest_addr, length, shared))
 
     @staticmethod
     def _map_slot(index: int, guest_addr: int, length: int, shared: bool) -> MemorySlot:

@@ -11,12 +11,14 @@ import signal
 import threading
 from dataclasses import dataclass
 
+import numpy as np
+
 from pykvm.bus import IoBus
 from pykvm.errors import ConfigError
 from pykvm.kvm import Kvm, KvmError
 from pykvm.kvm import constants as k
 from pykvm.kvm.structs import KvmClockData, KvmIrqchip, KvmPitState2
-from pykvm.memory import GuestMemory
+from pykvm.memory import GuestMemory, MemorySlot
 from pykvm.state import StateError
 from pykvm.vcpu import KICK_SIGNAL, RunControl, RunState, StopReason, Vcpu, VcpuState, uapi_struct
 
@@ -38,7 +40,8 @@ class VmState:
 
 
 class Vm:
-    def __init__(self, memory_size: int, cpus: int = 1, *, kvm: Kvm | None = None, shared_memory: bool = False) -> None:
+    def __init__(self, memory_size: int, cpus: int = 1, *, kvm: Kvm | None = None, shared_memory: bool = False,
+                 memory: GuestMemory | None = None) -> None:
         self.kvm = kvm or Kvm()
         self._own_kvm = kvm is None
         max_vcpus = self.kvm.check_extension(k.KVM_CAP_MAX_VCPUS) or self.kvm.check_extension(k.KVM_CAP_NR_VCPUS) or 1
@@ -51,7 +54,7 @@ class Vm:
         # SPEAKER_DUMMY is what makes KVM serve port 0x61 (PIT channel 2 gate and output, which
         # guests use to calibrate the TSC); without it those accesses would exit to us.
         self.fd.create_pit2(k.KVM_PIT_SPEAKER_DUMMY)
-        self.memory = GuestMemory(memory_size, shared=shared_memory)
+        self.memory = memory if memory is not None else GuestMemory(memory_size, shared=shared_memory)
         for slot in self.memory.slots:
             self.fd.set_user_memory_region(slot.index, slot.guest_addr, slot.size, slot.host_addr)
         self.bus = IoBus()
@@ -75,6 +78,25 @@ class Vm:
         """Drive an interrupt line of the in-kernel PIC/IOAPIC (GSI `irq`)."""
         with self._irq_lock:
             self.fd.irq_line(irq, 1 if level else 0)
+
+    # -- dirty page tracking ------------------------------------------------------------------------
+
+    def set_dirty_logging(self, enabled: bool) -> None:
+        """Have KVM track guest writes per page (migration, FT). The VMM's own writes are tracked
+        by GuestMemory regardless; dirty_bitmap() merges both."""
+        flags = k.KVM_MEM_LOG_DIRTY_PAGES if enabled else 0
+        for slot in self.memory.slots:
+            self.fd.set_user_memory_region(slot.index, slot.guest_addr, slot.size, slot.host_addr, flags)
+        for slot in self.memory.slots:
+            self.memory.take_dirty(slot)  # what happened before now is not "since the last look"
+
+    def dirty_bitmap(self, slot: MemorySlot) -> np.ndarray:
+        """Pages written since the last call (by vCPUs or the VMM), as a u64 bitmap; KVM
+        re-protects the pages as it reports them, so each write is reported once."""
+        bitmap = np.zeros_like(slot.dirty)
+        self.fd.get_dirty_log(slot.index, bitmap)
+        bitmap |= self.memory.take_dirty(slot)
+        return bitmap
 
     # -- state (paused VM only) --------------------------------------------------------------------
 

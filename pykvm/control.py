@@ -1,0 +1,191 @@
+"""The control socket (`--control PATH`): a Unix stream socket speaking JSON lines, one request,
+one reply, in the spirit of QMP.
+
+    {"cmd": "query-status"}                        {"ok": true, "status": "running"}
+    {"cmd": "stop"} / {"cmd": "cont"}              pause / resume every vCPU
+    {"cmd": "snapshot", "file": PATH}              write a snapshot (the guest pauses meanwhile)
+    {"cmd": "query-vcpus"}                         each vCPU's RIP and exit count
+    {"cmd": "migrate", "uri": "tcp:HOST:PORT"}     live-migrate to `pykvm run --incoming`
+    {"cmd": "quit"}                                stop the VM; the VMM exits 0
+
+Errors are replies too ({"ok": false, "error": "..."}); the VMM keeps running whatever a client
+sends. Commands run one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+import time
+from typing import Any, Callable
+
+from pykvm import migration, snapshot
+from pykvm.errors import ConfigError
+from pykvm.machine import Machine
+
+MAX_REQUEST = 64 * 1024
+
+
+class CommandError(Exception):
+    """A request that cannot be carried out; its message goes back to the client."""
+
+
+class ControlServer:
+    def __init__(self, path: str, machine: Machine) -> None:
+        self.path, self.machine = path, machine
+        self.sock = _listen(path)
+        self._command_lock = threading.Lock()
+        self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "query-status": self._query_status,
+            "stop": self._stop,
+            "cont": self._cont,
+            "snapshot": self._snapshot,
+            "query-vcpus": self._query_vcpus,
+            "migrate": self._migrate,
+            "quit": self._quit,
+        }
+        threading.Thread(target=self._accept, name="control", daemon=True).start()
+
+    def register(self, name: str, handler: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """Add a command (the FT layer adds its own)."""
+        self.handlers[name] = handler
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(conn,), name="control-client", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            while True:
+                line = reader.readline(MAX_REQUEST + 1)
+                if not line:
+                    return
+                reply = self.handle_line(line)
+                try:
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                except OSError:
+                    return
+
+    def handle_line(self, line: bytes) -> dict[str, Any]:
+        if len(line) > MAX_REQUEST:
+            return {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
+        try:
+            request = json.loads(line)
+        except ValueError:
+            return {"ok": False, "error": "not a JSON object"}
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            return {"ok": False, "error": 'expected {"cmd": NAME, ...}'}
+        handler = self.handlers.get(request["cmd"])
+        if handler is None:
+            return {"ok": False, "error": f"unknown command {request['cmd']!r} (known: {', '.join(self.handlers)})"}
+        with self._command_lock:
+            try:
+                return {"ok": True, **handler(request)}
+            except (CommandError, ConfigError, OSError, migration.MigrationError) as error:
+                return {"ok": False, "error": str(error)}
+
+    # -- commands ----------------------------------------------------------------------------------
+
+    def _query_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"status": self.machine.vm.state.value}
+
+    def _stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._require_live()
+        self.machine.vm.pause()
+        return {"status": self.machine.vm.state.value}
+
+    def _cont(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._require_live()
+        self.machine.vm.resume()
+        return {"status": self.machine.vm.state.value}
+
+    def _snapshot(self, request: dict[str, Any]) -> dict[str, Any]:
+        path = _string(request, "file")
+        self._require_live()
+        started = time.perf_counter()
+        with self.machine.quiesced():
+            size = snapshot.save(self.machine, path)
+        return {"file": path, "bytes": size, "pause_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+    def _query_vcpus(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._require_live()
+        with self.machine.quiesced():
+            vcpus = [{"index": v.index, "rip": v.fd.get_regs().rip, "exits": v.exit_count,
+                      "thread": v.thread.native_id if v.thread else None} for v in self.machine.vm.vcpus]
+        return {"vcpus": vcpus}
+
+    def _migrate(self, request: dict[str, Any]) -> dict[str, Any]:
+        uri = _string(request, "uri")
+        self._require_live()
+        return migration.migrate_out(self.machine, uri)
+
+    def _quit(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.machine.vm.stop(0, "quit through the control socket")
+        return {"status": "stopped"}
+
+    def _require_live(self) -> None:
+        if self.machine.vm.state.value == "stopped":
+            raise CommandError("the VM has stopped")
+
+
+def _string(request: dict[str, Any], key: str) -> str:
+    value = request.get(key)
+    if not isinstance(value, str) or not value:
+        raise CommandError(f"{request['cmd']} needs a {key!r} string")
+    return value
+
+
+def _listen(path: str) -> socket.socket:
+    """Bind the control socket; a stale socket file is replaced, one in use is an error."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ConfigError(f"--control {path}: exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+        else:
+            raise ConfigError(f"--control {path}: in use by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+    except OSError as error:
+        sock.close()
+        raise ConfigError(f"--control {path}: cannot bind: {error.strerror}") from None
+    sock.listen(4)
+    return sock
+
+
+def request(path: str, command: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Client side: send one request, return the reply (used by `pykvm ctl`)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ConfigError(f"{path}: no pykvm is listening there") from None
+        sock.sendall(json.dumps(command).encode() + b"\n")
+        with sock.makefile("rb") as reader:
+            line = reader.readline()
+    if not line:
+        raise ConfigError(f"{path}: the VMM closed the connection without a reply")
+    return json.loads(line)

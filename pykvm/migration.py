@@ -1,0 +1,222 @@
+"""Live migration over TCP: pre-copy of RAM while the guest runs, then a short stop-and-copy.
+
+Source (`pykvm ctl SOCK migrate tcp:HOST:PORT`):
+  1. HELLO with the machine's configuration; the target answers READY, or ERROR and why.
+  2. Round 0 sends every non-zero page (the target's RAM starts zeroed); each following round
+     sends the pages dirtied meanwhile (KVM's dirty log merged with the VMM's own writes),
+     until a round is small enough or stops shrinking.
+  3. Quiesce (vCPUs paused, device threads held), send the last dirty pages, the machine state
+     and DONE; wait for the target's ACK. Then the source stops; the target runs.
+Any failure before the ACK leaves the source running (it resumes) and is reported.
+
+Target (`pykvm run ... --incoming tcp:HOST:PORT`): accepts one connection, checks the config,
+receives pages straight into guest RAM (recvmsg_into on memoryviews), restores the state on
+DONE, ACKs, and only then runs. A stream that ends early means the target never runs the guest.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+from pykvm import wire
+from pykvm.errors import ConfigError
+from pykvm.machine import Machine, MachineConfig, MachineState
+from pykvm.memory import PAGE_SIZE, dirty_pages
+from pykvm.snapshot import check_same_shape
+from pykvm.state import StateError, decode, encode
+
+CONVERGED_PAGES = 256  # a round this small is sent with the guest stopped
+MAX_ROUNDS = 30
+CONNECT_TIMEOUT = 5.0
+PEER_TIMEOUT = 30.0  # no byte from the peer for this long: it is gone
+
+
+class MigrationError(Exception):
+    """Migration failed; the message says why. The side that raises it has not lost the guest."""
+
+
+def parse_tcp_uri(uri: str) -> tuple[str, int]:
+    scheme, _, rest = uri.partition(":")
+    host, _, port = rest.rpartition(":")
+    if scheme != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{uri!r}: expected tcp:HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def nonzero_pages(view: memoryview) -> np.ndarray:
+    """Page numbers of the pages that are not all zeros (numpy, no Python loop)."""
+    words = np.frombuffer(view, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
+    return np.flatnonzero(words.any(axis=1))
+
+
+# -- source --------------------------------------------------------------------------------------------
+
+
+def migrate_out(machine: Machine, uri: str, *, progress: Callable[[str], None] | None = None) -> dict:
+    """Send the running machine to `uri`; on success the machine is stopped and figures returned."""
+    say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+    host, port = parse_tcp_uri(uri)
+    try:
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    except OSError as error:
+        raise MigrationError(f"migration to {uri} failed: {error.strerror or error}") from None
+    vm = machine.vm
+    started = time.perf_counter()
+    try:
+        with sock:
+            sock.settimeout(PEER_TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sender = _Sender(sock)
+            sender.send(wire.Kind.HELLO, encode(machine.config))
+            reply = sender.reply()
+            if reply.kind == wire.Kind.ERROR:
+                raise MigrationError(f"the target refused the migration: {reply.payload.decode(errors='replace')}")
+            if reply.kind != wire.Kind.READY:
+                raise MigrationError(f"unexpected {reply.kind.name} from the target")
+            vm.set_dirty_logging(True)
+            try:
+                totals = _precopy(machine, sender, say)
+                downtime_start = time.perf_counter()
+                with machine.quiesced():
+                    final = sender.send_dirty(machine, live=False)  # stopped: every byte hashed
+                    sender.send(wire.Kind.STATE, encode(machine.save_state()))
+                    sender.send(wire.Kind.DONE, b"{}")
+                    ack = sender.reply()
+                    if ack.kind != wire.Kind.ACK:
+                        raise MigrationError(f"the target answered {ack.kind.name} instead of ACK")
+                    downtime = time.perf_counter() - downtime_start
+                    vm.stop(0, f"migrated to {uri}")
+            finally:
+                if vm.state.value != "stopped":
+                    vm.set_dirty_logging(False)
+    except (OSError, wire.ProtocolError) as error:
+        raise MigrationError(f"migration to {uri} failed, the guest keeps running here: {error}") from None
+    elapsed = time.perf_counter() - started
+    pages = totals["pages"] + final
+    say(f"migrate: done: {pages} pages in {totals['rounds']} rounds + {final} stopped, "
+        f"downtime {downtime * 1000:.1f} ms, total {elapsed:.2f} s")
+    return {"status": "migrated", "rounds": totals["rounds"], "pages": pages, "final_pages": final,
+            "downtime_ms": round(downtime * 1000, 3), "seconds": round(elapsed, 3),
+            "mb_per_s": round(pages * PAGE_SIZE / elapsed / 1e6, 1)}
+
+
+def _precopy(machine: Machine, sender: _Sender, say: Callable[[str], None]) -> dict:
+    memory = machine.vm.memory
+    first = time.perf_counter()
+    count = 0
+    for slot in memory.slots:
+        count += sender.send_pages(slot.index, slot.view, nonzero_pages(slot.view), live=True)
+    elapsed = time.perf_counter() - first
+    say(f"migrate: round 0: {count} pages, {count * PAGE_SIZE / max(elapsed, 1e-9) / 1e6:.0f} MB/s")
+    total, rounds, previous = count, 1, None
+    while rounds < MAX_ROUNDS:
+        started = time.perf_counter()
+        count = sender.send_dirty(machine, live=True)
+        total += count
+        elapsed = time.perf_counter() - started
+        say(f"migrate: round {rounds}: {count} pages, {count * PAGE_SIZE / max(elapsed, 1e-9) / 1e6:.0f} MB/s")
+        rounds += 1
+        if count <= CONVERGED_PAGES or (previous is not None and count >= previous):
+            break  # small enough, or the guest dirties as fast as we send: stop and copy
+        previous = count
+    return {"pages": total, "rounds": rounds}
+
+
+class _Sender:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.seq = 0
+        self.replies = wire.Decoder(_no_pages)
+
+    def send(self, kind: wire.Kind, payload: bytes) -> None:
+        wire.send_buffers(self.sock, wire.frame(kind, self.seq, payload))
+        self.seq += 1
+
+    def send_pages(self, slot: int, view: memoryview, pages: np.ndarray, *, live: bool) -> int:
+        if len(pages):
+            buffers, self.seq = wire.page_frames(self.seq, slot, view, pages, live=live)
+            wire.send_buffers(self.sock, buffers)
+        return len(pages)
+
+    def send_dirty(self, machine: Machine, *, live: bool) -> int:
+        count = 0
+        for slot in machine.vm.memory.slots:
+            count += self.send_pages(slot.index, slot.view, dirty_pages(machine.vm.dirty_bitmap(slot)), live=live)
+        return count
+
+    def reply(self) -> wire.Frame:
+        return wire.receive_frame(self.sock, self.replies)
+
+
+def _no_pages(slot: int, pages: np.ndarray) -> list[memoryview]:
+    raise wire.ProtocolError("pages from the migration target")
+
+
+# -- target --------------------------------------------------------------------------------------------
+
+
+def listen(uri: str) -> socket.socket:
+    host, port = parse_tcp_uri(uri)
+    try:
+        server = socket.create_server((host, port), reuse_port=False)
+    except OSError as error:
+        raise ConfigError(f"--incoming {uri}: cannot listen: {error.strerror}") from None
+    return server
+
+
+def migrate_in(machine: Machine, server: socket.socket, *, say: Callable[[str], None] | None = None) -> dict:
+    """Receive a machine into `machine` (built from the same configuration, RAM untouched).
+    Returns figures once the state is restored; raises MigrationError otherwise."""
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    conn, peer = server.accept()
+    server.close()
+    memory = machine.vm.memory
+    slots = {slot.index: slot for slot in memory.slots}
+
+    def sink(index: int, pages: np.ndarray) -> list[memoryview]:
+        slot = slots.get(index)
+        if slot is None or (len(pages) and int(pages.max()) >= slot.pages):
+            raise wire.ProtocolError(f"pages outside guest RAM (slot {index})")
+        return [slot.view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in wire.page_runs(pages)]
+
+    decoder = wire.Decoder(sink, allow_live_data=True)
+    seq = 0
+    pages = 0
+    state: MachineState | None = None
+    with conn:
+        conn.settimeout(PEER_TIMEOUT)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            hello = wire.receive_frame(conn, decoder)
+            if hello.kind != wire.Kind.HELLO:
+                raise wire.ProtocolError(f"stream starts with {hello.kind.name}, not HELLO")
+            try:
+                check_same_shape(decode(MachineConfig, hello.payload), machine.config)
+            except (ConfigError, StateError) as error:
+                wire.send_buffers(conn, wire.frame(wire.Kind.ERROR, seq, str(error).encode()))
+                raise MigrationError(f"refused an incoming migration from {peer[0]}: {error}") from None
+            wire.send_buffers(conn, wire.frame(wire.Kind.READY, seq))
+            seq += 1
+            while True:
+                frame = wire.receive_frame(conn, decoder)
+                if frame.kind == wire.Kind.PAGES:
+                    pages += len(frame.pages)
+                elif frame.kind == wire.Kind.STATE:
+                    state = decode(MachineState, frame.payload)
+                elif frame.kind == wire.Kind.DONE:
+                    break
+                else:
+                    raise wire.ProtocolError(f"unexpected {frame.kind.name} during migration")
+            if state is None:
+                raise wire.ProtocolError("DONE without the machine state")
+            machine.restore_state(state)
+            wire.send_buffers(conn, wire.frame(wire.Kind.ACK, seq, b'{"restored": true}'))
+        except (OSError, ConnectionError, wire.ProtocolError, StateError) as error:
+            raise MigrationError(f"incoming migration from {peer[0]} failed before completion: {error}") from None
+    say(f"migrate: received {pages} pages from {peer[0]}; running")
+    return {"pages": pages}

@@ -1,0 +1,243 @@
+"""The replication wire format, shared by live migration and fault tolerance, as sans-IO code:
+frames are built as lists of buffers for `sendmsg`, and parsed from whatever bytes arrive, with
+page data landing straight in the buffers the caller chooses (guest RAM, or a staging area).
+
+    frame   = header payload
+    header  = magic "PYKV", version u16, kind u8, flags u8, seq u64, payload length u64,
+              xxh3-64 of (header with this field zero + payload)
+    flags   LIVE_DATA: page data read while the guest runs (migration pre-copy) is not covered
+            by the hash, since the guest may change a page while it is being sent (the page is
+            then dirty and sent again); a receiver that needs every byte checked (FT) refuses it
+    PAGES   payload = slot u32, count u32, page numbers u32 x count, count x 4096 bytes of data
+    other   payloads are JSON or small binary blobs, per kind
+
+Every frame is checked before it is handed on: magic, version, kind, length bound, sequence
+number (each frame's seq is the previous one's + 1) and hash. Anything wrong raises
+ProtocolError; the caller drops the connection and keeps what it had committed.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import xxhash
+
+from pykvm.memory import PAGE_SIZE
+
+MAGIC = b"PYKV"
+VERSION = 1
+HEADER = struct.Struct("<4sHBBQQQ")
+LIVE_DATA = 0x1
+PAGES_HEAD = struct.Struct("<II")  # slot, count
+MAX_PAYLOAD = 1 << 31  # a frame never carries more (page frames are split well below this)
+MAX_IOVECS = 1024  # per sendmsg call (the kernel's UIO_MAXIOV)
+PAGES_PER_FRAME = 1 << 16
+
+
+class Kind(enum.IntEnum):
+    HELLO = 1  # sender -> receiver: version and machine config (JSON)
+    READY = 2  # receiver -> sender: config accepted
+    ERROR = 3  # either way: a reason (UTF-8), then the connection closes
+    PAGES = 4  # guest pages
+    STATE = 5  # machine state (JSON)
+    DONE = 6  # end of a migration / of one FT sync (small JSON of figures)
+    ACK = 7  # receiver -> sender: committed (JSON: what)
+    HEARTBEAT = 8  # FT primary -> standby: still alive
+    GOODBYE = 9  # orderly end of an FT pair
+    DISK = 10  # FT: completed disk writes (device index u32, offset u64, data)
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a well-formed frame in sequence."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: Kind
+    seq: int
+    payload: bytes  # empty for PAGES: their data went to the sink's buffers
+    slot: int = 0
+    pages: np.ndarray | None = None  # PAGES: the page numbers, in payload order
+
+
+# -- building frames ---------------------------------------------------------------------------------
+
+
+def _header(kind: Kind, seq: int, length: int, parts: list, flags: int = 0) -> bytes:
+    digest = xxhash.xxh3_64()
+    digest.update(HEADER.pack(MAGIC, VERSION, kind, flags, seq, length, 0))
+    for part in parts:
+        digest.update(part)
+    return HEADER.pack(MAGIC, VERSION, kind, flags, seq, length, digest.intdigest())
+
+
+def frame(kind: Kind, seq: int, payload: bytes = b"") -> list:
+    return [_header(kind, seq, len(payload), [payload]), payload]
+
+
+def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, live: bool = False) -> tuple[list, int]:
+    """Frames carrying `pages` (ascending page numbers) of a RAM slot, as buffers for sendmsg:
+    contiguous pages travel as one memoryview of guest RAM, so nothing is copied. `live`: the
+    guest is running, so the data is left out of the hash (LIVE_DATA). Returns the buffers and
+    the next sequence number."""
+    buffers: list = []
+    for start in range(0, len(pages), PAGES_PER_FRAME):
+        chunk = np.ascontiguousarray(pages[start : start + PAGES_PER_FRAME], dtype="<u4")
+        runs = page_runs(chunk)
+        data = [view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in runs]
+        head = PAGES_HEAD.pack(slot, len(chunk)) + chunk.tobytes()
+        length = len(head) + len(chunk) * PAGE_SIZE
+        hashed = [head] if live else [head, *data]
+        buffers += [_header(Kind.PAGES, seq, length, hashed, LIVE_DATA if live else 0), head, *data]
+        seq += 1
+    return buffers, seq
+
+
+def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
+    """(first page, count) of each run of consecutive page numbers."""
+    if len(pages) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(pages.astype(np.int64)) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pages)]))
+    return [(int(pages[s]), int(e - s)) for s, e in zip(starts, ends)]
+
+
+def send_buffers(sock: socket.socket, buffers: list) -> int:
+    """sendmsg everything, at most MAX_IOVECS buffers a call, resuming after partial sends."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    total, i = 0, 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i : i + MAX_IOVECS])
+        total += sent
+        while sent:
+            if sent >= len(views[i]):
+                sent -= len(views[i])
+                i += 1
+            else:
+                views[i] = views[i][sent:]
+                sent = 0
+    return total
+
+
+# -- parsing frames ----------------------------------------------------------------------------------
+
+PageSink = Callable[[int, np.ndarray], list[memoryview]]
+"""(slot, page numbers) -> buffers to receive those pages into (in order), or raise ProtocolError."""
+
+
+class Decoder:
+    """Turns received bytes into Frames. Drive it with `want()` (where to put the next bytes) and
+    `filled(n)` (n bytes went there); a finished frame comes back from `filled`."""
+
+    def __init__(self, page_sink: PageSink, expected_seq: int = 0, max_payload: int = MAX_PAYLOAD,
+                 *, allow_live_data: bool = False) -> None:
+        self.page_sink = page_sink
+        self.allow_live_data = allow_live_data
+        self.expected_seq = expected_seq
+        self.max_payload = max_payload
+        self._start_header()
+
+    def _start_header(self) -> None:
+        self._stage = "header"
+        self._pages = np.empty(0, dtype="<u4")
+        self._buffer = bytearray(HEADER.size)
+        self._targets = [memoryview(self._buffer)]
+
+    def want(self) -> list[memoryview]:
+        return self._targets
+
+    def filled(self, count: int) -> Frame | None:
+        while count:
+            if not self._targets:
+                raise ProtocolError("more bytes than asked for")
+            first = self._targets[0]
+            if count >= len(first):
+                count -= len(first)
+                self._targets.pop(0)
+            else:
+                self._targets[0] = first[count:]
+                count = 0
+        if self._targets:
+            return None
+        return self._advance()
+
+    def _advance(self) -> Frame | None:
+        if self._stage == "header":
+            magic, version, kind, flags, seq, length, digest = HEADER.unpack(self._buffer)
+            if magic != MAGIC:
+                raise ProtocolError("bad magic: not a pykvm replication stream")
+            if version != VERSION:
+                raise ProtocolError(f"stream version {version}, this pykvm speaks {VERSION}")
+            try:
+                self._kind = Kind(kind)
+            except ValueError:
+                raise ProtocolError(f"unknown frame kind {kind}") from None
+            if seq != self.expected_seq:
+                raise ProtocolError(f"frame {seq} out of sequence (expected {self.expected_seq})")
+            if length > self.max_payload:
+                raise ProtocolError(f"frame of {length} bytes exceeds the limit")
+            if flags & ~LIVE_DATA or (flags & LIVE_DATA and (self._kind != Kind.PAGES or not self.allow_live_data)):
+                raise ProtocolError(f"frame {seq}: flags {flags:#x} not allowed here")
+            self._seq, self._length, self._digest, self._live = seq, length, digest, bool(flags & LIVE_DATA)
+            self._hash = xxhash.xxh3_64(HEADER.pack(magic, version, kind, flags, seq, length, 0))
+            if self._kind == Kind.PAGES:
+                if length < PAGES_HEAD.size:
+                    raise ProtocolError("page frame too short")
+                self._stage, self._buffer = "pages-head", bytearray(PAGES_HEAD.size)
+            else:
+                self._stage, self._buffer = "payload", bytearray(length)
+            self._targets = [memoryview(self._buffer)] if self._buffer else []
+            return self._finish() if not self._targets else None
+        if self._stage == "pages-head":
+            self._hash.update(self._buffer)
+            self._slot, count = PAGES_HEAD.unpack(self._buffer)
+            if self._length != PAGES_HEAD.size + count * (4 + PAGE_SIZE):
+                raise ProtocolError(f"page frame length {self._length} does not match {count} pages")
+            self._stage, self._buffer = "page-numbers", bytearray(4 * count)
+            self._targets = [memoryview(self._buffer)] if count else []
+            return None if count else self._finish()
+        if self._stage == "page-numbers":
+            self._hash.update(self._buffer)
+            self._pages = np.frombuffer(bytes(self._buffer), dtype="<u4")
+            self._data = self.page_sink(self._slot, self._pages)
+            if sum(len(view) for view in self._data) != len(self._pages) * PAGE_SIZE:
+                raise ProtocolError("page sink returned buffers of the wrong size")
+            self._stage, self._targets = "page-data", list(self._data)
+            return None
+        if self._stage == "page-data":
+            if not self._live:
+                for view in self._data:
+                    self._hash.update(view)
+            return self._finish()
+        # payload
+        self._hash.update(self._buffer)
+        return self._finish()
+
+    def _finish(self) -> Frame:
+        if self._hash.intdigest() != self._digest:
+            raise ProtocolError(f"frame {self._seq} ({self._kind.name}) failed its checksum")
+        if self._kind == Kind.PAGES:
+            done = Frame(self._kind, self._seq, b"", self._slot, self._pages)
+        else:
+            done = Frame(self._kind, self._seq, bytes(self._buffer))
+        self.expected_seq = self._seq + 1
+        self._start_header()
+        return done
+
+
+def receive_frame(sock: socket.socket, decoder: Decoder) -> Frame:
+    """Blocking helper: read until the decoder yields a frame. EOF raises ConnectionError."""
+    while True:
+        targets = decoder.want()
+        count = sock.recvmsg_into(targets[:MAX_IOVECS])[0]
+        if count == 0:
+            raise ConnectionError("the peer closed the connection")
+        frame_ = decoder.filled(count)
+        if frame_ is not None:
+            return frame_
