@@ -1,0 +1,143 @@
+"""Live migration between two pykvm processes over loopback TCP, and every way it can fail:
+the side that did not fail keeps (or never starts) the guest."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+
+import pytest
+
+from pykvm import wire
+from pykvm.machine import MachineConfig
+from pykvm.state import encode
+from tests.conftest import VmmProcess, requires_kvm, run_pykvm
+
+pytestmark = requires_kvm
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ctl(sock: str, *command: str) -> dict:
+    result = run_pykvm("ctl", sock, *command)
+    return json.loads(result.stdout)
+
+
+def _generations(text: str) -> list[int]:
+    return [int(g) for g in re.findall(r"gen=(\d+)\n", text)]
+
+
+def test_migrate_dirty_guest(tmp_path, guest_images):
+    sock, uri = str(tmp_path / "src.sock"), f"tcp:127.0.0.1:{_free_port()}"
+    target = VmmProcess("run", "dirty", "--incoming", uri)
+    source = VmmProcess("run", "dirty", "--append", "pages=4096", "--control", sock)
+    try:
+        target.stderr.wait_for(b"waiting for a migration")
+        source.wait_for(b"\n", count=3)
+        reply = _ctl(sock, "migrate", uri)
+        assert reply["ok"], reply
+        assert reply["status"] == "migrated" and reply["downtime_ms"] < 1000
+        assert source.wait() == 0  # the source stops once the target has the guest
+        assert "migrated to" in source.errors and "migrate: round 0" in source.errors
+        before = max(_generations(source.output))
+        target.wait_for(b"\n", count=3)  # the guest carries on at the target...
+        after = _generations(target.output)
+        assert after and min(after) >= before  # ...from where it was, every page checked
+        assert "mismatch" not in target.output
+    finally:
+        source.kill()
+        target.kill()
+
+
+def test_migration_to_nobody_keeps_the_guest_here(tmp_path, guest_images):
+    sock = str(tmp_path / "src.sock")
+    source = VmmProcess("run", "dirty", "--control", sock)
+    try:
+        source.wait_for(b"pages/s")
+        reply = _ctl(sock, "migrate", f"tcp:127.0.0.1:{_free_port()}")
+        assert not reply["ok"] and "refused" in reply["error"].lower()
+        assert _ctl(sock, "query-status")["status"] == "running"
+        count = source.stdout.data.count(b"\n")
+        source.wait_for(b"\n", count=count + 1)  # still printing
+    finally:
+        source.kill()
+
+
+def test_target_with_another_config_refuses(tmp_path, guest_images):
+    sock, uri = str(tmp_path / "src.sock"), f"tcp:127.0.0.1:{_free_port()}"
+    target = VmmProcess("run", "dirty", "--mem", "128M", "--incoming", uri)
+    source = VmmProcess("run", "dirty", "--control", sock)
+    try:
+        target.stderr.wait_for(b"waiting for a migration")
+        source.wait_for(b"pages/s")
+        reply = _ctl(sock, "migrate", uri)
+        assert not reply["ok"] and "refused" in reply["error"] and "128 MiB" in reply["error"]
+        assert _ctl(sock, "query-status")["status"] == "running"
+        assert target.wait() == 1
+        assert target.output == ""  # the target never ran the guest
+    finally:
+        source.kill()
+        target.kill()
+
+
+def test_target_dying_midway_leaves_the_source_running(tmp_path, guest_images):
+    """A 'target' that accepts, says READY, reads a little and hangs up."""
+    sock = str(tmp_path / "src.sock")
+    server = socket.create_server(("127.0.0.1", 0))
+    uri = f"tcp:127.0.0.1:{server.getsockname()[1]}"
+    source = VmmProcess("run", "dirty", "--append", "pages=4096", "--control", sock)
+    try:
+        source.wait_for(b"pages/s")
+        import threading
+
+        def fake_target() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)  # the HELLO (or its start)
+                wire.send_buffers(conn, wire.frame(wire.Kind.READY, 0))
+                conn.recv(65536)  # some pages, then gone
+
+        thread = threading.Thread(target=fake_target)
+        thread.start()
+        reply = _ctl(sock, "migrate", uri)
+        thread.join()
+        assert not reply["ok"] and "keeps running here" in reply["error"]
+        assert _ctl(sock, "query-status")["status"] == "running"
+        count = source.stdout.data.count(b"\n")
+        source.wait_for(b"\n", count=count + 1)
+    finally:
+        source.kill()
+        server.close()
+
+
+@pytest.mark.parametrize("how", ["eof-after-pages", "corrupted-frame"])
+def test_source_dying_midway_target_never_runs(tmp_path, guest_images, how):
+    uri = f"tcp:127.0.0.1:{_free_port()}"
+    target = VmmProcess("run", "dirty", "--incoming", uri)
+    try:
+        target.stderr.wait_for(b"waiting for a migration")
+        with socket.create_connection(("127.0.0.1", int(uri.rsplit(":", 1)[1]))) as conn:
+            wire.send_buffers(conn, wire.frame(wire.Kind.HELLO, 0, encode(MachineConfig())))
+            ready = wire.receive_frame(conn, wire.Decoder(lambda *a: []))
+            assert ready.kind == wire.Kind.READY
+            page = memoryview(bytearray(4096 * 4))
+            import numpy as np
+
+            buffers, _ = wire.page_frames(1, 0, page, np.arange(4))
+            data = b"".join(bytes(b) for b in buffers)
+            if how == "corrupted-frame":
+                data = data[:100] + bytes([data[100] ^ 1]) + data[101:]
+                conn.sendall(data)
+            else:
+                conn.sendall(data)
+        status = target.wait()
+        assert status == 1
+        assert "failed before completion" in target.errors
+        assert target.output == ""  # the guest never ran there
+    finally:
+        target.kill()
