@@ -2,7 +2,7 @@
 
 Source (`pykvm ctl SOCK migrate tcp:HOST:PORT`):
   1. HELLO with the machine's configuration; the target answers READY, or ERROR and why.
-  2. Round 0 sends every non-zero page (the target's RAM starts zeroed); each following round
+  2. Round 0 sends every populated page (the target's RAM starts zeroed); each following round
      sends the pages dirtied meanwhile (KVM's dirty log merged with the VMM's own writes),
      until a round is small enough or stops shrinking.
   3. Quiesce (vCPUs paused, device threads held), send the last dirty pages, the machine state
@@ -26,7 +26,7 @@ import numpy as np
 from pykvm import wire
 from pykvm.errors import ConfigError
 from pykvm.machine import Machine, MachineConfig, MachineState
-from pykvm.memory import PAGE_SIZE, dirty_pages
+from pykvm.memory import PAGE_SIZE, dirty_pages, populated_pages
 from pykvm.snapshot import check_same_shape
 from pykvm.state import StateError, decode, encode
 
@@ -46,12 +46,6 @@ def parse_tcp_uri(uri: str) -> tuple[str, int]:
     if scheme != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{uri!r}: expected tcp:HOST:PORT")
     return host.strip("[]"), int(port)
-
-
-def nonzero_pages(view: memoryview) -> np.ndarray:
-    """Page numbers of the pages that are not all zeros (numpy, no Python loop)."""
-    words = np.frombuffer(view, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
-    return np.flatnonzero(words.any(axis=1))
 
 
 # -- source --------------------------------------------------------------------------------------------
@@ -100,31 +94,28 @@ def migrate_out(machine: Machine, uri: str, *, progress: Callable[[str], None] |
     pages = totals["pages"] + final
     say(f"migrate: done: {pages} pages in {totals['rounds']} rounds + {final} stopped, "
         f"downtime {downtime * 1000:.1f} ms, total {elapsed:.2f} s")
+    first_pages, first_seconds = totals["per_round"][0]
     return {"status": "migrated", "rounds": totals["rounds"], "pages": pages, "final_pages": final,
+            "round0_mb_per_s": round(first_pages * PAGE_SIZE / max(first_seconds, 1e-9) / 1e6, 1),
             "downtime_ms": round(downtime * 1000, 3), "seconds": round(elapsed, 3),
             "mb_per_s": round(pages * PAGE_SIZE / elapsed / 1e6, 1)}
 
 
 def _precopy(machine: Machine, sender: _Sender, say: Callable[[str], None]) -> dict:
-    memory = machine.vm.memory
-    first = time.perf_counter()
-    count = 0
-    for slot in memory.slots:
-        count += sender.send_pages(slot.index, slot.view, nonzero_pages(slot.view), live=True)
-    elapsed = time.perf_counter() - first
-    say(f"migrate: round 0: {count} pages, {count * PAGE_SIZE / max(elapsed, 1e-9) / 1e6:.0f} MB/s")
-    total, rounds, previous = count, 1, None
-    while rounds < MAX_ROUNDS:
+    rounds: list[tuple[int, float]] = []  # (pages, seconds) per round
+    while len(rounds) < MAX_ROUNDS:
         started = time.perf_counter()
-        count = sender.send_dirty(machine, live=True)
-        total += count
+        if not rounds:
+            count = sum(sender.send_pages(slot.index, slot.view, populated_pages(slot), live=True)
+                        for slot in machine.vm.memory.slots)
+        else:
+            count = sender.send_dirty(machine, live=True)
         elapsed = time.perf_counter() - started
-        say(f"migrate: round {rounds}: {count} pages, {count * PAGE_SIZE / max(elapsed, 1e-9) / 1e6:.0f} MB/s")
-        rounds += 1
-        if count <= CONVERGED_PAGES or (previous is not None and count >= previous):
+        rounds.append((count, elapsed))
+        say(f"migrate: round {len(rounds) - 1}: {count} pages, {count * PAGE_SIZE / max(elapsed, 1e-9) / 1e6:.0f} MB/s")
+        if len(rounds) > 1 and (count <= CONVERGED_PAGES or count >= rounds[-2][0]):
             break  # small enough, or the guest dirties as fast as we send: stop and copy
-        previous = count
-    return {"pages": total, "rounds": rounds}
+    return {"pages": sum(p for p, _ in rounds), "rounds": len(rounds), "per_round": rounds}
 
 
 class _Sender:

@@ -99,13 +99,14 @@ def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, liv
 
 
 def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
-    """(first page, count) of each run of consecutive page numbers."""
+    """(first page, count) of each run of consecutive page numbers (computed in numpy; only the
+    final list is built in Python)."""
     if len(pages) == 0:
         return []
-    breaks = np.flatnonzero(np.diff(pages.astype(np.int64)) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(pages)]))
-    return [(int(pages[s]), int(e - s)) for s, e in zip(starts, ends)]
+    pages = pages.astype(np.int64, copy=False)
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    bounds = np.concatenate(([0], breaks, [len(pages)]))
+    return list(zip(pages[bounds[:-1]].tolist(), np.diff(bounds).tolist()))
 
 
 def send_buffers(sock: socket.socket, buffers: list) -> int:

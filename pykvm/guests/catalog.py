@@ -9,4 +9,5 @@ GUESTS: dict[str, str] = {
     "pio": "count=N port 0x80 writes (mode=in: reads) at CPL3: one VM exit each",
     "blk": "writes, flushes and reads back a pattern on the first virtio-blk disk (seed=N start=S sectors=N)",
     "net-echo": "answers ARP, ping and UDP echo (port 7) on the first virtio-net device (ip=A.B.C.D/N count=N)",
+    "kv": "a durable key-value log on virtio-blk served over UDP port 9000 on virtio-net (put/get)",
 }
