@@ -36,9 +36,9 @@ uint8_t pci_read8(const struct pci_dev *d, uint8_t off);
 /* Read-modify-write of the 16-bit command register. */
 void pci_command_set(const struct pci_dev *d, uint16_t set, uint16_t clear);
 
-/* The functions on bus 0, in slot/function order: calls match on each and
- * returns true with *out filled at the n-th one it accepts (n from 0). */
-bool pci_find(bool (*match)(const struct pci_dev *), unsigned n, struct pci_dev *out);
+/* Steps *d to the next function on bus 0 in slot/function order, starting
+ * from a zeroed *d; false after the last. */
+bool pci_next(struct pci_dev *d);
 
 /* Offset of the first capability with this id after the one at `after`
  * (0: from the start of the list), or 0 if there is none. */

@@ -52,6 +52,9 @@ _start64:
 	mov %ebx, %esi
 	mov $boot_stack_top, %esp       /* the loader leaves RSP undefined; lretq needs one */
 	lgdt gdtr
+	mov %cr4, %rax                  /* ring 0 uses our user pages: no SMEP/SMAP */
+	and $~(CR4_SMEP | CR4_SMAP), %eax
+	mov %rax, %cr4
 	mov $pml4, %eax
 	mov %rax, %cr3
 	pushq $KERNEL_CS

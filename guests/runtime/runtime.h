@@ -20,6 +20,8 @@
 #define CR0_PE      0x1
 #define CR0_PG      0x80000000
 #define CR4_PAE     0x20
+#define CR4_SMEP    (1 << 20)
+#define CR4_SMAP    (1 << 21)
 #define MSR_EFER    0xc0000080
 #define EFER_LME    0x100
 
@@ -59,7 +61,7 @@ const char *cmdline(void);
 uint64_t cmdline_u64(const char *key, uint64_t dflt);
 /* Copies the value of key=value into buf (NUL-terminated, truncated to size). */
 const char *cmdline_str(const char *key, const char *dflt, char *buf, size_t size);
-uint64_t ram_end(void);              /* physical end of RAM above 1 MiB */
+uint64_t ram_end(void);              /* 1 MiB + mem_upper: end of the RAM from 1 MiB */
 
 /* Bump allocator over the RAM after the image; NULL if it does not fit.
  * The memory is not zeroed (the bootloader may have left data there). */

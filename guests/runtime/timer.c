@@ -8,7 +8,7 @@ uint64_t tsc_at_read(uint32_t (*read)(void), uint32_t *value)
 {
 	uint64_t best = UINT64_MAX, at = 0;
 
-	for (int i = 0; i < 8 && best > 100000; i++) {
+	for (int i = 0; i < 8 && best > 100000; i++) {   /* 100000 cycles: tens of µs */
 		uint64_t t0 = rdtsc();
 		uint32_t v = read();
 		uint64_t t1 = rdtsc();
