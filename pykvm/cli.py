@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from pykvm import control, guests, migration, snapshot
+from pykvm.ft import FtError, Primary, Standby
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
 from pykvm.devices.net_backends import NetSpec
@@ -66,6 +67,14 @@ def _add_machine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", action="store_true", help="print every VM exit to stderr")
 
 
+def _add_ft_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ft-timeout", type=float, default=200, metavar="MS",
+                        help="the standby takes over after this long without a word from the primary (default 200)")
+    parser.add_argument("--ft-verify", action="store_true",
+                        help="check at every sync that the standby's RAM equals the primary's (slow; for tests)")
+    parser.add_argument("--metrics", metavar="FILE", help="the primary writes one JSON line per sync here")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pykvm", description="A pure-Python hypervisor on Linux KVM.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -80,7 +89,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--load-addr", metavar="ADDR", help="load address of a flat binary")
     run.add_argument("--incoming", metavar="tcp:HOST:PORT",
                      help="wait for a live migration instead of booting (same options as the source)")
+    run.add_argument("--ft", metavar="tcp:HOST:PORT", help="run fault-tolerant, protected by the standby there")
     _add_machine_options(run)
+    _add_ft_options(run)
+
+    ft = commands.add_parser("ft", help="fault tolerance: run a standby (or a primary)")
+    roles = ft.add_subparsers(dest="role", required=True, metavar="ROLE")
+    standby = roles.add_parser("standby", help="hold a copy of a primary's guest; take over if it dies")
+    standby.add_argument("--listen", required=True, metavar="tcp:HOST:PORT", help="where the primary connects")
+    standby.add_argument("--mem", default=str(DEFAULT_MEMORY >> 20) + "M", help="guest RAM (must match the primary)")
+    standby.add_argument("--cpus", type=int, default=1, help="vCPUs (must match the primary)")
+    _add_machine_options(standby)
+    _add_ft_options(standby)
 
     restore = commands.add_parser("restore", help="resume a snapshot",
                                   description="Resume a snapshot; --disk/--net replace its backends.")
@@ -136,7 +156,49 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if args.trace:
                     print(f"pykvm: loaded {loaded.format} image [{loaded.start:#x}, {loaded.end:#x}), "
                           f"entry {loaded.entry:#x}", file=sys.stderr)
-            return _run(machine, args, console)
+            primary = _protect(machine, args) if args.ft else None
+            return _run(machine, args, console, primary=primary)
+    finally:
+        console.close()
+
+
+def _protect(machine: Machine, args: argparse.Namespace) -> Primary:
+    metrics = open(args.metrics, "a", buffering=1) if args.metrics else None
+    primary = Primary(machine, timeout=args.ft_timeout / 1000, metrics=metrics, verify=args.ft_verify, log=_log)
+    primary.protect(args.ft)
+    return primary
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def cmd_ft(args: argparse.Namespace) -> int:
+    """`pykvm ft standby`: follow a primary; on its loss, take over and run the guest here."""
+    disks, nets = _backends(args)
+    config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
+    server = migration.listen(args.listen)
+    console = SerialConsole(args.serial)
+    try:
+        with Machine(config, serial_output=console.output, attach_networks=False) as machine:
+            standby = Standby(machine, timeout=args.ft_timeout / 1000, verify=args.ft_verify, log=_log)
+            control_server = control.ControlServer(args.control, machine) if args.control else None
+            if control_server is not None:
+                control_server.register("ft-stats", lambda request: {"role": "standby", **standby.stats.__dict__})
+            _log(f"ft standby: waiting for a primary on {args.listen}")
+            try:
+                outcome = standby.serve(server)
+            finally:
+                server.close()
+                if control_server is not None:
+                    control_server.close()
+            if outcome == "goodbye":
+                return 0
+            if standby.committed is None:
+                _log("ft standby: the primary is gone before a first complete sync; nothing to take over")
+                return EXIT_FAILURE
+            standby.take_over()
+            return _run(machine, args, console, started=True)
     finally:
         console.close()
 
@@ -157,17 +219,25 @@ def cmd_restore(args: argparse.Namespace) -> int:
         snap.close()
 
 
-def _run(machine: Machine, args: argparse.Namespace, console: SerialConsole) -> int:
+def _run(machine: Machine, args: argparse.Namespace, console: SerialConsole, *,
+         primary: Primary | None = None, started: bool = False) -> int:
     """Run a built (loaded or restored) machine to its end; returns the exit status."""
     if args.trace:
         tracer = ExitTracer()
         for vcpu in machine.vm.vcpus:
             vcpu.trace = tracer
     server = control.ControlServer(args.control, machine) if args.control else None
+    if server is not None:
+        server.register("ft-stats", lambda request: {"role": "primary", **(primary.summary() if primary else {})})
+        server.register("ft-protect", lambda request: _ft_protect(machine, args, primary, request))
     try:
         console.attach(machine.serial.feed)
-        stop = machine.run()
+        if not started:
+            machine.vm.start()
+        stop = machine.vm.wait()
     finally:
+        if primary is not None:
+            primary.close()
         if server is not None:
             server.close()
     if stop.report:
@@ -175,6 +245,19 @@ def _run(machine: Machine, args: argparse.Namespace, console: SerialConsole) -> 
     elif args.trace or stop.reason.startswith("migrated"):
         print(f"pykvm: {stop.reason}", file=sys.stderr)
     return stop.status
+
+
+def _ft_protect(machine: Machine, args: argparse.Namespace, primary: Primary | None, request: dict) -> dict:
+    uri = request.get("uri")
+    if not isinstance(uri, str):
+        raise control.CommandError("ft-protect needs a 'uri' string")
+    if primary is None:
+        raise control.CommandError("this VMM was not started with --ft")
+    try:
+        primary.protect(uri)
+    except FtError as error:
+        raise control.CommandError(str(error)) from None
+    return primary.summary()
 
 
 _CTL_ARGUMENT = {"snapshot": "file", "migrate": "uri", "ft-protect": "uri"}
@@ -210,7 +293,7 @@ def _print_error(error: Exception) -> None:
     print(f"pykvm: error: {error}", file=sys.stderr)
 
 
-COMMANDS = {"run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "guests": cmd_guests}
+COMMANDS = {"run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "guests": cmd_guests, "ft": cmd_ft}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, KvmUnavailable, guests.ToolchainMissing, guests.UnknownGuest) as error:
         _print_error(error)
         return EXIT_USAGE
-    except (KvmError, guests.BuildError, migration.MigrationError) as error:
+    except (KvmError, guests.BuildError, migration.MigrationError, FtError) as error:
         _print_error(error)
         return EXIT_FAILURE
     except KeyboardInterrupt:

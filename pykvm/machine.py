@@ -62,7 +62,9 @@ class MachineState:
 
 class Machine:
     def __init__(self, config: MachineConfig, *, serial_output: Callable[[bytes], None], kvm: Kvm | None = None,
-                 memory: GuestMemory | None = None) -> None:
+                 memory: GuestMemory | None = None, attach_networks: bool = True) -> None:
+        """`attach_networks=False` builds the NICs without opening their backends (an FT standby
+        must not take the primary's TAP or socket until it takes over): see attach_networks()."""
         self.config = config
         self.vm = vm = Vm(config.memory, config.cpus, kvm=kvm, memory=memory)
         try:
@@ -81,7 +83,7 @@ class Machine:
                 self._add_virtio(Blk(DiskImage(spec)))
             for index, spec in enumerate(config.nets):
                 mac = parse_mac(spec.mac) if spec.mac else _default_mac(index)
-                self._add_virtio(Net(spec.open(), mac))
+                self._add_virtio(Net(spec.open() if attach_networks else None, mac))
         except BaseException:
             self.close()
             raise
@@ -91,6 +93,16 @@ class Machine:
         self.virtio.append(function)
         self.pci.add(function)
         return function
+
+    def attach_networks(self, *, announce: bool = True) -> None:
+        """Open the NIC backends of a machine built with attach_networks=False."""
+        nets = [f for f in self.virtio if isinstance(f.device, Net)]
+        for function, spec in zip(nets, self.config.nets):
+            if function.device.backend is None:
+                function.device.attach_backend(spec.open())
+                function.rearm()
+            if announce:
+                function.device.announce()
 
     # -- state ------------------------------------------------------------------------------------
 

@@ -123,3 +123,83 @@ MultibootMemoryMapEntry = Struct(
     "length" / Int64ul,
     "type" / Int32ul,
 )
+
+# -- Linux x86 boot protocol (Documentation/x86/boot.rst, arch/x86/include/uapi/asm/bootparam.h) ----
+
+LINUX_BOOT_FLAG = 0xAA55
+LINUX_HEADER_MAGIC = b"HdrS"
+SETUP_HEADER_OFFSET = 0x1F1  # in the bzImage file and in boot_params alike
+LINUX_MIN_PROTOCOL = 0x020C  # 2.12: the first with xloadflags, so the first that can say "64-bit entry"
+LOADED_HIGH = 1 << 0  # loadflags: the protected-mode kernel is loaded at 1 MiB or above
+CAN_USE_HEAP = 1 << 7
+XLF_KERNEL_64 = 1 << 0  # xloadflags: the kernel has the 64-bit entry at load address + 0x200
+LOADER_TYPE_UNDEFINED = 0xFF  # type_of_loader: a boot loader without an assigned ID
+
+SetupHeader = Struct(
+    "setup_sects" / Int8ul,  # 512-byte sectors of real-mode setup after the boot sector (0 means 4)
+    "root_flags" / Int16ul,
+    "syssize" / Int32ul,  # protected-mode code size in 16-byte paragraphs
+    "ram_size" / Int16ul,
+    "vid_mode" / Int16ul,
+    "root_dev" / Int16ul,
+    "boot_flag" / Int16ul,  # 0xAA55
+    "jump" / Int16ul,
+    "header" / Bytes(4),  # "HdrS"
+    "version" / Int16ul,  # boot protocol version, e.g. 0x020F
+    "realmode_swtch" / Int32ul,
+    "start_sys_seg" / Int16ul,
+    "kernel_version" / Int16ul,
+    "type_of_loader" / Int8ul,
+    "loadflags" / Int8ul,
+    "setup_move_size" / Int16ul,
+    "code32_start" / Int32ul,
+    "ramdisk_image" / Int32ul,
+    "ramdisk_size" / Int32ul,
+    "bootsect_kludge" / Int32ul,
+    "heap_end_ptr" / Int16ul,
+    "ext_loader_ver" / Int8ul,
+    "ext_loader_type" / Int8ul,
+    "cmd_line_ptr" / Int32ul,
+    "initrd_addr_max" / Int32ul,  # highest address the initrd may occupy
+    "kernel_alignment" / Int32ul,
+    "relocatable_kernel" / Int8ul,
+    "min_alignment" / Int8ul,
+    "xloadflags" / Int16ul,
+    "cmdline_size" / Int32ul,  # longest command line, without the NUL
+    "hardware_subarch" / Int32ul,
+    "hardware_subarch_data" / Int64ul,
+    "payload_offset" / Int32ul,
+    "payload_length" / Int32ul,
+    "setup_data" / Int64ul,
+    "pref_address" / Int64ul,  # where a relocatable kernel prefers to be loaded
+    "init_size" / Int32ul,  # bytes the kernel needs from its load address while it initialises
+    "handover_offset" / Int32ul,
+    "kernel_info_offset" / Int32ul,
+)
+
+E820_RAM, E820_RESERVED, E820_ACPI = 1, 2, 3
+E820_MAX_ENTRIES_ZEROPAGE = 128
+
+E820Entry = Struct("addr" / Int64ul, "size" / Int64ul, "type" / Int32ul)
+
+# The "zero page": what a boot loader hands the kernel in RSI. Only the fields a VMM fills are
+# named; the rest (screen, APM, EDD, EFI information) stays zero.
+BootParams = Struct(
+    "screen_info" / Bytes(0x40),
+    "apm_bios_info" / Bytes(0x14),
+    "_pad2" / Bytes(4),
+    "tboot_addr" / Int64ul,
+    "ist_info" / Bytes(0x10),
+    "acpi_rsdp_addr" / Int64ul,  # 0x070: where the RSDP is, so the kernel need not scan for it
+    "_pad3" / Bytes(0xC0 - 0x78),
+    "ext_ramdisk_image" / Int32ul,  # 0x0C0: bits 32-63 of the hdr fields
+    "ext_ramdisk_size" / Int32ul,
+    "ext_cmd_line_ptr" / Int32ul,
+    "_pad4" / Bytes(0x1E8 - 0xCC),
+    "e820_entries" / Int8ul,  # 0x1E8
+    "_pad5" / Bytes(SETUP_HEADER_OFFSET - 0x1E9),
+    "hdr" / SetupHeader,  # 0x1F1
+    "_pad7" / Bytes(0x2D0 - SETUP_HEADER_OFFSET - SetupHeader.sizeof()),
+    "e820_table" / Array(E820_MAX_ENTRIES_ZEROPAGE, E820Entry),  # 0x2D0
+    "_pad8" / Bytes(0x1000 - 0x2D0 - E820_MAX_ENTRIES_ZEROPAGE * E820Entry.sizeof()),
+)

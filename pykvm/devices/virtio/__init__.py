@@ -9,9 +9,9 @@ registers, feature negotiation, status, interrupts and the I/O thread that calls
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Protocol
 
-from pykvm.devices.virtqueue import SplitQueue
+from pykvm.devices.virtqueue import DescriptorChain, SplitQueue
 from pykvm.memory import GuestMemory
 
 log = logging.getLogger("pykvm.virtio")
@@ -26,6 +26,14 @@ F_RING_EVENT_IDX = 1 << 29
 F_VERSION_1 = 1 << 32
 
 TYPE_NET, TYPE_BLOCK = 1, 2
+
+
+class OutputGate(Protocol):
+    """Where a device's output waits before it leaves the machine (installed by pykvm.ft; the
+    devices know only this protocol). `hold(device, queue)` says: queue `queue` of `device` has an
+    output chain held; call `device.release_held(queue)` once the state that precedes it is safe."""
+
+    def hold(self, device: VirtioDevice, queue: int) -> None: ...
 
 
 class VirtioDevice:
@@ -44,6 +52,8 @@ class VirtioDevice:
         self.driver_features = 0
         # Set by the transport: interrupt(queue_index) raises the queue's interrupt.
         self.interrupt: Callable[[int], None] = lambda index: None
+        self.output_gate: OutputGate | None = None
+        self.held: dict[int, DescriptorChain] = {}  # queue -> the output chain the gate holds
 
     # -- configuration space ---------------------------------------------------------------------
 
@@ -63,6 +73,56 @@ class VirtioDevice:
     def reset(self) -> None:
         """The driver reset the device: forget queues and negotiated state."""
         self.memory, self.queues, self.driver_features = None, [], 0
+        self.held.clear()
+
+    # -- serving requests ---------------------------------------------------------------------------
+
+    def serve_chain(self, index: int, chain: DescriptorChain) -> int:
+        """Carry out one request; returns the bytes written into the driver's buffers."""
+        raise NotImplementedError
+
+    def is_output(self, index: int, chain: DescriptorChain) -> bool:
+        """Whether serving `chain` sends something out of the machine (a disk write, a frame)."""
+        return False
+
+    def serve_queue(self, index: int) -> None:
+        """Drain queue `index` in order: serve each chain, return it, interrupt once if the driver
+        asked. Under an output gate, an output chain is held instead and the queue waits for
+        release_held, so nothing after it overtakes it."""
+        queue = self.queues[index] if index < len(self.queues) else None
+        if queue is None or index in self.held:
+            return
+        served = False
+        while index not in self.held:
+            queue.set_notification(False)  # draining anyway: no notifies meanwhile
+            while (chain := queue.pop()) is not None:
+                if self.output_gate is not None and self.is_output(index, chain):
+                    self.held[index] = chain
+                    self.output_gate.hold(self, index)
+                    break
+                queue.add_used(chain.head, self.serve_chain(index, chain))
+                served = True
+            queue.set_notification(True)
+            if index in self.held or not queue.pending():  # nothing slipped in before notifies were back on
+                break
+        if served and queue.needs_interrupt():
+            self.interrupt(index)
+
+    def release_held(self, index: int) -> None:
+        """The gate lets the held output of queue `index` go: serve it, then carry on."""
+        chain = self.held.pop(index, None)
+        queue = self.queues[index] if index < len(self.queues) else None
+        if chain is None or queue is None:
+            return  # the driver reset the device meanwhile
+        queue.add_used(chain.head, self.serve_chain(index, chain))
+        if queue.needs_interrupt():
+            self.interrupt(index)
+        self.serve_queue(index)
+
+    def in_flight(self, index: int) -> int:
+        """Chains taken from queue `index` but not yet returned (saved state gives them back to
+        the ring, so a restored device serves them again)."""
+        return 1 if index in self.held else 0
 
     # -- work ---------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from pykvm.devices import virtio as v
 from pykvm.devices.virtio.iovec import scatter, total_length, trim
@@ -48,6 +49,16 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         error = ctypes.get_errno()
         raise OSError(error, os.strerror(error))
+
+
+@dataclass(frozen=True)
+class DiskChange:
+    """A change made to the disk file, for replication: `data` at `offset`, or `zeroed` bytes of
+    zeros (discard, write-zeroes)."""
+
+    offset: int
+    data: bytes = b""
+    zeroed: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,7 @@ class Blk(v.VirtioDevice):
         if disk.can_punch:
             self.features |= F_DISCARD | F_WRITE_ZEROES
         self.requests = 0  # served, for benchmarks and metrics
+        self.write_observer: Callable[[DiskChange], None] | None = None  # FT ships these to the standby
 
     def config_bytes(self) -> bytes:
         """virtio_blk_config up to write_zeroes_may_unmap (60 bytes)."""
@@ -141,26 +153,22 @@ class Blk(v.VirtioDevice):
     # -- requests ------------------------------------------------------------------------------------
 
     def queue_notified(self, index: int) -> None:
-        queue = self.queues[index] if index < len(self.queues) else None
-        if queue is None:
-            return
-        while True:
-            queue.set_notification(False)  # draining anyway: no notifies meanwhile
-            while (chain := queue.pop()) is not None:
-                queue.add_used(chain.head, self._serve(chain))
-                self.requests += 1
-            queue.set_notification(True)
-            if not queue.pending():  # nothing slipped in before notifications were back on
-                break
-        if queue.needs_interrupt():
-            self.interrupt(index)
+        self.serve_queue(index)
 
-    def _serve(self, chain: DescriptorChain) -> int:
-        """Serve one request; returns the bytes written into the driver's buffers."""
-        memory = self.memory
+    def _header(self, chain: DescriptorChain) -> tuple[int, int]:
         if chain.readable_length < _HEADER.size or chain.writable_length < 1:
             raise QueueError(f"blk request {chain.head} lacks its header or status byte")
-        kind, _, sector = _HEADER.unpack(chain.read(memory, _HEADER.size))
+        kind, _, sector = _HEADER.unpack(chain.read(self.memory, _HEADER.size))
+        return kind, sector
+
+    def is_output(self, index: int, chain: DescriptorChain) -> bool:
+        return self._header(chain)[0] in (T_OUT, T_FLUSH, T_DISCARD, T_WRITE_ZEROES)
+
+    def serve_chain(self, index: int, chain: DescriptorChain) -> int:
+        """Serve one request; returns the bytes written into the driver's buffers."""
+        memory = self.memory
+        kind, sector = self._header(chain)
+        self.requests += 1
         out_data = trim(chain.readable_views(memory), _HEADER.size, 0)
         in_views = chain.writable_views(memory)
         in_data = trim(in_views, 0, 1)
@@ -209,6 +217,8 @@ class Blk(v.VirtioDevice):
         done = os.pwritev(self.disk.fd, views, sector * SECTOR) if views else 0
         if done != length:
             raise OSError(errno.EIO, f"short write ({done} of {length} bytes)")
+        if self.write_observer is not None:
+            self.write_observer(DiskChange(sector * SECTOR, b"".join(views)))
         return S_OK
 
     def _punch(self, kind: int, segments: bytes) -> int:
@@ -227,6 +237,8 @@ class Blk(v.VirtioDevice):
                 if error.errno != errno.EOPNOTSUPP or mode & FALLOC_FL_PUNCH_HOLE:
                     raise
                 fallocate(self.disk.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, sector * SECTOR, count * SECTOR)
+            if self.write_observer is not None:
+                self.write_observer(DiskChange(sector * SECTOR, zeroed=count * SECTOR))
         return S_OK
 
     def close(self) -> None:

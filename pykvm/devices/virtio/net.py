@@ -31,6 +31,7 @@ LEGACY_HEADER_SIZE = 10  # legacy header without MRG_RXBUF: no num_buffers field
 _NUM_BUFFERS = struct.Struct("<H")  # the header's last field
 
 DEFAULT_MAC = "52:54:00:12:34:56"
+ETHERTYPE_RARP, RARP_REQUEST_REVERSE = 0x8035, 3
 
 
 def parse_mac(text: str) -> bytes:
@@ -63,9 +64,9 @@ class Net(v.VirtioDevice):
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
     features = F_MAC | F_MRG_RXBUF | F_STATUS
 
-    def __init__(self, backend: NetBackend, mac: bytes) -> None:
+    def __init__(self, backend: NetBackend | None, mac: bytes) -> None:
         super().__init__()
-        self.backend = backend
+        self.backend = backend  # None until attached (an FT standby opens it only on takeover)
         self.mac = mac
         self.stats = NetStats()
         self._rx_starved = False  # no rx buffers: stop reading the backend until the guest adds some
@@ -87,12 +88,24 @@ class Net(v.VirtioDevice):
 
     def queue_notified(self, index: int) -> None:
         if index == TX:
-            self._transmit()
+            self.serve_queue(TX)
         elif index == RX and self._rx_starved:
             self._rx_starved = False  # buffers arrived: the I/O thread watches the backend again
 
+    def attach_backend(self, backend: NetBackend) -> None:
+        self.backend = backend
+
+    def announce(self) -> None:
+        """Tell the network where our MAC now is (after a migration or an FT takeover): a RARP
+        broadcast, as QEMU sends, which switches and bridges learn from."""
+        if self.backend is None:
+            return
+        rarp = (b"\xff" * 6 + self.mac + struct.pack("!H", ETHERTYPE_RARP)
+                + struct.pack("!HHBBH", 1, 0x0800, 6, 4, RARP_REQUEST_REVERSE) + self.mac + bytes(4) + self.mac + bytes(4))
+        self.backend.send([memoryview(rarp.ljust(60, b"\0"))])
+
     def backend_fds(self) -> list[int]:
-        return [self.backend.fileno()]
+        return [self.backend.fileno()] if self.backend is not None else []
 
     def wants_backend(self, fd: int) -> bool:
         return bool(self.queues) and self.queues[RX] is not None and not self._rx_starved
@@ -102,28 +115,17 @@ class Net(v.VirtioDevice):
 
     # -- transmit ----------------------------------------------------------------------------------
 
-    def _transmit(self) -> None:
-        queue = self.queues[TX] if len(self.queues) > TX else None
-        if queue is None:
-            return
-        header = self.header_size
-        while True:
-            queue.set_notification(False)
-            while (chain := queue.pop()) is not None:
-                self._send(chain, header)
-                queue.add_used(chain.head, 0)
-            queue.set_notification(True)
-            if not queue.pending():
-                break
-        if queue.needs_interrupt():
-            self.interrupt(TX)
+    def is_output(self, index: int, chain: DescriptorChain) -> bool:
+        return index == TX
 
-    def _send(self, chain: DescriptorChain, header: int) -> None:
-        frame = trim(chain.readable_views(self.memory), header)
-        if not frame:
-            return  # a header and no frame: nothing to put on the wire
-        self.backend.send(frame)
-        self.stats.tx_frames += 1
+    def serve_chain(self, index: int, chain: DescriptorChain) -> int:
+        if index != TX:
+            raise QueueError(f"net: queue {index} has nothing to serve")
+        frame = trim(chain.readable_views(self.memory), self.header_size)
+        if frame and self.backend is not None:  # a header and no frame: nothing to put on the wire
+            self.backend.send(frame)
+            self.stats.tx_frames += 1
+        return 0
 
     # -- receive -----------------------------------------------------------------------------------
 

@@ -320,11 +320,21 @@ class VirtioPciFunction(PciFunction):
     # -- state (machine quiesced: vCPUs paused and this function's lock held) ---------------------
 
     def save_state(self) -> VirtioPciState:
-        queues = [QueueRegisters(q.size, q.enabled, q.desc, q.avail, q.used, q.vector,
-                                 q.ring.state() if q.ring is not None else None) for q in self.queues]
+        queues = [QueueRegisters(q.size, q.enabled, q.desc, q.avail, q.used, q.vector, self._ring_state(i))
+                  for i, q in enumerate(self.queues)]
         return VirtioPciState(self.save_pci_state(), self.status, self.isr, self.config_generation,
                               self.config_vector, self.device_feature_select, self.driver_feature_select,
                               self.driver_features, self.queue_select, queues)
+
+    def _ring_state(self, index: int) -> QueueState | None:
+        """The ring's indices, with chains taken but not completed (an output the FT gate holds)
+        given back, so that whoever restores this state serves them again."""
+        ring = self.queues[index].ring
+        if ring is None:
+            return None
+        state = ring.state()
+        state.next_avail = (state.next_avail - self.device.in_flight(index)) & 0xFFFF
+        return state
 
     def restore_state(self, state: VirtioPciState) -> None:
         """Become the saved device: registers, rings (chains the guest made available but we had not
@@ -466,6 +476,10 @@ class VirtioPciFunction(PciFunction):
         for fd, addr, length, pio, datamatch in self._ioeventfds:
             self.vm.fd.unregister_ioeventfd(fd, addr, length, pio=pio, datamatch=datamatch)
         self._ioeventfds = []
+
+    def rearm(self) -> None:
+        """The device's set of backend fds changed: the I/O thread looks again."""
+        self._io.rearm()
 
     def bar_moved(self, bar: Bar) -> None:
         if self._ioeventfds:

@@ -1,0 +1,299 @@
+"""The FT primary: runs the guest, and before any output leaves the machine, brings the standby
+up to date and waits for its acknowledgement (event-driven sync, as in Kemari).
+
+The output gate sits above the devices: when protection is on, every virtio device's
+`output_gate` is this primary's gate. A device that meets an output request — a disk write,
+flush, discard or write-zeroes, or a frame to transmit — holds that chain (taken from the ring,
+not yet served) and tells the gate. The FT thread then syncs:
+
+    pause the vCPUs and hold every device between requests       (Machine.quiesced)
+    send the pages dirtied since the last sync (KVM's log | the VMM's bitmap), the disk changes
+    completed since then, and the machine state (held chains are given back to their rings in
+    it, so a standby that takes over serves them itself)
+    wait for the Ack
+    release the held outputs: the write reaches the disk, the frame the wire
+    resume the vCPUs
+
+Between outputs, the FT thread sends heartbeats. If the standby is lost, the primary releases
+what it holds and goes on unprotected; `ft-protect` attaches a new standby with a full sync.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, TextIO
+
+import xxhash
+
+from pykvm import wire
+from pykvm.devices.virtio import VirtioDevice
+from pykvm.devices.virtio.blk import Blk, DiskChange
+from pykvm.devices.virtio.net import Net
+from pykvm.ft import protocol as p
+from pykvm.ft.standby import ram_hash
+from pykvm.machine import Machine
+from pykvm.memory import dirty_pages, populated_pages
+from pykvm.migration import parse_tcp_uri
+from pykvm.state import encode
+
+DISK_CHUNK = 1 << 20  # the full sync sends the disk in pieces of this size
+CONNECT_TIMEOUT = 5.0
+
+
+class FtError(Exception):
+    """Protection could not be set up (the standby is unreachable or refused)."""
+
+
+@dataclass
+class SyncRecord:
+    """One sync, as the metrics file has it."""
+
+    sync: int
+    time: float
+    trigger: str
+    pages: int
+    bytes: int
+    pause_ms: float
+    transfer_ms: float
+    ack_ms: float
+    output_delay_ms: float
+
+
+@dataclass
+class PrimaryStats:
+    protected: bool = False
+    standby: str = ""
+    syncs: int = 0
+    pages: int = 0
+    bytes: int = 0
+    heartbeats: int = 0
+    standby_losses: int = 0
+    pause_ms: list[float] = field(default_factory=list)
+    output_delay_ms: list[float] = field(default_factory=list)
+    pages_per_sync: list[int] = field(default_factory=list)
+
+
+class Primary:
+    def __init__(self, machine: Machine, *, timeout: float = 0.2, metrics: TextIO | None = None,
+                 verify: bool = False, log: Callable[[str], None] = print) -> None:
+        self.machine = machine
+        self.timeout = timeout
+        self.metrics = metrics
+        self.verify = verify
+        self.log = log
+        self.stats = PrimaryStats()
+        self._cond = threading.Condition()
+        self._held: list[tuple[VirtioDevice, int, float]] = []  # (device, queue, when held)
+        self._disk_changes: list[list[DiskChange]] = []
+        self._sock: socket.socket | None = None
+        self._protocol: p.FtConnection | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._sync_lock = threading.Lock()  # one sync (or heartbeat) on the connection at a time
+        self.devices = [f.device for f in machine.virtio]
+        self.disks = [d for d in self.devices if isinstance(d, Blk)]
+
+    # -- protection ------------------------------------------------------------------------------
+
+    def protect(self, uri: str) -> None:
+        """Connect to a standby, give it everything (full sync), and gate outputs from now on.
+        Callable before the guest starts or while it runs."""
+        host, port = parse_tcp_uri(uri)
+        try:
+            sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        except OSError as error:
+            raise FtError(f"cannot reach the standby at {uri}: {error.strerror or error}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(max(self.timeout * 10, 2.0))
+        protocol = p.FtConnection(p.Role.PRIMARY)
+        try:
+            wire.send_buffers(sock, protocol.send(p.Hello(encode(self.machine.config))))
+            reply = p.receive_event(sock, protocol)
+        except (OSError, wire.ProtocolError) as error:
+            sock.close()
+            raise FtError(f"the standby at {uri} did not answer: {error}") from None
+        if isinstance(reply, p.Refused):
+            sock.close()
+            raise FtError(f"the standby at {uri} refused: {reply.reason}")
+        with self._sync_lock:
+            self._attach(uri, sock, protocol)
+
+    def _attach(self, uri: str, sock: socket.socket, protocol: p.FtConnection) -> None:
+        self._sock, self._protocol = sock, protocol
+        self.stats.standby = uri
+        self.machine.vm.set_dirty_logging(True)
+        for disk_index, disk in enumerate(self.disks):
+            self._disk_changes.append([])
+            disk.write_observer = lambda change, i=disk_index: self._disk_changes[i].append(change)
+        try:
+            self._sync("full", full=True)
+        except (OSError, wire.ProtocolError) as error:
+            self._lose_standby(str(error))
+            raise FtError(f"the full sync to {uri} failed: {error}") from None
+        for device in self.devices:
+            device.output_gate = self
+        self.stats.protected = True
+        self.log(f"ft primary: protected by {uri}")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ft-primary", daemon=True)
+            self._thread.start()
+
+    def close(self, reason: str = "the primary's guest stopped") -> None:
+        """An orderly end: the standby is told, and will not take over."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._sock is not None and self._protocol is not None:
+            try:
+                wire.send_buffers(self._sock, self._protocol.send(p.Goodbye(reason)))
+            except (OSError, wire.ProtocolError):
+                pass
+            self._sock.close()
+            self._sock = None
+        if self._thread is not None:
+            self._thread.join(5)
+
+    # -- the gate (called from device I/O threads with their lock held: never blocks) --------------
+
+    def hold(self, device: VirtioDevice, queue: int) -> None:
+        with self._cond:
+            self._held.append((device, queue, time.perf_counter()))
+            self._cond.notify_all()
+
+    # -- the FT thread ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        interval = self.timeout / 4
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._held or self._stopping, interval)
+                if self._stopping:
+                    return
+                trigger = _trigger(self._held[0][0]) if self._held else None
+            if self._sock is None:
+                self._release_all()  # unprotected: outputs go at once
+                continue
+            with self._sync_lock:
+                if self._sock is None:
+                    continue
+                try:
+                    if trigger is None:
+                        wire.send_buffers(self._sock, self._protocol.send(p.Heartbeat()))
+                        self.stats.heartbeats += 1
+                    else:
+                        self._sync(trigger)
+                except (OSError, wire.ProtocolError) as error:
+                    self._lose_standby(str(error))
+
+    def _sync(self, trigger: str, *, full: bool = False) -> None:
+        machine, sock, protocol = self.machine, self._sock, self._protocol
+        started = time.perf_counter()
+        with machine.quiesced():
+            paused = time.perf_counter()
+            buffers, pages = [], 0
+            for slot in machine.vm.memory.slots:
+                if full:
+                    machine.vm.dirty_bitmap(slot)  # reset the log: everything goes now anyway
+                    numbers = populated_pages(slot)
+                else:
+                    numbers = dirty_pages(machine.vm.dirty_bitmap(slot))
+                if len(numbers):
+                    buffers += protocol.send_pages(slot.index, slot.view, numbers)
+                    pages += len(numbers)
+            for disk_index, changes in enumerate(self._disk_changes):
+                if full:
+                    changes[:] = list(_whole_disk(self.disks[disk_index]))
+                if changes:
+                    buffers += protocol.send(p.DiskChanges(disk_index, tuple(changes)))
+                    changes.clear()
+            state = encode(machine.save_state())
+            buffers += protocol.send(p.MachineStateBlob(state))
+            sync = protocol.last_sync + 1
+            end = p.SyncEnd(sync, trigger, ram_hash(machine.vm.memory) if self.verify else None,
+                            xxhash.xxh3_64_intdigest(state))
+            buffers += protocol.send(end)
+            sent_bytes = wire.send_buffers(sock, buffers)
+            sent = time.perf_counter()
+            ack = p.receive_event(sock, protocol)
+            if not isinstance(ack, p.Ack):
+                raise wire.ProtocolError(f"the standby answered {type(ack).__name__} to sync {sync}")
+            acked = time.perf_counter()
+            delays = self._release_all()
+        resumed = time.perf_counter()
+        record = SyncRecord(sync, time.time(), trigger, pages, sent_bytes, (resumed - paused) * 1000,
+                            (sent - paused) * 1000, (acked - sent) * 1000, max(delays, default=0.0) * 1000)
+        self._account(record, started)
+
+    def _release_all(self) -> list[float]:
+        """Let every held output go (in the order held); returns how long each waited."""
+        with self._cond:
+            held, self._held = self._held, []
+        now = time.perf_counter()
+        for device, queue, _ in held:
+            function = next(f for f in self.machine.virtio if f.device is device)
+            with function.lock:
+                device.release_held(queue)
+        return [now - when for _, _, when in held]
+
+    def _account(self, record: SyncRecord, started: float) -> None:
+        stats = self.stats
+        stats.syncs += 1
+        stats.pages += record.pages
+        stats.bytes += record.bytes
+        stats.pause_ms.append(record.pause_ms)
+        stats.pages_per_sync.append(record.pages)
+        if record.trigger in ("blk", "net"):
+            stats.output_delay_ms.append(record.output_delay_ms)
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(record.__dict__) + "\n")
+            self.metrics.flush()
+
+    def _lose_standby(self, reason: str) -> None:
+        self.log(f"ft primary: standby lost ({reason}); continuing unprotected")
+        self.stats.standby_losses += 1
+        self.stats.protected = False
+        for device in self.devices:
+            device.output_gate = None
+        for disk in self.disks:
+            disk.write_observer = None
+        self._disk_changes = []
+        if self._sock is not None:
+            self._sock.close()
+        self._sock, self._protocol = None, None
+        self._release_all()
+
+    def summary(self) -> dict:
+        stats = self.stats
+        return {"protected": stats.protected, "standby": stats.standby, "syncs": stats.syncs, "pages": stats.pages,
+                "bytes": stats.bytes, "heartbeats": stats.heartbeats, "standby_losses": stats.standby_losses,
+                "pause_ms": _percentiles(stats.pause_ms), "output_delay_ms": _percentiles(stats.output_delay_ms),
+                "pages_per_sync": _percentiles([float(n) for n in stats.pages_per_sync])}
+
+
+def _trigger(device: VirtioDevice) -> str:
+    return "net" if isinstance(device, Net) else "blk"
+
+
+def _whole_disk(disk: Blk):
+    """The disk's contents as changes (the full sync), skipping holes and zero chunks."""
+    fd, size = disk.disk.fd, disk.disk.size
+    for offset in range(0, size, DISK_CHUNK):
+        data = os.pread(fd, min(DISK_CHUNK, size - offset), offset)
+        if data.count(0) == len(data):
+            yield DiskChange(offset, zeroed=len(data))
+        else:
+            yield DiskChange(offset, data)
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))], 3)  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": round(ordered[-1], 3)}
+

@@ -1,0 +1,221 @@
+"""The FT standby: a machine that is built but does not run, kept equal to the primary's state as
+of the last acknowledged sync, and that takes over when the primary goes silent.
+
+Everything of a sync is staged first — pages in a staging pool, disk changes and machine state
+in lists — and checked (frames hashed, the state decoded against its dataclasses). Only at the
+sync's end are the pages copied into guest RAM, the disk changes written and flushed, and the
+state kept as the committed one; then the Ack goes out. A sync cut off midway is dropped with
+its staging, so the committed state is always a whole sync. Guest RAM stays hot: takeover copies
+nothing in bulk, it restores the committed KVM and device state and starts the vCPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import xxhash
+
+from pykvm import wire
+from pykvm.devices.virtio.blk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Blk, DiskChange, fallocate
+from pykvm.ft import protocol as p
+from pykvm.machine import Machine, MachineConfig, MachineState
+from pykvm.memory import PAGE_SIZE, GuestMemory
+from pykvm.errors import ConfigError
+from pykvm.snapshot import check_same_shape
+from pykvm.state import StateError, decode
+
+CHUNK_PAGES = 4096  # staging pool grows by 16 MiB chunks, reused from sync to sync
+
+
+class PageStaging:
+    """Where a sync's pages land until it commits: chunks of page-sized rows, reused."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+        self._chunks: list[np.ndarray] = []
+        self._chunk, self._used = 0, 0  # position of the next free row
+        self.entries: list[tuple[int, np.ndarray, np.ndarray]] = []  # slot, page numbers, rows
+
+    def sink(self, slot_index: int, pages: np.ndarray) -> list[memoryview]:
+        slot = next((s for s in self.memory.slots if s.index == slot_index), None)
+        if slot is None or (len(pages) and int(pages.max()) >= slot.pages):
+            raise wire.ProtocolError(f"pages outside guest RAM (slot {slot_index})")
+        rows = self._rows(len(pages))
+        self.entries.append((slot_index, pages.astype(np.int64), rows))
+        return [memoryview(rows).cast("B")]
+
+    def _rows(self, count: int) -> np.ndarray:
+        if count > CHUNK_PAGES:
+            return np.empty((count, PAGE_SIZE), dtype=np.uint8)
+        if self._chunk < len(self._chunks) and self._used + count > CHUNK_PAGES:
+            self._chunk, self._used = self._chunk + 1, 0
+        if self._chunk == len(self._chunks):
+            self._chunks.append(np.empty((CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8))
+        rows = self._chunks[self._chunk][self._used : self._used + count]
+        self._used += count
+        return rows
+
+    @property
+    def page_count(self) -> int:
+        return sum(len(pages) for _, pages, _ in self.entries)
+
+    def commit(self) -> None:
+        """Copy the staged pages into guest RAM (one numpy scatter per frame)."""
+        for slot_index, pages, rows in self.entries:
+            slot = self.memory.slots[slot_index]
+            ram = np.frombuffer(slot.view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+            ram[pages] = rows
+        self.discard()
+
+    def discard(self) -> None:
+        self.entries.clear()
+        self._chunk = self._used = 0
+
+
+@dataclass
+class StandbyStats:
+    syncs: int = 0
+    pages: int = 0
+    disk_bytes: int = 0
+    verified: int = 0
+    mismatches: int = 0
+    last_commit: float = 0.0
+    commit_ms: list[float] = field(default_factory=list)
+
+
+class Standby:
+    def __init__(self, machine: Machine, *, timeout: float, verify: bool = False,
+                 log: Callable[[str], None] = print) -> None:
+        self.machine = machine
+        self.timeout = timeout
+        self.verify = verify
+        self.log = log
+        self.staging = PageStaging(machine.vm.memory)
+        self.disks = [f.device for f in machine.virtio if isinstance(f.device, Blk)]
+        self.committed: MachineState | None = None
+        self.committed_sync = 0
+        self.stats = StandbyStats()
+        self._staged_disk: list[p.DiskChanges] = []
+        self._staged_state: bytes | None = None
+        self.lost_at = 0.0  # time.monotonic() when the primary was found gone
+
+    # -- the connection ----------------------------------------------------------------------------
+
+    def serve(self, server: socket.socket) -> str:
+        """Follow one primary until it says goodbye ("goodbye") or is lost ("lost")."""
+        conn, peer = server.accept()
+        self.log(f"ft standby: primary {peer[0]} connected")
+        protocol = p.FtConnection(p.Role.STANDBY, page_sink=self.staging.sink)
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(self.timeout)
+            try:
+                while True:
+                    event = p.receive_event(conn, protocol)
+                    reply = self._handle(event, protocol)
+                    if reply is not None:
+                        wire.send_buffers(conn, reply)
+                    if isinstance(event, p.Goodbye):
+                        self.log(f"ft standby: primary said goodbye ({event.reason})")
+                        return "goodbye"
+                    if isinstance(event, p.Refused):
+                        return "refused"
+            except socket.timeout:
+                reason = f"no word from the primary for {self.timeout * 1000:.0f} ms"
+            except (ConnectionError, OSError) as error:
+                reason = f"connection lost ({error})"
+            except wire.ProtocolError as error:
+                reason = f"protocol violation, connection dropped ({error})"
+        self.lost_at = time.monotonic()
+        self.staging.discard()  # a sync cut off midway never counts
+        self._staged_disk, self._staged_state = [], None
+        self.log(f"ft standby: primary lost: {reason}")
+        return "lost"
+
+    def _handle(self, event: p.Event, protocol: p.FtConnection) -> list | None:
+        if isinstance(event, p.Hello):
+            try:
+                check_same_shape(decode(MachineConfig, event.config), self.machine.config)
+            except (ConfigError, StateError) as error:
+                self.log(f"ft standby: refusing the primary: {error}")
+                return protocol.send(p.Refused(str(error)))
+            return protocol.send(p.Ready())
+        if isinstance(event, p.DiskChanges):
+            if event.disk >= len(self.disks):
+                raise wire.ProtocolError(f"changes for disk {event.disk}, this machine has {len(self.disks)}")
+            self._staged_disk.append(event)
+        elif isinstance(event, p.MachineStateBlob):
+            self._staged_state = event.data
+        elif isinstance(event, p.SyncEnd):
+            self._commit(event)
+            return protocol.send(p.Ack(event.sync))
+        return None
+
+    def _commit(self, end: p.SyncEnd) -> None:
+        started = time.perf_counter()
+        try:  # check everything before changing anything
+            state = decode(MachineState, self._staged_state or b"")
+        except StateError as error:
+            raise wire.ProtocolError(f"sync {end.sync} carries a state that does not decode: {error}") from None
+        if xxhash.xxh3_64_intdigest(self._staged_state) != end.state_hash:
+            raise wire.ProtocolError(f"sync {end.sync}: state hash mismatch")
+        pages = self.staging.page_count
+        self.staging.commit()
+        written = self._apply_disk_changes()
+        self.committed, self.committed_sync = state, end.sync
+        self._staged_state = None
+        if end.ram_hash is not None:
+            ours = ram_hash(self.machine.vm.memory)
+            self.stats.verified += 1
+            if ours != end.ram_hash:
+                self.stats.mismatches += 1
+                self.log(f"ft standby: VERIFY FAILED at sync {end.sync}: RAM differs from the primary's")
+        self.stats.syncs += 1
+        self.stats.pages += pages
+        self.stats.disk_bytes += written
+        self.stats.last_commit = time.monotonic()
+        self.stats.commit_ms.append((time.perf_counter() - started) * 1000)
+
+    def _apply_disk_changes(self) -> int:
+        written, touched = 0, set()
+        for batch in self._staged_disk:
+            fd = self.disks[batch.disk].disk.fd
+            for change in batch.changes:
+                if change.zeroed:
+                    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, change.offset, change.zeroed)
+                else:
+                    os.pwrite(fd, change.data, change.offset)
+                    written += len(change.data)
+            touched.add(fd)
+        for fd in touched:
+            os.fdatasync(fd)
+        self._staged_disk = []
+        return written
+
+    # -- takeover -------------------------------------------------------------------------------
+
+    def take_over(self) -> float:
+        """Become the primary: restore the committed state into the (hot) machine, attach the
+        network, announce the MAC, run. Returns the seconds from detection to running vCPUs."""
+        assert self.committed is not None
+        detected_at = self.lost_at
+        self.machine.restore_state(self.committed)
+        self.machine.attach_networks(announce=True)
+        self.machine.vm.start()
+        elapsed = time.monotonic() - detected_at
+        self.log(f"ft standby: took over from sync {self.committed_sync} in {elapsed * 1000:.1f} ms "
+                 f"(after detecting the loss)")
+        return elapsed
+
+
+def ram_hash(memory: GuestMemory) -> int:
+    digest = xxhash.xxh3_64()
+    for slot in memory.slots:
+        digest.update(slot.view)
+    return digest.intdigest()
+
