@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from pykvm import control, guests, migration, snapshot
-from pykvm.ft import FtError, Primary, Standby
+from pykvm.ft import FtError, Primary, Standby, demo
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
 from pykvm.devices.net_backends import NetSpec
@@ -73,6 +73,9 @@ def _add_ft_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ft-verify", action="store_true",
                         help="check at every sync that the standby's RAM equals the primary's (slow; for tests)")
     parser.add_argument("--metrics", metavar="FILE", help="the primary writes one JSON line per sync here")
+    parser.add_argument("--ft-interval", type=float, default=0, metavar="MS",
+                        help="also sync every MS milliseconds, output or not (periodic, Remus-style; default: "
+                             "only at outputs)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("file", metavar="FILE")
     restore.add_argument("--verify", action="store_true", help="check the RAM sections' checksums too (reads all RAM)")
     _add_machine_options(restore)
+
+    demo = commands.add_parser("demo", help="fault tolerance end to end: kill a primary, check the standby")
+    demo.add_argument("--records", type=int, default=200, help="records the client writes (default 200)")
+    demo.add_argument("--seed", type=int, help="seed for the kill moment and the data (default: random)")
 
     ctl = commands.add_parser("ctl", help="send a command to a running pykvm's control socket")
     ctl.add_argument("socket", metavar="SOCKET")
@@ -164,7 +171,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _protect(machine: Machine, args: argparse.Namespace) -> Primary:
     metrics = open(args.metrics, "a", buffering=1) if args.metrics else None
-    primary = Primary(machine, timeout=args.ft_timeout / 1000, metrics=metrics, verify=args.ft_verify, log=_log)
+    primary = Primary(machine, timeout=args.ft_timeout / 1000, metrics=metrics, verify=args.ft_verify,
+                      interval=args.ft_interval / 1000, log=_log)
     primary.protect(args.ft)
     return primary
 
@@ -293,7 +301,11 @@ def _print_error(error: Exception) -> None:
     print(f"pykvm: error: {error}", file=sys.stderr)
 
 
-COMMANDS = {"run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "guests": cmd_guests, "ft": cmd_ft}
+def cmd_demo(args: argparse.Namespace) -> int:
+    return demo.main(args.records, args.seed)
+
+
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "guests": cmd_guests, "ft": cmd_ft}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,8 +80,10 @@ class PrimaryStats:
 
 class Primary:
     def __init__(self, machine: Machine, *, timeout: float = 0.2, metrics: TextIO | None = None,
-                 verify: bool = False, log: Callable[[str], None] = print) -> None:
+                 verify: bool = False, interval: float = 0.0, log: Callable[[str], None] = print) -> None:
+        """`interval` > 0 adds periodic syncs (trigger "timer") to the event-driven ones."""
         self.machine = machine
+        self.interval = interval
         self.timeout = timeout
         self.metrics = metrics
         self.verify = verify
@@ -168,13 +170,19 @@ class Primary:
     # -- the FT thread ----------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        interval = self.timeout / 4
+        heartbeat = self.timeout / 4
+        wait = min(heartbeat, self.interval) if self.interval else heartbeat
+        last_sync = time.monotonic()
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._held or self._stopping, interval)
+                self._cond.wait_for(lambda: self._held or self._stopping, wait)
                 if self._stopping:
                     return
                 trigger = _trigger(self._held[0][0]) if self._held else None
+            if trigger is None and self.interval and time.monotonic() - last_sync >= self.interval:
+                trigger = "timer"
+            if trigger is not None:
+                last_sync = time.monotonic()
             if self._sock is None:
                 self._release_all()  # unprotected: outputs go at once
                 continue
