@@ -4,6 +4,7 @@
     port 0x70-0x71    CMOS RAM and RTC
     port 0x60, 0x64   i8042 (its reset line ends the run with status 0)
     port 0xF4         debug exit (a write of v ends the run with status v)
+    port 0x600-0x60B  ACPI PM1 event/control blocks and PM timer (soft-off ends the run with 0)
     port 0xCF8-0xCFF  PCI configuration mechanism 1: host bridge in slot 0, then one virtio
                       function per --disk and per --net, in that order
     in-kernel         PIC, IOAPIC, LAPICs, PIT (ports 0x20/0xA0, 0x40-0x43, 0x61)
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pykvm.boot import LoadedImage, load_image
+from pykvm.devices.acpi_pm import PM_BASE, PM_PORTS, AcpiPm
 from pykvm.devices.cmos import Cmos
 from pykvm.devices.debug_exit import DEFAULT_PORT as DEBUG_EXIT_PORT
 from pykvm.devices.debug_exit import DebugExit
@@ -77,6 +79,8 @@ class Machine:
             vm.bus.register_pio(I8042_DATA_PORT, 1, self.i8042, base=I8042_DATA_PORT)
             vm.bus.register_pio(I8042_COMMAND_PORT, 1, self.i8042, base=I8042_DATA_PORT)
             vm.bus.register_pio(DEBUG_EXIT_PORT, 1, self.debug_exit)
+            self.acpi_pm = AcpiPm(on_power_off=lambda: vm.stop(0, "guest powered off"))
+            vm.bus.register_pio(PM_BASE, PM_PORTS, self.acpi_pm)
             self.pci = attach_pci_bus(vm)
             self.virtio: list[VirtioPciFunction] = []
             for spec in config.disks:
@@ -110,6 +114,7 @@ class Machine:
         """Every device with state, by a name stable across runs of the same configuration."""
         parts: dict[str, Stateful] = {
             "serial": self.serial, "cmos": self.cmos, "i8042": self.i8042, "debug-exit": self.debug_exit,
+            "acpi-pm": self.acpi_pm,
             "pci-bus": self.pci,
         }
         for function in self.virtio:
@@ -122,12 +127,14 @@ class Machine:
         device state until the block ends. Re-entrant for a VM that was already paused."""
         was_running = self.vm.state.name == "RUNNING"
         self.vm.pause()
-        with contextlib.ExitStack() as held:
-            for function in self.virtio:
-                held.enter_context(function.lock)
-            yield
-        if was_running:
-            self.vm.resume()
+        try:
+            with contextlib.ExitStack() as held:
+                for function in self.virtio:
+                    held.enter_context(function.lock)
+                yield
+        finally:
+            if was_running:
+                self.vm.resume()  # whatever happened inside (a failed sync, a full disk) the guest goes on
 
     def save_state(self) -> MachineState:
         """Call inside quiesced()."""
@@ -145,6 +152,13 @@ class Machine:
 
     def load(self, image: str | Path | bytes, *, cmdline: str = "", load_addr: int | None = None) -> LoadedImage:
         return load_image(self.vm, image, cmdline=cmdline, load_addr=load_addr)
+
+    def load_linux(self, kernel: str | Path | bytes, *, initrd: str | Path | bytes | None = None,
+                   cmdline: str = "") -> LoadedImage:
+        """A bzImage or vmlinux through the Linux boot protocol (pykvm.boot.linux)."""
+        from pykvm.boot.linux import load_linux
+
+        return load_linux(self.vm, kernel, initrd=initrd, cmdline=cmdline)
 
     def run(self) -> StopReason:
         return self.vm.run()

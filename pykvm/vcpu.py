@@ -216,6 +216,7 @@ class Vcpu:
         self.control = control
         self.thread: threading.Thread | None = None
         self.exit_count = 0
+        self.completed_instructions: dict[str, int] = {}  # mnemonic -> count (see internal_errors)
         # Called as trace(vcpu, kind, **fields) on every exit when set; see diagnostics.ExitTracer.
         self.trace: Callable[..., None] | None = None
         self.msr_indices = msr_indices  # the MSRs saved and restored with the vCPU
@@ -434,6 +435,13 @@ class Vcpu:
         if reason == k.KVM_EXIT_SHUTDOWN:
             raise GuestFault("triple fault (KVM_EXIT_SHUTDOWN)", self._report())
         if reason == k.KVM_EXIT_INTERNAL_ERROR:
+            # Some backends (PVM) hand int3/fwait in guest ring 0 back to us; finish those here.
+            from pykvm.internal_errors import complete_internal_error
+
+            completed = complete_internal_error(self)
+            if completed is not None:
+                self.completed_instructions[completed] = self.completed_instructions.get(completed, 0) + 1
+                return
             internal = run.internal
             data = ", ".join(f"{internal.data[i]:#x}" for i in range(min(internal.ndata, 16)))
             raise GuestFault(f"KVM internal error, suberror {internal.suberror} [{data}]", self._report())

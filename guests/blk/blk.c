@@ -246,8 +246,10 @@ static int run(void *arg)
 			return 3;
 		printf("blk: discard %lu sectors ok\n", zero);
 	}
-	if (!flush() || !virtio_healthy(&blk.vdev))
+	if (!flush())
 		return 3;
+	if (!virtio_healthy(&blk.vdev))
+		return VIRTIO_EXIT_DEVICE;
 	printf("blk: requests=%lu interrupts=%u\n", requests, blk.vq->irqs);
 	printf("blk: ok sectors=%lu capacity=%lu\n", p->sectors, blk.capacity);
 	return 0;
@@ -269,8 +271,8 @@ int guest_main(void)
 		printf("blk: FAIL no memory for the buffers\n");
 		return 2;
 	}
-	printf("blk: device %02x:%02x.%u irq=%s features=0x%lx queue=%u seg_max=%u capacity=%lu\n",
-	       d->bus, d->slot, d->fn, virtio_irq_name(&blk.vdev), blk.vdev.features, blk.vq->size,
-	       blk.seg_max, blk.capacity);
+	printf("blk: device %02x:%02x.%u common=%p irq=%s features=0x%lx queue=%u seg_max=%u capacity=%lu\n",
+	       d->bus, d->slot, d->fn, (void *)blk.vdev.common, virtio_irq_name(&blk.vdev), blk.vdev.features,
+	       blk.vq->size, blk.seg_max, blk.capacity);
 	enter_user(run, &p);
 }

@@ -9,8 +9,9 @@
  * seq is a decimal u64; data is 0..400 bytes, anything but a newline.
  *
  * The disk: sector 0 holds a header, sectors 1, 2, ... one record each, up
- * to the first sector that is not a valid record of this store (see
- * guests/README.md for the layout).  A zero-filled disk is an empty store. */
+ * to the first sector that is not a valid record naming the checksum of the
+ * sector before it (see guests/README.md for the layout).  A zero-filled
+ * disk is an empty store. */
 #include "net.h"
 #include "virtio_blk.h"
 
@@ -23,19 +24,22 @@
 
 struct header {
 	char magic[8];
-	uint64_t store_id;              /* every record carries it */
+	uint64_t store_id;              /* random: the header's crc differs from an old store's */
 	uint8_t zero[492];
 	uint32_t crc;                   /* CRC-32 of the bytes before it */
 };
 
+/* Each record names the checksum of the sector before it, so a log cut
+ * short by a torn record and then appended to does not take back the stale
+ * records beyond the new end. */
 struct record {
 	uint32_t magic;
 	uint32_t len;
 	uint64_t seq;
-	uint64_t store_id;
+	uint32_t prev_crc;              /* crc of the previous record, or of the header */
 	uint8_t data[DATA_MAX];
-	uint8_t zero[84];
-	uint32_t crc;
+	uint8_t zero[88];
+	uint32_t crc;                   /* CRC-32 of the bytes before it */
 };
 
 _Static_assert(sizeof(struct header) == SECTOR_SIZE, "header is one sector");
@@ -48,7 +52,7 @@ struct entry {
 
 static struct blk_dev blk;
 static struct net net;
-static uint64_t store_id;
+static uint32_t last_crc;               /* of the log's last sector */
 static uint64_t records, capacity;      /* capacity: records that fit */
 static struct entry *table;
 static uint32_t table_mask;             /* entries - 1 */
@@ -102,9 +106,9 @@ static bool all_zero(const void *p, size_t n)
 	return true;
 }
 
-static bool valid(const struct record *r)
+static bool valid(const struct record *r, uint32_t prev_crc)
 {
-	return r->magic == RECORD_MAGIC && r->store_id == store_id && r->len <= DATA_MAX && r->crc == sector_crc(r);
+	return r->magic == RECORD_MAGIC && r->len <= DATA_MAX && r->prev_crc == prev_crc && r->crc == sector_crc(r);
 }
 
 /* ---- the index: seq -> sector, open addressing ------------------------ */
@@ -143,7 +147,7 @@ static bool open_store(void)
 	if (!disk(VIRTIO_BLK_T_IN, 0, h, SECTOR_SIZE))
 		return false;
 	if (equal(h->magic, STORE_MAGIC, 8) && h->crc == sector_crc(h)) {
-		store_id = h->store_id;
+		last_crc = h->crc;
 		return true;
 	}
 	if (!all_zero(h, SECTOR_SIZE)) {
@@ -152,8 +156,8 @@ static bool open_store(void)
 	}
 	memset(h, 0, SECTOR_SIZE);
 	memcpy(h->magic, STORE_MAGIC, 8);
-	h->store_id = store_id = rdtsc() | 1;   /* new stores do not take an old store's records */
-	h->crc = sector_crc(h);
+	h->store_id = rdtsc();
+	h->crc = last_crc = sector_crc(h);
 	return disk(VIRTIO_BLK_T_OUT, 0, h, SECTOR_SIZE) && flush();
 }
 
@@ -170,8 +174,9 @@ static bool replay(void)
 		for (uint64_t i = 0; i < n; i++) {
 			struct entry *e;
 
-			if (!valid(&batch[i]))
+			if (!valid(&batch[i], last_crc))
 				return true;
+			last_crc = batch[i].crc;
 			e = slot_of(batch[i].seq);
 			if (!e->sector)                 /* a duplicate cannot be written: keep the first */
 				*e = (struct entry){ batch[i].seq, first + i };
@@ -243,7 +248,7 @@ static const struct record *load(const struct entry *e)
 {
 	if (!disk(VIRTIO_BLK_T_IN, e->sector, io, SECTOR_SIZE))
 		return NULL;
-	if (!valid(io) || io->seq != e->seq) {
+	if (!valid(io, io->prev_crc) || io->seq != e->seq) {
 		printf("kv: record at sector %u does not read back valid\n", e->sector);
 		return NULL;
 	}
@@ -271,14 +276,14 @@ static void put(struct reply *r, uint64_t seq, const uint8_t *data, uint32_t len
 		answer(r, "err", seq, " full");
 		return;
 	}
-	memset(io, 0, SECTOR_SIZE);
-	*io = (struct record){ .magic = RECORD_MAGIC, .len = len, .seq = seq, .store_id = store_id };
+	*io = (struct record){ .magic = RECORD_MAGIC, .len = len, .seq = seq, .prev_crc = last_crc };
 	memcpy(io->data, data, len);
 	io->crc = sector_crc(io);
 	if (!disk(VIRTIO_BLK_T_OUT, sector, io, SECTOR_SIZE) || !flush()) {
 		answer(r, "err", seq, " io");
 		return;
 	}
+	last_crc = io->crc;
 	*e = (struct entry){ seq, sector };
 	records++;
 	answer(r, "ok", seq, "");
@@ -353,8 +358,10 @@ static int run(void *arg)
 	(void)arg;
 	memset(table, 0, (table_mask + 1) * sizeof(struct entry));     /* at CPL3: fast here */
 	crc_init();
-	if (!open_store() || !replay())
+	if (!open_store() || !replay()) {
+		printf("kv: FAIL cannot read the store\n");
 		return 3;
+	}
 	printf("kv: ready records=%lu capacity=%lu\n", records, capacity);
 	net_announce(&net);
 	for (;;)

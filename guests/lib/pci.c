@@ -154,12 +154,12 @@ void *pci_bar_map(const struct pci_dev *d, int bar, uint64_t offset, uint64_t le
 	uint64_t base = pci_bar_address(d, bar), start = base + offset, end = start + len;
 
 	if (!base) {
-		printf("pci: %02x:%02x.%u BAR%d is not an assigned memory BAR\n", d->bus, d->slot, d->fn, bar);
+		printf("pci: FAIL %02x:%02x.%u BAR%d is not an assigned memory BAR\n", d->bus, d->slot, d->fn, bar);
 		return NULL;
 	}
 	if (end > IDENTITY_MAP_END) {
 		if (end > CANONICAL_END || end < start || !map_uncached(start, end)) {
-			printf("pci: cannot map BAR%d at 0x%lx\n", bar, base);
+			printf("pci: FAIL cannot map BAR%d at 0x%lx\n", bar, base);
 			return NULL;
 		}
 	}

@@ -56,7 +56,7 @@ static __attribute__((noreturn)) void device_broke(const struct virtq *vq, const
 
 static __attribute__((noreturn)) void driver_bug(const char *what)
 {
-	printf("virtio: BUG %s\n", what);
+	printf("virtio: FAIL BUG %s\n", what);
 	guest_exit(0x7f);
 }
 
@@ -88,10 +88,9 @@ static bool intx_setup(struct virtio_dev *dev)
 	uint16_t elcr = ELCR + line / 8;
 
 	if (line >= 16 || intx_count == sizeof(intx_devs) / sizeof(intx_devs[0])) {
-		printf("virtio: no usable INTx line (Interrupt Line %u)\n", line);
+		printf("virtio: FAIL no usable INTx line (Interrupt Line %u)\n", line);
 		return false;
 	}
-	dev->intx_line = line;
 	intx_devs[intx_count++] = dev;
 	outb(elcr, inb(elcr) | 1 << (line % 8));        /* PCI INTx is level-triggered */
 	irq_register(VEC_PIC_BASE + line, intx_handler);
@@ -103,7 +102,7 @@ static bool intx_setup(struct virtio_dev *dev)
 static bool msix_setup(struct virtio_dev *dev)
 {
 	if (!msix_init(&dev->pci, &dev->msix)) {
-		printf("virtio: no usable MSI-X capability\n");
+		printf("virtio: FAIL no usable MSI-X capability\n");
 		return false;
 	}
 	msix_enable(&dev->pci, &dev->msix);     /* every entry is still masked */
@@ -119,7 +118,7 @@ static bool msix_queue(struct virtq *vq)
 	uint16_t entry = vq->index + 1;
 
 	if (entry >= dev->msix.size || vectors_used == VIRTIO_VECTORS) {
-		printf("virtio: no MSI-X entry or vector left for queue %u\n", vq->index);
+		printf("virtio: FAIL no MSI-X entry or vector left for queue %u\n", vq->index);
 		return false;
 	}
 	vq->vector = VEC_VIRTIO + vectors_used;
@@ -128,7 +127,7 @@ static bool msix_queue(struct virtq *vq)
 	msix_route(&dev->msix, entry, vq->vector);
 	dev->common->queue_msix_vector = entry;
 	if (dev->common->queue_msix_vector != entry) {
-		printf("virtio: device refused MSI-X entry %u for queue %u\n", entry, vq->index);
+		printf("virtio: FAIL device refused MSI-X entry %u for queue %u\n", entry, vq->index);
 		return false;
 	}
 	return true;
@@ -178,7 +177,7 @@ static bool find_structures(struct virtio_dev *dev)
 		}
 	}
 	if (!dev->common || !dev->notify_base || !dev->isr) {
-		printf("virtio: %02x:%02x.%u lacks a usable common, notify or ISR structure\n", d->bus, d->slot, d->fn);
+		printf("virtio: FAIL %02x:%02x.%u lacks a usable common, notify or ISR structure\n", d->bus, d->slot, d->fn);
 		return false;
 	}
 	return true;
@@ -212,26 +211,26 @@ static bool parse_irq_mode(struct virtio_dev *dev)
 	else if (!strcmp(mode, "poll"))
 		dev->irq = VIRTIO_IRQ_POLL;
 	else {
-		printf("virtio: irq=%s: expected msix, intx or poll\n", mode);
+		printf("virtio: FAIL irq=%s: expected msix, intx or poll\n", mode);
 		return false;
 	}
 	return true;
 }
 
-bool virtio_start(struct virtio_dev *dev, unsigned type, unsigned n, uint64_t wanted)
+bool virtio_start(struct virtio_dev *dev, unsigned type, uint64_t wanted)
 {
 	volatile struct virtio_pci_common_cfg *c;
 	struct pci_dev d = { 0 };
+	bool found;
 
 	memset(dev, 0, sizeof(*dev));
-	while (pci_next(&d) && (virtio_type(&d) != type || n-- > 0))
+	while ((found = pci_next(&d)) && virtio_type(&d) != type)
 		;
-	if (virtio_type(&d) != type) {
-		printf("virtio: no virtio device of type %u on bus 0\n", type);
+	if (!found) {
+		printf("virtio: FAIL no virtio device of type %u on bus 0\n", type);
 		return false;
 	}
 	dev->pci = d;
-	dev->type = type;
 	if (!parse_irq_mode(dev) || !find_structures(dev))
 		return false;
 	pci_command_set(&d, PCI_COMMAND_MEMORY | PCI_COMMAND_BUS_MASTER, 0);
@@ -251,14 +250,14 @@ bool virtio_start(struct virtio_dev *dev, unsigned type, unsigned n, uint64_t wa
 	dev->offered = read_features(c);
 	dev->features = dev->offered & wanted;
 	if (!virtio_has(dev, VIRTIO_F_VERSION_1)) {
-		printf("virtio: device does not offer VERSION_1 (features 0x%lx)\n", dev->offered);
+		printf("virtio: FAIL device does not offer VERSION_1 (features 0x%lx)\n", dev->offered);
 		c->device_status = STATUS_FAILED;
 		return false;
 	}
 	write_features(c, dev->features);
 	c->device_status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
 	if (!(c->device_status & STATUS_FEATURES_OK)) {
-		printf("virtio: device did not accept features 0x%lx (FEATURES_OK did not stick)\n", dev->features);
+		printf("virtio: FAIL device did not accept features 0x%lx (FEATURES_OK did not stick)\n", dev->features);
 		c->device_status = STATUS_FAILED;
 		return false;
 	}
@@ -277,7 +276,7 @@ bool virtio_ready(struct virtio_dev *dev)
 
 	c->device_status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
 	if ((c->device_status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK)) != (STATUS_FEATURES_OK | STATUS_DRIVER_OK)) {
-		printf("virtio: device did not accept DRIVER_OK (status 0x%x)\n", c->device_status);
+		printf("virtio: FAIL device did not accept DRIVER_OK (status 0x%x)\n", c->device_status);
 		return false;
 	}
 	return virtio_healthy(dev);
@@ -385,14 +384,14 @@ struct virtq *virtio_queue(struct virtio_dev *dev, uint16_t i)
 	uint64_t desc, avail, used;
 
 	if (i >= VIRTIO_MAX_QUEUES || i >= c->num_queues) {
-		printf("virtio: device has no queue %u\n", i);
+		printf("virtio: FAIL device has no queue %u\n", i);
 		return NULL;
 	}
 	vq = &dev->queues[i];
 	c->queue_select = i;
 	size = c->queue_size;
 	if (!size) {
-		printf("virtio: queue %u is not available\n", i);
+		printf("virtio: FAIL queue %u is not available\n", i);
 		return NULL;
 	}
 	if (size > VQ_MAX_SIZE)
@@ -425,7 +424,7 @@ struct virtq *virtio_queue(struct virtio_dev *dev, uint16_t i)
 
 	notify_off = c->queue_notify_off;
 	if ((uint64_t)notify_off * dev->notify_multiplier + 2 > dev->notify_len) {
-		printf("virtio: queue %u notify offset %u is outside the notify structure\n", i, notify_off);
+		printf("virtio: FAIL queue %u notify offset %u is outside the notify structure\n", i, notify_off);
 		return NULL;
 	}
 	vq->notify = (volatile uint16_t *)(dev->notify_base + notify_off * dev->notify_multiplier);

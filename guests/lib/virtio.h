@@ -96,7 +96,6 @@ struct virtio_pci_common_cfg {
 
 struct virtio_dev {
 	struct pci_dev pci;
-	unsigned type;                                  /* VIRTIO_ID_* */
 	volatile struct virtio_pci_common_cfg *common;
 	volatile uint8_t *isr;
 	volatile uint8_t *config;                       /* device-specific configuration */
@@ -105,16 +104,15 @@ struct virtio_dev {
 	uint32_t notify_len, notify_multiplier;
 	uint64_t offered, features;                     /* features: the negotiated ones */
 	enum virtio_irq irq;
-	uint8_t intx_line;
 	struct msix msix;
 	struct virtq queues[VIRTIO_MAX_QUEUES];
 };
 
-/* Finds the n-th (from 0) virtio device of this type on bus 0, resets it
- * and negotiates VERSION_1 plus the features in `wanted` the device offers
- * (EVENT_IDX and INDIRECT_DESC are added unless switched off).  False, with
- * the reason printed, on failure. */
-bool virtio_start(struct virtio_dev *dev, unsigned type, unsigned n, uint64_t wanted);
+/* Finds the first virtio device of this type (VIRTIO_ID_*) on bus 0, resets
+ * it and negotiates VERSION_1 plus the features in `wanted` the device
+ * offers (EVENT_IDX and INDIRECT_DESC are added unless switched off), then
+ * sets up its interrupts.  False, with the reason printed, on failure. */
+bool virtio_start(struct virtio_dev *dev, unsigned type, uint64_t wanted);
 /* Sets up queue i with min(device's maximum, VQ_MAX_SIZE) entries. */
 struct virtq *virtio_queue(struct virtio_dev *dev, uint16_t i);
 /* Sets DRIVER_OK; false if the device does not accept it. */

@@ -10,7 +10,7 @@
 bool blk_open(struct blk_dev *b)
 {
 	memset(b, 0, sizeof(*b));
-	if (!virtio_start(&b->vdev, VIRTIO_ID_BLK, 0, VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_RO | VIRTIO_BLK_F_FLUSH |
+	if (!virtio_start(&b->vdev, VIRTIO_ID_BLK, VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_RO | VIRTIO_BLK_F_FLUSH |
 			  VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES))
 		return false;
 	b->capacity = virtio_cfg64(&b->vdev, CFG_CAPACITY);
@@ -36,7 +36,7 @@ bool blk_queue(struct blk_dev *b, struct blk_req *r, uint32_t type, uint64_t sec
 	struct vq_buf chain[VQ_MAX_SG];
 
 	if (n > b->seg_max) {
-		printf("blk: BUG %u data buffers, the device takes %u\n", n, b->seg_max);
+		printf("virtio-blk: FAIL BUG %u data buffers, the device takes %u\n", n, b->seg_max);
 		guest_exit(0x7f);
 	}
 	r->hdr.type = type;
@@ -64,7 +64,7 @@ uint8_t blk_do(struct blk_dev *b, uint32_t type, uint64_t sector, void *buf, uin
 	struct blk_req r;
 
 	if (vq_in_flight(b->vq) || !blk_queue(b, &r, type, sector, &data, len ? 1 : 0)) {
-		printf("blk: BUG blk_do with other requests in flight\n");
+		printf("virtio-blk: FAIL BUG blk_do with other requests in flight\n");
 		guest_exit(0x7f);
 	}
 	vq_kick(b->vq);

@@ -46,7 +46,6 @@ struct blk_req {
 		uint64_t sector;
 	} hdr;                                  /* what the device reads first */
 	uint8_t status;                         /* what it writes last */
-	void *user;                             /* the caller's */
 };
 
 /* Takes the first virtio-blk device to DRIVER_OK with RO, FLUSH, SEG_MAX,

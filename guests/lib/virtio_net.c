@@ -14,7 +14,7 @@ static void rx_post(struct netdev *n, uint8_t *buf)
 	struct vq_buf b = { buf, n->rx_buf_size, true };
 
 	if (!vq_add(n->rx, &b, 1, buf)) {
-		printf("net: BUG more receive buffers than ring entries\n");
+		printf("virtio-net: FAIL BUG more receive buffers than ring entries\n");
 		guest_exit(0x7f);
 	}
 }
@@ -24,10 +24,10 @@ bool netdev_open(struct netdev *n)
 	uint64_t wanted = VIRTIO_NET_F_MAC | (cmdline_u64("mrg", 1) ? VIRTIO_NET_F_MRG_RXBUF : 0);
 
 	memset(n, 0, sizeof(*n));
-	if (!virtio_start(&n->vdev, VIRTIO_ID_NET, 0, wanted))
+	if (!virtio_start(&n->vdev, VIRTIO_ID_NET, wanted))
 		return false;
 	if (!virtio_has(&n->vdev, VIRTIO_NET_F_MAC)) {
-		printf("net: device offers no MAC address (VIRTIO_NET_F_MAC)\n");
+		printf("virtio-net: FAIL device offers no MAC address (VIRTIO_NET_F_MAC)\n");
 		return false;
 	}
 	for (int i = 0; i < ETH_ALEN; i++)
@@ -40,7 +40,7 @@ bool netdev_open(struct netdev *n)
 	n->rx_bufs = phys_alloc((uint64_t)n->rx->size * n->rx_buf_size);
 	n->tx_slots = phys_alloc(TX_SLOTS * sizeof(struct tx_slot));
 	if (!n->rx_bufs || !n->tx_slots) {
-		printf("net: no memory for the buffers\n");
+		printf("virtio-net: FAIL no memory for the buffers\n");
 		return false;
 	}
 	/* Two descriptors a frame without INDIRECT_DESC: never more slots than the ring takes. */
@@ -77,7 +77,7 @@ uint32_t netdev_receive(struct netdev *n)
 		bool fits = true;
 
 		if (len < hdr_len || nbufs == 0 || nbufs > n->rx->size) {
-			printf("net: FAIL receive buffer of %u bytes with num_buffers %u\n", len, nbufs);
+			printf("virtio-net: FAIL receive buffer of %u bytes with num_buffers %u\n", len, nbufs);
 			guest_exit(VIRTIO_EXIT_DEVICE);
 		}
 		for (uint16_t i = 0; i < nbufs; i++) {
@@ -116,7 +116,7 @@ void netdev_send(struct netdev *n, const void *frame, uint32_t len)
 	struct vq_buf bufs[2];
 
 	if (len > ETH_FRAME_MAX) {
-		printf("net: BUG sending a %u-byte frame\n", len);
+		printf("virtio-net: FAIL BUG sending a %u-byte frame\n", len);
 		guest_exit(0x7f);
 	}
 	tx_reclaim(n);
@@ -129,7 +129,7 @@ void netdev_send(struct netdev *n, const void *frame, uint32_t len)
 	bufs[0] = (struct vq_buf){ &slot->hdr, sizeof(slot->hdr), false };
 	bufs[1] = (struct vq_buf){ slot->frame, len, false };
 	if (!vq_add(n->tx, bufs, 2, slot)) {
-		printf("net: BUG transmit ring full with a free slot\n");
+		printf("virtio-net: FAIL BUG transmit ring full with a free slot\n");
 		guest_exit(0x7f);
 	}
 	vq_kick(n->tx);

@@ -25,7 +25,7 @@ static int run(void *arg)
 		net_poll(&net);
 	netdev_drain(&net.dev);         /* the last echo out before the VM ends */
 	if (!virtio_healthy(&net.dev.vdev))
-		return 3;
+		return VIRTIO_EXIT_DEVICE;
 	printf("net-echo: done udp=%lu icmp=%lu arp=%lu rx=%lu dropped=%lu tx=%lu interrupts=%u\n",
 	       echoes, net.icmp_replies, net.arp_replies, net.dev.rx_frames, net.dev.rx_dropped, net.dev.tx_frames,
 	       net.dev.rx->irqs + net.dev.tx->irqs);

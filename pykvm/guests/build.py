@@ -1,5 +1,8 @@
 """Builds the test guests with the system gcc and binutils.
 
+A guest is `runtime/` plus its own directory, linked against `lib/` as an archive, so it carries
+only the shared drivers (PCI, virtio, the network stack) it calls.
+
 Images are cached outside the source tree under a hash of the sources and
 flags, so a second build is a no-op and an edit rebuilds.  Each guest is
 compiled into a private temporary directory and renamed into the cache, so

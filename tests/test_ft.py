@@ -1,0 +1,176 @@
+"""Fault tolerance on the real thing: primary and standby VMM processes, the kv guest on virtio
+disks and a datagram link, SIGKILL at random moments; the standby's RAM checked against the
+primary's at every sync; a lost standby and re-protection; a standby that refuses another
+machine."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from pykvm.ft.demo import run_demo
+from pykvm.netframes import FrameSocket, Peer
+from tests.conftest import VmmProcess, requires_kvm, run_pykvm
+
+pytestmark = requires_kvm
+
+TRIALS = 20
+
+
+@pytest.mark.parametrize("trial", range(TRIALS))
+def test_kill_the_primary_at_a_random_moment(tmp_path, guest_images, trial):
+    """Each trial kills the primary somewhere else (seeded): inside a put, a sync, between."""
+    result = run_demo(records=40, seed=1000 + trial, workdir=tmp_path, say=lambda line: None)
+    assert result.lost == []
+    assert result.verified == result.records == 40
+    assert result.takeover_ms < 1000
+    assert any(s["trigger"] == "blk" for s in result.syncs) and any(s["trigger"] == "net" for s in result.syncs)
+
+
+def test_demo_command(guest_images):
+    result = run_pykvm("demo", "--records", "60", "--seed", "7", timeout=300)
+    out = result.stdout.decode()
+    assert result.returncode == 0, out + result.stderr.decode()
+    assert "records verified      60 of 60" in out and "OK" in out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _disks(tmp_path: Path, *names: str) -> list[str]:
+    paths = []
+    for name in names:
+        path = tmp_path / name
+        path.write_bytes(b"")
+        with open(path, "r+b") as f:
+            f.truncate(4 << 20)
+        paths.append(str(path))
+    return paths
+
+
+def test_standby_memory_equals_primary_at_every_sync(tmp_path, guest_images):
+    """--ft-verify: the primary sends a hash of all its RAM with each sync; the standby compares
+    its committed RAM. `dirty` rewrites pages all the time and periodic syncs (every 20 ms) carry
+    them over; then the standby takes over and the guest's own page check must hold."""
+    port = _free_port()
+    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--ft-verify",
+                         "--control", str(tmp_path / "sb.ctl"))
+    primary = None
+    try:
+        standby.stderr.wait_for(b"waiting for a primary")
+        primary = VmmProcess("run", "dirty", "--append", "pages=2048", "--ft", f"tcp:127.0.0.1:{port}",
+                             "--ft-verify", "--ft-interval", "20", "--metrics", str(tmp_path / "m.jsonl"))
+        primary.wait_for(b"\n", count=4)  # a few seconds of dirtying, dozens of syncs
+        stats = json.loads(run_pykvm("ctl", str(tmp_path / "sb.ctl"), "ft-stats").stdout)
+        assert stats["verified"] >= 20 and stats["mismatches"] == 0, stats
+        primary.proc.send_signal(signal.SIGKILL)
+        primary.wait()
+        standby.stderr.wait_for(b"took over")
+        standby.wait_for(b"pages/s")  # the guest runs on, checking every page it wrote
+        standby.wait_for(b"\n", count=2)
+        assert "FAIL" not in standby.output and "VERIFY FAILED" not in standby.errors
+    finally:
+        if primary is not None:
+            primary.kill()
+        standby.kill()
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert records[0]["trigger"] == "full" and sum(r["trigger"] == "timer" for r in records) >= 20
+
+
+def test_standby_loss_and_reprotection(tmp_path, guest_images):
+    """Kill the standby: the primary goes on unprotected. Protect it again with a new standby
+    (full sync), kill the primary: the new standby serves every acknowledged record."""
+    primary_disk, first_disk, second_disk = _disks(tmp_path, "p.img", "a.img", "b.img")
+    link = str(tmp_path / "link.sock")
+    first_port, second_port = _free_port(), _free_port()
+    first = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{first_port}", "--disk", first_disk,
+                       "--net", f"socket:{link}")
+    second = primary = None
+    try:
+        first.stderr.wait_for(b"waiting for a primary")
+        primary = VmmProcess("run", "kv", "--disk", primary_disk, "--net", f"socket:{link}",
+                             "--ft", f"tcp:127.0.0.1:{first_port}", "--control", str(tmp_path / "p.ctl"))
+        primary.wait_for(b"kv: ready")
+        with FrameSocket(tmp_path / "client.sock", link) as sock:
+            peer = Peer(sock, timeout=1.0)
+            for seq in range(1, 11):
+                assert peer.udp(9000, f"put {seq} before-{seq}".encode()) == f"ok {seq}".encode()
+            first.proc.send_signal(signal.SIGKILL)
+            first.wait()
+            for seq in range(11, 21):  # unprotected, but serving
+                assert peer.udp(9000, f"put {seq} alone-{seq}".encode()) == f"ok {seq}".encode()
+            primary.stderr.wait_for(b"standby lost")
+            second = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{second_port}", "--disk", second_disk,
+                                "--net", f"socket:{link}")
+            second.stderr.wait_for(b"waiting for a primary")
+            reply = json.loads(run_pykvm("ctl", str(tmp_path / "p.ctl"), "ft-protect",
+                                         f"tcp:127.0.0.1:{second_port}").stdout)
+            assert reply["ok"] and reply["protected"], reply
+            for seq in range(21, 31):
+                assert peer.udp(9000, f"put {seq} after-{seq}".encode()) == f"ok {seq}".encode()
+            primary.proc.send_signal(signal.SIGKILL)
+            primary.wait()
+            second.stderr.wait_for(b"took over")
+            peer.guest_mac = None
+            for seq in range(1, 31):
+                label = "before" if seq <= 10 else "alone" if seq <= 20 else "after"
+                reply = _get_with_retries(peer, seq)
+                assert reply == f"val {seq} {label}-{seq}".encode()
+    finally:
+        for vmm in (primary, first, second):
+            if vmm is not None:
+                vmm.kill()
+
+
+def _get_with_retries(peer: Peer, seq: int, attempts: int = 50) -> bytes:
+    for _ in range(attempts):
+        try:
+            if peer.guest_mac is None:
+                peer.resolve()
+            return peer.udp(9000, f"get {seq}".encode(), timeout=0.2)
+        except TimeoutError:
+            peer.guest_mac = None
+    raise TimeoutError(f"get {seq}: no answer")
+
+
+def test_standby_with_another_config_refuses(tmp_path, guest_images):
+    port = _free_port()
+    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--mem", "128M")
+    try:
+        standby.stderr.wait_for(b"waiting for a primary")
+        result = run_pykvm("run", "hello", "--ft", f"tcp:127.0.0.1:{port}")
+        assert result.returncode == 1
+        assert b"refused" in result.stderr and b"128 MiB" in result.stderr
+        assert standby.wait() == 1
+        assert b"refusing the primary" in standby.stderr.data
+    finally:
+        standby.kill()
+
+
+def test_primary_without_a_standby_fails_clearly():
+    result = run_pykvm("run", "hello", "--ft", f"tcp:127.0.0.1:{_free_port()}")
+    assert result.returncode == 1
+    assert re.search(rb"cannot reach the standby at tcp:127\.0\.0\.1:\d+", result.stderr)
+
+
+def test_clean_guest_exit_ends_the_standby_without_takeover(tmp_path, guest_images):
+    port = _free_port()
+    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}")
+    try:
+        standby.stderr.wait_for(b"waiting for a primary")
+        result = run_pykvm("run", "hello", "--ft", f"tcp:127.0.0.1:{port}")
+        assert result.returncode == 0 and b"Hello from pykvm guest!" in result.stdout
+        assert standby.wait() == 0
+        assert b"said goodbye" in standby.stderr.data and b"took over" not in standby.stderr.data
+        assert standby.output == ""
+    finally:
+        standby.kill()
