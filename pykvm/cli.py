@@ -1,6 +1,7 @@
 """The `pykvm` command.
 
-    pykvm run [GUEST|PATH] [--mem 64M] [--cpus N] [--append ARGS] [--serial stdio|file:PATH|none]
+    pykvm run [GUEST|PATH] [--kernel bzImage|vmlinux [--initrd FILE]] [--mem 64M] [--cpus N] [--append ARGS]
+              [--serial stdio|file:PATH|none]
               [--load-addr ADDR] [--disk PATH[,readonly]]... [--net SPEC]... [--control PATH]
               [--incoming tcp:HOST:PORT] [--trace]
     pykvm restore FILE [--disk ...] [--net ...] [--serial ...] [--control PATH] [--verify] [--trace]
@@ -90,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--append", default="", metavar="ARGS", help="the guest's command line")
     run.add_argument("--load-addr", metavar="ADDR", help="load address of a flat binary")
+    run.add_argument("--kernel", metavar="bzImage|vmlinux", help="boot a Linux kernel (x86 boot protocol)")
+    run.add_argument("--initrd", metavar="FILE", help="the initrd/initramfs for --kernel")
     run.add_argument("--incoming", metavar="tcp:HOST:PORT",
                      help="wait for a live migration instead of booting (same options as the source)")
     run.add_argument("--ft", metavar="tcp:HOST:PORT", help="run fault-tolerant, protected by the standby there")
@@ -146,11 +149,29 @@ def _backends(args: argparse.Namespace) -> tuple[tuple[DiskSpec, ...], tuple[Net
     return tuple(DiskSpec.parse(text) for text in args.disk), tuple(NetSpec.parse(text) for text in args.net)
 
 
+def _linux_options(args: argparse.Namespace) -> None:
+    """`run linux` is --kernel/--initrd/--disk of the bundled Linux guest (built on first use) with
+    its default command line, the user's --append after it."""
+    if args.kernel is None and args.initrd is not None:
+        raise ConfigError("--initrd needs --kernel")
+    if args.kernel is not None and args.image is not None:
+        raise ConfigError(f"give either a guest ({args.image}) or --kernel, not both")
+    if args.image != "linux" or args.incoming:
+        return
+    from pykvm.guests import linux
+
+    guest = linux.build(log=_log)
+    args.image, args.kernel, args.initrd = None, str(guest.bzimage), str(guest.initramfs)
+    args.disk = args.disk or [str(guest.disk())]
+    args.append = linux.default_append(network=bool(args.net), extra=args.append)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _linux_options(args)
     disks, nets = _backends(args)
     config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
     load_addr = parse_address(args.load_addr) if args.load_addr is not None else None
-    image = None if args.incoming else _resolve_image(args.image)
+    image = None if args.incoming or args.kernel else _resolve_image(args.image)
     server = migration.listen(args.incoming) if args.incoming else None
     console = SerialConsole(args.serial)
     try:
@@ -159,7 +180,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"pykvm: waiting for a migration on {args.incoming}", file=sys.stderr, flush=True)
                 migration.migrate_in(machine, server)
             else:
-                loaded = machine.load(image, cmdline=args.append, load_addr=load_addr)
+                if args.kernel is not None:
+                    loaded = machine.load_linux(args.kernel, initrd=args.initrd, cmdline=args.append)
+                else:
+                    loaded = machine.load(image, cmdline=args.append, load_addr=load_addr)
                 if args.trace:
                     print(f"pykvm: loaded {loaded.format} image [{loaded.start:#x}, {loaded.end:#x}), "
                           f"entry {loaded.entry:#x}", file=sys.stderr)
@@ -287,13 +311,25 @@ def cmd_guests(args: argparse.Namespace) -> int:
         width = max(map(len, guests.GUESTS))
         for name, description in guests.GUESTS.items():
             print(f"{name:<{width}}  {description}")
+        print(f"{'linux':<{width}}  Linux 6.1 (tinyconfig + guests/linux/pykvm.config), busybox initramfs and ext4 "
+              "root; built on request (`guests build linux`, a few minutes)")
     elif args.action == "build":
         for name in args.names:
-            if name not in guests.GUESTS:
+            if name not in guests.GUESTS and name != "linux":
                 raise guests.UnknownGuest(name)
-        built = guests.build(args.names or None, log=lambda line: print(line, file=sys.stderr))
-        for name, path in built.items():
-            print(f"{name}: {path}")
+        others = [name for name in args.names if name != "linux"]
+        if others or not args.names:
+            built = guests.build(others or None, log=lambda line: print(line, file=sys.stderr))
+            for name, path in built.items():
+                print(f"{name}: {path}")
+        if "linux" in args.names:
+            from pykvm.guests import linux
+
+            print(f"linux: {linux.build(log=_log).directory}")
+    elif args.name == "linux":
+        from pykvm.guests import linux
+
+        print(linux.build(log=_log).bzimage)
     else:
         print(guests.image_path(args.name))
     return 0

@@ -85,6 +85,8 @@ def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, liv
     contiguous pages travel as one memoryview of guest RAM, so nothing is copied. `live`: the
     guest is running, so the data is left out of the hash (LIVE_DATA). Returns the buffers and
     the next sequence number."""
+    if len(pages) and (int(pages[-1]) + 1) * PAGE_SIZE > len(view):
+        raise ValueError(f"page {int(pages[-1])} is beyond the {len(view)}-byte RAM view")
     buffers: list = []
     for start in range(0, len(pages), PAGES_PER_FRAME):
         chunk = np.ascontiguousarray(pages[start : start + PAGES_PER_FRAME], dtype="<u4")
