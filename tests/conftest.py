@@ -68,12 +68,13 @@ class SerialCapture:
 class VmmProcess:
     """A `pykvm` child process whose serial output (stdout) and stderr a test can wait on."""
 
-    def __init__(self, *args: str, env: dict | None = None) -> None:
+    def __init__(self, *args: str, env: dict | None = None, prefix: tuple[str, ...] = ()) -> None:
         import threading
 
         self.args = args
-        self.proc = subprocess.Popen([sys.executable, "-m", "pykvm", *args], cwd=REPO, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "pykvm", *args], cwd=REPO,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env={**os.environ, **(env or {})})
         self.stdout, self.stderr = SerialCapture(), SerialCapture()
         self._readers = [threading.Thread(target=self._pump, args=(stream, sink), daemon=True)
                          for stream, sink in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr))]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bz2
 import lzma
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +103,8 @@ def load_linux(vm: Vm, kernel: str | Path | bytes, *, initrd: str | Path | bytes
     if initrd is not None:
         initrd_name = "initrd" if isinstance(initrd, bytes) else str(initrd)
         initrd_data = initrd if isinstance(initrd, bytes) else _read_initrd(Path(initrd))
-        check_initrd(initrd_data, initrd_name)
         address = _place_initrd(len(initrd_data), image, header, low_end, memory.size, initrd_name)
+        check_initrd(initrd_data, initrd_name)
         memory.write(address, initrd_data)
         header.update(ramdisk_image=address, ramdisk_size=len(initrd_data))
 
@@ -235,6 +236,7 @@ def _place_initrd(size: int, image: LinuxImage, header: dict, low_end: int, ram:
 CPIO_MAGICS = (b"070701", b"070702")
 CPIO_HEADER = 110
 CPIO_TRAILER = b"TRAILER!!!"
+_NON_ZERO = re.compile(rb"[^\0]")
 
 
 def check_initrd(data: bytes, name: str = "initrd") -> None:
@@ -255,10 +257,10 @@ def check_initrd(data: bytes, name: str = "initrd") -> None:
         elif data.startswith(b"BZh", offset):
             offset = _check_stream(data, offset, bz2.BZ2Decompressor(), "bzip2", name)
         elif data[offset] == 0:
-            offset += 1  # padding between archives
+            following = _NON_ZERO.search(data, offset)  # padding between archives
+            offset = following.start() if following else len(data)
         else:
             return  # a format not checked here
-    return
 
 
 def _check_cpio(data: bytes, offset: int, name: str) -> int:

@@ -5,6 +5,11 @@ interrupts or notifications: a device pops descriptor chains, does its I/O on th
 the chains on the used ring, and asks whether the driver wants an interrupt. Everything the guest
 wrote — ring indices, descriptor addresses, lengths, flags, chain links — is checked; a violation
 raises QueueError, after which the device must go to NEEDS_RESET (virtio 1.x, 2.1.2).
+
+The ring indices and flags that driver and device share are read and written through
+memoryviews cast to u16/u32, so each is one native load or store. struct.pack_into would not do:
+it clears the field and then writes it byte by byte, so a driver polling used->idx could see 0
+between two values, and a byte-wise read could catch avail->idx half updated.
 """
 
 from __future__ import annotations
@@ -22,8 +27,6 @@ DESC_SIZE = 16
 USED_ELEM_SIZE = 8
 
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-_U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")  # id, len
 
 
 class QueueError(Exception):
@@ -108,10 +111,16 @@ class SplitQueue:
         self.event_idx, self.indirect = event_idx, indirect
         try:
             self._desc_slot, self._desc_off = memory.locate(desc, DESC_SIZE * size)
-            self._avail_slot, self._avail_off = memory.locate(avail, 6 + 2 * size)
+            avail_slot, avail_off = memory.locate(avail, 6 + 2 * size)
             self._used_slot, self._used_off = memory.locate(used, 6 + USED_ELEM_SIZE * size)
         except GuestMemoryError as error:
             raise QueueError(f"ring outside guest RAM: {error}") from None
+        used_view = self._used_slot.view[self._used_off :]
+        # avail: flags [0], idx [1], ring [2 .. 2+size), used_event [2+size]
+        self._avail = avail_slot.view[avail_off : avail_off + 6 + 2 * size].cast("H")
+        # used: flags [0], idx [1], avail_event [2 + 4*size]; elements as u32: id [1+2i], len [2+2i]
+        self._used16 = used_view[: 6 + USED_ELEM_SIZE * size].cast("H")
+        self._used32 = used_view[: 4 + USED_ELEM_SIZE * size].cast("I")
         self.next_avail = 0  # the next available-ring entry to take (free-running u16)
         self.next_used = 0  # the used index we publish next
         self.signalled_used = 0  # used index when the driver was last interrupted (event idx)
@@ -132,7 +141,7 @@ class SplitQueue:
     # -- the available ring ------------------------------------------------------------------------
 
     def _avail_idx(self) -> int:
-        return _U16.unpack_from(self._avail_slot.view, self._avail_off + 2)[0]
+        return self._avail[1]
 
     def pending(self) -> int:
         """How many chains the driver has made available and we have not taken."""
@@ -146,7 +155,7 @@ class SplitQueue:
         if not self.pending():
             return None
         slot_index = self.next_avail % self.size
-        head = _U16.unpack_from(self._avail_slot.view, self._avail_off + 4 + 2 * slot_index)[0]
+        head = self._avail[2 + slot_index]
         chain = self._walk(head)
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return chain
@@ -207,23 +216,24 @@ class SplitQueue:
         """Return a chain to the driver with `written` bytes of device-written data. The entry is
         stored before the index, so the driver never sees the index before the entry (x86 keeps
         stores in order)."""
-        slot, off = self._used_slot, self._used_off
-        entry = off + 4 + USED_ELEM_SIZE * (self.next_used % self.size)
-        _USED_ELEM.pack_into(slot.view, entry, head, written)
+        element = self.next_used % self.size
+        self._used32[1 + 2 * element] = head
+        self._used32[2 + 2 * element] = written
         self.next_used = (self.next_used + 1) & 0xFFFF
-        _U16.pack_into(slot.view, off + 2, self.next_used)
-        self.memory.mark(slot, entry, USED_ELEM_SIZE)
+        self._used16[1] = self.next_used
+        slot, off = self._used_slot, self._used_off
+        self.memory.mark(slot, off + 4 + USED_ELEM_SIZE * element, USED_ELEM_SIZE)
         self.memory.mark(slot, off + 2, 2)
 
     def needs_interrupt(self) -> bool:
         """Whether the driver asked to be interrupted for the entries added since the last time
         this returned True (event index, virtio 1.x 2.7.10, or the NO_INTERRUPT flag)."""
         if self.event_idx:
-            used_event = _U16.unpack_from(self._avail_slot.view, self._avail_off + 4 + 2 * self.size)[0]
+            used_event = self._avail[2 + self.size]
             new, old = self.next_used, self.signalled_used
             wanted = (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
         else:
-            flags = _U16.unpack_from(self._avail_slot.view, self._avail_off)[0]
+            flags = self._avail[0]
             wanted = not flags & AVAIL_F_NO_INTERRUPT and self.next_used != self.signalled_used
         if wanted:
             self.signalled_used = self.next_used
@@ -235,9 +245,8 @@ class SplitQueue:
         slot, off = self._used_slot, self._used_off
         if self.event_idx:
             if enabled:
-                at = off + 4 + USED_ELEM_SIZE * self.size
-                _U16.pack_into(slot.view, at, self.next_avail)
-                self.memory.mark(slot, at, 2)
+                self._used16[2 + 4 * self.size] = self.next_avail
+                self.memory.mark(slot, off + 4 + USED_ELEM_SIZE * self.size, 2)
         else:
-            _U16.pack_into(slot.view, off, 0 if enabled else USED_F_NO_NOTIFY)
+            self._used16[0] = 0 if enabled else USED_F_NO_NOTIFY
             self.memory.mark(slot, off, 2)

@@ -14,7 +14,8 @@
    happens even where user space cannot run (see README, "Booting Linux"). `rdinit=/bin/sh`
    gives a shell in the initramfs instead.
 4. Makes the root file system image with `mkfs.ext4 -d`: busybox and an /sbin/init that mounts
-   /proc and /sys, prints a marker line and powers the VM off.
+   /proc and /sys, prints a marker line and powers the VM off (after `pykvm.hold=N` seconds if
+   the kernel command line says so).
 
 The results go to $PYKVM_CACHE/linux/HASH (default ~/.cache/pykvm), HASH covering the fragment,
 the init script, the source package's and busybox's versions and this builder's; a second build
@@ -51,7 +52,7 @@ ROOTFS_SIZE = "16M"
 
 # Busybox applets linked in the initramfs and the root file system.
 APPLETS = ("sh", "mount", "umount", "echo", "cat", "ls", "mkdir", "poweroff", "reboot", "ip", "ping",
-           "ifconfig", "sleep", "dmesg", "uname", "sync", "halt")
+           "ifconfig", "sleep", "dmesg", "uname", "sync", "halt", "grep")
 
 INIT_SCRIPT = """#!/bin/sh
 # /sbin/init of pykvm's bundled Linux root disk: prove user space runs, then power off.
@@ -59,6 +60,10 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 echo "pykvm-linux: user space up on $(uname -r)"
 echo "pykvm-linux: root: $(grep ' / ' /proc/mounts)"
+# pykvm.hold=N on the kernel command line: stay up N seconds first (tests ping the guest meanwhile)
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in pykvm.hold=*) sleep "${arg#pykvm.hold=}" ;; esac
+done
 sync
 poweroff -f
 """

@@ -1,0 +1,218 @@
+"""Fault-tolerance benchmarks.
+
+1. Sync cost for 80 and 3000 random dirty pages (pause, transfer, ack) between this process's
+   primary and a standby VMM process over loopback, with the loopback limit measured in the same
+   run. (The Kemari prototype needed ~150 ms for 3000 pages; the goal here is <= 4 ms.)
+2. Output latency added by FT: kv puts (a disk write, a flush and a reply frame each) with FT
+   on and off, and the per-output sync delays from the primary's metrics.
+3. Takeover: SIGKILL of the primary -> the guest answering on the standby.
+4. Overhead: the `dirty` guest's rate and kv requests per second with FT on vs off.
+
+    python bench/ft.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.state import loopback_limit  # noqa: E402
+from pykvm import guests  # noqa: E402
+from pykvm.ft import Primary  # noqa: E402
+from pykvm.machine import Machine, MachineConfig  # noqa: E402
+from pykvm.memory import PAGE_SIZE  # noqa: E402
+from pykvm.netframes import FrameSocket, Peer  # noqa: E402
+
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Child:
+    """A pykvm process; stderr lines kept so we can wait for one."""
+
+    def __init__(self, *args: str) -> None:
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.proc = subprocess.Popen([sys.executable, "-m", "pykvm", *args], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+        self.out = bytearray()
+        threading.Thread(target=self._read, args=(self.proc.stderr, True), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc.stdout, False), daemon=True).start()
+
+    def _read(self, stream, is_err: bool) -> None:
+        for raw in stream:
+            with self.cond:
+                if is_err:
+                    self.lines.append(raw.decode(errors="replace").rstrip())
+                else:
+                    self.out += raw
+                self.cond.notify_all()
+
+    def wait_line(self, text: str, timeout: float = 30) -> str:
+        with self.cond:
+            if not self.cond.wait_for(lambda: any(text in line for line in self.lines), timeout):
+                raise SystemExit(f"never saw {text!r}: {self.lines}")
+            return next(line for line in self.lines if text in line)
+
+    def wait_out(self, text: bytes, count: int = 1, timeout: float = 30) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.out.count(text) >= count, timeout):
+                raise SystemExit(f"never printed {text!r}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def sync_breakdown(pages: int, repeats: int = 40) -> dict:
+    """Like sync_cost, keeping each sync's record (pause, transfer, ack)."""
+    port = free_port()
+    standby = Child("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--mem", "1024M", "--serial", "none")
+    standby.wait_line("waiting for a primary")
+    with tempfile.NamedTemporaryFile("w+") as metrics_file:
+        with Machine(MachineConfig(memory=1 << 30), serial_output=lambda data: None) as machine:
+            machine.load(guests.image_path("hello"))
+            primary = Primary(machine, metrics=metrics_file, log=lambda line: None)
+            primary.protect(f"tcp:127.0.0.1:{port}")
+            with primary._cond:
+                primary._stopping = True  # we drive the syncs; the FT thread stays out of the way
+                primary._cond.notify_all()
+            primary._thread.join()
+            rng = np.random.default_rng(pages)
+            memory = machine.vm.memory
+            payload = bytes(range(256)) * (PAGE_SIZE // 256)
+            for _ in range(repeats):
+                for page in rng.choice(memory.size // PAGE_SIZE, pages, replace=False):
+                    memory.write(int(page) * PAGE_SIZE, payload)
+                primary._sync("bench")
+            primary.close()
+        metrics_file.seek(0)
+        rows = [json.loads(line) for line in metrics_file if '"bench"' in line]
+    standby.stop()
+    return {key: statistics.median(r[key] for r in rows) for key in ("pages", "pause_ms", "transfer_ms", "ack_ms")}
+
+
+def kv_run(tmp: Path, puts: int, ft: bool) -> dict:
+    """Puts/s and put latency for the kv guest, with or without a standby."""
+    for name in ("p.img", "s.img"):
+        with open(tmp / name, "wb") as disk:
+            disk.truncate(4 << 20)
+    link = tmp / "link.sock"
+    children = []
+    args = ["run", "kv", "--disk", str(tmp / "p.img"), "--net", f"socket:{link}"]
+    metrics = tmp / "metrics.jsonl"
+    if metrics.exists():
+        metrics.unlink()
+    if ft:
+        port = free_port()
+        standby = Child("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--disk", str(tmp / "s.img"),
+                        "--net", f"socket:{link}", "--serial", "none")
+        children.append(standby)
+        standby.wait_line("waiting for a primary")
+        args += ["--ft", f"tcp:127.0.0.1:{port}", "--metrics", str(metrics)]
+    primary = Child(*args)
+    children.append(primary)
+    try:
+        primary.wait_out(b"kv: ready")
+        with FrameSocket(tmp / "client.sock", link) as sock:
+            peer = Peer(sock, timeout=5)
+            peer.resolve()
+            latencies = []
+            started = time.perf_counter()
+            for seq in range(1, puts + 1):
+                t0 = time.perf_counter()
+                assert peer.udp(9000, f"put {seq} value-{seq}".encode()) == f"ok {seq}".encode()
+                latencies.append(time.perf_counter() - t0)
+            elapsed = time.perf_counter() - started
+            result = {"puts_per_s": puts / elapsed, "put_ms": statistics.median(latencies) * 1000}
+            if ft:
+                rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+                for trigger in ("blk", "net"):
+                    delays = [r["output_delay_ms"] for r in rows if r["trigger"] == trigger]
+                    result[f"{trigger}_delay_ms"] = statistics.median(delays) if delays else 0.0
+                # takeover: SIGKILL the primary, time until the guest answers from the standby
+                killed = time.perf_counter()
+                primary.proc.send_signal(signal.SIGKILL)
+                peer.guest_mac = None
+                peer.timeout = 0.02
+                while True:
+                    try:
+                        peer.resolve()
+                        break
+                    except TimeoutError:
+                        continue
+                result["takeover_client_ms"] = (time.perf_counter() - killed) * 1000
+                line = children[0].wait_line("took over")
+                result["takeover_standby_ms"] = float(re.search(r"in ([\d.]+) ms", line).group(1))
+            return result
+    finally:
+        for child in children:
+            child.stop()
+
+
+def dirty_rate(ft: bool) -> float:
+    """Median pages/s the `dirty` guest reports over a few seconds."""
+    args = ["run", "dirty", "--append", "pages=4096"]
+    children = []
+    if ft:
+        port = free_port()
+        standby = Child("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--serial", "none")
+        children.append(standby)
+        standby.wait_line("waiting for a primary")
+        args += ["--ft", f"tcp:127.0.0.1:{port}"]
+    child = Child(*args)
+    children.append(child)
+    try:
+        child.wait_out(b"pages/s", count=5, timeout=60)
+        rates = [int(r) for r in re.findall(rb"dirty: (\d+) pages/s", bytes(child.out))[1:]]
+        return statistics.median(rates)
+    finally:
+        for c in children:
+            c.stop()
+
+
+def main() -> None:
+    limit = loopback_limit()
+    print(f"loopback TCP limit (one Python sender/receiver pair): {limit / 1e6:.0f} MB/s")
+    for pages in (80, 3000):
+        row = sync_breakdown(pages)
+        data_ms = pages * PAGE_SIZE / limit * 1000
+        print(f"sync of {pages:4} random dirty pages: guest pause {row['pause_ms']:6.2f} ms = transfer "
+              f"{row['transfer_ms']:5.2f} + ack {row['ack_ms']:5.2f} + release/resume; the data alone at the "
+              f"loopback limit: {data_ms:5.2f} ms" + ("  (goal <= 4 ms)" if pages == 3000 else ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        off = kv_run(Path(tmp), 200, ft=False)
+        on = kv_run(Path(tmp), 200, ft=True)
+    print(f"kv puts: {off['puts_per_s']:.0f}/s without FT, {on['puts_per_s']:.0f}/s with FT "
+          f"(ratio {on['puts_per_s'] / off['puts_per_s']:.2f}); put latency {off['put_ms']:.2f} -> {on['put_ms']:.2f} ms")
+    print(f"output delay added by FT (median): disk output {on['blk_delay_ms']:.2f} ms, "
+          f"network frame {on['net_delay_ms']:.2f} ms")
+    print(f"takeover: SIGKILL -> guest answering on the standby {on['takeover_client_ms']:.1f} ms "
+          f"(standby's own figure, detection -> vCPUs running: {on['takeover_standby_ms']:.1f} ms; goal <= 200 ms)")
+    rate_off, rate_on = dirty_rate(False), dirty_rate(True)
+    print(f"dirty guest: {rate_off / 1e6:.1f} M pages/s without FT, {rate_on / 1e6:.1f} M pages/s with FT "
+          f"(ratio {rate_on / rate_off:.2f}; no output, so no syncs: the cost of dirty logging)")
+
+
+if __name__ == "__main__":
+    main()
