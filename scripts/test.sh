@@ -11,6 +11,8 @@ command -v ld >/dev/null && command -v objcopy >/dev/null || packages+=(binutils
 [ -e /usr/include/linux/kvm.h ] || packages+=(linux-libc-dev)
 command -v qemu-system-x86_64 >/dev/null || packages+=(qemu-system-x86)
 command -v unshare >/dev/null || packages+=(util-linux)
+command -v ip >/dev/null || packages+=(iproute2)
+command -v ping >/dev/null || packages+=(iputils-ping)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "installing: ${packages[*]}"
     export DEBIAN_FRONTEND=noninteractive
