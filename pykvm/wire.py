@@ -80,18 +80,53 @@ def frame(kind: Kind, seq: int, payload: bytes = b"") -> list:
     return [_header(kind, seq, len(payload), [payload]), payload]
 
 
-def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, live: bool = False) -> tuple[list, int]:
+class PageGatherer:
+    """Scratch space to copy scattered pages into one buffer before sending (see page_frames).
+    Chunks are kept from one use to the next, so their pages are faulted in only once;
+    `reset()` when the buffers handed out have been sent."""
+
+    CHUNK_PAGES = 4096
+
+    def __init__(self) -> None:
+        self._chunks: list[np.ndarray] = []
+        self._chunk = self._used = 0
+
+    def reset(self) -> None:
+        self._chunk = self._used = 0
+
+    def gather(self, view: memoryview, pages: np.ndarray) -> memoryview:
+        count = len(pages)
+        if count > self.CHUNK_PAGES:
+            rows = np.empty(count, dtype=f"V{PAGE_SIZE}")
+        else:
+            if self._chunk < len(self._chunks) and self._used + count > self.CHUNK_PAGES:
+                self._chunk, self._used = self._chunk + 1, 0
+            if self._chunk == len(self._chunks):
+                self._chunks.append(np.empty(self.CHUNK_PAGES, dtype=f"V{PAGE_SIZE}"))
+            rows = self._chunks[self._chunk][self._used : self._used + count]
+            self._used += count
+        # one memcpy per page in C: far cheaper than a Python-level slice and hash call per page
+        np.take(np.frombuffer(view, dtype=f"V{PAGE_SIZE}"), pages, out=rows)
+        return memoryview(rows).cast("B")
+
+
+def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, live: bool = False,
+                gatherer: PageGatherer | None = None) -> tuple[list, int]:
     """Frames carrying `pages` (ascending page numbers) of a RAM slot, as buffers for sendmsg:
-    contiguous pages travel as one memoryview of guest RAM, so nothing is copied. `live`: the
-    guest is running, so the data is left out of the hash (LIVE_DATA). Returns the buffers and
-    the next sequence number."""
+    contiguous pages travel as one memoryview of guest RAM, so nothing is copied. Pages scattered
+    one by one are copied into one buffer by `gatherer` when given (the guest must be stopped).
+    `live`: the guest is running, so the data is left out of the hash (LIVE_DATA). Returns the
+    buffers and the next sequence number."""
     if len(pages) and (int(pages[-1]) + 1) * PAGE_SIZE > len(view):
         raise ValueError(f"page {int(pages[-1])} is beyond the {len(view)}-byte RAM view")
     buffers: list = []
     for start in range(0, len(pages), PAGES_PER_FRAME):
         chunk = np.ascontiguousarray(pages[start : start + PAGES_PER_FRAME], dtype="<u4")
         runs = page_runs(chunk)
-        data = [view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in runs]
+        if gatherer is not None and len(runs) * 4 > len(chunk):  # mostly lone pages
+            data = [gatherer.gather(view, chunk)]
+        else:
+            data = [view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in runs]
         head = PAGES_HEAD.pack(slot, len(chunk)) + chunk.tobytes()
         length = len(head) + len(chunk) * PAGE_SIZE
         hashed = [head] if live else [head, *data]

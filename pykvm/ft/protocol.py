@@ -130,6 +130,7 @@ class FtConnection:
         self._state_seen = False
         self._out_seq = 0
         self._pending_sync = 0  # the sync a SyncEnd announced and an Ack must name
+        self._gatherer = wire.PageGatherer()
         self._decoder = wire.Decoder(page_sink or _refuse_pages)
 
     # -- sending ----------------------------------------------------------------------------------
@@ -142,9 +143,10 @@ class FtConnection:
         return buffers
 
     def send_pages(self, slot: int, view: memoryview, pages: np.ndarray) -> list:
-        """Pages of a RAM slot (the guest must be stopped: every byte is hashed)."""
+        """Pages of a RAM slot (the guest must be stopped: every byte is hashed). Scattered pages
+        are gathered into scratch buffers that stay valid until the next SyncEnd is sent."""
         self._advance(Pages(slot, pages), outgoing=True)
-        buffers, self._out_seq = wire.page_frames(self._out_seq, slot, view, pages)
+        buffers, self._out_seq = wire.page_frames(self._out_seq, slot, view, pages, gatherer=self._gatherer)
         return buffers
 
     @staticmethod
@@ -248,6 +250,8 @@ class FtConnection:
                 self._state_seen = False
                 self.phase = Phase.AWAIT_ACK
                 self._pending_sync = event.sync
+                if outgoing:
+                    self._gatherer.reset()  # the sync is complete: its scratch can be reused next time
             elif isinstance(event, Heartbeat):
                 self._expect(phase in (Phase.IDLE, Phase.AWAIT_ACK), name)
             else:
