@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from pykvm.devices.virtio.net import DEFAULT_MAC, Net, parse_mac
 from pykvm.devices.virtio.pci import VirtioPciFunction
 from pykvm.kvm import Kvm
 from pykvm.memory import GuestMemory
+from pykvm.errors import ConfigError
 from pykvm.state import Stateful, StateError, from_plain
 from pykvm.vcpu import StopReason
 from pykvm.vm import Vm, VmState
@@ -98,15 +100,35 @@ class Machine:
         self.pci.add(function)
         return function
 
-    def attach_networks(self, *, announce: bool = True) -> None:
-        """Open the NIC backends of a machine built with attach_networks=False."""
-        nets = [f for f in self.virtio if isinstance(f.device, Net)]
-        for function, spec in zip(nets, self.config.nets):
-            if function.device.backend is None:
-                function.device.attach_backend(spec.open())
+    def attach_networks(self, *, announce: bool = True, wait: float = 0.0) -> None:
+        """Open the NIC backends of a machine built with attach_networks=False. `wait`: how long
+        to keep trying while another process still holds a backend (a migration source lets go of
+        its socket or TAP just after the target has the guest)."""
+        deadline = time.monotonic() + wait
+        for function, spec in zip(self.nics(), self.config.nets):
+            while function.device.backend is None:
+                try:
+                    function.device.attach_backend(spec.open())
+                except ConfigError as error:
+                    if not error.in_use or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.005)  # the holder is exiting; there is no event to wait on
+                    continue
                 function.rearm()
             if announce:
                 function.device.announce()
+
+    def nics(self) -> list[VirtioPciFunction]:
+        return [f for f in self.virtio if isinstance(f.device, Net)]
+
+    def detach_networks(self) -> None:
+        """Close the NIC backends (a migrated-away source hands the socket or TAP to the target)."""
+        for function in self.nics():
+            with function.lock:
+                backend, function.device.backend = function.device.backend, None
+                if backend is not None:
+                    backend.close()
+                function.rearm()
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -158,7 +180,7 @@ class Machine:
         """A bzImage or vmlinux through the Linux boot protocol (pykvm.boot.linux)."""
         from pykvm.boot.linux import load_linux
 
-        return load_linux(self.vm, kernel, initrd=initrd, cmdline=cmdline)
+        return load_linux(self.vm, kernel, initrd=initrd, cmdline=cmdline, pci_slots=len(self.pci.functions))
 
     def run(self) -> StopReason:
         return self.vm.run()

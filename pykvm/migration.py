@@ -85,6 +85,7 @@ def migrate_out(machine: Machine, uri: str, *, progress: Callable[[str], None] |
                         raise MigrationError(f"the target answered {ack.kind.name} instead of ACK")
                     downtime = time.perf_counter() - downtime_start
                     vm.stop(0, f"migrated to {uri}")
+                    machine.detach_networks()  # the target is waiting to take the NICs' backends
             finally:
                 if vm.state.value != "stopped":
                     vm.set_dirty_logging(False)

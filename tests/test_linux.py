@@ -240,6 +240,21 @@ def test_user_space_runs_and_powers_off(boot: Boot) -> None:
     assert boot.status == 0
 
 
+def test_bzimage_boots_through_the_boot_protocol(guest: linux.LinuxGuest) -> None:
+    """The main boot uses the vmlinux (no decompressor: ~27 s less where ring 0 is emulated); this
+    one checks the bzImage path as far as the kernel's own report of what the loader gave it:
+    decompressor, 64-bit entry, zero page with command line and e820 map."""
+    append = linux.default_append(network=False, extra="pykvm.test=bzimage")
+    vmm = VmmProcess("run", "--kernel", str(guest.bzimage), "--initrd", str(guest.initramfs), "--mem", "128M",
+                     "--append", append, "--serial", "stdio")
+    try:
+        vmm.wait_for(b"Kernel command line: " + append.encode(), timeout=BOOT_TIMEOUT)
+    finally:
+        vmm.kill()
+    assert "BIOS-e820: [mem 0x0000000000100000-0x0000000007ffffff] usable" in vmm.output
+    assert "ACPI: RSDP 0x00000000000E0000" in vmm.output
+
+
 # -- bad input: no boot needed ---------------------------------------------------------------------
 
 

@@ -137,3 +137,50 @@ def test_restore_refuses_another_machine_shape(dirty_snapshot, tmp_path):
     disk = tmp_path / "d.img"
     disk.write_bytes(bytes(4096))
     _refused(run_pykvm("restore", snap, "--disk", str(disk)), "differs from the one asked for")
+
+
+def test_kv_snapshot_restore_after_sigkill(tmp_path, guest_images):
+    """Records acknowledged before the snapshot are served by the restored guest, after the
+    first VMM was killed with SIGKILL."""
+    from tests.netutil import FrameSocket, Peer
+
+    disk, link = tmp_path / "kv.img", tmp_path / "link.sock"
+    with open(disk, "wb") as f:
+        f.truncate(4 << 20)
+    sock, snap = str(tmp_path / "ctl.sock"), str(tmp_path / "kv.snap")
+    acked = {}
+    with FrameSocket(tmp_path / "client.sock", link) as frames:
+        vmm = VmmProcess("run", "kv", "--disk", str(disk), "--net", f"socket:{link}", "--control", sock)
+        try:
+            vmm.wait_for(b"kv: ready")
+            peer = Peer(frames)
+            for seq in range(1, 21):
+                assert peer.udp(9000, f"put {seq} snap-{seq}".encode()) == f"ok {seq}".encode()
+                acked[seq] = f"snap-{seq}"
+            _ctl(sock, "snapshot", snap)
+            vmm.proc.send_signal(9)
+            vmm.wait()
+        finally:
+            vmm.kill()
+        restored = VmmProcess("restore", snap)
+        try:
+            peer = Peer(frames)
+            for seq, value in acked.items():
+                assert _retrying_get(peer, seq) == f"val {seq} {value}".encode()
+        finally:
+            restored.kill()
+
+
+def _retrying_get(peer, seq: int) -> bytes:
+    """The restored VMM binds the link's socket as it starts: retry until it answers."""
+    for _ in range(100):
+        try:
+            if peer.guest_mac is None:
+                peer.resolve()
+            return peer.udp(9000, f"get {seq}".encode(), timeout=0.2)
+        except (TimeoutError, ConnectionRefusedError, FileNotFoundError):
+            peer.guest_mac = None
+            import time
+
+            time.sleep(0.05)  # the VMM is still starting: its socket is not bound yet
+    raise TimeoutError(f"get {seq}: no answer")

@@ -91,7 +91,7 @@ class TapBackend(NetBackend):
             if error.errno in (errno.EPERM, errno.EACCES):
                 raise ConfigError(f"--net tap:{name}: creating or attaching a TAP needs root (CAP_NET_ADMIN)") from None
             if error.errno == errno.EBUSY:
-                raise ConfigError(f"--net tap:{name}: the TAP is in use by another process") from None
+                raise ConfigError(f"--net tap:{name}: the TAP is in use by another process", in_use=True) from None
             raise ConfigError(f"--net tap:{name}: {error.strerror}") from None
         self._header = bytearray(len(VNET_HEADER))
 
@@ -176,4 +176,4 @@ def _is_stale_socket(path: str) -> bool:
         return True
     finally:
         probe.close()
-    raise ConfigError(f"--net socket:{path}: another process is bound to it")
+    raise ConfigError(f"--net socket:{path}: another process is bound to it", in_use=True)

@@ -205,7 +205,7 @@ class Standby:
         assert self.committed is not None
         detected_at = self.lost_at
         self.machine.restore_state(self.committed)
-        self.machine.attach_networks(announce=True)
+        self.machine.attach_networks(announce=True, wait=2.0)  # the dead primary's fds may still be closing
         self.machine.vm.start()
         elapsed = time.monotonic() - detected_at
         self.log(f"ft standby: took over from sync {self.committed_sync} in {elapsed * 1000:.1f} ms "

@@ -196,4 +196,5 @@ class Net(v.VirtioDevice):
         self.stats.rx_frames += 1
 
     def close(self) -> None:
-        self.backend.close()
+        if self.backend is not None:
+            self.backend.close()
