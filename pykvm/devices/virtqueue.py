@@ -167,14 +167,16 @@ class SplitQueue:
     def _walk(self, head: int) -> DescriptorChain:
         if head >= self.size:
             raise QueueError(f"available ring names descriptor {head}, beyond queue size {self.size}")
-        chain = DescriptorChain(head)
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        contains, unpack = self.memory.contains, _DESC.unpack_from
         view, base, limit = self._desc_slot.view, self._desc_off, self.size
         index, seen, in_indirect = head, 0, False
         while True:
             seen += 1
             if seen > limit:
                 raise QueueError(f"descriptor chain from {head} is longer than its table ({limit}): a loop?")
-            addr, length, flags, next_index = _DESC.unpack_from(view, base + DESC_SIZE * index)
+            addr, length, flags, next_index = unpack(view, base + DESC_SIZE * index)
             if flags & DESC_F_INDIRECT:
                 if in_indirect:
                     raise QueueError(f"chain {head}: an indirect table inside an indirect table")
@@ -191,24 +193,22 @@ class SplitQueue:
                 view, base, limit = slot.view, offset, length // DESC_SIZE
                 index, seen, in_indirect = 0, 0, True
                 continue
-            self._add_buffer(chain, head, addr, length, flags)
+            # One buffer (inline: this runs for every descriptor of every request)
+            if length == 0:
+                raise QueueError(f"chain {head}: zero-length buffer at {addr:#x}")
+            if not contains(addr, length):
+                raise QueueError(f"chain {head}: buffer [{addr:#x}, +{length}) outside guest RAM")
+            if flags & DESC_F_WRITE:
+                writable.append((addr, length))
+            elif writable:
+                raise QueueError(f"chain {head}: device-readable buffer after a device-writable one")
+            else:
+                readable.append((addr, length))
             if not flags & DESC_F_NEXT:
-                return chain
+                return DescriptorChain(head, readable, writable)
             if next_index >= limit:
                 raise QueueError(f"chain {head}: next descriptor {next_index} is beyond its table ({limit})")
             index = next_index
-
-    def _add_buffer(self, chain: DescriptorChain, head: int, addr: int, length: int, flags: int) -> None:
-        if length == 0:
-            raise QueueError(f"chain {head}: zero-length buffer at {addr:#x}")
-        if not self.memory.contains(addr, length):
-            raise QueueError(f"chain {head}: buffer [{addr:#x}, +{length}) outside guest RAM")
-        if flags & DESC_F_WRITE:
-            chain.writable.append((addr, length))
-        elif chain.writable:
-            raise QueueError(f"chain {head}: device-readable buffer after a device-writable one")
-        else:
-            chain.readable.append((addr, length))
 
     # -- the used ring -----------------------------------------------------------------------------
 
@@ -217,13 +217,14 @@ class SplitQueue:
         stored before the index, so the driver never sees the index before the entry (x86 keeps
         stores in order)."""
         element = self.next_used % self.size
-        self._used32[1 + 2 * element] = head
-        self._used32[2 + 2 * element] = written
-        self.next_used = (self.next_used + 1) & 0xFFFF
-        self._used16[1] = self.next_used
-        slot, off = self._used_slot, self._used_off
-        self.memory.mark(slot, off + 4 + USED_ELEM_SIZE * element, USED_ELEM_SIZE)
-        self.memory.mark(slot, off + 2, 2)
+        used32 = self._used32
+        used32[1 + 2 * element] = head
+        used32[2 + 2 * element] = written
+        self.next_used = next_used = (self.next_used + 1) & 0xFFFF
+        self._used16[1] = next_used
+        # One dirty range from used->idx to the entry (a page more at most: the ring changes anyway)
+        off = self._used_off
+        self.memory.mark(self._used_slot, off + 2, 2 + USED_ELEM_SIZE * (element + 1))
 
     def needs_interrupt(self) -> bool:
         """Whether the driver asked to be interrupted for the entries added since the last time

@@ -86,13 +86,14 @@ class VirtioDevice:
         return False
 
     def serve_queue(self, index: int) -> None:
-        """Drain queue `index` in order: serve each chain, return it, interrupt once if the driver
-        asked. Under an output gate, an output chain is held instead and the queue waits for
-        release_held, so nothing after it overtakes it."""
+        """Drain queue `index` in order: serve each chain, return it, and interrupt as soon as the
+        driver asked to be (with event index: once the entry it waits for is used), so that it
+        takes that completion and queues more while the rest are served. Under an output gate, an
+        output chain is held instead and the queue waits for release_held, so nothing after it
+        overtakes it."""
         queue = self.queues[index] if index < len(self.queues) else None
         if queue is None or index in self.held:
             return
-        served = False
         while index not in self.held:
             queue.set_notification(False)  # draining anyway: no notifies meanwhile
             while (chain := queue.pop()) is not None:
@@ -101,12 +102,11 @@ class VirtioDevice:
                     self.output_gate.hold(self, index)
                     break
                 queue.add_used(chain.head, self.serve_chain(index, chain))
-                served = True
+                if queue.needs_interrupt():
+                    self.interrupt(index)
             queue.set_notification(True)
             if index in self.held or not queue.pending():  # nothing slipped in before notifies were back on
                 break
-        if served and queue.needs_interrupt():
-            self.interrupt(index)
 
     def release_held(self, index: int) -> None:
         """The gate lets the held output of queue `index` go: serve it, then carry on."""

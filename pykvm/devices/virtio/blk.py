@@ -167,19 +167,22 @@ class Blk(v.VirtioDevice):
     def serve_chain(self, index: int, chain: DescriptorChain) -> int:
         """Serve one request; returns the bytes written into the driver's buffers."""
         memory = self.memory
-        kind, sector = self._header(chain)
+        readable = chain.readable
+        if readable and readable[0][1] >= _HEADER.size and chain.writable:  # the usual layout, checked quickly
+            kind, _, sector = _HEADER.unpack(memory.read(readable[0][0], _HEADER.size))
+        else:
+            kind, sector = self._header(chain)
         self.requests += 1
-        out_data = trim(chain.readable_views(memory), _HEADER.size, 0)
         in_views = chain.writable_views(memory)
-        in_data = trim(in_views, 0, 1)
         status_view = in_views[-1][-1:]
+        in_data = in_views[:-1] if len(in_views[-1]) == 1 else trim(in_views, 0, 1)
         written = 0
         try:
             if kind == T_IN:
                 status = self._read(sector, in_data)
                 written = total_length(in_data) if status == S_OK else 0
             elif kind == T_OUT:
-                status = self._write(sector, out_data)
+                status = self._write(sector, self._out_data(chain))
             elif kind == T_FLUSH:
                 status = S_OK
                 if not self.disk.spec.readonly:
@@ -188,7 +191,7 @@ class Blk(v.VirtioDevice):
                 written = scatter(in_data, self.serial.ljust(ID_BYTES, b"\0"))
                 status = S_OK
             elif kind in (T_DISCARD, T_WRITE_ZEROES) and self.disk.can_punch:
-                status = self._punch(kind, b"".join(out_data))
+                status = self._punch(kind, b"".join(self._out_data(chain)))
             else:
                 status = S_UNSUPP
         except OSError as error:
@@ -197,6 +200,13 @@ class Blk(v.VirtioDevice):
             status, written = S_IOERR, 0
         status_view[0] = status
         return written + 1
+
+    def _out_data(self, chain: DescriptorChain) -> list[memoryview]:
+        """Views of the request's device-readable data: its readable buffers without the header."""
+        memory, readable = self.memory, chain.readable
+        if readable[0][1] == _HEADER.size:  # the header in a buffer of its own
+            return [memory.view(addr, length) for addr, length in readable[1:]]
+        return trim(chain.readable_views(memory), _HEADER.size, 0)
 
     def _in_range(self, sector: int, length: int) -> bool:
         return length % SECTOR == 0 and sector * SECTOR + length <= self.disk.sectors * SECTOR
