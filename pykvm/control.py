@@ -15,14 +15,12 @@ sends. Commands run one at a time.
 from __future__ import annotations
 
 import json
-import os
 import socket
-import stat
 import threading
 import time
 from typing import Any, Callable
 
-from pykvm import migration, snapshot
+from pykvm import migration, snapshot, unixsock
 from pykvm.errors import ConfigError
 from pykvm.machine import Machine
 
@@ -36,7 +34,8 @@ class CommandError(Exception):
 class ControlServer:
     def __init__(self, path: str, machine: Machine) -> None:
         self.path, self.machine = path, machine
-        self.sock = _listen(path)
+        self.sock = unixsock.bind(path, socket.SOCK_STREAM, f"--control {path}")
+        self.sock.listen(4)
         self._command_lock = threading.Lock()
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "query-status": self._query_status,
@@ -54,11 +53,7 @@ class ControlServer:
         self.handlers[name] = handler
 
     def close(self) -> None:
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        unixsock.close(self.sock, self.path)
 
     # -- connections -----------------------------------------------------------------------------
 
@@ -149,30 +144,6 @@ def _string(request: dict[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value:
         raise CommandError(f"{request['cmd']} needs a {key!r} string")
     return value
-
-
-def _listen(path: str) -> socket.socket:
-    """Bind the control socket; a stale socket file is replaced, one in use is an error."""
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise ConfigError(f"--control {path}: exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)
-        else:
-            raise ConfigError(f"--control {path}: in use by another process")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
-    except OSError as error:
-        sock.close()
-        raise ConfigError(f"--control {path}: cannot bind: {error.strerror}") from None
-    sock.listen(4)
-    return sock
 
 
 def request(path: str, command: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:

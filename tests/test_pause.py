@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 
 from pykvm.machine import Machine, MachineConfig
 from pykvm.vcpu import RunState

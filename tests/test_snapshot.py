@@ -7,7 +7,6 @@ import json
 import os
 import re
 import struct
-import zlib
 
 import pytest
 

@@ -17,10 +17,10 @@ import errno
 import fcntl
 import os
 import socket
-import stat
 import struct
 from dataclasses import dataclass
 
+from pykvm import unixsock
 from pykvm.errors import ConfigError
 
 TUN_PATH = "/dev/net/tun"
@@ -126,14 +126,7 @@ class SocketBackend(NetBackend):
     def __init__(self, path: str, peer: str | None = None) -> None:
         self.path, self.peer = path, peer
         self.fixed_peer = peer is not None
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-        try:
-            if os.path.exists(path) and _is_stale_socket(path):
-                os.unlink(path)
-            self.sock.bind(path)
-        except OSError as error:
-            self.sock.close()
-            raise ConfigError(f"--net socket:{path}: cannot bind: {error.strerror}") from None
+        self.sock = unixsock.bind(path, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, f"--net socket:{path}")
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -158,22 +151,5 @@ class SocketBackend(NetBackend):
         return length
 
     def close(self) -> None:
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        unixsock.close(self.sock, self.path)
 
-
-def _is_stale_socket(path: str) -> bool:
-    """A socket file nobody is bound to any more (left by a killed VMM); anything else is kept."""
-    if not stat.S_ISSOCK(os.stat(path).st_mode):
-        raise ConfigError(f"--net socket:{path}: exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        return True
-    finally:
-        probe.close()
-    raise ConfigError(f"--net socket:{path}: another process is bound to it", in_use=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from pykvm.memory import GuestMemory, GuestMemoryError, MemorySlot
+from pykvm.memory import GuestMemory, GuestMemoryError
 
 DESC_F_NEXT, DESC_F_WRITE, DESC_F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1

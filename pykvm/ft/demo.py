@@ -15,7 +15,6 @@ it takes over, and the client's frames reach whichever VMM holds it.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import socket

@@ -21,7 +21,7 @@ import numpy as np
 import xxhash
 
 from pykvm import wire
-from pykvm.devices.virtio.blk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Blk, DiskChange, fallocate
+from pykvm.devices.virtio.blk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Blk, fallocate
 from pykvm.ft import protocol as p
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, GuestMemory

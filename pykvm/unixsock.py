@@ -1,0 +1,48 @@
+"""Unix sockets bound at a path, the way a VMM needs them: a socket file left behind by a killed
+process is replaced, one that a live process is bound to is refused (ConfigError, in_use), and
+closing removes the file."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+from pykvm.errors import ConfigError
+
+
+def bind(path: str, kind: int, what: str) -> socket.socket:
+    """A socket of `kind` (SOCK_STREAM, SOCK_DGRAM, with flags) bound at `path`; `what` names it
+    in errors ("--control /x.sock")."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ConfigError(f"{what}: exists and is not a socket")
+        if _in_use(path, kind & (socket.SOCK_STREAM | socket.SOCK_DGRAM)):
+            raise ConfigError(f"{what}: in use by another process", in_use=True)
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+    except OSError as error:
+        sock.close()
+        raise ConfigError(f"{what}: cannot bind: {error.strerror}") from None
+    return sock
+
+
+def _in_use(path: str, kind: int) -> bool:
+    probe = socket.socket(socket.AF_UNIX, kind)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False  # nobody behind it: left over from a process that is gone
+    finally:
+        probe.close()
+    return True
+
+
+def close(sock: socket.socket, path: str) -> None:
+    sock.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
