@@ -75,6 +75,9 @@ def _add_ft_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ft-verify", action="store_true",
                         help="check at every sync that the standby's RAM equals the primary's (slow; for tests)")
     parser.add_argument("--metrics", metavar="FILE", help="the primary writes one JSON line per sync here")
+    parser.add_argument("--ft-mode", choices=("sync", "pipelined"), default="sync",
+                        help="sync: the guest waits for the standby's ack (Kemari); pipelined: it runs on once "
+                             "the sync is captured and only the outputs wait (default sync)")
     parser.add_argument("--ft-interval", type=float, default=0, metavar="MS",
                         help="also sync every MS milliseconds, output or not (periodic, Remus-style; default: "
                              "only at outputs)")
@@ -118,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="fault tolerance end to end: kill a primary, check the standby")
     demo.add_argument("--records", type=int, default=200, help="records the client writes (default 200)")
     demo.add_argument("--seed", type=int, help="seed for the kill moment and the data (default: random)")
+    demo.add_argument("--ft-mode", choices=("sync", "pipelined"), default="sync", help="see `pykvm run --ft-mode`")
 
     ctl = commands.add_parser("ctl", help="send a command to a running pykvm's control socket")
     ctl.add_argument("socket", metavar="SOCKET")
@@ -201,7 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _protect(machine: Machine, args: argparse.Namespace) -> Primary:
     metrics = open(args.metrics, "a", buffering=1) if args.metrics else None
     primary = Primary(machine, timeout=args.ft_timeout / 1000, metrics=metrics, verify=args.ft_verify,
-                      interval=args.ft_interval / 1000, log=_log)
+                      interval=args.ft_interval / 1000, pipelined=args.ft_mode == "pipelined", log=_log)
     primary.protect(args.ft)
     return primary
 
@@ -346,7 +350,7 @@ def _print_error(error: Exception) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return demo.main(args.records, args.seed)
+    return demo.main(args.records, args.seed, args.ft_mode)
 
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "guests": cmd_guests, "ft": cmd_ft}

@@ -111,10 +111,11 @@ class PageGatherer:
 
 
 def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, live: bool = False,
-                gatherer: PageGatherer | None = None) -> tuple[list, int]:
+                gatherer: PageGatherer | None = None, copy: bool = False) -> tuple[list, int]:
     """Frames carrying `pages` (ascending page numbers) of a RAM slot, as buffers for sendmsg:
     contiguous pages travel as one memoryview of guest RAM, so nothing is copied. Pages scattered
-    one by one are copied into one buffer by `gatherer` when given (the guest must be stopped).
+    one by one are copied into one buffer by `gatherer` when given (the guest must be stopped);
+    `copy` has it copy every page, so the frames no longer depend on guest RAM.
     `live`: the guest is running, so the data is left out of the hash (LIVE_DATA). Returns the
     buffers and the next sequence number."""
     if len(pages) and (int(pages[-1]) + 1) * PAGE_SIZE > len(view):
@@ -123,7 +124,7 @@ def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, liv
     for start in range(0, len(pages), PAGES_PER_FRAME):
         chunk = np.ascontiguousarray(pages[start : start + PAGES_PER_FRAME], dtype="<u4")
         runs = page_runs(chunk)
-        if gatherer is not None and len(runs) * 4 > len(chunk):  # mostly lone pages
+        if gatherer is not None and (copy or len(runs) * 4 > len(chunk)):  # copy, or mostly lone pages
             data = [gatherer.gather(view, chunk)]
         else:
             data = [view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in runs]

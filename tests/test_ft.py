@@ -31,6 +31,13 @@ def test_kill_the_primary_at_a_random_moment(tmp_path, guest_images, trial):
     assert any(s["trigger"] == "blk" for s in result.syncs) and any(s["trigger"] == "net" for s in result.syncs)
 
 
+@pytest.mark.parametrize("trial", range(5))
+def test_kill_the_primary_in_pipelined_mode(tmp_path, guest_images, trial):
+    """Pipelined syncs (the guest runs on while a sync travels): outputs still wait for the ack."""
+    result = run_demo(records=40, seed=2000 + trial, workdir=tmp_path, say=lambda line: None, mode="pipelined")
+    assert result.lost == [] and result.verified == 40
+
+
 def test_demo_command(guest_images):
     result = run_pykvm("demo", "--records", "60", "--seed", "7", timeout=300)
     out = result.stdout.decode()

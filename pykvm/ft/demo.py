@@ -95,7 +95,7 @@ def _request(peer: Peer, text: str, deadline: float) -> bytes:
 
 
 def run_demo(records: int = 200, seed: int | None = None, workdir: Path | None = None,
-             say=print) -> DemoResult:
+             say=print, mode: str = "sync") -> DemoResult:
     rng = random.Random(seed)
     image = guests.image_path("kv")
     with tempfile.TemporaryDirectory(prefix="pykvm-demo-") as tmp:
@@ -112,7 +112,7 @@ def run_demo(records: int = 200, seed: int | None = None, workdir: Path | None =
         primary = None
         try:
             standby.wait_for("waiting for a primary")
-            primary = _Vmm(["run", str(image), "--disk", str(root / "primary.img"), *common, "--ft", uri,
+            primary = _Vmm(["run", str(image), "--disk", str(root / "primary.img"), *common, "--ft", uri, "--ft-mode", mode,
                             "--metrics", str(root / "metrics.jsonl"), "--serial", "stdio"], root / "primary.out")
             primary.wait_for("protected by")
             say(f"demo: primary (pid {primary.proc.pid}) protected by a standby (pid {standby.proc.pid}) on {uri}")
@@ -166,9 +166,9 @@ def _percentiles(values: list[float]) -> str:
     return f"p50 {pick(0.5):.2f}  p90 {pick(0.9):.2f}  p99 {pick(0.99):.2f}  max {ordered[-1]:.2f}"
 
 
-def main(records: int = 200, seed: int | None = None) -> int:
+def main(records: int = 200, seed: int | None = None, mode: str = "sync") -> int:
     print("demo: building the kv guest", flush=True)
-    result = run_demo(records, seed, say=lambda line: print(line, flush=True))
+    result = run_demo(records, seed, say=lambda line: print(line, flush=True), mode=mode)
     syncs = result.syncs
     outputs = [s for s in syncs if s["trigger"] in ("blk", "net")]
     print()

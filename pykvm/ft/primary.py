@@ -20,6 +20,7 @@ what it holds and goes on unprotected; `ft-protect` attaches a new standby with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -80,10 +81,13 @@ class PrimaryStats:
 
 class Primary:
     def __init__(self, machine: Machine, *, timeout: float = 0.2, metrics: TextIO | None = None,
-                 verify: bool = False, interval: float = 0.0, log: Callable[[str], None] = print) -> None:
-        """`interval` > 0 adds periodic syncs (trigger "timer") to the event-driven ones."""
+                 verify: bool = False, interval: float = 0.0, pipelined: bool = False,
+                 log: Callable[[str], None] = print) -> None:
+        """`interval` > 0 adds periodic syncs (trigger "timer") to the event-driven ones;
+        `pipelined` resumes the guest before the sync is sent (see _sync)."""
         self.machine = machine
         self.interval = interval
+        self.pipelined = pipelined
         self.timeout = timeout
         self.metrics = metrics
         self.verify = verify
@@ -199,54 +203,77 @@ class Primary:
                     self._lose_standby(str(error))
 
     def _sync(self, trigger: str, *, full: bool = False) -> None:
-        machine, sock, protocol = self.machine, self._sock, self._protocol
+        """One sync. Synchronous (Kemari): the guest stays paused until the standby's Ack.
+        Pipelined: the guest resumes as soon as the sync is captured (its pages copied), and only
+        the outputs that the captured state precedes wait for the Ack."""
+        pipelined = self.pipelined and not full
         started = time.perf_counter()
-        with machine.quiesced():
+        with contextlib.ExitStack() as quiesce:
+            quiesce.enter_context(self.machine.quiesced())
             paused = time.perf_counter()
-            buffers, pages = [], 0
-            for slot in machine.vm.memory.slots:
-                if full:
-                    machine.vm.dirty_bitmap(slot)  # reset the log: everything goes now anyway
-                    numbers = populated_pages(slot)
-                else:
-                    numbers = dirty_pages(machine.vm.dirty_bitmap(slot))
-                if len(numbers):
-                    buffers += protocol.send_pages(slot.index, slot.view, numbers)
-                    pages += len(numbers)
-            for disk_index, changes in enumerate(self._disk_changes):
-                if full:
-                    changes[:] = list(_whole_disk(self.disks[disk_index]))
-                if changes:
-                    buffers += protocol.send(p.DiskChanges(disk_index, tuple(changes)))
-                    changes.clear()
-            state = encode(machine.save_state())
-            buffers += protocol.send(p.MachineStateBlob(state))
-            sync = protocol.last_sync + 1
-            end = p.SyncEnd(sync, trigger, ram_hash(machine.vm.memory) if self.verify else None,
-                            xxhash.xxh3_64_intdigest(state))
-            buffers += protocol.send(end)
-            sent_bytes = wire.send_buffers(sock, buffers)
+            covered = self._take_held()  # the outputs this sync's state precedes
+            buffers, pages, sync = self._capture(trigger, full, copy=pipelined)
+            if pipelined:
+                quiesce.close()  # the guest runs on while the sync travels
+            resumed = time.perf_counter()
+            sent_bytes = wire.send_buffers(self._sock, buffers)
             sent = time.perf_counter()
-            ack = p.receive_event(sock, protocol)
+            ack = p.receive_event(self._sock, self._protocol)
             if not isinstance(ack, p.Ack):
                 raise wire.ProtocolError(f"the standby answered {type(ack).__name__} to sync {sync}")
             acked = time.perf_counter()
-            delays = self._release_all()
-        resumed = time.perf_counter()
+            delays = self._release(covered)
+            if not pipelined:
+                resumed = time.perf_counter()
         record = SyncRecord(sync, time.time(), trigger, pages, sent_bytes, (resumed - paused) * 1000,
                             (sent - paused) * 1000, (acked - sent) * 1000, max(delays, default=0.0) * 1000)
         self._account(record, started)
 
-    def _release_all(self) -> list[float]:
-        """Let every held output go (in the order held); returns how long each waited."""
+    def _capture(self, trigger: str, full: bool, *, copy: bool) -> tuple[list, int, int]:
+        """Frames for everything that changed (machine quiesced): dirty pages (all populated pages
+        for a full sync), completed disk changes, the machine state, SyncEnd. `copy`: the pages
+        are copied out, so the guest may run before the frames are sent."""
+        machine, protocol = self.machine, self._protocol
+        buffers, pages = [], 0
+        for slot in machine.vm.memory.slots:
+            if full:
+                machine.vm.dirty_bitmap(slot)  # reset the log: everything goes now anyway
+                numbers = populated_pages(slot)
+            else:
+                numbers = dirty_pages(machine.vm.dirty_bitmap(slot))
+            if len(numbers):
+                buffers += protocol.send_pages(slot.index, slot.view, numbers, copy=copy)
+                pages += len(numbers)
+        for disk_index, changes in enumerate(self._disk_changes):
+            if full:
+                changes[:] = list(_whole_disk(self.disks[disk_index]))
+            if changes:
+                buffers += protocol.send(p.DiskChanges(disk_index, tuple(changes)))
+                changes.clear()
+        state = encode(machine.save_state())
+        buffers += protocol.send(p.MachineStateBlob(state))
+        sync = protocol.last_sync + 1
+        end = p.SyncEnd(sync, trigger, ram_hash(machine.vm.memory) if self.verify else None,
+                        xxhash.xxh3_64_intdigest(state))
+        buffers += protocol.send(end)
+        return buffers, pages, sync
+
+    def _take_held(self) -> list[tuple[VirtioDevice, int, float]]:
         with self._cond:
             held, self._held = self._held, []
+        return held
+
+    def _release(self, held: list[tuple[VirtioDevice, int, float]]) -> list[float]:
+        """Let these held outputs go, in the order held; returns how long each waited."""
         now = time.perf_counter()
         for device, queue, _ in held:
             function = next(f for f in self.machine.virtio if f.device is device)
             with function.lock:
                 device.release_held(queue)
         return [now - when for _, _, when in held]
+
+    def _release_all(self) -> list[float]:
+        return self._release(self._take_held())
 
     def _account(self, record: SyncRecord, started: float) -> None:
         stats = self.stats

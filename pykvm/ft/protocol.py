@@ -142,11 +142,13 @@ class FtConnection:
         self._out_seq += 1
         return buffers
 
-    def send_pages(self, slot: int, view: memoryview, pages: np.ndarray) -> list:
+    def send_pages(self, slot: int, view: memoryview, pages: np.ndarray, *, copy: bool = False) -> list:
         """Pages of a RAM slot (the guest must be stopped: every byte is hashed). Scattered pages
-        are gathered into scratch buffers that stay valid until the next SyncEnd is sent."""
+        (all pages, with `copy`) are gathered into scratch buffers that stay valid until the
+        next SyncEnd is sent."""
         self._advance(Pages(slot, pages), outgoing=True)
-        buffers, self._out_seq = wire.page_frames(self._out_seq, slot, view, pages, gatherer=self._gatherer)
+        buffers, self._out_seq = wire.page_frames(self._out_seq, slot, view, pages, gatherer=self._gatherer,
+                                                  copy=copy)
         return buffers
 
     @staticmethod
