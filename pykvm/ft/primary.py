@@ -212,15 +212,20 @@ class Primary:
             quiesce.enter_context(self.machine.quiesced())
             paused = time.perf_counter()
             covered = self._take_held()  # the outputs this sync's state precedes
-            buffers, pages, sync = self._capture(trigger, full, copy=pipelined)
-            if pipelined:
-                quiesce.close()  # the guest runs on while the sync travels
-            resumed = time.perf_counter()
-            sent_bytes = wire.send_buffers(self._sock, buffers)
-            sent = time.perf_counter()
-            ack = p.receive_event(self._sock, self._protocol)
-            if not isinstance(ack, p.Ack):
-                raise wire.ProtocolError(f"the standby answered {type(ack).__name__} to sync {sync}")
+            try:
+                buffers, pages, sync = self._capture(trigger, full, copy=pipelined)
+                if pipelined:
+                    quiesce.close()  # the guest runs on while the sync travels
+                resumed = time.perf_counter()
+                sent_bytes = wire.send_buffers(self._sock, buffers)
+                sent = time.perf_counter()
+                ack = p.receive_event(self._sock, self._protocol)
+                if not isinstance(ack, p.Ack):
+                    raise wire.ProtocolError(f"the standby answered {type(ack).__name__} to sync {sync}")
+            except BaseException:
+                with self._cond:  # not acknowledged: they wait again (for whoever deals with the loss)
+                    self._held[:0] = covered
+                raise
             acked = time.perf_counter()
             delays = self._release(covered)
             if not pipelined:
