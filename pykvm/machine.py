@@ -100,15 +100,16 @@ class Machine:
         self.pci.add(function)
         return function
 
-    def attach_networks(self, *, announce: bool = True, wait: float = 0.0) -> None:
+    def attach_networks(self, *, announce: bool = True, wait: float = 0.0, take_over: bool = False) -> None:
         """Open the NIC backends of a machine built with attach_networks=False. `wait`: how long
         to keep trying while another process still holds a backend (a migration source lets go of
-        its socket or TAP just after the target has the guest)."""
+        its socket or TAP just after the target has the guest). `take_over`: socket paths are
+        taken from a holder that is still alive (an FT takeover from a hung primary)."""
         deadline = time.monotonic() + wait
         for function, spec in zip(self.nics(), self.config.nets):
             while function.device.backend is None:
                 try:
-                    function.device.attach_backend(spec.open())
+                    function.device.attach_backend(spec.open(take_over=take_over))
                 except ConfigError as error:
                     if not error.in_use or time.monotonic() >= deadline:
                         raise

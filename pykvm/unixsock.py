@@ -11,13 +11,15 @@ import stat
 from pykvm.errors import ConfigError
 
 
-def bind(path: str, kind: int, what: str) -> socket.socket:
+def bind(path: str, kind: int, what: str, *, take_over: bool = False) -> socket.socket:
     """A socket of `kind` (SOCK_STREAM, SOCK_DGRAM, with flags) bound at `path`; `what` names it
-    in errors ("--control /x.sock")."""
+    in errors ("--control /x.sock"). `take_over`: replace the file even if a process is bound to
+    it (an FT standby taking over from a primary that hangs but holds it); that process keeps a
+    socket nobody can reach by the path any more."""
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ConfigError(f"{what}: exists and is not a socket")
-        if _in_use(path, kind & (socket.SOCK_STREAM | socket.SOCK_DGRAM)):
+        if not take_over and _in_use(path, kind & (socket.SOCK_STREAM | socket.SOCK_DGRAM)):
             raise ConfigError(f"{what}: in use by another process", in_use=True)
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)

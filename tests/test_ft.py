@@ -181,3 +181,34 @@ def test_clean_guest_exit_ends_the_standby_without_takeover(tmp_path, guest_imag
         assert standby.output == ""
     finally:
         standby.kill()
+
+
+def test_a_hung_primary_is_replaced_after_the_timeout(tmp_path, guest_images):
+    """SIGSTOP, not SIGKILL: the connection stays open but the heartbeats stop. After --ft-timeout
+    the standby takes over (and takes the link's socket from the frozen primary)."""
+    primary_disk, standby_disk = _disks(tmp_path, "p.img", "s.img")
+    link = str(tmp_path / "link.sock")
+    port = _free_port()
+    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--disk", standby_disk,
+                         "--net", f"socket:{link}", "--ft-timeout", "300")
+    primary = None
+    try:
+        standby.stderr.wait_for(b"waiting for a primary")
+        primary = VmmProcess("run", "kv", "--disk", primary_disk, "--net", f"socket:{link}",
+                             "--ft", f"tcp:127.0.0.1:{port}", "--ft-timeout", "300")
+        primary.wait_for(b"kv: ready")
+        with FrameSocket(tmp_path / "client.sock", link) as sock:
+            peer = Peer(sock, timeout=1.0)
+            for seq in range(1, 6):
+                assert peer.udp(9000, f"put {seq} v{seq}".encode()) == f"ok {seq}".encode()
+            primary.proc.send_signal(signal.SIGSTOP)
+            standby.stderr.wait_for(b"no word from the primary for 300 ms")
+            standby.stderr.wait_for(b"took over")
+            peer.guest_mac = None
+            for seq in range(1, 6):
+                assert _get_with_retries(peer, seq) == f"val {seq} v{seq}".encode()
+    finally:
+        if primary is not None:
+            primary.proc.send_signal(signal.SIGCONT)
+            primary.kill()
+        standby.kill()

@@ -8,7 +8,9 @@
 
 A backend moves frames with vectored I/O on the caller's memoryviews: `send(views)` and
 `receive_into(views)`, which returns the frame length, None when nothing is waiting, or -1 for a
-frame that did not fit (dropped).
+frame that did not fit (dropped). `next_length()` tells, without reading it, how long the frame
+waiting is (None: none is; -1: the backend cannot tell), so the device takes only the receive
+buffers that frame needs.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class NetBackend:
     def receive_into(self, views: list[memoryview]) -> int | None:
         raise NotImplementedError
 
+    def next_length(self) -> int | None:
+        return -1
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -69,8 +74,11 @@ class NetSpec:
             raise ConfigError(f"--net {text!r}: a TAP name has at most {IFNAMSIZ - 1} characters and no '/'")
         return cls(kind, target, fields.get("peer"), fields.get("mac"))
 
-    def open(self) -> NetBackend:
-        return TapBackend(self.target) if self.kind == "tap" else SocketBackend(self.target, self.peer)
+    def open(self, *, take_over: bool = False) -> NetBackend:
+        """`take_over`: a socket path is taken even from a live holder (see unixsock.bind)."""
+        if self.kind == "tap":
+            return TapBackend(self.target)
+        return SocketBackend(self.target, self.peer, take_over=take_over)
 
 
 class TapBackend(NetBackend):
@@ -123,10 +131,12 @@ class TapBackend(NetBackend):
 
 
 class SocketBackend(NetBackend):
-    def __init__(self, path: str, peer: str | None = None) -> None:
+    def __init__(self, path: str, peer: str | None = None, *, take_over: bool = False) -> None:
         self.path, self.peer = path, peer
         self.fixed_peer = peer is not None
-        self.sock = unixsock.bind(path, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, f"--net socket:{path}")
+        self.sock = unixsock.bind(path, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, f"--net socket:{path}",
+                                  take_over=take_over)
+        self._peek = bytearray(1)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -149,6 +159,12 @@ class SocketBackend(NetBackend):
         if flags & socket.MSG_TRUNC:
             return -1
         return length
+
+    def next_length(self) -> int | None:
+        try:  # with MSG_TRUNC the call returns the datagram's whole length
+            return self.sock.recv_into(self._peek, 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+        except BlockingIOError:
+            return None
 
     def close(self) -> None:
         unixsock.close(self.sock, self.path)

@@ -205,7 +205,8 @@ class Standby:
         assert self.committed is not None
         detected_at = self.lost_at
         self.machine.restore_state(self.committed)
-        self.machine.attach_networks(announce=True, wait=2.0)  # the dead primary's fds may still be closing
+        # A dead primary's TAP may still be closing (wait); a hung one keeps its socket (take it).
+        self.machine.attach_networks(announce=True, wait=2.0, take_over=True)
         self.machine.vm.start()
         elapsed = time.monotonic() - detected_at
         self.log(f"ft standby: took over from sync {self.committed_sync} in {elapsed * 1000:.1f} ms "
