@@ -91,6 +91,11 @@ def _request(peer: Peer, text: str, deadline: float) -> bytes:
             return peer.udp(9000, text.encode(), timeout=REQUEST_TIMEOUT)
         except TimeoutError:
             peer.guest_mac = None  # after a takeover, resolve again
+        except (ConnectionRefusedError, FileNotFoundError):
+            # the primary is gone and the standby has not bound the link yet: as with a cable
+            # being replugged, wait a moment (bounded by the deadline) and send again
+            peer.guest_mac = None
+            time.sleep(REQUEST_TIMEOUT / 10)
     raise TimeoutError(f"no answer to {text!r}")
 
 
