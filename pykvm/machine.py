@@ -53,7 +53,9 @@ class MachineConfig:
     disks: tuple[DiskSpec, ...] = field(default=())
     nets: tuple[NetSpec, ...] = field(default=())
     legacy_virtio: bool = True  # transitional devices (legacy I/O BAR too); False: modern only
-    ioeventfd: bool = True  # queue notifications through KVM ioeventfds (False: through Python)
+    # Queue notifications: True: a KVM ioeventfd that wakes the device's I/O thread; False: an exit
+    # to Python that serves the queue on the vCPU thread; None: per device, see ioeventfd_for()
+    ioeventfd: bool | None = None
 
 
 @dataclass
@@ -95,7 +97,8 @@ class Machine:
             raise
 
     def _add_virtio(self, device) -> VirtioPciFunction:
-        function = VirtioPciFunction(device, self.vm, legacy=self.config.legacy_virtio, ioeventfd=self.config.ioeventfd)
+        function = VirtioPciFunction(device, self.vm, legacy=self.config.legacy_virtio,
+                                     ioeventfd=ioeventfd_for(self.config, type(device)))
         self.virtio.append(function)
         self.pci.add(function)
         return function
@@ -196,6 +199,17 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def ioeventfd_for(config: MachineConfig, device_type: type) -> bool:
+    """How a device's queue notifications arrive. By default (config.ioeventfd None) the faster way
+    measured for it (bench/blk.py, bench/net.py; ARCHITECTURE.md, Notifications): virtio-blk serves
+    its requests on the notifying vCPU's thread, during the exit (page-cache I/O is short, and on a
+    busy host that beats waking a thread); virtio-net goes through an ioeventfd and its I/O thread
+    (a transmitted frame wakes the peer, whose answer the guest waits for: the vCPU runs on)."""
+    if config.ioeventfd is not None:
+        return config.ioeventfd
+    return not issubclass(device_type, Blk)
 
 
 def _default_mac(index: int) -> bytes:

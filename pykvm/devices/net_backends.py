@@ -32,6 +32,9 @@ SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
 IFF_UP = 0x1
 IFNAMSIZ = 16
 VNET_HEADER = bytes(12)  # virtio_net_hdr_v1 with no offload: all zeros
+# Plain ints: the socket module's flags are enum members, whose | and & cost microseconds a frame
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_PEEK_LENGTH = int(socket.MSG_PEEK | socket.MSG_TRUNC)
 
 
 class NetBackend:
@@ -156,13 +159,13 @@ class SocketBackend(NetBackend):
             return None
         if sender and not self.fixed_peer:
             self.peer = sender
-        if flags & socket.MSG_TRUNC:
+        if flags & _MSG_TRUNC:
             return -1
         return length
 
     def next_length(self) -> int | None:
         try:  # with MSG_TRUNC the call returns the datagram's whole length
-            return self.sock.recv_into(self._peek, 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+            return self.sock.recv_into(self._peek, 1, _PEEK_LENGTH)
         except BlockingIOError:
             return None
 

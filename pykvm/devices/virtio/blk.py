@@ -179,8 +179,9 @@ class Blk(v.VirtioDevice):
         written = 0
         try:
             if kind == T_IN:
-                status = self._read(sector, in_data)
-                written = total_length(in_data) if status == S_OK else 0
+                length = total_length(in_data)
+                status = self._read(sector, in_data, length)
+                written = length if status == S_OK else 0
             elif kind == T_OUT:
                 status = self._write(sector, self._out_data(chain))
             elif kind == T_FLUSH:
@@ -211,8 +212,7 @@ class Blk(v.VirtioDevice):
     def _in_range(self, sector: int, length: int) -> bool:
         return length % SECTOR == 0 and sector * SECTOR + length <= self.disk.sectors * SECTOR
 
-    def _read(self, sector: int, views: list[memoryview]) -> int:
-        length = total_length(views)
+    def _read(self, sector: int, views: list[memoryview], length: int) -> int:
         if not self._in_range(sector, length):
             return S_IOERR
         done = os.preadv(self.disk.fd, views, sector * SECTOR) if views else 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def total_length(views: list[memoryview]) -> int:
-    return sum(len(view) for view in views)
+    return sum(map(len, views))
 
 
 def trim(views: list[memoryview], front: int, back: int = 0) -> list[memoryview]:

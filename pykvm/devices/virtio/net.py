@@ -137,7 +137,11 @@ class Net(v.VirtioDevice):
         mergeable = bool(self.driver_features & F_MRG_RXBUF)
         received = False
         while True:
-            chains = self._take_buffers(queue, header + MAX_FRAME, mergeable)
+            waiting = self.backend.next_length()
+            if waiting is None:  # nothing to read (known without taking buffers)
+                break
+            room = MAX_FRAME if waiting < 0 or waiting > MAX_FRAME else waiting  # too long: dropped below
+            chains = self._take_buffers(queue, header + room, mergeable)
             if not chains:
                 self._rx_starved = True
                 queue.set_notification(True)  # wake us when buffers come
@@ -162,7 +166,7 @@ class Net(v.VirtioDevice):
 
     @staticmethod
     def _take_buffers(queue: SplitQueue, needed: int, mergeable: bool) -> list[DescriptorChain]:
-        """Enough rx chains for a full frame: one (big enough) chain, or several when merging."""
+        """Enough rx chains for `needed` bytes: one (big enough) chain, or several when merging."""
         chains, room = [], 0
         while room < needed:
             chain = queue.pop()

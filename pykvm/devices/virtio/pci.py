@@ -5,10 +5,11 @@ transitional legacy interface in an I/O BAR, MSI-X or INTx, and the device's I/O
     BAR1  memory, MSI-X table at 0x000, PBA at 0x800
     BAR4  memory, 64-bit: common cfg 0x0000, ISR 0x1000, device cfg 0x2000, notify 0x3000
 
-Queue notifications reach the device's I/O thread through an eventfd per queue. KVM signals it
-itself (ioeventfd on the notify address), so a notify costs the vCPU no exit to Python; a notify
-that still exits (another access width, ioeventfds off) signals the same eventfd from Python.
-Interrupts go out as MSI-X messages (KVM_SIGNAL_MSI) or on INTx with the ISR.
+A queue notification is either an ioeventfd (KVM signals an eventfd per queue, the device's I/O
+thread serves the queue) or, without one (or for another access width), an exit to Python that
+serves the queue on the vCPU thread during the exit; `pykvm.machine.ioeventfd_for` picks per
+device. The I/O thread also serves the backend's input (received frames). Interrupts go out as
+MSI-X messages (KVM_SIGNAL_MSI) or on INTx with the ISR.
 """
 
 from __future__ import annotations
@@ -449,8 +450,24 @@ class VirtioPciFunction(PciFunction):
     # -- notifications and interrupts -------------------------------------------------------------
 
     def _kick(self, index: int) -> None:
-        if index < len(self.queues):
-            os.eventfd_write(self.queues[index].eventfd, 1)
+        """A notify that reached Python (ioeventfds off, or another access width), on the vCPU
+        thread with the function lock held: serve the queue right here. Handing it to the I/O
+        thread would cost a wake-up and a context switch per notify, and on a busy host the I/O
+        thread then waits for a CPU while the vCPU spins on the one it has; here the work runs on
+        the vCPU's own CPU time. The I/O thread still serves ioeventfd notifies and backend input;
+        it is told when the model now wants other backend fds watched (rx buffers came)."""
+        if index >= len(self.queues) or not self.status & v.STATUS_DRIVER_OK or self.status & v.STATUS_NEEDS_RESET:
+            return  # nothing runs yet (DRIVER_OK kicks every queue) or any more (until a reset)
+        device = self.device
+        fds = device.backend_fds()
+        watched = [device.wants_backend(fd) for fd in fds]
+        try:
+            device.queue_notified(index)
+        except QueueError as error:
+            self.needs_reset(str(error))
+            return
+        if fds and watched != [device.wants_backend(fd) for fd in fds]:
+            self._io.rearm()
 
     def _register_ioeventfds(self) -> None:
         if not self.use_ioeventfd:
@@ -518,8 +535,9 @@ class VirtioPciFunction(PciFunction):
 class _IoThread:
     """The device's worker: waits on the queue eventfds and the backend's fds, calls the model.
 
-    All model calls happen here with the function lock held, so a model never runs concurrently
-    with itself or with register accesses from a vCPU.
+    It calls the model with the function lock held, as a vCPU serving a notify in its exit does
+    (VirtioPciFunction._kick), so a model never runs concurrently with itself or with register
+    accesses from a vCPU.
     """
 
     def __init__(self, function: VirtioPciFunction) -> None:

@@ -1,0 +1,217 @@
+"""What bench/blk.py and bench/net.py share: a guest under QEMU (KVM) as the reference, KVM's own
+exit counters for a vCPU of either VMM, the CPU time a VMM spends outside its guest, and the
+figures' summaries.
+
+KVM counts every exit of a vCPU, also those it handles itself (an ioeventfd notify, an interrupt
+window), in its binary statistics (`KVM_GET_STATS_FD`, the `exits` counter). pykvm's vCPUs are in
+this process, so the fd is read directly; QEMU reads the same counters for us (QMP `query-stats`,
+QEMU 7.1 and later). The exits that reach pykvm's Python loop are `Vcpu.exit_count`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+QEMU = shutil.which("qemu-system-x86_64")
+KVM_GET_STATS_FD = 0xAE << 8 | 0xCE  # _IO(KVMIO, 0xce), on a VM or vCPU fd
+_STATS_HEADER = struct.Struct("<6I")  # flags, name_size, num_desc, id_offset, desc_offset, data_offset
+_STATS_DESC = struct.Struct("<IhHII")  # flags, exponent, size, offset, bucket_size; then the name
+
+
+class KvmStats:
+    """KVM's binary statistics of one fd (here a vCPU's): read() -> {name: first value}."""
+
+    def __init__(self, vcpu_fd: int) -> None:
+        self.fd = fcntl.ioctl(vcpu_fd, KVM_GET_STATS_FD, 0)
+        _, name_size, count, _, desc_offset, self._data_offset = _STATS_HEADER.unpack(os.pread(self.fd, 24, 0))
+        size = _STATS_DESC.size + name_size
+        raw = os.pread(self.fd, size * count, desc_offset)
+        self._offsets: dict[str, int] = {}
+        self._data_size = 0
+        for i in range(count):
+            _, _, length, offset, _ = _STATS_DESC.unpack_from(raw, i * size)
+            name = raw[i * size + _STATS_DESC.size : (i + 1) * size].split(b"\0")[0].decode()
+            self._offsets[name] = offset
+            self._data_size = max(self._data_size, offset + 8 * length)
+
+    def read(self) -> dict[str, int]:
+        data = os.pread(self.fd, self._data_size, self._data_offset)
+        return {name: struct.unpack_from("<Q", data, offset)[0] for name, offset in self._offsets.items()}
+
+    def exits(self) -> int:
+        data = os.pread(self.fd, 8, self._data_offset + self._offsets["exits"])
+        return struct.unpack("<Q", data)[0]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def vmm_cpu_ns(pid: int, is_vcpu: Callable[[int, str], bool]) -> int:
+    """CPU time so far (ns) that process `pid` spent outside its guest: its threads but the vCPUs
+    (from /proc/PID/task/*/schedstat, exact), plus what its vCPU threads spent outside guest mode
+    (user + system - guest time from /proc/PID/task/*/stat, sampled at the clock tick: the
+    handling of exits, in the kernel or in the VMM, and the device work pykvm does during them).
+    Threads that have exited no longer count."""
+    total = 0
+    for entry in os.scandir(f"/proc/{pid}/task"):
+        try:
+            name = Path(entry.path, "comm").read_text().strip()
+            if is_vcpu(int(entry.name), name):
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                utime, stime, guest = int(fields[11]), int(fields[12]), int(fields[40])
+                total += max(utime + stime - guest, 0) * _TICK_NS
+            else:
+                total += int(Path(entry.path, "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def pykvm_cpu_ns(machine) -> int:
+    """vmm_cpu_ns of this process, whose vCPU threads are the machine's."""
+    vcpus = {vcpu.thread.native_id for vcpu in machine.vm.vcpus if vcpu.thread is not None}
+    return vmm_cpu_ns(os.getpid(), lambda tid, name: tid in vcpus)
+
+
+class QemuGuest:
+    """A guest under `qemu-system-x86_64 -accel kvm`: its serial lines as they come (each handed to
+    `on_line(guest, time, line)` on a reader thread), its vCPU exit count over QMP, its exit status."""
+
+    def __init__(self, image: Path, append: str, devices: list[str], workdir: Path, *,
+                 on_line: Callable[[QemuGuest, float, str], None] | None = None, memory_mib: int = 64) -> None:
+        if QEMU is None:
+            raise SystemExit("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+        self._qmp_path = workdir / "qmp.sock"
+        self._qmp_path.unlink(missing_ok=True)
+        self.stderr_path = workdir / "qemu.stderr"
+        self.lines: list[str] = []
+        self._on_line = on_line
+        self._qmp_lock = threading.Lock()
+        with self.stderr_path.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                [QEMU, "-accel", "kvm", "-M", "pc", "-m", str(memory_mib), "-nodefaults", "-no-reboot",
+                 "-name", "bench,debug-threads=on",  # thread names: the vCPUs are "CPU n/KVM"
+                 "-display", "none", "-serial", "stdio", "-monitor", "none",
+                 "-qmp", f"unix:{self._qmp_path},server=on,wait=off",
+                 "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", *devices,
+                 "-kernel", str(image), "-append", append],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+        self._qmp = self._connect_qmp()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _connect_qmp(self):
+        deadline = time.monotonic() + 30
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self._qmp_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"QEMU did not start: {self.stderr_path.read_text(errors='replace')}") from None
+                time.sleep(0.01)
+        qmp = sock.makefile("rw")
+        qmp.readline()  # greeting
+        self._command(qmp, "qmp_capabilities")
+        return qmp
+
+    @staticmethod
+    def _command(qmp, name: str, **arguments) -> object:
+        qmp.write(json.dumps({"execute": name, "arguments": arguments}) + "\n")
+        qmp.flush()
+        while True:
+            reply = json.loads(qmp.readline())
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                raise RuntimeError(f"QMP {name}: {reply['error']}")
+            return reply["return"]
+
+    def exits(self) -> int | None:
+        """KVM's exit count summed over QEMU's vCPUs (None once QEMU is gone)."""
+        try:
+            with self._qmp_lock:
+                vcpus = self._command(self._qmp, "query-stats", target="vcpu",
+                                      providers=[{"provider": "kvm", "names": ["exits"]}])
+        except (OSError, ValueError):
+            return None
+        return sum(stat["value"] for vcpu in vcpus for stat in vcpu["stats"] if stat["name"] == "exits")
+
+    def vmm_cpu_ns(self) -> int:
+        """vmm_cpu_ns of QEMU (its vCPU threads are named "CPU n/KVM")."""
+        return vmm_cpu_ns(self.proc.pid, lambda tid, name: name.startswith("CPU "))
+
+    def _read(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            self.lines.append(line)
+            if self._on_line is not None:
+                self._on_line(self, time.perf_counter(), line)
+
+    def wait(self, timeout: float) -> int:
+        """The guest's exit status (0, or the status it wrote to port 0xf4)."""
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise SystemExit("QEMU: the guest did not finish:\n" + "\n".join(self.lines)) from None
+        self._reader.join(5)
+        return code >> 1 if code & 1 else code
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        try:
+            self._qmp.close()
+        except OSError:
+            pass
+
+
+class Series:
+    """One figure over the rounds of a benchmark."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+    def spread(self, fmt: str) -> str:
+        """'min-max' over the rounds, or '' for a single round."""
+        if len(self.values) < 2:
+            return ""
+        return f"{format(min(self.values), fmt)}-{format(max(self.values), fmt)}"
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def ratios(ours: Series, theirs: Series) -> Series:
+    """Round-by-round ratios: the runs of one round were back to back, under the same load."""
+    out = Series()
+    for a, b in zip(ours.values, theirs.values):
+        out.add(a / b if b else float("nan"))
+    return out
