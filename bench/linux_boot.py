@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pykvm.machine import Machine, MachineConfig  # noqa: E402
 from pykvm.devices.virtio.blk import DiskSpec  # noqa: E402
 from pykvm.devices.net_backends import NetSpec  # noqa: E402
 
-MARKERS = {"first line": b"", "root mount": b"VFS: Mounted root", "IP-Config": b"IP-Config: Complete"}
+MARKERS = {"first line": b"", "IP-Config": b"IP-Config: Complete", "root mount": b"VFS: Mounted root"}
 # Like the tests, without netconsole (QEMU's user-mode network has no host socket to send to).
 APPEND = linux.default_append(network=True)
 
@@ -103,7 +102,8 @@ def run_qemu(kernel: Path, guest: linux.LinuxGuest, disk: Path, args: argparse.N
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         return None, "qemu-system-x86_64 is not installed"
-    cmd = [qemu, "-enable-kvm", "-M", "pc", "-cpu", "host", "-smp", str(args.cpus), "-m", f"{args.mem}M",
+    # QEMU's default CPU model: `-cpu host` and `-cpu max` fail at once on PVM (MSR 0x10a).
+    cmd = [qemu, "-enable-kvm", "-M", "pc", "-smp", str(args.cpus), "-m", f"{args.mem}M",
            "-kernel", str(kernel), "-initrd", str(guest.initramfs), "-append", APPEND,
            "-drive", f"file={disk},if=virtio,format=raw", "-nic", "user,model=virtio-net-pci",
            "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"]
@@ -118,15 +118,26 @@ def run_qemu(kernel: Path, guest: linux.LinuxGuest, disk: Path, args: argparse.N
     finished = threading.Event()
     threading.Thread(target=lambda: (proc.wait(), finished.set()), daemon=True).start()
     deadline = started + args.timeout
-    while not timeline.done.is_set() and not finished.is_set() and time.monotonic() < deadline:
-        timeline.done.wait(0.2)  # either event ends the wait; both are checked above
+    # QEMU pauses the VM on a KVM internal error instead of exiting: watch its stderr for that.
+    while (not timeline.done.is_set() and not finished.is_set() and time.monotonic() < deadline
+           and b"KVM internal error" not in errors):
+        timeline.done.wait(0.2)  # any of the conditions ends the wait; all are checked above
     if proc.poll() is None:
         proc.kill()
     proc.wait()
     for reader in readers:
         reader.join(5)
     error_lines = [line for line in errors.decode(errors="replace").splitlines() if line.strip()]
-    return timeline, (error_lines[0] if error_lines else "")
+    code = next((line for line in error_lines if line.startswith("Code=")), "")
+    reason = next((line for line in error_lines if "KVM internal error" in line), error_lines[0] if error_lines else "")
+    return timeline, "; ".join(part for part in (reason, _at_marker(code)) if part)
+
+
+def _at_marker(code_line: str) -> str:
+    """QEMU's `Code=.. <cc> ..` dump: the instruction bytes at RIP are between < and >."""
+    if "<" not in code_line:
+        return ""
+    return "instruction at RIP: " + code_line.split("<", 1)[1].split(">", 1)[0]
 
 
 def _pump(stream, sink) -> None:
@@ -168,7 +179,7 @@ def main() -> int:
     if len(ours.seen) < len(MARKERS):
         print(f"\npykvm did not get through the boot in {args.timeout:.0f} s; last serial line: {ours.last_line()}")
     total = sum(exits.values())
-    print(f"\npykvm exits until IP-Config (or timeout): {total}")
+    print(f"\npykvm exits until the last marker (or the timeout): {total}")
     for key, count in exits.most_common(12):
         print(f"  {key:<28} {count:>8}")
     if completed:

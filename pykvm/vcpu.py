@@ -358,38 +358,34 @@ class Vcpu:
         unpack_io = _IO.unpack_from
         control = self.control
         trace = self.trace
-        exits = 0
-        try:
-            while True:
-                try:
-                    ioctl(fd, KVM_RUN, 0)
-                except InterruptedError:
-                    if control.interrupted():
-                        return
-                    continue
-                except BlockingIOError:
-                    continue  # EAGAIN: an AP left wait-for-SIPI inside KVM; just run it again
-                except OSError as error:
-                    raise KvmError(error.errno, f"KVM_RUN failed: {error.strerror}", ioctl="KVM_RUN") from None
-                exits += 1
-                reason = words[_EXIT_REASON_WORD]
-                if reason == k.KVM_EXIT_IO:
-                    direction, size, port, count, offset = unpack_io(run, _EXIT_DATA)
-                    entry = ports[port]
-                    if count != 1 or entry is None or trace is not None:
-                        self._port_io_slow(direction, size, port, count, offset)
-                    elif direction == k.KVM_EXIT_IO_OUT:
-                        device, base = entry
-                        device.pio_write(port - base, size, int.from_bytes(run[offset : offset + size], "little"))
-                    else:
-                        device, base = entry
-                        run[offset : offset + size] = device.pio_read(port - base, size).to_bytes(size, "little")
-                elif reason == k.KVM_EXIT_MMIO:
-                    self._mmio()
+        while True:
+            try:
+                ioctl(fd, KVM_RUN, 0)
+            except InterruptedError:
+                if control.interrupted():
+                    return
+                continue
+            except BlockingIOError:
+                continue  # EAGAIN: an AP left wait-for-SIPI inside KVM; just run it again
+            except OSError as error:
+                raise KvmError(error.errno, f"KVM_RUN failed: {error.strerror}", ioctl="KVM_RUN") from None
+            self.exit_count += 1  # live: benchmarks and query-vcpus read it while the vCPU runs
+            reason = words[_EXIT_REASON_WORD]
+            if reason == k.KVM_EXIT_IO:
+                direction, size, port, count, offset = unpack_io(run, _EXIT_DATA)
+                entry = ports[port]
+                if count != 1 or entry is None or trace is not None:
+                    self._port_io_slow(direction, size, port, count, offset)
+                elif direction == k.KVM_EXIT_IO_OUT:
+                    device, base = entry
+                    device.pio_write(port - base, size, int.from_bytes(run[offset : offset + size], "little"))
                 else:
-                    self._rare_exit(reason)
-        finally:
-            self.exit_count += exits
+                    device, base = entry
+                    run[offset : offset + size] = device.pio_read(port - base, size).to_bytes(size, "little")
+            elif reason == k.KVM_EXIT_MMIO:
+                self._mmio()
+            else:
+                self._rare_exit(reason)
 
     def _port_io_slow(self, direction: int, size: int, port: int, count: int, offset: int) -> None:
         """String I/O (rep ins/outs: `count` items), unclaimed ports, and traced I/O."""

@@ -2,7 +2,8 @@
 # Set up a fresh Debian machine for pykvm: the system packages the bundled guests need (gcc,
 # binutils) and pykvm itself. Run as root (KVM and the apt installs need it).
 # `bash scripts/setup.sh test` also installs what the test suite needs (kernel headers for the
-# uapi check, QEMU as the reference peer, iproute2/ping for TAP tests) and the test extras.
+# uapi check, QEMU as the reference peer, iproute2/ping for TAP tests), the test extras and the
+# bundled Linux guest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,3 +30,8 @@ else
     python3 -m pip install -q --disable-pip-version-check .
 fi
 python3 -m pykvm guests build >/dev/null
+if [ "${1:-}" = test ]; then
+    # The bundled Linux guest (kernel, initramfs, root disk): ~5-10 min the first time on 2 cores
+    # (it installs linux-source-6.1 and the kernel's build tools with apt), cached afterwards.
+    python3 -m pykvm guests build linux >/dev/null
+fi

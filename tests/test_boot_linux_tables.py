@@ -111,3 +111,13 @@ def test_initrd_checks() -> None:
 def test_zero_page_layout() -> None:
     assert f.BootParams.sizeof() == 4096
     assert f.SETUP_HEADER_OFFSET + f.SetupHeader.sizeof() == 0x26C  # protocol 2.15's header end
+
+
+def test_config_fragment_options_parse() -> None:
+    """The builder compares the fragment with the resulting .config both ways: set and not set."""
+    from pykvm.guests.linux import _options, fragment
+
+    parsed = _options("CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=16\n# a comment\n")
+    assert parsed == {"CONFIG_A": "y", "CONFIG_B": None, "CONFIG_C": "16"}
+    wanted = _options(fragment().read_text())
+    assert wanted["CONFIG_VIRTIO_BLK"] == "y" and wanted["CONFIG_LEGACY_PTYS"] is None

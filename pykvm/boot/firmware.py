@@ -316,22 +316,24 @@ def pci_intx_irq(slot: int, pin: int) -> int:
     return INTX_IRQS[(slot - 1 + pin) % len(INTX_IRQS)]
 
 
-def _pci_prt() -> bytes:
+def _pci_prt(slots: int) -> bytes:
     entries = [
         _aml_package([_aml_integer((slot << 16) | 0xFFFF), _aml_integer(pin), _aml_integer(0),
                       _aml_integer(pci_intx_irq(slot, pin))])
-        for slot in range(1, PCI_SLOTS) for pin in range(4)
+        for slot in range(1, slots) for pin in range(4)
     ]
     return _aml_package(entries)
 
 
-def dsdt() -> bytes:
+def dsdt(pci_slots: int = PCI_SLOTS) -> bytes:
+    """`pci_slots`: slots 0 to pci_slots - 1 get routing entries. The kernel parses the whole DSDT at
+    boot, and where its code is emulated each entry costs, so the loader passes the slots in use."""
     pci0 = _aml_device("PCI0", (
         _aml_name("_HID", _aml_integer(_eisa_id("PNP0A03")))
         + _aml_name("_ADR", _aml_integer(0))
         + _aml_name("_UID", _aml_integer(0))
         + _aml_name("_CRS", _pci_crs())
-        + _aml_name("_PRT", _pci_prt())
+        + _aml_name("_PRT", _pci_prt(pci_slots))
     ))
     # \_S5: the SLP_TYP values for soft-off, written to PM1a/PM1b control with SLP_EN.
     s5 = _aml_name("_S5", _aml_package([_aml_integer(SLP_TYP_SOFT_OFF)] * 2 + [_aml_integer(0)] * 2))
@@ -342,12 +344,12 @@ def _align(value: int, alignment: int) -> int:
     return (value + alignment - 1) & ~(alignment - 1)
 
 
-def write_acpi_tables(memory: GuestMemory, cpus: int, base: int = ACPI_BASE) -> int:
+def write_acpi_tables(memory: GuestMemory, cpus: int, *, pci_slots: int = PCI_SLOTS, base: int = ACPI_BASE) -> int:
     """Write RSDP, XSDT, MADT, FADT, FACS and DSDT from `base`; returns the RSDP's address."""
     facs_at = _align(base + Rsdp.sizeof(), 64)  # the FACS must be 64-byte aligned
     at = facs_at + Facs.sizeof()
     tables: dict[str, tuple[int, bytes]] = {}
-    dsdt_table = dsdt()
+    dsdt_table = dsdt(pci_slots)
     tables["DSDT"] = (at, dsdt_table)
     at = _align(at + len(dsdt_table), 16)
     fadt_table = _fadt(tables["DSDT"][0], facs_at)
@@ -419,7 +421,7 @@ PCI_BUS, ISA_BUS = 0, 1
 LAPIC_VERSION = 0x14
 
 
-def write_mp_table(memory: GuestMemory, cpus: int, base: int = MP_BASE) -> int:
+def write_mp_table(memory: GuestMemory, cpus: int, *, pci_slots: int = PCI_SLOTS, base: int = MP_BASE) -> int:
     """Write the MP floating pointer at `base` and the configuration table after it."""
     ioapic_id = cpus  # after the LAPIC IDs, as SeaBIOS numbers it
     entries = [MpProcessor.build(dict(lapic_id=cpu, lapic_version=LAPIC_VERSION,
@@ -436,7 +438,7 @@ def write_mp_table(memory: GuestMemory, cpus: int, base: int = MP_BASE) -> int:
             entries.append(MpInterrupt.build(dict(type=MP_IO_INTERRUPT, interrupt_type=MP_INT, flags=MP_CONFORMING,
                                                   source_bus=ISA_BUS, source_irq=irq, destination_id=ioapic_id,
                                                   destination_pin=irq)))
-    for slot in range(1, PCI_SLOTS):
+    for slot in range(1, pci_slots):
         for pin in range(4):
             entries.append(MpInterrupt.build(dict(
                 type=MP_IO_INTERRUPT, interrupt_type=MP_INT, flags=MP_LEVEL_ACTIVE_HIGH, source_bus=PCI_BUS,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from construct import Array, Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Struct
+from construct import Array, Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
 
 # -- ELF (System V gABI), little-endian x86 ----------------------------------------------------------
 
@@ -185,21 +185,19 @@ E820Entry = Struct("addr" / Int64ul, "size" / Int64ul, "type" / Int32ul)
 # The "zero page": what a boot loader hands the kernel in RSI. Only the fields a VMM fills are
 # named; the rest (screen, APM, EDD, EFI information) stays zero.
 BootParams = Struct(
-    "screen_info" / Bytes(0x40),
-    "apm_bios_info" / Bytes(0x14),
-    "_pad2" / Bytes(4),
+    Padding(0x58),  # screen_info, apm_bios_info
     "tboot_addr" / Int64ul,
-    "ist_info" / Bytes(0x10),
+    Padding(0x10),  # ist_info
     "acpi_rsdp_addr" / Int64ul,  # 0x070: where the RSDP is, so the kernel need not scan for it
-    "_pad3" / Bytes(0xC0 - 0x78),
+    Padding(0xC0 - 0x78),
     "ext_ramdisk_image" / Int32ul,  # 0x0C0: bits 32-63 of the hdr fields
     "ext_ramdisk_size" / Int32ul,
     "ext_cmd_line_ptr" / Int32ul,
-    "_pad4" / Bytes(0x1E8 - 0xCC),
+    Padding(0x1E8 - 0xCC),
     "e820_entries" / Int8ul,  # 0x1E8
-    "_pad5" / Bytes(SETUP_HEADER_OFFSET - 0x1E9),
+    Padding(SETUP_HEADER_OFFSET - 0x1E9),
     "hdr" / SetupHeader,  # 0x1F1
-    "_pad7" / Bytes(0x2D0 - SETUP_HEADER_OFFSET - SetupHeader.sizeof()),
+    Padding(0x2D0 - SETUP_HEADER_OFFSET - SetupHeader.sizeof()),
     "e820_table" / Array(E820_MAX_ENTRIES_ZEROPAGE, E820Entry),  # 0x2D0
-    "_pad8" / Bytes(0x1000 - 0x2D0 - E820_MAX_ENTRIES_ZEROPAGE * E820Entry.sizeof()),
+    Padding(0x1000 - 0x2D0 - E820_MAX_ENTRIES_ZEROPAGE * E820Entry.sizeof()),
 )

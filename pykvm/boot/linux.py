@@ -77,9 +77,10 @@ class LinuxImage:
 
 
 def load_linux(vm: Vm, kernel: str | Path | bytes, *, initrd: str | Path | bytes | None = None,
-               cmdline: str = "") -> LoadedImage:
+               cmdline: str = "", pci_slots: int = firmware.PCI_SLOTS) -> LoadedImage:
     """Load a bzImage or vmlinux (and an initrd) and set vCPU 0 up to start it. Raises ConfigError
-    with a one-line reason for anything wrong with the files or the fit in RAM."""
+    with a one-line reason for anything wrong with the files or the fit in RAM. `pci_slots`: the
+    PCI slots in use (0 to pci_slots - 1), for the interrupt routing tables."""
     name = "kernel" if isinstance(kernel, bytes) else str(kernel)
     data = kernel if isinstance(kernel, bytes) else _read_image(Path(kernel))
     image = parse_kernel(data, name)
@@ -108,17 +109,14 @@ def load_linux(vm: Vm, kernel: str | Path | bytes, *, initrd: str | Path | bytes
         memory.write(address, initrd_data)
         header.update(ramdisk_image=address, ramdisk_size=len(initrd_data))
 
-    rsdp = firmware.write_acpi_tables(memory, len(vm.vcpus))
-    firmware.write_mp_table(memory, len(vm.vcpus))
+    rsdp = firmware.write_acpi_tables(memory, len(vm.vcpus), pci_slots=pci_slots)
+    firmware.write_mp_table(memory, len(vm.vcpus), pci_slots=pci_slots)
     e820 = [dict(addr=base, size=length, type=kind) for base, length, kind in _memory_map(memory.size)]
+    empty = dict(addr=0, size=0, type=0)
     boot_params = f.BootParams.build(dict(
-        screen_info=bytes(0x40), apm_bios_info=bytes(0x14), _pad2=bytes(4), tboot_addr=0, ist_info=bytes(0x10),
-        acpi_rsdp_addr=rsdp, _pad3=bytes(0xC0 - 0x78), ext_ramdisk_image=0, ext_ramdisk_size=0,
-        ext_cmd_line_ptr=0, _pad4=bytes(0x1E8 - 0xCC), e820_entries=len(e820),
-        _pad5=bytes(f.SETUP_HEADER_OFFSET - 0x1E9), hdr=header,
-        _pad7=bytes(0x2D0 - f.SETUP_HEADER_OFFSET - f.SetupHeader.sizeof()),
-        e820_table=e820 + [dict(addr=0, size=0, type=0)] * (f.E820_MAX_ENTRIES_ZEROPAGE - len(e820)),
-        _pad8=bytes(0x1000 - 0x2D0 - f.E820_MAX_ENTRIES_ZEROPAGE * f.E820Entry.sizeof()),
+        tboot_addr=0, acpi_rsdp_addr=rsdp, ext_ramdisk_image=0, ext_ramdisk_size=0, ext_cmd_line_ptr=0,
+        e820_entries=len(e820), hdr=header,
+        e820_table=e820 + [empty] * (f.E820_MAX_ENTRIES_ZEROPAGE - len(e820)),
     ))
     memory.write(ZERO_PAGE, boot_params)
 
