@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import KvmStats, QemuGuest, Series, pykvm_cpu_ns, ratios  # noqa: E402
+from bench.harness import KvmStats, QemuGuest, Series, cost_columns, pykvm_cpu_ns, ratio_columns  # noqa: E402
 from pykvm import guests  # noqa: E402
 from pykvm.devices.virtio.blk import Blk, DiskSpec  # noqa: E402
 from pykvm.machine import Machine, MachineConfig, ioeventfd_for  # noqa: E402
@@ -210,15 +210,8 @@ def main() -> None:
             f = figures[name].get(config)
             if f is None:
                 continue
-            if config != "qemu" and qemu is not None:
-                r = ratios(f.iops, qemu.iops)
-                ratio, ratio_spread = f"{r.median:.2f}", r.spread(".2f")
-                worst[config] = min(worst.get(config, 9.9), r.median)
-            else:
-                ratio = ratio_spread = ""
-            exits = f"{f.exits.median:.2f}" if f.exits.values else "n/a"
-            py_exits = f"{f.py_exits.median:.2f}" if f.py_exits.values else "n/a"
-            cpu = f"{f.cpu_us.median:.1f}" if f.cpu_us.values else "n/a"
+            ratio, ratio_spread = ratio_columns(f.iops, qemu.iops if qemu else None, config, worst)
+            exits, py_exits, cpu = cost_columns(f)
             print(f"  {LABELS[config]:28} {f.mbps.median:8.1f} {f.mbps.spread('.0f'):>15} {f.iops.median:7.0f}"
                   f" {f.iops.spread('.0f'):>13} {ratio:>7} {ratio_spread:>11} {exits:>9} {py_exits:>12} {cpu:>14}")
     for config, value in worst.items():

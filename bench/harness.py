@@ -215,3 +215,22 @@ def ratios(ours: Series, theirs: Series) -> Series:
     for a, b in zip(ours.values, theirs.values):
         out.add(a / b if b else float("nan"))
     return out
+
+
+def ratio_columns(ours: Series, qemu: Series | None, config: str, worst: dict[str, float]) -> tuple[str, str]:
+    """The "vs QEMU" median and spread columns for one configuration (blank for QEMU itself),
+    keeping the lowest median per configuration in `worst`."""
+    if config == "qemu" or qemu is None:
+        return "", ""
+    r = ratios(ours, qemu)
+    worst[config] = min(worst.get(config, 9.9), r.median)
+    return f"{r.median:.2f}", r.spread(".2f")
+
+
+def cost_columns(f) -> tuple[str, str, str]:
+    """Exits, exits that reached Python, and VMM CPU microseconds per request ("n/a" if unknown)."""
+    def show(series: Series, fmt: str) -> str:
+        return format(series.median, fmt) if series.values else "n/a"
+
+    return show(f.exits, ".2f"), show(f.py_exits, ".2f"), show(f.cpu_us, ".1f")
+

@@ -47,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import KvmStats, QemuGuest, Series, percentile, pykvm_cpu_ns, ratios  # noqa: E402
+from bench.harness import KvmStats, QemuGuest, Series, cost_columns, percentile, pykvm_cpu_ns, ratio_columns  # noqa: E402
 
 GUEST_MAC, GUEST_IP = "52:54:00:12:34:56", "10.0.2.15"
 HOST_MAC, HOST_IP = "52:54:00:00:00:02", "10.0.2.2"
@@ -274,15 +274,8 @@ def main() -> None:
             f = figures[window].get(config)
             if f is None:
                 continue
-            if config != "qemu" and qemu is not None:
-                r = ratios(f.rate, qemu.rate)
-                ratio, spread = f"{r.median:.2f}", r.spread(".2f")
-                worst[config] = min(worst.get(config, 9.9), r.median)
-            else:
-                ratio = spread = ""
-            exits = f"{f.exits.median:.2f}" if f.exits.values else "n/a"
-            py_exits = f"{f.py_exits.median:.2f}" if f.py_exits.values else "n/a"
-            cpu = f"{f.cpu_us.median:.1f}" if f.cpu_us.values else "n/a"
+            ratio, spread = ratio_columns(f.rate, qemu.rate if qemu else None, config, worst)
+            exits, py_exits, cpu = cost_columns(f)
             print(f"  {LABELS[config]:28} {f.rate.median:7.0f} {f.rate.spread('.0f'):>13} {ratio:>7} {spread:>11}"
                   f" {f.median.median:9.0f} {f.p99.median:7.0f} {exits:>9} {py_exits:>12} {cpu:>14} {f.lost:>5}")
     for config, value in worst.items():
