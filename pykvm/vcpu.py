@@ -34,6 +34,8 @@ from pykvm.kvm.structs import (
     KvmXcrs,
     KvmXsave,
 )
+from pykvm.diagnostics import describe_vcpu
+from pykvm.internal_errors import complete_internal_error
 from pykvm.memory import GuestMemory
 from pykvm.state import StateError
 
@@ -341,8 +343,6 @@ class Vcpu:
         except GuestFault as fault:
             self.control.stop(StopReason(1, f"vcpu{self.index}: {fault}", fault.report))
         except BaseException as error:  # a VMM bug must stop the VM, not leave it half-running
-            from pykvm.diagnostics import describe_vcpu
-
             report = describe_vcpu(self)
             self.control.stop(StopReason(1, f"vcpu{self.index}: internal error: {error!r}", report))
             raise
@@ -432,8 +432,6 @@ class Vcpu:
             raise GuestFault("triple fault (KVM_EXIT_SHUTDOWN)", self._report())
         if reason == k.KVM_EXIT_INTERNAL_ERROR:
             # Some backends (PVM) hand int3/fwait in guest ring 0 back to us; finish those here.
-            from pykvm.internal_errors import complete_internal_error
-
             completed = complete_internal_error(self)
             if completed is not None:
                 self.completed_instructions[completed] = self.completed_instructions.get(completed, 0) + 1
@@ -448,8 +446,6 @@ class Vcpu:
         raise GuestFault(f"unexpected exit {name}", self._report())
 
     def _report(self) -> str:
-        from pykvm.diagnostics import describe_vcpu
-
         return describe_vcpu(self)
 
     def close(self) -> None:
