@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import weakref
 
 from pykvm.errors import ConfigError
 
@@ -25,10 +26,15 @@ def bind(path: str, kind: int, what: str, *, take_over: bool = False) -> socket.
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     try:
         sock.bind(path)
+        info = os.stat(path)
     except OSError as error:
         sock.close()
         raise ConfigError(f"{what}: cannot bind: {error.strerror}") from None
+    _bound[sock] = (info.st_dev, info.st_ino)
     return sock
+
+
+_bound: weakref.WeakKeyDictionary[socket.socket, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
 def _in_use(path: str, kind: int) -> bool:
@@ -43,8 +49,12 @@ def _in_use(path: str, kind: int) -> bool:
 
 
 def close(sock: socket.socket, path: str) -> None:
-    sock.close()
+    """Remove the path (if it is still ours), then close: another process may be waiting to bind
+    the same path (a migration target), and must not lose its new file to our unlink."""
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        info = os.stat(path)
+        if (info.st_dev, info.st_ino) == _bound.get(sock):
+            os.unlink(path)
+    except OSError:
+        pass  # already gone
+    sock.close()

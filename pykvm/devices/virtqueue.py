@@ -54,8 +54,15 @@ class DescriptorChain:
         return [memory.view(addr, length) for addr, length in self.readable]
 
     def writable_views(self, memory: GuestMemory) -> list[memoryview]:
-        """Views for the device to write through; the pages are marked dirty for migration/FT."""
-        return [memory.view(addr, length, write=True) for addr, length in self.writable]
+        """Views for the device to write through. Call written() once the writes are done."""
+        return [memory.view(addr, length) for addr, length in self.writable]
+
+    def written(self, memory: GuestMemory) -> None:
+        """Mark the device-writable buffers dirty for migration/FT, after the device wrote them:
+        a mark made before the write could be harvested by a pre-copy round in between, and
+        the page sent without the data."""
+        for addr, length in self.writable:
+            memory.mark_dirty(addr, length)
 
     def read(self, memory: GuestMemory, limit: int | None = None) -> bytes:
         """The readable bytes, concatenated (for small headers; data goes through views)."""

@@ -101,7 +101,9 @@ class VirtioDevice:
                     self.held[index] = chain
                     self.output_gate.hold(self, index)
                     break
-                queue.add_used(chain.head, self.serve_chain(index, chain))
+                written = self.serve_chain(index, chain)
+                chain.written(self.memory)
+                queue.add_used(chain.head, written)
                 if queue.needs_interrupt():
                     self.interrupt(index)
             queue.set_notification(True)
@@ -114,7 +116,9 @@ class VirtioDevice:
         queue = self.queues[index] if index < len(self.queues) else None
         if chain is None or queue is None:
             return  # the driver reset the device meanwhile
-        queue.add_used(chain.head, self.serve_chain(index, chain))
+        written = self.serve_chain(index, chain)
+        chain.written(self.memory)
+        queue.add_used(chain.head, written)
         if queue.needs_interrupt():
             self.interrupt(index)
         self.serve_queue(index)

@@ -196,6 +196,7 @@ class Net(v.VirtioDevice):
             _NUM_BUFFERS.pack_into(header_bytes, HEADER_SIZE - 2, len(used) if mergeable else 1)
         scatter(views, header_bytes)
         for chain, length in used:
+            chain.written(self.memory)
             queue.add_used(chain.head, length)
         self.stats.rx_frames += 1
 

@@ -583,7 +583,10 @@ class _IoThread:
                 with function.lock:
                     wanted = {fd for fd in device.backend_fds() if device.wants_backend(fd)}
                 for fd in watched - wanted:
-                    poller.unregister(fd)
+                    try:
+                        poller.unregister(fd)
+                    except OSError:
+                        pass  # the backend was closed (detached): epoll already forgot it
                 for fd in wanted - watched:
                     poller.register(fd, select.EPOLLIN)
                 watched = wanted
