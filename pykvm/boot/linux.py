@@ -50,6 +50,7 @@ from pykvm.boot.loader import (
     _memory_map,
     _read_image,
     _write_long_mode_tables,
+    elf_segments,
 )
 from pykvm.errors import ConfigError
 from pykvm.memory import MMIO_HOLE_START
@@ -179,23 +180,8 @@ def _parse_vmlinux(data: bytes, name: str) -> LinuxImage:
         raise ConfigError(f"{name}: truncated ELF header") from None
     if elf.ident.elf_class != f.ELFCLASS64 or elf.machine != f.EM_X86_64:
         raise ConfigError(f"{name}: an ELF vmlinux must be x86-64 (class {elf.ident.elf_class}, machine {elf.machine})")
-    segments = []
-    for i in range(elf.phnum):
-        offset = elf.phoff + i * elf.phentsize
-        try:
-            ph = f.Elf64ProgramHeader.parse(data[offset : offset + f.Elf64ProgramHeader.sizeof()])
-        except construct.ConstructError:
-            raise ConfigError(f"{name}: truncated ELF: program header {i} is past the end of the file") from None
-        if ph.type != f.PT_LOAD or ph.memsz == 0:
-            continue
-        if ph.offset + ph.filesz > len(data):
-            raise ConfigError(f"{name}: truncated ELF: segment {i} extends past the end of the file")
-        segments.append((ph.paddr, memoryview(data)[ph.offset : ph.offset + ph.filesz], ph.memsz))
-    if not segments:
-        raise ConfigError(f"{name}: ELF image has no loadable segment")
+    segments = elf_segments(data, elf, f.Elf64ProgramHeader, f"{name}: ")
     end = max(address + size for address, _, size in segments)
-    if not any(address <= elf.entry < address + size for address, _, size in segments):
-        raise ConfigError(f"{name}: ELF entry point {elf.entry:#x} is outside the loaded segments")
     # A vmlinux carries no setup header: make up the one a boot loader would have copied.
     header = {field.name: 0 for field in f.SetupHeader.subcons}
     header.update(boot_flag=f.LINUX_BOOT_FLAG, header=f.LINUX_HEADER_MAGIC, version=VMLINUX_PROTOCOL,

@@ -132,27 +132,37 @@ def _load_elf(vm: Vm, data: bytes, *, bits: int) -> LoadedImage:
         raise ConfigError(f"ELF{bits} image is not for x86 (machine {header.machine})")
     if header.type != f.ET_EXEC:
         raise ConfigError(f"ELF{bits} image is not an executable (type {header.type})")
-    start, end = None, None
+    segments = elf_segments(data, header, phdr_struct)
+    for address, contents, size in segments:
+        _copy(vm, address, contents, zero_to=address + size)
+    start = min(address for address, _, _ in segments)
+    end = max(address + size for address, _, size in segments)
+    return LoadedImage(f"elf{bits}", header.entry, start, end)
+
+
+def elf_segments(data: bytes, header: construct.Container, phdr_struct: construct.Struct,
+                 what: str = "") -> list[tuple[int, memoryview, int]]:
+    """(physical address, file bytes, memory size) of each PT_LOAD segment, checked against the
+    file and the entry point; `what` prefixes the error messages (a file name)."""
+    segments = []
     for i in range(header.phnum):
         offset = header.phoff + i * header.phentsize
         try:
             ph = phdr_struct.parse(data[offset : offset + phdr_struct.sizeof()])
         except construct.ConstructError:
-            raise ConfigError(f"truncated ELF: program header {i} is past the end of the file") from None
+            raise ConfigError(f"{what}truncated ELF: program header {i} is past the end of the file") from None
         if ph.type != f.PT_LOAD or ph.memsz == 0:
             continue
         if ph.offset + ph.filesz > len(data):
-            raise ConfigError(f"truncated ELF: segment {i} extends past the end of the file")
+            raise ConfigError(f"{what}truncated ELF: segment {i} extends past the end of the file")
         if ph.filesz > ph.memsz:
-            raise ConfigError(f"malformed ELF: segment {i} has more file bytes than memory bytes")
-        _copy(vm, ph.paddr, memoryview(data)[ph.offset : ph.offset + ph.filesz], zero_to=ph.paddr + ph.memsz)
-        start = ph.paddr if start is None else min(start, ph.paddr)
-        end = ph.paddr + ph.memsz if end is None else max(end, ph.paddr + ph.memsz)
-    if start is None:
-        raise ConfigError("ELF image has no loadable segment")
-    if not start <= header.entry < end:
-        raise ConfigError(f"ELF entry point {header.entry:#x} is outside the loaded segments")
-    return LoadedImage(f"elf{bits}", header.entry, start, end)
+            raise ConfigError(f"{what}malformed ELF: segment {i} has more file bytes than memory bytes")
+        segments.append((ph.paddr, memoryview(data)[ph.offset : ph.offset + ph.filesz], ph.memsz))
+    if not segments:
+        raise ConfigError(f"{what}ELF image has no loadable segment")
+    if not any(address <= header.entry < address + size for address, _, size in segments):
+        raise ConfigError(f"{what}ELF entry point {header.entry:#x} is outside the loaded segments")
+    return segments
 
 
 # -- multiboot ---------------------------------------------------------------------------------------

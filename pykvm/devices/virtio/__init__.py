@@ -101,11 +101,7 @@ class VirtioDevice:
                     self.held[index] = chain
                     self.output_gate.hold(self, index)
                     break
-                written = self.serve_chain(index, chain)
-                chain.written(self.memory)
-                queue.add_used(chain.head, written)
-                if queue.needs_interrupt():
-                    self.interrupt(index)
+                self._serve_and_return(index, queue, chain)
             queue.set_notification(True)
             if index in self.held or not queue.pending():  # nothing slipped in before notifies were back on
                 break
@@ -116,12 +112,16 @@ class VirtioDevice:
         queue = self.queues[index] if index < len(self.queues) else None
         if chain is None or queue is None:
             return  # the driver reset the device meanwhile
+        self._serve_and_return(index, queue, chain)
+        self.serve_queue(index)
+
+    def _serve_and_return(self, index: int, queue: SplitQueue, chain: DescriptorChain) -> None:
+        """Serve a chain, mark what it wrote dirty (after writing), return it, interrupt if asked."""
         written = self.serve_chain(index, chain)
         chain.written(self.memory)
         queue.add_used(chain.head, written)
         if queue.needs_interrupt():
             self.interrupt(index)
-        self.serve_queue(index)
 
     def in_flight(self, index: int) -> int:
         """Chains taken from queue `index` but not yet returned (saved state gives them back to
