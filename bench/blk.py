@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import KvmStats, QemuGuest, Series, cost_columns, pykvm_cpu_ns, ratio_columns  # noqa: E402
-from pykvm import guests  # noqa: E402
+from pykvm import guestbuild  # noqa: E402
 from pykvm.devices.virtio.blk import Blk, DiskSpec  # noqa: E402
 from pykvm.machine import Machine, MachineConfig, ioeventfd_for  # noqa: E402
 
@@ -167,7 +167,7 @@ def main() -> None:
         parser.error("--depth: 2 to 32 (the guest's limit; 1 would repeat the queue-depth-1 tests)")
 
     LABELS["pykvm-ioeventfd" if ioeventfd_for(MachineConfig(), Blk) else "pykvm-exit"] += " (default)"
-    image = guests.image_path("blkbench")
+    image = guestbuild.image_path("blkbench")
     append = f"ms={args.ms} depth={args.depth} region={args.region} gap=100"
     timeout = 60 + 6 * (args.ms + 100) / 1000 * 3
     configs = args.only or list(CONFIGS)

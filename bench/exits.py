@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pykvm import guests  # noqa: E402
+from pykvm import guestbuild  # noqa: E402
 from pykvm.machine import Machine, MachineConfig  # noqa: E402
 
 MEMORY = 64 << 20
@@ -183,8 +183,8 @@ def main() -> None:
     parser.add_argument("--pauses", type=int, default=300, help="pause/resume cycles (default 300)")
     args = parser.parse_args()
 
-    pio = guests.image_path("pio")
-    compute = guests.image_path("compute")
+    pio = guestbuild.image_path("pio")
+    compute = guestbuild.image_path("compute")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         source = workdir / "loop.c"

@@ -31,11 +31,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.state import loopback_limit  # noqa: E402
-from pykvm import guests  # noqa: E402
+from pykvm import guestbuild  # noqa: E402
 from pykvm.ft import Primary  # noqa: E402
 from pykvm.machine import Machine, MachineConfig  # noqa: E402
 from pykvm.memory import PAGE_SIZE  # noqa: E402
-from pykvm.netframes import FrameSocket, Peer  # noqa: E402
+from pykvm.testing.netframes import FrameSocket, Peer  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
@@ -91,7 +91,7 @@ def sync_breakdown(pages: int, repeats: int = 40) -> dict:
     standby.wait_line("waiting for a primary")
     with tempfile.NamedTemporaryFile("w+") as metrics_file:
         with Machine(MachineConfig(memory=1 << 30), serial_output=lambda data: None) as machine:
-            machine.load(guests.image_path("hello"))
+            machine.load(guestbuild.image_path("hello"))
             primary = Primary(machine, metrics=metrics_file, log=lambda line: None)
             primary.protect(f"tcp:127.0.0.1:{port}")
             with primary._cond:

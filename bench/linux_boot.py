@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pykvm.guests import linux  # noqa: E402
+from pykvm.guestbuild import linux_guest  # noqa: E402
 from pykvm.kvm.constants import EXIT_REASON_NAMES  # noqa: E402
 from pykvm.machine import Machine, MachineConfig  # noqa: E402
 from pykvm.devices.virtio.blk import DiskSpec  # noqa: E402
@@ -34,7 +34,7 @@ from pykvm.devices.net_backends import NetSpec  # noqa: E402
 
 MARKERS = {"first line": b"", "IP-Config": b"IP-Config: Complete", "root mount": b"VFS: Mounted root"}
 # Like the tests, without netconsole (QEMU's user-mode network has no host socket to send to).
-APPEND = linux.default_append(network=True)
+APPEND = linux_guest.default_append(network=True)
 
 
 class Timeline:
@@ -78,7 +78,7 @@ class ExitCounter:
             self.counts[key] += 1
 
 
-def run_pykvm(kernel: Path, guest: linux.LinuxGuest, disk: Path, args: argparse.Namespace, tmp: Path):
+def run_pykvm(kernel: Path, guest: linux_guest.LinuxGuest, disk: Path, args: argparse.Namespace, tmp: Path):
     started = time.monotonic()
     timeline = Timeline(started)
     config = MachineConfig(memory=args.mem << 20, cpus=args.cpus, disks=(DiskSpec(str(disk)),),
@@ -98,7 +98,7 @@ def run_pykvm(kernel: Path, guest: linux.LinuxGuest, disk: Path, args: argparse.
     return timeline, counter.counts, completed
 
 
-def run_qemu(kernel: Path, guest: linux.LinuxGuest, disk: Path, args: argparse.Namespace):
+def run_qemu(kernel: Path, guest: linux_guest.LinuxGuest, disk: Path, args: argparse.Namespace):
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         return None, "qemu-system-x86_64 is not installed"
@@ -152,7 +152,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=180, help="seconds per VMM (default 180)")
     parser.add_argument("--vmlinux", action="store_true", help="boot the ELF vmlinux instead of the bzImage")
     args = parser.parse_args()
-    guest = linux.build(log=lambda line: print(line, file=sys.stderr))
+    guest = linux_guest.build(log=lambda line: print(line, file=sys.stderr))
     kernel = guest.vmlinux if args.vmlinux else guest.bzimage
     print(f"kernel {kernel} ({kernel.stat().st_size >> 10} KiB), {args.cpus} vCPU(s), {args.mem} MiB")
     print(f"command line: {APPEND}")

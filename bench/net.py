@@ -63,7 +63,7 @@ LABELS = {"qemu": "QEMU (KVM)", "pykvm-exit": "pykvm, Python exit", "pykvm-ioeve
 
 def client(path: str, peer: str, window: int, seconds: float, size: int) -> dict:
     """Echo requests with `window` outstanding; the first WARMUP are not timed."""
-    from pykvm.netframes import FrameSocket, Peer, udp_frame
+    from pykvm.testing.netframes import FrameSocket, Peer, udp_frame
 
     with FrameSocket(path, peer) as link:
         Peer(link, GUEST_IP, mac=HOST_MAC, ip=HOST_IP).resolve()
@@ -231,12 +231,12 @@ def main() -> None:
     parser.add_argument("--only", choices=CONFIGS, action="append", help="run only these configurations")
     args = parser.parse_args()
 
-    from pykvm import guests
+    from pykvm import guestbuild
     from pykvm.devices.virtio.net import Net
     from pykvm.machine import MachineConfig, ioeventfd_for
 
     LABELS["pykvm-ioeventfd" if ioeventfd_for(MachineConfig(), Net) else "pykvm-exit"] += " (default)"
-    image = guests.image_path("net-echo")
+    image = guestbuild.image_path("net-echo")
     configs = args.only or list(CONFIGS)
     figures: dict[int, dict[str, Figures]] = {}
     print(f"net-echo UDP echo, {args.size}-byte payloads, windows {args.windows}, {args.seconds:g} s each: "

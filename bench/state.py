@@ -23,7 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pykvm import guests, snapshot, wire  # noqa: E402
+from pykvm import guestbuild  # noqa: E402
+from pykvm.transfer import snapshot, wire  # noqa: E402
 from pykvm.machine import Machine, MachineConfig  # noqa: E402
 from pykvm.memory import PAGE_SIZE, dirty_pages  # noqa: E402
 
@@ -54,7 +55,7 @@ def snapshot_restore(size: int, workdir: Path) -> tuple[float, float, float]:
     out = Lines()
     path = workdir / f"bench-{size >> 20}.snap"
     with Machine(MachineConfig(memory=size), serial_output=out) as machine:
-        machine.load(guests.image_path("dirty"), cmdline="pages=256")
+        machine.load(guestbuild.image_path("dirty"), cmdline="pages=256")
         ram = np.frombuffer(machine.vm.memory.slots[0].view, dtype=np.uint8)
         ram[64 * MIB :] = 0xA5  # above the guest's working set: real data, not holes
         machine.vm.start()

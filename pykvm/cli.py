@@ -20,7 +20,8 @@ import re
 import sys
 from pathlib import Path
 
-from pykvm import control, guests, migration, snapshot
+from pykvm import control, guestbuild
+from pykvm.transfer import migration, snapshot
 from pykvm.ft import FtError, Primary, Standby, demo
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
@@ -142,11 +143,11 @@ def _parser() -> argparse.ArgumentParser:
 def _resolve_image(name: str | None) -> Path | bytes:
     if name is None:
         return default_guest_image()
-    if name in guests.GUESTS:
-        return guests.image_path(name)
+    if name in guestbuild.GUESTS:
+        return guestbuild.image_path(name)
     path = Path(name)
     if not path.exists() and "/" not in name and "." not in name:
-        raise ConfigError(f"{name!r} is neither a bundled guest ({', '.join(guests.GUESTS)}) nor a file")
+        raise ConfigError(f"{name!r} is neither a bundled guest ({', '.join(guestbuild.GUESTS)}) nor a file")
     return path
 
 
@@ -163,14 +164,14 @@ def _linux_options(args: argparse.Namespace) -> None:
         raise ConfigError(f"give either a guest ({args.image}) or --kernel, not both")
     if args.image != "linux" or args.incoming:
         return
-    from pykvm.guests import linux
+    from pykvm.guestbuild import linux_guest
 
-    guest = linux.build(log=_log)
+    guest = linux_guest.build(log=_log)
     # The uncompressed vmlinux: no decompressor to run, which matters where guest ring 0 is emulated
     # (~27 s saved); `--kernel PATH/bzImage` boots the same kernel through the bzImage path.
     args.image, args.kernel, args.initrd = None, str(guest.vmlinux), str(guest.initramfs)
     args.disk = args.disk or [str(guest.disk())]
-    args.append = linux.default_append(network=bool(args.net), extra=args.append)
+    args.append = linux_guest.default_append(network=bool(args.net), extra=args.append)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -318,30 +319,30 @@ def cmd_ctl(args: argparse.Namespace) -> int:
 
 def cmd_guests(args: argparse.Namespace) -> int:
     if args.action == "list":
-        width = max(map(len, guests.GUESTS))
-        for name, description in guests.GUESTS.items():
+        width = max(map(len, guestbuild.GUESTS))
+        for name, description in guestbuild.GUESTS.items():
             print(f"{name:<{width}}  {description}")
         print(f"{'linux':<{width}}  Linux 6.1 (tinyconfig + guests/linux/pykvm.config), busybox initramfs and ext4 "
               "root; built on request (`guests build linux`, a few minutes)")
     elif args.action == "build":
         for name in args.names:
-            if name not in guests.GUESTS and name != "linux":
-                raise guests.UnknownGuest(name)
+            if name not in guestbuild.GUESTS and name != "linux":
+                raise guestbuild.UnknownGuest(name)
         others = [name for name in args.names if name != "linux"]
         if others or not args.names:
-            built = guests.build(others or None, log=lambda line: print(line, file=sys.stderr))
+            built = guestbuild.build(others or None, log=lambda line: print(line, file=sys.stderr))
             for name, path in built.items():
                 print(f"{name}: {path}")
         if "linux" in args.names:
-            from pykvm.guests import linux
+            from pykvm.guestbuild import linux_guest
 
-            print(f"linux: {linux.build(log=_log).directory}")
+            print(f"linux: {linux_guest.build(log=_log).directory}")
     elif args.name == "linux":
-        from pykvm.guests import linux
+        from pykvm.guestbuild import linux_guest
 
-        print(linux.build(log=_log).bzimage)
+        print(linux_guest.build(log=_log).bzimage)
     else:
-        print(guests.image_path(args.name))
+        print(guestbuild.image_path(args.name))
     return 0
 
 
@@ -360,10 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, KvmUnavailable, guests.ToolchainMissing, guests.UnknownGuest) as error:
+    except (ConfigError, KvmUnavailable, guestbuild.ToolchainMissing, guestbuild.UnknownGuest) as error:
         _print_error(error)
         return EXIT_USAGE
-    except (KvmError, guests.BuildError, migration.MigrationError, FtError) as error:
+    except (KvmError, guestbuild.BuildError, migration.MigrationError, FtError) as error:
         _print_error(error)
         return EXIT_FAILURE
     except KeyboardInterrupt:

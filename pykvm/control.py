@@ -20,7 +20,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from pykvm import migration, snapshot, unixsock
+from pykvm.transfer import migration, snapshot
+from pykvm import unixsock
 from pykvm.errors import ConfigError
 from pykvm.machine import Machine
 

@@ -181,8 +181,8 @@ class Machine:
 
     def load_linux(self, kernel: str | Path | bytes, *, initrd: str | Path | bytes | None = None,
                    cmdline: str = "") -> LoadedImage:
-        """A bzImage or vmlinux through the Linux boot protocol (pykvm.boot.linux)."""
-        from pykvm.boot.linux import load_linux
+        """A bzImage or vmlinux through the Linux boot protocol (pykvm.boot.linux_loader)."""
+        from pykvm.boot.linux_loader import load_linux
 
         return load_linux(self.vm, kernel, initrd=initrd, cmdline=cmdline, pci_slots=len(self.pci.functions))
 

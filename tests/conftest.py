@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pykvm import guests
+from pykvm import guestbuild
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ requires_kvm = pytest.mark.skipif(not kvm_usable(), reason="/dev/kvm is not usab
 @pytest.fixture(scope="session")
 def guest_images() -> dict[str, Path]:
     """Every bundled guest, built once per session (cached across sessions)."""
-    return guests.build(log=lambda line: None)
+    return guestbuild.build(log=lambda line: None)
 
 
 def run_pykvm(*args: str, timeout: float = 60, input: bytes | None = None, env: dict | None = None,

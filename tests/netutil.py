@@ -1,11 +1,11 @@
 """Host-side helpers for the virtio guest tests: the Ethernet frame tools (kept in the package as
-`pykvm.netframes`, which `pykvm demo` uses too) and the `blk` guest's disk pattern."""
+`pykvm.testing.netframes`, which `pykvm demo` uses too) and the `blk` guest's disk pattern."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from pykvm.netframes import (  # noqa: F401  (re-exported for the tests)
+from pykvm.testing.netframes import (  # noqa: F401  (re-exported for the tests)
     ARP_REPLY, ARP_REQUEST, BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
     PROTO_ICMP, PROTO_UDP, Arp, Frame, FrameSocket, Icmp, Ipv4, Peer, Udp, arp_reply, arp_request, checksum,
     ethernet, icmp_echo, ip_bytes, ip_str, ipv4_packet, mac_bytes, mac_str, parse_frame, udp_frame,

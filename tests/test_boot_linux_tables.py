@@ -13,10 +13,10 @@ import pytest
 
 from pykvm.boot import firmware
 from pykvm.boot import formats as f
-from pykvm.boot.linux import check_initrd
+from pykvm.boot.linux_loader import check_initrd
 from pykvm.devices.acpi_pm import PM1_CNT, PM_TMR, SLP_EN, AcpiPm
 from pykvm.errors import ConfigError
-from pykvm.guests.linux import initramfs
+from pykvm.guestbuild.linux_guest import initramfs
 from pykvm.memory import GuestMemory
 
 
@@ -115,7 +115,7 @@ def test_zero_page_layout() -> None:
 
 def test_config_fragment_options_parse() -> None:
     """The builder compares the fragment with the resulting .config both ways: set and not set."""
-    from pykvm.guests.linux import _options, fragment
+    from pykvm.guestbuild.linux_guest import _options, fragment
 
     parsed = _options("CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=16\n# a comment\n")
     assert parsed == {"CONFIG_A": "y", "CONFIG_B": None, "CONFIG_C": "16"}

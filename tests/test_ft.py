@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pykvm.ft.demo import run_demo
-from pykvm.netframes import FrameSocket, Peer
+from pykvm.testing.netframes import FrameSocket, Peer
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm
 
 pytestmark = requires_kvm

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pykvm import wire
+from pykvm.transfer import wire
 from pykvm.devices.virtio.blk import DiskChange, DiskSpec
 from pykvm.ft import protocol as p
 from pykvm.ft.standby import Standby, ram_hash

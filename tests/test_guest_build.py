@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pykvm.guests import GUESTS, UnknownGuest, build, cache_dir, elf_path, image_path
+from pykvm.guestbuild import GUESTS, UnknownGuest, build, cache_dir, elf_path, image_path
 
 REPO = Path(__file__).resolve().parent.parent
 LOAD_ADDR = 0x100000
@@ -119,7 +119,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_toolchain_missing_names_the_package(tmp_path):
     code = (
-        "from pykvm.guests import ToolchainMissing, build\n"
+        "from pykvm.guestbuild import ToolchainMissing, build\n"
         "try:\n"
         "    build(['hello'])\n"
         "except ToolchainMissing as e:\n"
@@ -134,7 +134,7 @@ def test_toolchain_missing_names_the_package(tmp_path):
 
 def test_concurrent_builds(tmp_path):
     env = {"PYKVM_CACHE": str(tmp_path)}
-    code = "from pykvm.guests import build; build()"
+    code = "from pykvm.guestbuild import build; build()"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code],
@@ -145,6 +145,6 @@ def test_concurrent_builds(tmp_path):
         for _ in range(2)
     ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    run = run_python("from pykvm.guests import build; print(sorted(p.name for p in build().values()))", **env)
+    run = run_python("from pykvm.guestbuild import build; print(sorted(p.name for p in build().values()))", **env)
     assert run.stdout.strip() == str(sorted(f"{n}.bin" for n in GUESTS))
     assert not list(tmp_path.glob("guests/.build-*"))

@@ -1,4 +1,4 @@
-"""Linux on pykvm: the bundled kernel (pykvm/guests/linux.py) booted with a virtio-blk root and a
+"""Linux on pykvm: the bundled kernel (pykvm/guestbuild/linux_guest.py) booted with a virtio-blk root and a
 virtio-net NIC on a TAP in a private network namespace, checked from its serial log and the host.
 
 One boot serves most tests (module-scoped fixture `boot`): each Linux boot costs ~45 s where KVM
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from conftest import VmmProcess, requires_kvm, run_pykvm
-from pykvm.guests import linux
+from pykvm.guestbuild import linux_guest as linux
 
 pytestmark = requires_kvm
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pykvm import wire
+from pykvm.transfer import wire
 from pykvm.machine import MachineConfig
 from pykvm.state import encode
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm

@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from pykvm import snapshot
+from pykvm.transfer import snapshot
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm
 
 pytestmark = requires_kvm

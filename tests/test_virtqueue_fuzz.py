@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pykvm.devices.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, QueueError, SplitQueue
+from pykvm.devices.virtio.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, QueueError, SplitQueue
 from pykvm.memory import GuestMemory
 
 RAM = 64 * 1024

@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pykvm import guests
-from pykvm.netframes import FrameSocket, Peer
+from pykvm import guestbuild
+from pykvm.testing.netframes import FrameSocket, Peer
 
 DISK_SIZE = 4 << 20
 REQUEST_TIMEOUT = 0.1  # a client's patience before it resends
@@ -102,7 +102,7 @@ def _request(peer: Peer, text: str, deadline: float) -> bytes:
 def run_demo(records: int = 200, seed: int | None = None, workdir: Path | None = None,
              say=print, mode: str = "sync") -> DemoResult:
     rng = random.Random(seed)
-    image = guests.image_path("kv")
+    image = guestbuild.image_path("kv")
     with tempfile.TemporaryDirectory(prefix="pykvm-demo-") as tmp:
         root = Path(workdir or tmp)
         root.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from typing import Callable, TextIO
 
 import xxhash
 
-from pykvm import wire
+from pykvm.transfer import wire
 from pykvm.devices.virtio import VirtioDevice
 from pykvm.devices.virtio.blk import Blk, DiskChange
 from pykvm.devices.virtio.net import Net
@@ -39,7 +39,7 @@ from pykvm.ft import protocol as p
 from pykvm.ft.standby import ram_hash
 from pykvm.machine import Machine
 from pykvm.memory import dirty_pages, populated_pages
-from pykvm.migration import parse_tcp_uri
+from pykvm.transfer.migration import parse_tcp_uri
 from pykvm.state import encode
 
 DISK_CHUNK = 1 << 20  # the full sync sends the disk in pieces of this size

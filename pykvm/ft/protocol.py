@@ -1,7 +1,7 @@
 """The FT replication protocol as a sans-IO state machine, in the manner of h11: no sockets,
 events as frozen dataclasses, bytes in and events out, buffers out for events in.
 
-A primary and a standby speak it over one stream (pykvm.wire frames: versioned, sequenced,
+A primary and a standby speak it over one stream (pykvm.transfer.wire frames: versioned, sequenced,
 length-prefixed, hashed):
 
     primary                               standby
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pykvm import wire
+from pykvm.transfer import wire
 from pykvm.devices.virtio.blk import DiskChange
-from pykvm.wire import Kind, ProtocolError
+from pykvm.transfer.wire import Kind, ProtocolError
 
 PROTOCOL = 1
 _DISK_HEAD = struct.Struct("<II")  # disk index, count

@@ -20,13 +20,13 @@ from typing import Callable
 import numpy as np
 import xxhash
 
-from pykvm import wire
+from pykvm.transfer import wire
 from pykvm.devices.virtio.blk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Blk, fallocate
 from pykvm.ft import protocol as p
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, GuestMemory
 from pykvm.errors import ConfigError
-from pykvm.snapshot import check_same_shape
+from pykvm.transfer.snapshot import check_same_shape
 from pykvm.state import StateError, decode
 
 CHUNK_PAGES = 4096  # staging pool grows by 16 MiB chunks, reused from sync to sync

@@ -1,5 +1,5 @@
 """virtio 1.x devices: the device models (blk, net) apart from their transport (PCI) and their
-backends (files, TAP, sockets), and the virtqueue (pykvm.devices.virtqueue) apart from all three.
+backends (files, TAP, sockets), and the virtqueue (pykvm.devices.virtio.virtqueue) apart from all three.
 
 A device model implements VirtioDevice: what it offers (type, features, queues, config space)
 and what it does when a queue is notified or its backend has data. The transport owns the
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Protocol
 
-from pykvm.devices.virtqueue import DescriptorChain, SplitQueue
+from pykvm.devices.virtio.virtqueue import DescriptorChain, SplitQueue
 from pykvm.memory import GuestMemory
 
 log = logging.getLogger("pykvm.virtio")

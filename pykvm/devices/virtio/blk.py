@@ -18,7 +18,7 @@ from typing import Callable
 
 from pykvm.devices import virtio as v
 from pykvm.devices.virtio.iovec import scatter, total_length, trim
-from pykvm.devices.virtqueue import DescriptorChain, QueueError
+from pykvm.devices.virtio.virtqueue import DescriptorChain, QueueError
 from pykvm.errors import ConfigError
 
 SECTOR = 512

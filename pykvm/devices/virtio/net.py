@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pykvm.devices import virtio as v
 from pykvm.devices.net_backends import NetBackend
 from pykvm.devices.virtio.iovec import scatter, trim
-from pykvm.devices.virtqueue import DescriptorChain, QueueError, SplitQueue
+from pykvm.devices.virtio.virtqueue import DescriptorChain, QueueError, SplitQueue
 from pykvm.errors import ConfigError
 
 RX, TX = 0, 1

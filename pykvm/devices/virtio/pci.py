@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from pykvm.devices import virtio as v
 from pykvm.devices.pci import CAP_VENDOR, Bar, MsixTable, PciFunction, PciState
-from pykvm.devices.virtqueue import QueueError, QueueState, SplitQueue
+from pykvm.devices.virtio.virtqueue import QueueError, QueueState, SplitQueue
 from pykvm.kvm import KvmError
 from pykvm.state import StateError
 

@@ -64,7 +64,7 @@ class BuildError(Exception):
 def source_dir() -> Path:
     """The guest sources: inside an installed wheel, else in the repo checkout."""
     package = Path(__file__).resolve().parent.parent
-    for candidate in (package / "_guests", package.parent / "guests"):
+    for candidate in (package / "_guest_sources", package.parent / "guests"):
         if (candidate / "runtime").is_dir():
             return candidate
     raise FileNotFoundError(f"guest sources not found next to {package}")

@@ -23,11 +23,11 @@ from typing import Callable
 
 import numpy as np
 
-from pykvm import wire
+from pykvm.transfer import wire
 from pykvm.errors import ConfigError
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, dirty_pages, populated_pages
-from pykvm.snapshot import check_same_shape
+from pykvm.transfer.snapshot import check_same_shape
 from pykvm.state import StateError, decode, encode
 
 CONVERGED_PAGES = 256  # a round this small is sent with the guest stopped
