@@ -1,4 +1,8 @@
-"""Shared fixtures: the real /dev/kvm, the built guests, and a way to run the pykvm CLI."""
+"""Shared fixtures: the real /dev/kvm, the built guests, and a way to run the pykvm CLI.
+
+Tests marked `nokvm` run on a host without KVM (`pytest -m nokvm`): nothing here touches
+/dev/kvm or builds a guest unless a test asks for it, and a nokvm test may not ask.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +14,32 @@ from pathlib import Path
 import pytest
 
 from pykvm import guestbuild
+from pykvm.kvm import Kvm, KvmUnavailable
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Fixtures that need a usable /dev/kvm or the guest build, which a nokvm test must not use.
+KVM_OR_GUEST_FIXTURES = {"guest_images"}
+
 
 def kvm_usable() -> bool:
+    """Whether KVM answers, not just whether /dev/kvm opens (a file bound over it opens too)."""
     try:
-        fd = os.open("/dev/kvm", os.O_RDWR)
-    except OSError:
+        Kvm().close()
+    except KvmUnavailable:
         return False
-    os.close(fd)
     return True
 
 
 requires_kvm = pytest.mark.skipif(not kvm_usable(), reason="/dev/kvm is not usable here")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    misplaced = [item.nodeid for item in items if item.get_closest_marker("nokvm")
+                 and KVM_OR_GUEST_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    if misplaced:
+        raise pytest.UsageError("tests marked nokvm use a fixture that needs KVM or the guest build:\n  "
+                                + "\n  ".join(misplaced))
 
 
 @pytest.fixture(scope="session")

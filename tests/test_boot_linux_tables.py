@@ -19,6 +19,8 @@ from pykvm.errors import ConfigError
 from pykvm.guestbuild.linux_guest import initramfs
 from pykvm.memory import GuestMemory
 
+pytestmark = pytest.mark.nokvm
+
 
 @pytest.fixture
 def memory():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import socket
 
-from tests.conftest import VmmProcess, requires_kvm, run_pykvm
+import pytest
 
-pytestmark = requires_kvm
+from tests.conftest import VmmProcess, requires_kvm, run_pykvm
 
 
 def _raw(sock_path: str, line: bytes) -> dict:
@@ -17,6 +17,7 @@ def _raw(sock_path: str, line: bytes) -> dict:
         return json.loads(sock.makefile("rb").readline())
 
 
+@requires_kvm
 def test_commands_and_bad_requests(tmp_path, guest_images):
     path = str(tmp_path / "ctl.sock")
     vmm = VmmProcess("run", "dirty", "--cpus", "2", "--control", path)
@@ -46,6 +47,7 @@ def test_commands_and_bad_requests(tmp_path, guest_images):
         vmm.kill()
 
 
+@pytest.mark.nokvm
 def test_ctl_without_a_vmm(tmp_path):
     result = run_pykvm("ctl", str(tmp_path / "nothing.sock"), "query-status")
     assert result.returncode == 2 and b"no pykvm is listening there" in result.stderr

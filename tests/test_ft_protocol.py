@@ -86,11 +86,13 @@ def _feed(data: bytes, chunk: int = 7919) -> tuple[list, Exception | None]:
     return events, None
 
 
+@pytest.mark.nokvm
 def test_the_clean_stream_decodes_to_its_events():
     events, error = _feed(b"".join(FRAMES))
     assert error is None and events == EVENTS
 
 
+@pytest.mark.nokvm
 @settings(max_examples=400, deadline=None)
 @given(position=st.integers(0, sum(map(len, FRAMES)) - 1), bit=st.integers(0, 7))
 def test_any_flipped_bit_is_caught(position, bit):
@@ -101,6 +103,7 @@ def test_any_flipped_bit_is_caught(position, bit):
     assert error is not None or len(events) < len(EVENTS)  # ...and the damage never goes unseen
 
 
+@pytest.mark.nokvm
 @settings(max_examples=200, deadline=None)
 @given(cut=st.integers(0, sum(map(len, FRAMES)) - 1))
 def test_a_truncated_stream_yields_only_whole_events(cut):
@@ -108,6 +111,7 @@ def test_a_truncated_stream_yields_only_whole_events(cut):
     assert error is None and events == EVENTS[: len(events)] and len(events) < len(EVENTS)
 
 
+@pytest.mark.nokvm
 @pytest.mark.parametrize("order", [[0, 2, 1, 3, 4], [0, 1, 1, 2, 3, 4], [0, 1, 2, 3, 3, 4], [0, 1, 2, 4], [1, 2, 3, 4]])
 def test_reordered_duplicated_or_missing_frames_are_rejected(order):
     events, error = _feed(b"".join(FRAMES[i] for i in order))
@@ -115,6 +119,7 @@ def test_reordered_duplicated_or_missing_frames_are_rejected(order):
     assert events == EVENTS[: len(events)]
 
 
+@pytest.mark.nokvm
 def test_protocol_rules_on_the_sending_side():
     primary = p.FtConnection(p.Role.PRIMARY)
     with pytest.raises(wire.ProtocolError):

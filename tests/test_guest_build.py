@@ -10,6 +10,8 @@ import pytest
 
 from pykvm.guestbuild import GUESTS, UnknownGuest, build, cache_dir, elf_path, image_path
 
+pytestmark = pytest.mark.nokvm
+
 REPO = Path(__file__).resolve().parent.parent
 LOAD_ADDR = 0x100000
 MB_MAGIC = 0x1BADB002

@@ -224,6 +224,7 @@ def c_values(tmp_path_factory):
     return expected, actual
 
 
+@pytest.mark.nokvm
 def test_layouts_and_numbers_match_header(c_values):
     expected, actual = c_values
     assert expected.keys() == actual.keys()
@@ -237,6 +238,7 @@ def test_layouts_and_numbers_match_header(c_values):
     assert not mismatches, "\n".join(mismatches)
 
 
+@pytest.mark.nokvm
 def test_header_check_is_not_vacuous(c_values):
     expected, _ = c_values
     assert expected["struct kvm_run|io.port|offset"] == 34
@@ -245,6 +247,7 @@ def test_header_check_is_not_vacuous(c_values):
     assert len(expected) > 1000
 
 
+@pytest.mark.nokvm
 def test_every_struct_is_checked():
     _, _, seen = _expected_and_c_source()
     defined = {
@@ -257,6 +260,7 @@ def test_every_struct_is_checked():
     assert not defined - seen, f"not checked against C: {sorted(t.__name__ for t in defined - seen)}"
 
 
+@pytest.mark.nokvm
 def test_exit_reasons_complete():
     header = {}
     with open(KVM_H) as f:
@@ -269,11 +273,13 @@ def test_exit_reasons_complete():
     assert {v: k for k, v in header.items()} == EXIT_REASON_NAMES
 
 
+@pytest.mark.nokvm
 def test_ioctl_numbers_distinct():
     numbers = [v for k, v in _int_constants(ioctls).items() if k.startswith("KVM_")]
     assert len(numbers) == len(set(numbers)) == len(ioctls.IOCTL_NAMES)
 
 
+@pytest.mark.nokvm
 def test_flex_factories_cached_and_sized():
     assert structs.msrs_type(3) is structs.msrs_type(3)
     assert ctypes.sizeof(structs.msrs_type(3)) == 8 + 3 * 16
@@ -282,6 +288,7 @@ def test_flex_factories_cached_and_sized():
     assert ctypes.sizeof(structs.irq_routing_type(2)) == 8 + 2 * 48
 
 
+@pytest.mark.nokvm
 def test_kvm_error_pickles():
     err = KvmError(errno.EINVAL, "KVM_RUN failed: Invalid argument", "KVM_RUN")
     copy = pickle.loads(pickle.dumps(err))
@@ -309,6 +316,7 @@ def vm(kvm):
         yield v
 
 
+@pytest.mark.nokvm
 def test_unavailable_message():
     with pytest.raises(KvmUnavailable) as info:
         Kvm("/nonexistent/kvm")
@@ -319,6 +327,7 @@ def test_unavailable_message():
     )
 
 
+@pytest.mark.nokvm
 def test_not_a_kvm_device():
     with pytest.raises(KvmUnavailable, match="/dev/null is not a KVM device"):
         Kvm("/dev/null")

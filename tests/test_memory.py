@@ -17,6 +17,8 @@ from pykvm.memory import (
     ram_layout,
 )
 
+pytestmark = pytest.mark.nokvm
+
 SIZE = 64 * PAGE_SIZE
 
 

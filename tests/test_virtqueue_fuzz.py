@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from pykvm.devices.virtio.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, QueueError, SplitQueue
 from pykvm.memory import GuestMemory
 
+pytestmark = pytest.mark.nokvm
+
 RAM = 64 * 1024
 SIZE = 8
 DESC, AVAIL, USED, INDIRECT_TABLE = 0x1000, 0x2000, 0x3000, 0x4000
