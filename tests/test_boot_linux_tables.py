@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pykvm.boot import firmware
+from pykvm.boot.firmware import acpi, mptable
 from pykvm.boot import formats as f
 from pykvm.boot.linux_loader import check_initrd
 from pykvm.devices.acpi_pm import PM1_CNT, PM_TMR, SLP_EN, AcpiPm
@@ -36,7 +37,7 @@ def _table(memory: GuestMemory, address: int) -> bytes:
 
 def test_acpi_tables_are_linked_and_checksummed(memory) -> None:
     rsdp_at = firmware.write_acpi_tables(memory, cpus=3)
-    rsdp = firmware.Rsdp.parse(memory.read(rsdp_at, firmware.Rsdp.sizeof()))
+    rsdp = acpi.Rsdp.parse(memory.read(rsdp_at, acpi.Rsdp.sizeof()))
     assert sum(memory.read(rsdp_at, 20)) % 256 == 0 and sum(memory.read(rsdp_at, 36)) % 256 == 0
     xsdt = _table(memory, rsdp.xsdt_address)
     assert xsdt[:4] == b"XSDT" and sum(xsdt) % 256 == 0
@@ -48,7 +49,7 @@ def test_acpi_tables_are_linked_and_checksummed(memory) -> None:
     assert set(tables) == {b"FACP", b"APIC"}
     madt = tables[b"APIC"]
     assert madt.count(bytes([0, 8])) >= 3  # a processor-local-APIC entry per vCPU
-    fadt = firmware.Fadt.parse(tables[b"FACP"])
+    fadt = acpi.Fadt.parse(tables[b"FACP"])
     assert fadt.pm1a_cnt_blk == 0x604 and fadt.reset_reg.address == 0x64 and fadt.reset_value == 0xFE
     dsdt = _table(memory, fadt.x_dsdt)
     assert dsdt[:4] == b"DSDT" and sum(dsdt) % 256 == 0 and b"_S5_" in dsdt and b"_PRT" in dsdt
@@ -70,12 +71,12 @@ def test_mp_table_is_checksummed_and_lists_every_cpu(memory) -> None:
     pointer = memory.read(pointer_at, 16)
     assert pointer[:4] == b"_MP_" and sum(pointer) % 256 == 0
     table_at = struct.unpack_from("<I", pointer, 4)[0]
-    header = firmware.MpConfigHeader.parse(memory.read(table_at, firmware.MpConfigHeader.sizeof()))
+    header = mptable.MpConfigHeader.parse(memory.read(table_at, mptable.MpConfigHeader.sizeof()))
     table = memory.read(table_at, header.base_table_length)
     assert sum(table) % 256 == 0
-    body = table[firmware.MpConfigHeader.sizeof():]
+    body = table[mptable.MpConfigHeader.sizeof():]
     processors = [body[i:i + 20] for i in range(0, 40, 20)]
-    assert [p[0] for p in processors] == [0, 0] and processors[0][3] & firmware.MP_CPU_BOOTSTRAP
+    assert [p[0] for p in processors] == [0, 0] and processors[0][3] & mptable.MP_CPU_BOOTSTRAP
 
 
 def test_pci_intx_routing_matches_the_bus() -> None:
