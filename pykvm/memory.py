@@ -9,6 +9,7 @@ because KVM's dirty log only sees writes made by the guest's vCPUs; migration an
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import struct
@@ -234,22 +235,49 @@ def _set_bit_range(words: np.ndarray, start: int, stop: int) -> None:
     words[last_word] |= tail
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+SEEK_DATA, SEEK_HOLE = getattr(os, "SEEK_DATA", 3), getattr(os, "SEEK_HOLE", 4)
+_PAGEMAP_PRESENT, _PAGEMAP_SWAPPED = np.uint64(1 << 63), np.uint64(1 << 62)
 
 
 def populated_pages(slot: MemorySlot) -> np.ndarray:
-    """Page numbers of the slot's pages that may hold something other than zeros. For anonymous
-    or memfd RAM, a page never touched is not resident and reads as zeros, so mincore() answers
-    for 1 GiB in one system call; RAM mapped from a snapshot file is scanned for zeros instead."""
+    """Page numbers of the slot's pages that may hold something other than zeros: every page
+    ever written, resident or swapped out (a migration's round 0 and the FT full sync send these,
+    and the other side starts from zeros). Residency (mincore) is not the question: a swapped-out
+    page holds data too.
+    - memfd RAM: the file itself knows which pages hold data (SEEK_DATA/SEEK_HOLE walk the
+      extents, swapped-out shmem pages included; pagemap would show those as never allocated);
+    - anonymous RAM: /proc/self/pagemap, present or swapped;
+    - RAM mapped from a snapshot file: scanned for zeros (a page of the file may be zeros)."""
     if slot.from_image:
         words = np.frombuffer(slot.view, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
         return np.flatnonzero(words.any(axis=1))
-    vector = np.zeros(slot.pages, dtype=np.uint8)
-    if _libc.mincore(slot.host_addr, slot.size, vector.ctypes.data) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
-    return np.flatnonzero(vector & 1)
+    if slot.fd is not None:
+        return _data_pages(slot.fd, slot.size)
+    return _mapped_pages(slot.host_addr, slot.pages)
+
+
+def _data_pages(fd: int, size: int) -> np.ndarray:
+    """Pages of a file that hold data, from its extents (one lseek pair per extent)."""
+    runs, offset = [], 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, SEEK_DATA)
+        except OSError as error:
+            if error.errno == errno.ENXIO:  # no data after `offset`
+                break
+            raise
+        end = min(os.lseek(fd, start, SEEK_HOLE), size)
+        runs.append(np.arange(start >> PAGE_SHIFT, (end + PAGE_SIZE - 1) >> PAGE_SHIFT))
+        offset = end
+    return np.concatenate(runs) if runs else np.empty(0, dtype=np.int64)
+
+
+def _mapped_pages(host_addr: int, pages: int) -> np.ndarray:
+    """Pages of an anonymous mapping that are present or swapped out (pagemap: one u64 per page;
+    the flags are readable without privileges, only the frame numbers are hidden)."""
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        entries = np.frombuffer(os.pread(pagemap.fileno(), pages * 8, (host_addr >> PAGE_SHIFT) * 8), dtype=np.uint64)
+    return np.flatnonzero(entries & (_PAGEMAP_PRESENT | _PAGEMAP_SWAPPED))
 
 
 def dirty_pages(bitmap: np.ndarray) -> np.ndarray:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -14,6 +17,7 @@ from pykvm.memory import (
     GuestMemory,
     GuestMemoryError,
     dirty_pages,
+    populated_pages,
     ram_layout,
 )
 
@@ -119,5 +123,71 @@ def test_shared_memory_is_a_memfd(memory):
         mem.write(0, b"shared")
         import os
         assert os.pread(mem.slots[0].fd, 6, 0) == b"shared"
+    finally:
+        mem.close()
+
+
+# -- populated pages: what a migration's round 0 and the FT full sync send ------------------------
+
+MADV_PAGEOUT = 21
+WRITTEN = [0, 1, 7, 63]  # pages of a 64-page slot that hold data
+
+
+def _write_some(mem: GuestMemory) -> None:
+    for page in WRITTEN:
+        mem.write(page * PAGE_SIZE + 5, b"pykvm")
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["anonymous", "memfd"])
+def test_populated_pages_are_the_written_ones(shared):
+    mem = GuestMemory(SIZE, shared=shared)
+    try:
+        assert populated_pages(mem.slots[0]).tolist() == []
+        _write_some(mem)
+        assert populated_pages(mem.slots[0]).tolist() == WRITTEN
+    finally:
+        mem.close()
+
+
+@pytest.fixture
+def swap_file(tmp_path):
+    """A swap file for the duration of one test (root and a file system that allows swap)."""
+    path = tmp_path / "swap"
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, 64 << 20)  # swapon refuses a file with holes
+    os.chmod(path, 0o600)
+    made = subprocess.run(["mkswap", str(path)], capture_output=True)
+    enabled = made.returncode == 0 and subprocess.run(["swapon", str(path)], capture_output=True).returncode == 0
+    if not enabled:
+        pytest.skip("cannot enable a swap file here (swapon needs root and a file system that allows swap)")
+    yield path
+    subprocess.run(["swapoff", str(path)], check=True)
+
+
+def _swapped_kib(mapping_addr: int) -> int:
+    """The `Swap:` figure of the mapping starting at `mapping_addr` in /proc/self/smaps."""
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            if "-" in line.split()[0] and not line.split()[0].endswith(":"):
+                inside = int(line.split("-")[0], 16) == mapping_addr
+            elif inside and line.startswith("Swap:"):
+                return int(line.split()[1])
+    raise AssertionError("mapping not found in smaps")
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["anonymous", "memfd"])
+def test_swapped_out_pages_are_still_populated(swap_file, shared):
+    mem = GuestMemory(SIZE, shared=shared)
+    try:
+        _write_some(mem)
+        slot = mem.slots[0]
+        slot.mapping.madvise(MADV_PAGEOUT)
+        swapped = _swapped_kib(slot.host_addr)
+        if swapped == 0:
+            pytest.skip("MADV_PAGEOUT swapped nothing out here")
+        assert swapped >= len(WRITTEN) * PAGE_SIZE // 1024
+        assert populated_pages(slot).tolist() == WRITTEN
+        assert all(mem.read(page * PAGE_SIZE + 5, 5) == b"pykvm" for page in WRITTEN)
     finally:
         mem.close()
