@@ -7,7 +7,7 @@
 # and may come without pip at all; python3-venv is installed if venv cannot make one.
 # `bash scripts/setup.sh test` also installs what the test suite needs (kernel headers for the
 # uapi check, QEMU as the reference peer, iproute2/ping for TAP tests, iasl to disassemble the
-# DSDT), the test extras and the bundled Linux guest.
+# DSDT, etcd as an FT witness), the test extras and the bundled Linux guest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="$PWD/.venv"
@@ -34,6 +34,7 @@ if [ "${1:-}" = test ]; then
     command -v ip >/dev/null || packages+=(iproute2)
     command -v ping >/dev/null || packages+=(iputils-ping)
     command -v iasl >/dev/null || packages+=(acpica-tools)
+    command -v etcd >/dev/null || packages+=(etcd-server)
 fi
 if [ ${#packages[@]} -gt 0 ]; then
     apt_install "${packages[@]}"
