@@ -11,7 +11,6 @@ nothing in bulk, it restores the committed KVM and device state and starts the v
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -20,14 +19,14 @@ from typing import Callable
 import numpy as np
 import xxhash
 
-from pykvm.transfer import wire
-from pykvm.devices.virtio.blk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Blk, fallocate
+from pykvm.devices.virtio.blk import Blk
+from pykvm.errors import ConfigError
 from pykvm.ft import protocol as p
 from pykvm.machine import Machine, MachineConfig, MachineState
-from pykvm.memory import PAGE_SIZE, GuestMemory
-from pykvm.errors import ConfigError
-from pykvm.transfer.snapshot import check_same_shape
+from pykvm.memory import PAGE_SIZE, GuestMemory, ram_hash
 from pykvm.state import StateError, decode
+from pykvm.transfer import wire
+from pykvm.transfer.snapshot import check_same_shape
 
 CHUNK_PAGES = 4096  # staging pool grows by 16 MiB chunks, reused from sync to sync
 
@@ -182,18 +181,19 @@ class Standby:
         self.stats.commit_ms.append((time.perf_counter() - started) * 1000)
 
     def _apply_disk_changes(self) -> int:
+        """Write the sync's disk changes and flush the disks they touched; returns the bytes written."""
         written, touched = 0, set()
         for batch in self._staged_disk:
-            fd = self.disks[batch.disk].disk.fd
+            image = self.disks[batch.disk].disk
             for change in batch.changes:
                 if change.zeroed:
-                    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, change.offset, change.zeroed)
+                    image.zero(change.offset, change.zeroed)
                 else:
-                    os.pwrite(fd, change.data, change.offset)
+                    image.write(change.offset, change.data)
                     written += len(change.data)
-            touched.add(fd)
-        for fd in touched:
-            os.fdatasync(fd)
+            touched.add(image)
+        for image in touched:
+            image.flush()
         self._staged_disk = []
         return written
 
@@ -212,11 +212,3 @@ class Standby:
         self.log(f"ft standby: took over from sync {self.committed_sync} in {elapsed * 1000:.1f} ms "
                  f"(after detecting the loss)")
         return elapsed
-
-
-def ram_hash(memory: GuestMemory) -> int:
-    digest = xxhash.xxh3_64()
-    for slot in memory.slots:
-        digest.update(slot.view)
-    return digest.intdigest()
-

@@ -23,12 +23,13 @@ from typing import Callable
 
 import numpy as np
 
-from pykvm.transfer import wire
 from pykvm.errors import ConfigError
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, dirty_pages, populated_pages
-from pykvm.transfer.snapshot import check_same_shape
 from pykvm.state import StateError, decode, encode
+from pykvm.transfer import wire
+from pykvm.transfer.snapshot import check_same_shape
+from pykvm.transfer.tcp import parse_tcp_uri
 
 CONVERGED_PAGES = 256  # a round this small is sent with the guest stopped
 MAX_ROUNDS = 30
@@ -38,14 +39,6 @@ PEER_TIMEOUT = 30.0  # no byte from the peer for this long: it is gone
 
 class MigrationError(Exception):
     """Migration failed; the message says why. The side that raises it has not lost the guest."""
-
-
-def parse_tcp_uri(uri: str) -> tuple[str, int]:
-    scheme, _, rest = uri.partition(":")
-    host, _, port = rest.rpartition(":")
-    if scheme != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{uri!r}: expected tcp:HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 # -- source --------------------------------------------------------------------------------------------
@@ -150,15 +143,6 @@ def _no_pages(slot: int, pages: np.ndarray) -> list[memoryview]:
 
 
 # -- target --------------------------------------------------------------------------------------------
-
-
-def listen(uri: str) -> socket.socket:
-    host, port = parse_tcp_uri(uri)
-    try:
-        server = socket.create_server((host, port), reuse_port=False)
-    except OSError as error:
-        raise ConfigError(f"--incoming {uri}: cannot listen: {error.strerror}") from None
-    return server
 
 
 def migrate_in(machine: Machine, server: socket.socket, *, say: Callable[[str], None] | None = None) -> dict:
