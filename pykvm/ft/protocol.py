@@ -32,6 +32,7 @@ import numpy as np
 
 from pykvm.transfer import wire
 from pykvm.devices.virtio.blk import DiskChange
+from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.wire import Kind, ProtocolError
 
 PROTOCOL = 1
@@ -130,7 +131,7 @@ class FtConnection:
         self._state_seen = False
         self._out_seq = 0
         self._pending_sync = 0  # the sync a SyncEnd announced and an Ack must name
-        self._gatherer = wire.PageGatherer()
+        self._scratch = PageArena()  # where send_pages gathers scattered pages
         self._decoder = wire.Decoder(page_sink or _refuse_pages)
 
     # -- sending ----------------------------------------------------------------------------------
@@ -144,11 +145,10 @@ class FtConnection:
 
     def send_pages(self, slot: int, view: memoryview, pages: np.ndarray, *, copy: bool = False) -> list:
         """Pages of a RAM slot (the guest must be stopped: every byte is hashed). Scattered pages
-        (all pages, with `copy`) are gathered into scratch buffers that stay valid until the
+        (all pages, with `copy`) are gathered into scratch rows that stay valid until the
         next SyncEnd is sent."""
         self._advance(Pages(slot, pages), outgoing=True)
-        buffers, self._out_seq = wire.page_frames(self._out_seq, slot, view, pages, gatherer=self._gatherer,
-                                                  copy=copy)
+        buffers, self._out_seq = wire.page_frames(self._out_seq, slot, view, pages, scratch=self._scratch, copy=copy)
         return buffers
 
     @staticmethod
@@ -253,7 +253,7 @@ class FtConnection:
                 self.phase = Phase.AWAIT_ACK
                 self._pending_sync = event.sync
                 if outgoing:
-                    self._gatherer.reset()  # the sync is complete: its scratch can be reused next time
+                    self._scratch.reset()  # the sync is complete: its scratch can be reused next time
             elif isinstance(event, Heartbeat):
                 self._expect(phase in (Phase.IDLE, Phase.AWAIT_ACK), name)
             else:

@@ -23,41 +23,29 @@ from pykvm.devices.virtio.blk import Blk
 from pykvm.errors import ConfigError
 from pykvm.ft import protocol as p
 from pykvm.machine import Machine, MachineConfig, MachineState
-from pykvm.memory import PAGE_SIZE, GuestMemory, ram_hash
+from pykvm.memory import PAGE_SIZE, GuestMemory, MemorySlot, ram_hash
 from pykvm.state import StateError, decode
 from pykvm.transfer import wire
+from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.snapshot import check_same_shape
-
-CHUNK_PAGES = 4096  # staging pool grows by 16 MiB chunks, reused from sync to sync
 
 
 class PageStaging:
-    """Where a sync's pages land until it commits: chunks of page-sized rows, reused."""
+    """Where a sync's pages land until it commits: rows of an arena, reused from sync to sync."""
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
-        self._chunks: list[np.ndarray] = []
-        self._chunk, self._used = 0, 0  # position of the next free row
-        self.entries: list[tuple[int, np.ndarray, np.ndarray]] = []  # slot, page numbers, rows
+        self._rows = PageArena()
+        self.entries: list[tuple[MemorySlot, np.ndarray, np.ndarray]] = []  # slot, page numbers, rows
 
     def sink(self, slot_index: int, pages: np.ndarray) -> list[memoryview]:
+        """The decoder's page sink: the buffer one frame's pages are received into."""
         slot = next((s for s in self.memory.slots if s.index == slot_index), None)
         if slot is None or (len(pages) and int(pages.max()) >= slot.pages):
             raise wire.ProtocolError(f"pages outside guest RAM (slot {slot_index})")
-        rows = self._rows(len(pages))
-        self.entries.append((slot_index, pages.astype(np.int64), rows))
+        rows = self._rows.take(len(pages))
+        self.entries.append((slot, pages.astype(np.int64), rows))
         return [memoryview(rows).cast("B")]
-
-    def _rows(self, count: int) -> np.ndarray:
-        if count > CHUNK_PAGES:
-            return np.empty((count, PAGE_SIZE), dtype=np.uint8)
-        if self._chunk < len(self._chunks) and self._used + count > CHUNK_PAGES:
-            self._chunk, self._used = self._chunk + 1, 0
-        if self._chunk == len(self._chunks):
-            self._chunks.append(np.empty((CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8))
-        rows = self._chunks[self._chunk][self._used : self._used + count]
-        self._used += count
-        return rows
 
     @property
     def page_count(self) -> int:
@@ -65,15 +53,14 @@ class PageStaging:
 
     def commit(self) -> None:
         """Copy the staged pages into guest RAM (one numpy scatter per frame)."""
-        for slot_index, pages, rows in self.entries:
-            slot = self.memory.slots[slot_index]
+        for slot, pages, rows in self.entries:
             ram = np.frombuffer(slot.view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
             ram[pages] = rows
         self.discard()
 
     def discard(self) -> None:
         self.entries.clear()
-        self._chunk = self._used = 0
+        self._rows.reset()
 
 
 @dataclass
