@@ -1,17 +1,18 @@
 """Live migration over TCP: pre-copy of RAM while the guest runs, then a short stop-and-copy.
 
 Source (`pykvm ctl SOCK migrate tcp:HOST:PORT`):
-  1. HELLO with the machine's configuration; the target answers READY, or ERROR and why.
+  1. HELLO with the machine's configuration; the target answers READY, or REFUSED and why.
   2. Round 0 sends every populated page (the target's RAM starts zeroed); each following round
      sends the pages dirtied meanwhile (KVM's dirty log merged with the VMM's own writes),
      until a round is small enough or stops shrinking.
   3. Quiesce (vCPUs paused, device threads held), send the last dirty pages, the machine state
-     and DONE; wait for the target's ACK. Then the source stops; the target runs.
+     and SYNC_END (a migration is one long sync); wait for the target's ACK. Then the source
+     stops; the target runs.
 Any failure before the ACK leaves the source running (it resumes) and is reported.
 
 Target (`pykvm run ... --incoming tcp:HOST:PORT`): accepts one connection, checks the config,
 receives pages straight into guest RAM (recvmsg_into on memoryviews), restores the state on
-DONE, ACKs, and only then runs. A stream that ends early means the target never runs the guest.
+SYNC_END, ACKs, and only then runs. A stream that ends early means the target never runs the guest.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def migrate_out(machine: Machine, uri: str, *, progress: Callable[[str], None] |
             sender = _Sender(sock)
             sender.send(wire.Kind.HELLO, encode(machine.config))
             reply = sender.reply()
-            if reply.kind == wire.Kind.ERROR:
+            if reply.kind == wire.Kind.REFUSED:
                 raise MigrationError(f"the target refused the migration: {reply.payload.decode(errors='replace')}")
             if reply.kind != wire.Kind.READY:
                 raise MigrationError(f"unexpected {reply.kind.name} from the target")
@@ -71,8 +72,8 @@ def migrate_out(machine: Machine, uri: str, *, progress: Callable[[str], None] |
                 downtime_start = time.perf_counter()
                 with machine.quiesced():
                     final = sender.send_dirty(machine, live=False)  # stopped: every byte hashed
-                    sender.send(wire.Kind.STATE, encode(machine.save_state()))
-                    sender.send(wire.Kind.DONE, b"{}")
+                    sender.send(wire.Kind.MACHINE_STATE, encode(machine.save_state()))
+                    sender.send(wire.Kind.SYNC_END, b"{}")
                     ack = sender.reply()
                     if ack.kind != wire.Kind.ACK:
                         raise MigrationError(f"the target answered {ack.kind.name} instead of ACK")
@@ -174,7 +175,7 @@ def migrate_in(machine: Machine, server: socket.socket, *, say: Callable[[str], 
             try:
                 check_same_shape(decode(MachineConfig, hello.payload), machine.config)
             except (ConfigError, StateError) as error:
-                wire.send_buffers(conn, wire.frame(wire.Kind.ERROR, seq, str(error).encode()))
+                wire.send_buffers(conn, wire.frame(wire.Kind.REFUSED, seq, str(error).encode()))
                 raise MigrationError(f"refused an incoming migration from {peer[0]}: {error}") from None
             wire.send_buffers(conn, wire.frame(wire.Kind.READY, seq))
             seq += 1
@@ -182,14 +183,14 @@ def migrate_in(machine: Machine, server: socket.socket, *, say: Callable[[str], 
                 frame = wire.receive_frame(conn, decoder)
                 if frame.kind == wire.Kind.PAGES:
                     pages += len(frame.pages)
-                elif frame.kind == wire.Kind.STATE:
+                elif frame.kind == wire.Kind.MACHINE_STATE:
                     state = decode(MachineState, frame.payload)
-                elif frame.kind == wire.Kind.DONE:
+                elif frame.kind == wire.Kind.SYNC_END:
                     break
                 else:
                     raise wire.ProtocolError(f"unexpected {frame.kind.name} during migration")
             if state is None:
-                raise wire.ProtocolError("DONE without the machine state")
+                raise wire.ProtocolError("SYNC_END without the machine state")
             machine.restore_state(state)
             wire.send_buffers(conn, wire.frame(wire.Kind.ACK, seq, b'{"restored": true}'))
         except (OSError, ConnectionError, wire.ProtocolError, StateError) as error:

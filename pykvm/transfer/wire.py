@@ -42,16 +42,19 @@ PAGE_ROW = f"V{PAGE_SIZE}"  # numpy's view of a page as one element, to copy it 
 
 
 class Kind(enum.IntEnum):
-    HELLO = 1  # sender -> receiver: version and machine config (JSON)
+    """What a frame carries. The sender is the side whose machine is copied (migration source,
+    FT primary); the receiver holds the copy (migration target, FT standby)."""
+
+    HELLO = 1  # sender -> receiver: protocol version and machine config
     READY = 2  # receiver -> sender: config accepted
-    ERROR = 3  # either way: a reason (UTF-8), then the connection closes
+    REFUSED = 3  # receiver -> sender: config refused, and why (UTF-8); the connection closes
     PAGES = 4  # guest pages
-    STATE = 5  # machine state (JSON)
-    DONE = 6  # end of a migration / of one FT sync (small JSON of figures)
+    MACHINE_STATE = 5  # an encoded MachineState (JSON)
+    SYNC_END = 6  # the sync is whole (FT: one of many; migration: its one and last): commit it
     ACK = 7  # receiver -> sender: committed (JSON: what)
     HEARTBEAT = 8  # FT primary -> standby: still alive
     GOODBYE = 9  # orderly end of an FT pair
-    DISK = 10  # FT: completed disk writes (device index u32, offset u64, data)
+    DISK_CHANGES = 10  # FT: disk writes completed since the last sync (see ft.protocol)
 
 
 class ProtocolError(Exception):
