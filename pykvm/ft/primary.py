@@ -51,17 +51,17 @@ class FtError(Exception):
 
 @dataclass
 class SyncRecord:
-    """One sync, as the metrics file has it."""
+    """One sync, as the metrics file has it (one JSON object a line, these fields)."""
 
     sync: int
-    time: float
-    trigger: str
+    time: float  # wall clock (time.time()) when it ended
+    trigger: str  # "full", "blk", "net" or "timer"
     pages: int
-    bytes: int
-    pause_ms: float
-    transfer_ms: float
-    ack_ms: float
-    output_delay_ms: float
+    bytes: int  # sent, frame headers included
+    pause_ms: float  # guest paused: from the quiesce to its resumption
+    transfer_ms: float  # from the quiesce to the last byte handed to the socket
+    ack_ms: float  # from then to the standby's Ack
+    output_delay_ms: float  # the longest any output this sync released was held
 
 
 @dataclass
@@ -79,11 +79,14 @@ class PrimaryStats:
 
 
 class Primary:
+    """The output gate (`hold`) and the FT thread that syncs the standby and releases outputs."""
+
     def __init__(self, machine: Machine, *, timeout: float = 0.2, metrics: TextIO | None = None,
                  verify: bool = False, interval: float = 0.0, pipelined: bool = False,
                  log: Callable[[str], None] = print) -> None:
-        """`interval` > 0 adds periodic syncs (trigger "timer") to the event-driven ones;
-        `pipelined` resumes the guest before the sync is sent (see _sync)."""
+        """`timeout` is the standby's patience: heartbeats go four times as often. `verify` sends
+        a hash of all RAM with each sync; `interval` > 0 adds periodic syncs (trigger "timer") to
+        the event-driven ones; `pipelined` resumes the guest before the sync is sent (see _sync)."""
         self.machine = machine
         self.interval = interval
         self.pipelined = pipelined

@@ -1,12 +1,13 @@
 """The FT standby: a machine that is built but does not run, kept equal to the primary's state as
 of the last acknowledged sync, and that takes over when the primary goes silent.
 
-Everything of a sync is staged first — pages in a staging pool, disk changes and machine state
-in lists — and checked (frames hashed, the state decoded against its dataclasses). Only at the
-sync's end are the pages copied into guest RAM, the disk changes written and flushed, and the
-state kept as the committed one; then the Ack goes out. A sync cut off midway is dropped with
-its staging, so the committed state is always a whole sync. Guest RAM stays hot: takeover copies
-nothing in bulk, it restores the committed KVM and device state and starts the vCPUs.
+Everything of a sync is staged first — pages in reused staging rows, disk changes in a list, the
+machine state as it came — and checked (frames hashed, the state decoded against its
+dataclasses). Only at the sync's end are the pages copied into guest RAM, the disk changes
+written and flushed, and the state kept as the committed one; then the Ack goes out. A sync
+cut off midway is dropped with its staging, so the committed state is always a whole sync.
+Guest RAM stays hot: takeover copies nothing in bulk, it restores the committed KVM and device
+state and starts the vCPUs.
 """
 
 from __future__ import annotations
@@ -75,11 +76,14 @@ class StandbyStats:
 
 
 class Standby:
+    """Follows one primary (`serve`), then, if it was lost rather than said goodbye, runs its
+    guest from the last committed sync (`take_over`)."""
+
     def __init__(self, machine: Machine, *, timeout: float, verify: bool = False,
                  log: Callable[[str], None] = print) -> None:
         self.machine = machine
         self.timeout = timeout
-        self.verify = verify
+        self.verify = verify  # kept for the record: RAM is checked whenever the primary sends its hash
         self.log = log
         self.staging = PageStaging(machine.vm.memory)
         self.disks = [f.device for f in machine.virtio if isinstance(f.device, Blk)]
@@ -93,7 +97,8 @@ class Standby:
     # -- the connection ----------------------------------------------------------------------------
 
     def serve(self, server: socket.socket) -> str:
-        """Follow one primary until it says goodbye ("goodbye") or is lost ("lost")."""
+        """Follow one primary until it says goodbye ("goodbye"), is refused for a machine of
+        another shape ("refused"), or is lost ("lost")."""
         conn, peer = server.accept()
         self.log(f"ft standby: primary {peer[0]} connected")
         protocol = p.FtConnection(p.Role.STANDBY, page_sink=self.staging.sink)
@@ -109,7 +114,7 @@ class Standby:
                     if isinstance(event, p.Goodbye):
                         self.log(f"ft standby: primary said goodbye ({event.reason})")
                         return "goodbye"
-                    if isinstance(event, p.Refused):
+                    if protocol.phase == p.Phase.CLOSED:  # we sent Refused
                         return "refused"
             except socket.timeout:
                 reason = f"no word from the primary for {self.timeout * 1000:.0f} ms"
