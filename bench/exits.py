@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pykvm import guestbuild  # noqa: E402
 from pykvm.machine import Machine, MachineConfig  # noqa: E402
+from pykvm.stats import percentile  # noqa: E402
 
 MEMORY = 64 << 20
 
@@ -170,11 +171,6 @@ def pause_latency(image: Path, pauses: int, cpus: int) -> tuple[list[float], lis
         vm.stop(0, "benchmark done")
         vm.wait()
     return pause_times, cycle_times
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 def main() -> None:

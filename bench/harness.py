@@ -204,11 +204,6 @@ class Series:
         return f"{format(min(self.values), fmt)}-{format(max(self.values), fmt)}"
 
 
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
 def ratios(ours: Series, theirs: Series) -> Series:
     """Round-by-round ratios: the runs of one round were back to back, under the same load."""
     out = Series()

@@ -47,7 +47,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import KvmStats, QemuGuest, Series, cost_columns, percentile, pykvm_cpu_ns, ratio_columns  # noqa: E402
+from bench.harness import KvmStats, QemuGuest, Series, cost_columns, pykvm_cpu_ns, ratio_columns  # noqa: E402
+from pykvm.stats import percentile  # noqa: E402
 
 GUEST_MAC, GUEST_IP = "52:54:00:12:34:56", "10.0.2.15"
 HOST_MAC, HOST_IP = "52:54:00:00:00:02", "10.0.2.2"

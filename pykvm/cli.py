@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from pykvm import control, guestbuild
-from pykvm.transfer import migration, snapshot
+from pykvm.transfer import migration, snapshot, tcp
 from pykvm.ft import FtError, Primary, Standby, demo
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
@@ -180,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
     load_addr = parse_address(args.load_addr) if args.load_addr is not None else None
     image = None if args.incoming or args.kernel else _resolve_image(args.image)
-    server = migration.listen(args.incoming) if args.incoming else None
+    server = tcp.listen(args.incoming, "--incoming") if args.incoming else None
     console = SerialConsole(args.serial)
     try:
         # An incoming VM takes its NICs' backends only once the source has let go of them.
@@ -219,7 +219,7 @@ def cmd_ft(args: argparse.Namespace) -> int:
     """`pykvm ft standby`: follow a primary; on its loss, take over and run the guest here."""
     disks, nets = _backends(args)
     config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
-    server = migration.listen(args.listen)
+    server = tcp.listen(args.listen, "--listen")
     console = SerialConsole(args.serial)
     try:
         memory = GuestMemory(config.memory, populate=True)  # hot: commits never wait for page faults

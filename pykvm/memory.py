@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+import xxhash
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -289,3 +290,11 @@ def dirty_pages(bitmap: np.ndarray) -> np.ndarray:
     bits = np.unpackbits(bitmap[words].view(np.uint8), bitorder="little").reshape(words.size, 64)
     word_index, bit_index = np.nonzero(bits)
     return (words[word_index] << 6) | bit_index
+
+
+def ram_hash(memory: GuestMemory) -> int:
+    """xxh3-64 of all guest RAM, slot after slot: FT's verification mode compares both sides'."""
+    digest = xxhash.xxh3_64()
+    for slot in memory.slots:
+        digest.update(slot.view)
+    return digest.intdigest()

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from pykvm.transfer import wire
 from pykvm.devices.virtio.blk import DiskChange, DiskSpec
 from pykvm.ft import protocol as p
-from pykvm.ft.standby import Standby, ram_hash
+from pykvm.ft.standby import Standby
 from pykvm.machine import Machine, MachineConfig
-from pykvm.memory import PAGE_SIZE
+from pykvm.memory import PAGE_SIZE, ram_hash
 from pykvm.state import encode
 from tests.conftest import requires_kvm
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pykvm import guestbuild
+from pykvm.stats import summary
 from pykvm.testing.netframes import FrameSocket, Peer
 
 DISK_SIZE = 4 << 20
@@ -163,12 +164,8 @@ def _drive(primary: _Vmm, standby: _Vmm, records: int, rng: random.Random, root:
     return result
 
 
-def _percentiles(values: list[float]) -> str:
-    if not values:
-        return "-"
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]  # noqa: E731
-    return f"p50 {pick(0.5):.2f}  p90 {pick(0.9):.2f}  p99 {pick(0.99):.2f}  max {ordered[-1]:.2f}"
+def _summary_line(values: list[float]) -> str:
+    return "  ".join(f"{name} {value:.2f}" for name, value in summary(values).items()) or "-"
 
 
 def main(records: int = 200, seed: int | None = None, mode: str = "sync") -> int:
@@ -180,9 +177,9 @@ def main(records: int = 200, seed: int | None = None, mode: str = "sync") -> int
     print("pykvm FT demo summary")
     print(f"  syncs                 {len(syncs)} ({sum(s['trigger'] == 'blk' for s in syncs)} at disk output, "
           f"{sum(s['trigger'] == 'net' for s in syncs)} at network output)")
-    print(f"  pages per sync        {_percentiles([s['pages'] for s in outputs])}  (mean {statistics.fmean([s['pages'] for s in outputs] or [0]):.1f})")
-    print(f"  guest pause (ms)      {_percentiles([s['pause_ms'] for s in outputs])}")
-    print(f"  output delay (ms)     {_percentiles([s['output_delay_ms'] for s in outputs])}")
+    print(f"  pages per sync        {_summary_line([s['pages'] for s in outputs])}  (mean {statistics.fmean([s['pages'] for s in outputs] or [0]):.1f})")
+    print(f"  guest pause (ms)      {_summary_line([s['pause_ms'] for s in outputs])}")
+    print(f"  output delay (ms)     {_summary_line([s['output_delay_ms'] for s in outputs])}")
     print(f"  takeover (ms)         {result.takeover_ms:.1f} from detection to running vCPUs on the standby")
     print(f"  client-seen gap (ms)  {result.client_gap_ms:.0f}: the longest wait for an acknowledgement")
     print(f"  records verified      {result.verified} of {result.records} acknowledged"

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
 import xxhash
 
@@ -36,11 +35,11 @@ from pykvm.devices.virtio import VirtioDevice
 from pykvm.devices.virtio.blk import Blk, DiskChange
 from pykvm.devices.virtio.net import Net
 from pykvm.ft import protocol as p
-from pykvm.ft.standby import ram_hash
 from pykvm.machine import Machine
-from pykvm.memory import dirty_pages, populated_pages
-from pykvm.transfer.migration import parse_tcp_uri
+from pykvm.memory import dirty_pages, populated_pages, ram_hash
+from pykvm.transfer.tcp import parse_tcp_uri
 from pykvm.state import encode
+from pykvm.stats import summary
 
 DISK_CHUNK = 1 << 20  # the full sync sends the disk in pieces of this size
 CONNECT_TIMEOUT = 5.0
@@ -52,17 +51,17 @@ class FtError(Exception):
 
 @dataclass
 class SyncRecord:
-    """One sync, as the metrics file has it."""
+    """One sync, as the metrics file has it (one JSON object a line, these fields)."""
 
     sync: int
-    time: float
-    trigger: str
+    time: float  # wall clock (time.time()) when it ended
+    trigger: str  # "full", "blk", "net" or "timer"
     pages: int
-    bytes: int
-    pause_ms: float
-    transfer_ms: float
-    ack_ms: float
-    output_delay_ms: float
+    bytes: int  # sent, frame headers included
+    pause_ms: float  # guest paused: from the quiesce to its resumption
+    transfer_ms: float  # from the quiesce to the last byte handed to the socket
+    ack_ms: float  # from then to the standby's Ack
+    output_delay_ms: float  # the longest any output this sync released was held
 
 
 @dataclass
@@ -80,11 +79,14 @@ class PrimaryStats:
 
 
 class Primary:
+    """The output gate (`hold`) and the FT thread that syncs the standby and releases outputs."""
+
     def __init__(self, machine: Machine, *, timeout: float = 0.2, metrics: TextIO | None = None,
                  verify: bool = False, interval: float = 0.0, pipelined: bool = False,
                  log: Callable[[str], None] = print) -> None:
-        """`interval` > 0 adds periodic syncs (trigger "timer") to the event-driven ones;
-        `pipelined` resumes the guest before the sync is sent (see _sync)."""
+        """`timeout` is the standby's patience: heartbeats go four times as often. `verify` sends
+        a hash of all RAM with each sync; `interval` > 0 adds periodic syncs (trigger "timer") to
+        the event-driven ones; `pipelined` resumes the guest before the sync is sent (see _sync)."""
         self.machine = machine
         self.interval = interval
         self.pipelined = pipelined
@@ -311,29 +313,26 @@ class Primary:
         stats = self.stats
         return {"protected": stats.protected, "standby": stats.standby, "syncs": stats.syncs, "pages": stats.pages,
                 "bytes": stats.bytes, "heartbeats": stats.heartbeats, "standby_losses": stats.standby_losses,
-                "pause_ms": _percentiles(stats.pause_ms), "output_delay_ms": _percentiles(stats.output_delay_ms),
-                "pages_per_sync": _percentiles([float(n) for n in stats.pages_per_sync])}
+                "pause_ms": _rounded(summary(stats.pause_ms)),
+                "output_delay_ms": _rounded(summary(stats.output_delay_ms)),
+                "pages_per_sync": _rounded(summary([float(n) for n in stats.pages_per_sync]))}
 
 
 def _trigger(device: VirtioDevice) -> str:
     return "net" if isinstance(device, Net) else "blk"
 
 
-def _whole_disk(disk: Blk):
-    """The disk's contents as changes (the full sync), skipping holes and zero chunks."""
-    fd, size = disk.disk.fd, disk.disk.size
+def _whole_disk(disk: Blk) -> Iterator[DiskChange]:
+    """The disk's contents as changes (the full sync); all-zero chunks (holes too) go as zeroed."""
+    image, size = disk.disk, disk.disk.size
     for offset in range(0, size, DISK_CHUNK):
-        data = os.pread(fd, min(DISK_CHUNK, size - offset), offset)
+        data = image.read(offset, min(DISK_CHUNK, size - offset))
         if data.count(0) == len(data):
             yield DiskChange(offset, zeroed=len(data))
         else:
             yield DiskChange(offset, data)
 
 
-def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {}
-    ordered = sorted(values)
-    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))], 3)  # noqa: E731
-    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": round(ordered[-1], 3)}
+def _rounded(figures: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 3) for name, value in figures.items()}
 

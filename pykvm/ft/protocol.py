@@ -1,8 +1,9 @@
 """The FT replication protocol as a sans-IO state machine, in the manner of h11: no sockets,
-events as frozen dataclasses, bytes in and events out, buffers out for events in.
+events as frozen dataclasses, the rules as a table; bytes in and events out, buffers out for
+events in.
 
-A primary and a standby speak it over one stream (pykvm.transfer.wire frames: versioned, sequenced,
-length-prefixed, hashed):
+A primary and a standby speak it over one stream of pykvm.transfer.wire frames (versioned,
+sequenced, length-prefixed, hashed); each event travels as the frame kind of the same name:
 
     primary                               standby
     Hello(config)                 ->
@@ -10,14 +11,15 @@ length-prefixed, hashed):
     -- a sync, repeated; the first carries every populated page and the whole disk --
     Pages(slot, pages)*           ->      (page data lands in the standby's staging buffers)
     DiskChanges(disk, changes)*   ->
-    MachineStateBlob(data)        ->
+    MachineStateBlob(data)        ->      (one per sync)
     SyncEnd(sync, trigger, hashes)->      commit everything of the sync atomically, then
                                   <-      Ack(sync)
     Heartbeat                     ->      (between syncs, when there is no output)
     Goodbye(reason)               <->     orderly end
 
-Everything out of order is a ProtocolError: a Pages outside a sync, a second state, a SyncEnd
-without a state or with a sync number that is not the next one, an Ack for a sync not sent.
+TRANSITIONS says which side may send which event in which phase; any other move is a
+ProtocolError (Pages outside a sync, a second state, a SyncEnd without one). The numbers are
+checked on top: a SyncEnd's sync is the one after the last, an Ack names the sync awaiting it.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import enum
 import json
 import socket
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar, get_args
 
 import numpy as np
 
-from pykvm.transfer import wire
 from pykvm.devices.virtio.blk import DiskChange
+from pykvm.transfer import wire
+from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.wire import Kind, ProtocolError
 
 PROTOCOL = 1
@@ -39,83 +43,217 @@ _DISK_HEAD = struct.Struct("<II")  # disk index, count
 _CHANGE = struct.Struct("<QQB")  # offset, length, zeroed?
 
 
-# -- events ----------------------------------------------------------------------------------------
+# -- events: each knows its frame kind and its payload ---------------------------------------------
 
 
 @dataclass(frozen=True)
 class Hello:
+    kind: ClassVar[Kind] = Kind.HELLO
     config: bytes  # the primary's MachineConfig, encoded
     protocol: int = PROTOCOL
+
+    def payload(self) -> bytes:
+        return json.dumps({"protocol": self.protocol}).encode() + b"\n" + self.config
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Hello:
+        head, _, config = payload.partition(b"\n")
+        return cls(config, json.loads(head)["protocol"])
 
 
 @dataclass(frozen=True)
 class Ready:
-    pass
+    kind: ClassVar[Kind] = Kind.READY
+
+    def payload(self) -> bytes:
+        return b""
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Ready:
+        return cls()
 
 
 @dataclass(frozen=True)
 class Refused:
+    kind: ClassVar[Kind] = Kind.REFUSED
     reason: str
+
+    def payload(self) -> bytes:
+        return self.reason.encode()
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Refused:
+        return cls(payload.decode(errors="replace"))
 
 
 @dataclass(frozen=True, eq=False)
 class Pages:
-    """Page numbers of a RAM slot; the data went to the buffers the receiver's page sink gave."""
+    """Page numbers of a RAM slot; the data went to the buffers the receiver's page sink gave.
+    Sent with `FtConnection.send_pages`, which frames the data along."""
 
+    kind: ClassVar[Kind] = Kind.PAGES
     slot: int
     pages: np.ndarray
+
+    def payload(self) -> bytes:
+        raise TypeError("Pages are sent with FtConnection.send_pages")
 
 
 @dataclass(frozen=True)
 class DiskChanges:
-    disk: int
+    kind: ClassVar[Kind] = Kind.DISK_CHANGES
+    disk: int  # index among the machine's disks
     changes: tuple[DiskChange, ...]
+
+    def payload(self) -> bytes:
+        parts = [_DISK_HEAD.pack(self.disk, len(self.changes))]
+        for change in self.changes:
+            length = change.zeroed or len(change.data)
+            parts += [_CHANGE.pack(change.offset, length, 1 if change.zeroed else 0), change.data]
+        return b"".join(parts)
+
+    @classmethod
+    def parse(cls, payload: bytes) -> DiskChanges:
+        disk, count = _DISK_HEAD.unpack_from(payload, 0)
+        at, changes = _DISK_HEAD.size, []
+        for _ in range(count):
+            offset, length, zeroed = _CHANGE.unpack_from(payload, at)
+            at += _CHANGE.size
+            if zeroed:
+                changes.append(DiskChange(offset, zeroed=length))
+            else:
+                if at + length > len(payload):
+                    raise ValueError("disk change runs past the frame")
+                changes.append(DiskChange(offset, payload[at : at + length]))
+                at += length
+        if at != len(payload):
+            raise ValueError("trailing bytes after the disk changes")
+        return cls(disk, tuple(changes))
 
 
 @dataclass(frozen=True)
 class MachineStateBlob:
-    data: bytes  # an encoded MachineState
+    kind: ClassVar[Kind] = Kind.MACHINE_STATE
+    data: bytes  # an encoded MachineState, decoded only by the standby's commit
+
+    def payload(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def parse(cls, payload: bytes) -> MachineStateBlob:
+        return cls(payload)
 
 
 @dataclass(frozen=True)
 class SyncEnd:
-    sync: int
+    kind: ClassVar[Kind] = Kind.SYNC_END
+    sync: int  # 1 for the first (full) sync, then one more each time
     trigger: str  # what made the primary sync: "full", "blk", "net", "timer"
     ram_hash: int | None = None  # verification mode: xxh3 of all guest RAM after this sync
-    state_hash: int = 0
-    extra: dict = field(default_factory=dict, compare=False)
+    state_hash: int = 0  # xxh3 of the MachineStateBlob's data
+
+    def payload(self) -> bytes:
+        return json.dumps({"sync": self.sync, "trigger": self.trigger, "ram_hash": self.ram_hash,
+                           "state_hash": self.state_hash}).encode()
+
+    @classmethod
+    def parse(cls, payload: bytes) -> SyncEnd:
+        fields = json.loads(payload)
+        return cls(int(fields["sync"]), str(fields["trigger"]), fields["ram_hash"], int(fields["state_hash"]))
 
 
 @dataclass(frozen=True)
 class Ack:
+    kind: ClassVar[Kind] = Kind.ACK
     sync: int
+
+    def payload(self) -> bytes:
+        return json.dumps({"sync": self.sync}).encode()
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Ack:
+        return cls(int(json.loads(payload)["sync"]))
 
 
 @dataclass(frozen=True)
 class Heartbeat:
-    pass
+    kind: ClassVar[Kind] = Kind.HEARTBEAT
+
+    def payload(self) -> bytes:
+        return b""
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Heartbeat:
+        return cls()
 
 
 @dataclass(frozen=True)
 class Goodbye:
+    kind: ClassVar[Kind] = Kind.GOODBYE
     reason: str
+
+    def payload(self) -> bytes:
+        return self.reason.encode()
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Goodbye:
+        return cls(payload.decode(errors="replace"))
 
 
 Event = Hello | Ready | Refused | Pages | DiskChanges | MachineStateBlob | SyncEnd | Ack | Heartbeat | Goodbye
+EVENT_OF_KIND: dict[Kind, type] = {event.kind: event for event in get_args(Event)}
+
+
+# -- the rules ------------------------------------------------------------------------------------
 
 
 class Role(enum.Enum):
     PRIMARY = "primary"
     STANDBY = "standby"
 
+    @property
+    def peer(self) -> Role:
+        return Role.STANDBY if self is Role.PRIMARY else Role.PRIMARY
+
 
 class Phase(enum.Enum):
+    """Where the conversation is; both sides go through the same phases."""
+
     HELLO = "hello"  # nothing exchanged yet
-    AWAIT_READY = "await-ready"  # primary sent Hello
+    AWAIT_READY = "await-ready"  # the primary sent Hello
     IDLE = "idle"  # between syncs
-    IN_SYNC = "in-sync"  # a sync's parts are flowing
-    AWAIT_ACK = "await-ack"  # primary sent SyncEnd
+    IN_SYNC = "in-sync"  # a sync's pages and disk changes are flowing
+    STATE_SENT = "state-sent"  # ...and its machine state went too: SyncEnd may follow
+    AWAIT_ACK = "await-ack"  # the primary sent SyncEnd
     CLOSED = "closed"
+
+
+def _goodbye_anywhere(moves: dict[Phase, dict[type, Phase]]) -> dict[Phase, dict[type, Phase]]:
+    """Either side may end the connection in any phase but CLOSED."""
+    return {phase: {**moves.get(phase, {}), Goodbye: Phase.CLOSED} for phase in Phase if phase != Phase.CLOSED}
+
+
+# The sender's role -> phase -> {event type -> next phase}.
+TRANSITIONS: dict[Role, dict[Phase, dict[type, Phase]]] = {
+    Role.PRIMARY: _goodbye_anywhere({
+        Phase.HELLO: {Hello: Phase.AWAIT_READY},
+        Phase.IDLE: {Pages: Phase.IN_SYNC, DiskChanges: Phase.IN_SYNC, MachineStateBlob: Phase.STATE_SENT,
+                     Heartbeat: Phase.IDLE},
+        Phase.IN_SYNC: {Pages: Phase.IN_SYNC, DiskChanges: Phase.IN_SYNC, MachineStateBlob: Phase.STATE_SENT},
+        Phase.STATE_SENT: {Pages: Phase.STATE_SENT, DiskChanges: Phase.STATE_SENT, SyncEnd: Phase.AWAIT_ACK},
+        Phase.AWAIT_ACK: {Heartbeat: Phase.AWAIT_ACK},
+    }),
+    Role.STANDBY: _goodbye_anywhere({
+        Phase.AWAIT_READY: {Ready: Phase.IDLE, Refused: Phase.CLOSED},
+        Phase.AWAIT_ACK: {Ack: Phase.IDLE},
+    }),
+}
+SENDS = {role: {event for moves in phases.values() for event in moves} for role, phases in TRANSITIONS.items()}
+_MISPLACED = {  # what a move missing from the table means, where a bare "not allowed" would puzzle
+    (Phase.IDLE, SyncEnd): "SyncEnd without a machine state",
+    (Phase.IN_SYNC, SyncEnd): "SyncEnd without a machine state",
+    (Phase.STATE_SENT, MachineStateBlob): "a second machine state",
+}
 
 
 class FtConnection:
@@ -126,57 +264,28 @@ class FtConnection:
     def __init__(self, role: Role, page_sink: wire.PageSink | None = None) -> None:
         self.role = role
         self.phase = Phase.HELLO
-        self.last_sync = 0  # the last sync completed (primary: acked; standby: ended)
-        self._state_seen = False
+        self.last_sync = 0  # the last sync completed (primary: acked; standby: acked by us)
         self._out_seq = 0
         self._pending_sync = 0  # the sync a SyncEnd announced and an Ack must name
-        self._gatherer = wire.PageGatherer()
+        self._scratch = PageArena()  # where send_pages gathers scattered pages
         self._decoder = wire.Decoder(page_sink or _refuse_pages)
 
     # -- sending ----------------------------------------------------------------------------------
 
     def send(self, event: Event) -> list:
-        kind, payload = self._encode(event)
+        payload = event.payload()  # first: an event that cannot be encoded leaves the phase as it was
         self._advance(event, outgoing=True)
-        buffers = wire.frame(kind, self._out_seq, payload)
+        buffers = wire.frame(event.kind, self._out_seq, payload)
         self._out_seq += 1
         return buffers
 
     def send_pages(self, slot: int, view: memoryview, pages: np.ndarray, *, copy: bool = False) -> list:
         """Pages of a RAM slot (the guest must be stopped: every byte is hashed). Scattered pages
-        (all pages, with `copy`) are gathered into scratch buffers that stay valid until the
-        next SyncEnd is sent."""
+        (all pages, with `copy`) are gathered into scratch rows that stay valid until the next
+        SyncEnd is sent."""
         self._advance(Pages(slot, pages), outgoing=True)
-        buffers, self._out_seq = wire.page_frames(self._out_seq, slot, view, pages, gatherer=self._gatherer,
-                                                  copy=copy)
+        buffers, self._out_seq = wire.page_frames(self._out_seq, slot, view, pages, scratch=self._scratch, copy=copy)
         return buffers
-
-    @staticmethod
-    def _encode(event: Event) -> tuple[Kind, bytes]:
-        if isinstance(event, Hello):
-            return Kind.HELLO, json.dumps({"protocol": event.protocol}).encode() + b"\n" + event.config
-        if isinstance(event, Ready):
-            return Kind.READY, b""
-        if isinstance(event, Refused):
-            return Kind.ERROR, event.reason.encode()
-        if isinstance(event, DiskChanges):
-            parts = [_DISK_HEAD.pack(event.disk, len(event.changes))]
-            for change in event.changes:
-                length = change.zeroed or len(change.data)
-                parts += [_CHANGE.pack(change.offset, length, 1 if change.zeroed else 0), change.data]
-            return Kind.DISK, b"".join(parts)
-        if isinstance(event, MachineStateBlob):
-            return Kind.STATE, event.data
-        if isinstance(event, SyncEnd):
-            return Kind.DONE, json.dumps({"sync": event.sync, "trigger": event.trigger, "ram_hash": event.ram_hash,
-                                          "state_hash": event.state_hash, "extra": event.extra}).encode()
-        if isinstance(event, Ack):
-            return Kind.ACK, json.dumps({"sync": event.sync}).encode()
-        if isinstance(event, Heartbeat):
-            return Kind.HEARTBEAT, b""
-        if isinstance(event, Goodbye):
-            return Kind.GOODBYE, event.reason.encode()
-        raise TypeError(f"not a protocol event: {event!r}")
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -187,92 +296,52 @@ class FtConnection:
         frame = self._decoder.filled(count)
         if frame is None:
             return None
-        event = self._decode(frame)
+        event = _decode(frame)
         self._advance(event, outgoing=False)
         return event
 
-    @staticmethod
-    def _decode(frame: wire.Frame) -> Event:
-        payload = frame.payload
-        try:
-            if frame.kind == Kind.HELLO:
-                head, _, config = payload.partition(b"\n")
-                return Hello(config, json.loads(head)["protocol"])
-            if frame.kind == Kind.READY:
-                return Ready()
-            if frame.kind == Kind.ERROR:
-                return Refused(payload.decode(errors="replace"))
-            if frame.kind == Kind.PAGES:
-                return Pages(frame.slot, frame.pages)
-            if frame.kind == Kind.DISK:
-                return _decode_disk(payload)
-            if frame.kind == Kind.STATE:
-                return MachineStateBlob(payload)
-            if frame.kind == Kind.DONE:
-                fields = json.loads(payload)
-                return SyncEnd(int(fields["sync"]), str(fields["trigger"]), fields["ram_hash"], int(fields["state_hash"]),
-                               dict(fields.get("extra") or {}))
-            if frame.kind == Kind.ACK:
-                return Ack(int(json.loads(payload)["sync"]))
-            if frame.kind == Kind.HEARTBEAT:
-                return Heartbeat()
-            if frame.kind == Kind.GOODBYE:
-                return Goodbye(payload.decode(errors="replace"))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as error:
-            raise ProtocolError(f"malformed {frame.kind.name} frame: {error}") from None
-        raise ProtocolError(f"{frame.kind.name} frames are not part of the FT protocol")
-
-    # -- the rules ------------------------------------------------------------------------------------
+    # -- the rules -------------------------------------------------------------------------------
 
     def _advance(self, event: Event, *, outgoing: bool) -> None:
-        sender = self.role if outgoing else (Role.STANDBY if self.role == Role.PRIMARY else Role.PRIMARY)
-        phase = self.phase
-        if phase == Phase.CLOSED:
-            raise ProtocolError(f"{type(event).__name__} after the connection ended")
-        if isinstance(event, Goodbye):
-            self.phase = Phase.CLOSED
-            return
-        name = type(event).__name__
-        if sender == Role.PRIMARY:
-            if isinstance(event, Hello):
-                self._expect(phase == Phase.HELLO, name)
-                if event.protocol != PROTOCOL:
-                    raise ProtocolError(f"protocol {event.protocol}, this pykvm speaks {PROTOCOL}")
-                self.phase = Phase.AWAIT_READY
-            elif isinstance(event, (Pages, DiskChanges, MachineStateBlob)):
-                self._expect(phase in (Phase.IDLE, Phase.IN_SYNC), name)
-                if isinstance(event, MachineStateBlob):
-                    self._expect(not self._state_seen, "a second machine state")
-                    self._state_seen = True
-                self.phase = Phase.IN_SYNC
-            elif isinstance(event, SyncEnd):
-                self._expect(phase == Phase.IN_SYNC and self._state_seen, "SyncEnd without a machine state")
-                if event.sync != self.last_sync + 1:
-                    raise ProtocolError(f"sync {event.sync} out of order (expected {self.last_sync + 1})")
-                self._state_seen = False
-                self.phase = Phase.AWAIT_ACK
-                self._pending_sync = event.sync
-                if outgoing:
-                    self._gatherer.reset()  # the sync is complete: its scratch can be reused next time
-            elif isinstance(event, Heartbeat):
-                self._expect(phase in (Phase.IDLE, Phase.AWAIT_ACK), name)
-            else:
-                raise ProtocolError(f"the primary does not send {name}")
-        else:
-            if isinstance(event, (Ready, Refused)):
-                self._expect(phase == Phase.AWAIT_READY, name)
-                self.phase = Phase.IDLE if isinstance(event, Ready) else Phase.CLOSED
-            elif isinstance(event, Ack):
-                self._expect(phase == Phase.AWAIT_ACK and event.sync == self._pending_sync,
-                             f"Ack({event.sync}) for a sync not awaiting one")
-                self.last_sync = event.sync
-                self.phase = Phase.IDLE
-            else:
-                raise ProtocolError(f"the standby does not send {name}")
-
-    def _expect(self, condition: bool, what: str) -> None:
-        if not condition:
+        """Move to the phase `event` leads to, or raise ProtocolError if it breaks the rules."""
+        sender, event_type = (self.role if outgoing else self.role.peer), type(event)
+        name = event_type.__name__
+        if self.phase == Phase.CLOSED:
+            raise ProtocolError(f"{name} after the connection ended")
+        if event_type not in SENDS[sender]:
+            raise ProtocolError(f"the {sender.value} does not send {name}")
+        next_phase = TRANSITIONS[sender][self.phase].get(event_type)
+        if next_phase is None:
+            what = _MISPLACED.get((self.phase, event_type), name)
             raise ProtocolError(f"{what} not allowed in phase {self.phase.value} ({self.role.value} side)")
+        self._check_numbers(event)
+        self.phase = next_phase
+        if isinstance(event, SyncEnd):
+            self._pending_sync = event.sync
+            if outgoing:
+                self._scratch.reset()  # the sync's frames are all built: its scratch is reused next time
+        elif isinstance(event, Ack):
+            self.last_sync = event.sync
+
+    def _check_numbers(self, event: Event) -> None:
+        if isinstance(event, Hello) and event.protocol != PROTOCOL:
+            raise ProtocolError(f"protocol {event.protocol}, this pykvm speaks {PROTOCOL}")
+        if isinstance(event, SyncEnd) and event.sync != self.last_sync + 1:
+            raise ProtocolError(f"sync {event.sync} out of order (expected {self.last_sync + 1})")
+        if isinstance(event, Ack) and event.sync != self._pending_sync:
+            raise ProtocolError(f"Ack({event.sync}) for a sync not awaiting one (sync {self._pending_sync} is)")
+
+
+def _decode(frame: wire.Frame) -> Event:
+    event_type = EVENT_OF_KIND.get(frame.kind)
+    if event_type is None:
+        raise ProtocolError(f"{frame.kind.name} frames are not part of the FT protocol")
+    if event_type is Pages:
+        return Pages(frame.slot, frame.pages)
+    try:
+        return event_type.parse(frame.payload)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as error:
+        raise ProtocolError(f"malformed {frame.kind.name} frame: {error}") from None
 
 
 def receive_event(sock: socket.socket, connection: FtConnection) -> Event:
@@ -285,24 +354,6 @@ def receive_event(sock: socket.socket, connection: FtConnection) -> Event:
         event = connection.filled(count)
         if event is not None:
             return event
-
-
-def _decode_disk(payload: bytes) -> DiskChanges:
-    disk, count = _DISK_HEAD.unpack_from(payload, 0)
-    at, changes = _DISK_HEAD.size, []
-    for _ in range(count):
-        offset, length, zeroed = _CHANGE.unpack_from(payload, at)
-        at += _CHANGE.size
-        if zeroed:
-            changes.append(DiskChange(offset, zeroed=length))
-        else:
-            if at + length > len(payload):
-                raise ValueError("disk change runs past the frame")
-            changes.append(DiskChange(offset, payload[at : at + length]))
-            at += length
-    if at != len(payload):
-        raise ValueError("trailing bytes after the disk changes")
-    return DiskChanges(disk, tuple(changes))
 
 
 def _refuse_pages(slot: int, pages: np.ndarray) -> list[memoryview]:

@@ -1,17 +1,17 @@
 """The FT standby: a machine that is built but does not run, kept equal to the primary's state as
 of the last acknowledged sync, and that takes over when the primary goes silent.
 
-Everything of a sync is staged first — pages in a staging pool, disk changes and machine state
-in lists — and checked (frames hashed, the state decoded against its dataclasses). Only at the
-sync's end are the pages copied into guest RAM, the disk changes written and flushed, and the
-state kept as the committed one; then the Ack goes out. A sync cut off midway is dropped with
-its staging, so the committed state is always a whole sync. Guest RAM stays hot: takeover copies
-nothing in bulk, it restores the committed KVM and device state and starts the vCPUs.
+Everything of a sync is staged first — pages in reused staging rows, disk changes in a list, the
+machine state as it came — and checked (frames hashed, the state decoded against its
+dataclasses). Only at the sync's end are the pages copied into guest RAM, the disk changes
+written and flushed, and the state kept as the committed one; then the Ack goes out. A sync
+cut off midway is dropped with its staging, so the committed state is always a whole sync.
+Guest RAM stays hot: takeover copies nothing in bulk, it restores the committed KVM and device
+state and starts the vCPUs.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -20,45 +20,33 @@ from typing import Callable
 import numpy as np
 import xxhash
 
-from pykvm.transfer import wire
-from pykvm.devices.virtio.blk import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, Blk, fallocate
+from pykvm.devices.virtio.blk import Blk
+from pykvm.errors import ConfigError
 from pykvm.ft import protocol as p
 from pykvm.machine import Machine, MachineConfig, MachineState
-from pykvm.memory import PAGE_SIZE, GuestMemory
-from pykvm.errors import ConfigError
-from pykvm.transfer.snapshot import check_same_shape
+from pykvm.memory import PAGE_SIZE, GuestMemory, MemorySlot, ram_hash
 from pykvm.state import StateError, decode
-
-CHUNK_PAGES = 4096  # staging pool grows by 16 MiB chunks, reused from sync to sync
+from pykvm.transfer import wire
+from pykvm.transfer.page_arena import PageArena
+from pykvm.transfer.snapshot import check_same_shape
 
 
 class PageStaging:
-    """Where a sync's pages land until it commits: chunks of page-sized rows, reused."""
+    """Where a sync's pages land until it commits: rows of an arena, reused from sync to sync."""
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
-        self._chunks: list[np.ndarray] = []
-        self._chunk, self._used = 0, 0  # position of the next free row
-        self.entries: list[tuple[int, np.ndarray, np.ndarray]] = []  # slot, page numbers, rows
+        self._rows = PageArena()
+        self.entries: list[tuple[MemorySlot, np.ndarray, np.ndarray]] = []  # slot, page numbers, rows
 
     def sink(self, slot_index: int, pages: np.ndarray) -> list[memoryview]:
+        """The decoder's page sink: the buffer one frame's pages are received into."""
         slot = next((s for s in self.memory.slots if s.index == slot_index), None)
         if slot is None or (len(pages) and int(pages.max()) >= slot.pages):
             raise wire.ProtocolError(f"pages outside guest RAM (slot {slot_index})")
-        rows = self._rows(len(pages))
-        self.entries.append((slot_index, pages.astype(np.int64), rows))
+        rows = self._rows.take(len(pages))
+        self.entries.append((slot, pages.astype(np.int64), rows))
         return [memoryview(rows).cast("B")]
-
-    def _rows(self, count: int) -> np.ndarray:
-        if count > CHUNK_PAGES:
-            return np.empty((count, PAGE_SIZE), dtype=np.uint8)
-        if self._chunk < len(self._chunks) and self._used + count > CHUNK_PAGES:
-            self._chunk, self._used = self._chunk + 1, 0
-        if self._chunk == len(self._chunks):
-            self._chunks.append(np.empty((CHUNK_PAGES, PAGE_SIZE), dtype=np.uint8))
-        rows = self._chunks[self._chunk][self._used : self._used + count]
-        self._used += count
-        return rows
 
     @property
     def page_count(self) -> int:
@@ -66,15 +54,14 @@ class PageStaging:
 
     def commit(self) -> None:
         """Copy the staged pages into guest RAM (one numpy scatter per frame)."""
-        for slot_index, pages, rows in self.entries:
-            slot = self.memory.slots[slot_index]
+        for slot, pages, rows in self.entries:
             ram = np.frombuffer(slot.view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
             ram[pages] = rows
         self.discard()
 
     def discard(self) -> None:
         self.entries.clear()
-        self._chunk = self._used = 0
+        self._rows.reset()
 
 
 @dataclass
@@ -89,11 +76,14 @@ class StandbyStats:
 
 
 class Standby:
+    """Follows one primary (`serve`), then, if it was lost rather than said goodbye, runs its
+    guest from the last committed sync (`take_over`)."""
+
     def __init__(self, machine: Machine, *, timeout: float, verify: bool = False,
                  log: Callable[[str], None] = print) -> None:
         self.machine = machine
         self.timeout = timeout
-        self.verify = verify
+        self.verify = verify  # kept for the record: RAM is checked whenever the primary sends its hash
         self.log = log
         self.staging = PageStaging(machine.vm.memory)
         self.disks = [f.device for f in machine.virtio if isinstance(f.device, Blk)]
@@ -107,7 +97,8 @@ class Standby:
     # -- the connection ----------------------------------------------------------------------------
 
     def serve(self, server: socket.socket) -> str:
-        """Follow one primary until it says goodbye ("goodbye") or is lost ("lost")."""
+        """Follow one primary until it says goodbye ("goodbye"), is refused for a machine of
+        another shape ("refused"), or is lost ("lost")."""
         conn, peer = server.accept()
         self.log(f"ft standby: primary {peer[0]} connected")
         protocol = p.FtConnection(p.Role.STANDBY, page_sink=self.staging.sink)
@@ -123,7 +114,7 @@ class Standby:
                     if isinstance(event, p.Goodbye):
                         self.log(f"ft standby: primary said goodbye ({event.reason})")
                         return "goodbye"
-                    if isinstance(event, p.Refused):
+                    if protocol.phase == p.Phase.CLOSED:  # we sent Refused
                         return "refused"
             except socket.timeout:
                 reason = f"no word from the primary for {self.timeout * 1000:.0f} ms"
@@ -182,18 +173,19 @@ class Standby:
         self.stats.commit_ms.append((time.perf_counter() - started) * 1000)
 
     def _apply_disk_changes(self) -> int:
+        """Write the sync's disk changes and flush the disks they touched; returns the bytes written."""
         written, touched = 0, set()
         for batch in self._staged_disk:
-            fd = self.disks[batch.disk].disk.fd
+            image = self.disks[batch.disk].disk
             for change in batch.changes:
                 if change.zeroed:
-                    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, change.offset, change.zeroed)
+                    image.zero(change.offset, change.zeroed)
                 else:
-                    os.pwrite(fd, change.data, change.offset)
+                    image.write(change.offset, change.data)
                     written += len(change.data)
-            touched.add(fd)
-        for fd in touched:
-            os.fdatasync(fd)
+            touched.add(image)
+        for image in touched:
+            image.flush()
         self._staged_disk = []
         return written
 
@@ -212,11 +204,3 @@ class Standby:
         self.log(f"ft standby: took over from sync {self.committed_sync} in {elapsed * 1000:.1f} ms "
                  f"(after detecting the loss)")
         return elapsed
-
-
-def ram_hash(memory: GuestMemory) -> int:
-    digest = xxhash.xxh3_64()
-    for slot in memory.slots:
-        digest.update(slot.view)
-    return digest.intdigest()
-

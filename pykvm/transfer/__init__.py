@@ -1,2 +1,2 @@
 """Moving a machine's state between processes: snapshot files, the framed replication wire
-format (sans-IO), live migration."""
+format (sans-IO) with its page arena and tcp: addresses, live migration."""

@@ -1,17 +1,18 @@
 """Live migration over TCP: pre-copy of RAM while the guest runs, then a short stop-and-copy.
 
 Source (`pykvm ctl SOCK migrate tcp:HOST:PORT`):
-  1. HELLO with the machine's configuration; the target answers READY, or ERROR and why.
+  1. HELLO with the machine's configuration; the target answers READY, or REFUSED and why.
   2. Round 0 sends every populated page (the target's RAM starts zeroed); each following round
      sends the pages dirtied meanwhile (KVM's dirty log merged with the VMM's own writes),
      until a round is small enough or stops shrinking.
   3. Quiesce (vCPUs paused, device threads held), send the last dirty pages, the machine state
-     and DONE; wait for the target's ACK. Then the source stops; the target runs.
+     and SYNC_END (a migration is one long sync); wait for the target's ACK. Then the source
+     stops; the target runs.
 Any failure before the ACK leaves the source running (it resumes) and is reported.
 
 Target (`pykvm run ... --incoming tcp:HOST:PORT`): accepts one connection, checks the config,
 receives pages straight into guest RAM (recvmsg_into on memoryviews), restores the state on
-DONE, ACKs, and only then runs. A stream that ends early means the target never runs the guest.
+SYNC_END, ACKs, and only then runs. A stream that ends early means the target never runs the guest.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from typing import Callable
 
 import numpy as np
 
-from pykvm.transfer import wire
 from pykvm.errors import ConfigError
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, dirty_pages, populated_pages
-from pykvm.transfer.snapshot import check_same_shape
 from pykvm.state import StateError, decode, encode
+from pykvm.transfer import wire
+from pykvm.transfer.snapshot import check_same_shape
+from pykvm.transfer.tcp import parse_tcp_uri
 
 CONVERGED_PAGES = 256  # a round this small is sent with the guest stopped
 MAX_ROUNDS = 30
@@ -38,14 +40,6 @@ PEER_TIMEOUT = 30.0  # no byte from the peer for this long: it is gone
 
 class MigrationError(Exception):
     """Migration failed; the message says why. The side that raises it has not lost the guest."""
-
-
-def parse_tcp_uri(uri: str) -> tuple[str, int]:
-    scheme, _, rest = uri.partition(":")
-    host, _, port = rest.rpartition(":")
-    if scheme != "tcp" or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{uri!r}: expected tcp:HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 # -- source --------------------------------------------------------------------------------------------
@@ -68,7 +62,7 @@ def migrate_out(machine: Machine, uri: str, *, progress: Callable[[str], None] |
             sender = _Sender(sock)
             sender.send(wire.Kind.HELLO, encode(machine.config))
             reply = sender.reply()
-            if reply.kind == wire.Kind.ERROR:
+            if reply.kind == wire.Kind.REFUSED:
                 raise MigrationError(f"the target refused the migration: {reply.payload.decode(errors='replace')}")
             if reply.kind != wire.Kind.READY:
                 raise MigrationError(f"unexpected {reply.kind.name} from the target")
@@ -78,8 +72,8 @@ def migrate_out(machine: Machine, uri: str, *, progress: Callable[[str], None] |
                 downtime_start = time.perf_counter()
                 with machine.quiesced():
                     final = sender.send_dirty(machine, live=False)  # stopped: every byte hashed
-                    sender.send(wire.Kind.STATE, encode(machine.save_state()))
-                    sender.send(wire.Kind.DONE, b"{}")
+                    sender.send(wire.Kind.MACHINE_STATE, encode(machine.save_state()))
+                    sender.send(wire.Kind.SYNC_END, b"{}")
                     ack = sender.reply()
                     if ack.kind != wire.Kind.ACK:
                         raise MigrationError(f"the target answered {ack.kind.name} instead of ACK")
@@ -152,15 +146,6 @@ def _no_pages(slot: int, pages: np.ndarray) -> list[memoryview]:
 # -- target --------------------------------------------------------------------------------------------
 
 
-def listen(uri: str) -> socket.socket:
-    host, port = parse_tcp_uri(uri)
-    try:
-        server = socket.create_server((host, port), reuse_port=False)
-    except OSError as error:
-        raise ConfigError(f"--incoming {uri}: cannot listen: {error.strerror}") from None
-    return server
-
-
 def migrate_in(machine: Machine, server: socket.socket, *, say: Callable[[str], None] | None = None) -> dict:
     """Receive a machine into `machine` (built from the same configuration, RAM untouched).
     Returns figures once the state is restored; raises MigrationError otherwise."""
@@ -190,7 +175,7 @@ def migrate_in(machine: Machine, server: socket.socket, *, say: Callable[[str], 
             try:
                 check_same_shape(decode(MachineConfig, hello.payload), machine.config)
             except (ConfigError, StateError) as error:
-                wire.send_buffers(conn, wire.frame(wire.Kind.ERROR, seq, str(error).encode()))
+                wire.send_buffers(conn, wire.frame(wire.Kind.REFUSED, seq, str(error).encode()))
                 raise MigrationError(f"refused an incoming migration from {peer[0]}: {error}") from None
             wire.send_buffers(conn, wire.frame(wire.Kind.READY, seq))
             seq += 1
@@ -198,14 +183,14 @@ def migrate_in(machine: Machine, server: socket.socket, *, say: Callable[[str], 
                 frame = wire.receive_frame(conn, decoder)
                 if frame.kind == wire.Kind.PAGES:
                     pages += len(frame.pages)
-                elif frame.kind == wire.Kind.STATE:
+                elif frame.kind == wire.Kind.MACHINE_STATE:
                     state = decode(MachineState, frame.payload)
-                elif frame.kind == wire.Kind.DONE:
+                elif frame.kind == wire.Kind.SYNC_END:
                     break
                 else:
                     raise wire.ProtocolError(f"unexpected {frame.kind.name} during migration")
             if state is None:
-                raise wire.ProtocolError("DONE without the machine state")
+                raise wire.ProtocolError("SYNC_END without the machine state")
             machine.restore_state(state)
             wire.send_buffers(conn, wire.frame(wire.Kind.ACK, seq, b'{"restored": true}'))
         except (OSError, ConnectionError, wire.ProtocolError, StateError) as error:

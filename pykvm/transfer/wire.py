@@ -28,6 +28,7 @@ import numpy as np
 import xxhash
 
 from pykvm.memory import PAGE_SIZE
+from pykvm.transfer.page_arena import PageArena
 
 MAGIC = b"PYKV"
 VERSION = 1
@@ -37,19 +38,23 @@ PAGES_HEAD = struct.Struct("<II")  # slot, count
 MAX_PAYLOAD = 1 << 31  # a frame never carries more (page frames are split well below this)
 MAX_IOVECS = 1024  # per sendmsg call (the kernel's UIO_MAXIOV)
 PAGES_PER_FRAME = 1 << 16
+PAGE_ROW = f"V{PAGE_SIZE}"  # numpy's view of a page as one element, to copy it whole
 
 
 class Kind(enum.IntEnum):
-    HELLO = 1  # sender -> receiver: version and machine config (JSON)
+    """What a frame carries. The sender is the side whose machine is copied (migration source,
+    FT primary); the receiver holds the copy (migration target, FT standby)."""
+
+    HELLO = 1  # sender -> receiver: protocol version and machine config
     READY = 2  # receiver -> sender: config accepted
-    ERROR = 3  # either way: a reason (UTF-8), then the connection closes
+    REFUSED = 3  # receiver -> sender: config refused, and why (UTF-8); the connection closes
     PAGES = 4  # guest pages
-    STATE = 5  # machine state (JSON)
-    DONE = 6  # end of a migration / of one FT sync (small JSON of figures)
+    MACHINE_STATE = 5  # an encoded MachineState (JSON)
+    SYNC_END = 6  # the sync is whole (FT: one of many; migration: its one and last): commit it
     ACK = 7  # receiver -> sender: committed (JSON: what)
     HEARTBEAT = 8  # FT primary -> standby: still alive
     GOODBYE = 9  # orderly end of an FT pair
-    DISK = 10  # FT: completed disk writes (device index u32, offset u64, data)
+    DISK_CHANGES = 10  # FT: disk writes completed since the last sync (see ft.protocol)
 
 
 class ProtocolError(Exception):
@@ -80,42 +85,12 @@ def frame(kind: Kind, seq: int, payload: bytes = b"") -> list:
     return [_header(kind, seq, len(payload), [payload]), payload]
 
 
-class PageGatherer:
-    """Scratch space to copy scattered pages into one buffer before sending (see page_frames).
-    Chunks are kept from one use to the next, so their pages are faulted in only once;
-    `reset()` when the buffers handed out have been sent."""
-
-    CHUNK_PAGES = 4096
-
-    def __init__(self) -> None:
-        self._chunks: list[np.ndarray] = []
-        self._chunk = self._used = 0
-
-    def reset(self) -> None:
-        self._chunk = self._used = 0
-
-    def gather(self, view: memoryview, pages: np.ndarray) -> memoryview:
-        count = len(pages)
-        if count > self.CHUNK_PAGES:
-            rows = np.empty(count, dtype=f"V{PAGE_SIZE}")
-        else:
-            if self._chunk < len(self._chunks) and self._used + count > self.CHUNK_PAGES:
-                self._chunk, self._used = self._chunk + 1, 0
-            if self._chunk == len(self._chunks):
-                self._chunks.append(np.empty(self.CHUNK_PAGES, dtype=f"V{PAGE_SIZE}"))
-            rows = self._chunks[self._chunk][self._used : self._used + count]
-            self._used += count
-        # one memcpy per page in C: far cheaper than a Python-level slice and hash call per page
-        np.take(np.frombuffer(view, dtype=f"V{PAGE_SIZE}"), pages, out=rows)
-        return memoryview(rows).cast("B")
-
-
 def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, live: bool = False,
-                gatherer: PageGatherer | None = None, copy: bool = False) -> tuple[list, int]:
+                scratch: PageArena | None = None, copy: bool = False) -> tuple[list, int]:
     """Frames carrying `pages` (ascending page numbers) of a RAM slot, as buffers for sendmsg:
-    contiguous pages travel as one memoryview of guest RAM, so nothing is copied. Pages scattered
-    one by one are copied into one buffer by `gatherer` when given (the guest must be stopped);
-    `copy` has it copy every page, so the frames no longer depend on guest RAM.
+    contiguous pages travel as one memoryview of guest RAM, so nothing is copied. With `scratch`
+    (the guest must be stopped), pages scattered one by one are gathered into its rows instead,
+    one buffer a frame; `copy` gathers every page, so the frames no longer depend on guest RAM.
     `live`: the guest is running, so the data is left out of the hash (LIVE_DATA). Returns the
     buffers and the next sequence number."""
     if len(pages) and (int(pages[-1]) + 1) * PAGE_SIZE > len(view):
@@ -124,8 +99,8 @@ def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, liv
     for start in range(0, len(pages), PAGES_PER_FRAME):
         chunk = np.ascontiguousarray(pages[start : start + PAGES_PER_FRAME], dtype="<u4")
         runs = page_runs(chunk)
-        if gatherer is not None and (copy or len(runs) * 4 > len(chunk)):  # copy, or mostly lone pages
-            data = [gatherer.gather(view, chunk)]
+        if scratch is not None and (copy or len(runs) * 4 > len(chunk)):  # copy, or mostly lone pages
+            data = [_gather(scratch, view, chunk)]
         else:
             data = [view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in runs]
         head = PAGES_HEAD.pack(slot, len(chunk)) + chunk.tobytes()
@@ -134,6 +109,13 @@ def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, liv
         buffers += [_header(Kind.PAGES, seq, length, hashed, LIVE_DATA if live else 0), head, *data]
         seq += 1
     return buffers, seq
+
+
+def _gather(scratch: PageArena, view: memoryview, pages: np.ndarray) -> memoryview:
+    rows = scratch.take(len(pages))
+    # one memcpy per page in C: far cheaper than a Python-level slice and hash call per page
+    np.take(np.frombuffer(view, dtype=PAGE_ROW), pages, out=rows.view(PAGE_ROW).reshape(-1))
+    return memoryview(rows).cast("B")
 
 
 def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:

@@ -8,7 +8,6 @@ once per batch if it asked to be.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
@@ -20,6 +19,7 @@ from pykvm.devices import virtio as v
 from pykvm.devices.virtio.iovec import scatter, total_length, trim
 from pykvm.devices.virtio.virtqueue import DescriptorChain, QueueError
 from pykvm.errors import ConfigError
+from pykvm.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 
 SECTOR = 512
 QUEUE_SIZE = 256
@@ -39,17 +39,6 @@ S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 _HEADER = struct.Struct("<IIQ")  # type, reserved, sector
 _SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 SEGMENT_UNMAP = 1
-
-FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, os.strerror(error))
-
 
 @dataclass(frozen=True)
 class DiskChange:
@@ -111,6 +100,21 @@ class DiskImage:
         except OSError:
             return False
         return True
+
+    # -- replication: the FT primary reads the whole disk, the standby applies the primary's changes
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def write(self, offset: int, data: bytes) -> None:
+        os.pwrite(self.fd, data, offset)
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make the range read as zeros: a hole, whether the guest discarded it or zeroed it."""
+        fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
 
     def close(self) -> None:
         os.close(self.fd)
