@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pykvm.transfer import wire
-from pykvm.devices.virtio.blk import DiskChange
+from pykvm.devices.virtio.gate import DiskChange
 from pykvm.transfer.wire import Kind, ProtocolError
 
 PROTOCOL = 1
