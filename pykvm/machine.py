@@ -26,17 +26,17 @@ from pykvm.devices.debug_exit import DEFAULT_PORT as DEBUG_EXIT_PORT
 from pykvm.devices.debug_exit import DebugExit
 from pykvm.devices.i8042 import I8042
 from pykvm.devices.net_backends import NetSpec
-from pykvm.devices.pci import attach_pci_bus
+from pykvm.devices.pci import INTX_IRQS, attach_pci_bus
 from pykvm.devices.serial import Serial16550
 from pykvm.devices.virtio.blk import Blk, DiskImage, DiskSpec
 from pykvm.devices.virtio.net import DEFAULT_MAC, Net, parse_mac
-from pykvm.devices.virtio.pci import VirtioPciFunction
+from pykvm.devices.virtio.transport import VirtioPciFunction
 from pykvm.kvm import Kvm
 from pykvm.memory import GuestMemory
 from pykvm.errors import ConfigError
 from pykvm.state import Stateful, StateError, from_plain
 from pykvm.vcpu import StopReason
-from pykvm.vm import Vm, VmState
+from pykvm.vm import Vm, VmPlatform, VmState
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
 CMOS_PORT = 0x70
@@ -85,7 +85,9 @@ class Machine:
             vm.bus.register_pio(DEBUG_EXIT_PORT, 1, self.debug_exit)
             self.acpi_pm = AcpiPm(on_power_off=lambda: vm.stop(0, "guest powered off"))
             vm.bus.register_pio(PM_BASE, PM_PORTS, self.acpi_pm)
-            self.pci = attach_pci_bus(vm)
+            vm.set_level_triggered(INTX_IRQS)
+            self.platform = VmPlatform(vm)
+            self.pci = attach_pci_bus(self.platform)
             self.virtio: list[VirtioPciFunction] = []
             for spec in config.disks:
                 self._add_virtio(Blk(DiskImage(spec)))
@@ -97,7 +99,7 @@ class Machine:
             raise
 
     def _add_virtio(self, device) -> VirtioPciFunction:
-        function = VirtioPciFunction(device, self.vm, legacy=self.config.legacy_virtio,
+        function = VirtioPciFunction(device, self.platform, legacy=self.config.legacy_virtio,
                                      ioeventfd=ioeventfd_for(self.config, type(device)))
         self.virtio.append(function)
         self.pci.add(function)
@@ -202,11 +204,19 @@ class Machine:
 
 
 def ioeventfd_for(config: MachineConfig, device_type: type) -> bool:
-    """How a device's queue notifications arrive. By default (config.ioeventfd None) the faster way
-    measured for it (bench/blk.py, bench/net.py; ARCHITECTURE.md, Notifications): virtio-blk serves
-    its requests on the notifying vCPU's thread, during the exit (page-cache I/O is short, and on a
-    busy host that beats waking a thread); virtio-net goes through an ioeventfd and its I/O thread
-    (a transmitted frame wakes the peer, whose answer the guest waits for: the vCPU runs on)."""
+    """How a device's queue notifications arrive; the one place that says why.
+
+    With an ioeventfd, KVM completes the notify write in the kernel and signals an eventfd: the
+    vCPU goes straight back to the guest and the device's I/O thread wakes and serves the queue.
+    Without one, the notify exits to Python and the queue is served right there, on the vCPU
+    thread (VirtioPciFunction.notify). Each batch through an ioeventfd costs a thread wake-up and
+    a context switch, and on a busy host the woken thread waits for a CPU while the vCPU, whose
+    driver polls for completions, spins on the one it has; served in the exit, the work runs on
+    the vCPU's own CPU time. But a transmitted frame wakes a peer whose answer the guest then
+    waits for: through the ioeventfd the vCPU runs on meanwhile.
+
+    So by default (config.ioeventfd None), as measured (bench/blk.py, bench/net.py):
+    virtio-blk is served in the exit (page-cache I/O is short), virtio-net through an ioeventfd."""
     if config.ioeventfd is not None:
         return config.ioeventfd
     return not issubclass(device_type, Blk)

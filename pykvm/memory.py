@@ -4,6 +4,8 @@ Guest-physical addresses are translated to a (slot, offset) pair; every access i
 the slot so a bad address from a guest (or a bug of ours) raises GuestMemoryError instead of
 touching host memory. Writes the VMM makes into guest RAM are recorded in a per-slot dirty bitmap,
 because KVM's dirty log only sees writes made by the guest's vCPUs; migration and FT merge both.
+write() and its kin mark what they wrote; a write through a view() is marked by the writer, after
+the write (mark_dirty).
 """
 
 from __future__ import annotations
@@ -147,12 +149,12 @@ class GuestMemory:
 
     # -- access --------------------------------------------------------------------------------
 
-    def view(self, addr: int, length: int, *, write: bool = False) -> memoryview:
-        """A zero-copy view of guest RAM. `write=True` marks the range dirty for the VMM bitmap:
-        say so whenever the caller (or a syscall like preadv) will write through the view."""
+    def view(self, addr: int, length: int) -> memoryview:
+        """A zero-copy view of guest RAM. Writes through it (by the caller, or a syscall like
+        preadv) are not tracked: once they are done, and not before, call mark_dirty() for the
+        range (DescriptorChain.written() does it for a request's buffers). A mark made before the
+        write could be harvested by a pre-copy round in between, and the page sent without the data."""
         slot, offset = self.locate(addr, length)
-        if write:
-            self.mark(slot, offset, length)
         return slot.view[offset : offset + length]
 
     def read(self, addr: int, length: int) -> bytes:
@@ -199,7 +201,7 @@ class GuestMemory:
     # -- VMM-side dirty tracking -----------------------------------------------------------------
 
     def mark_dirty(self, addr: int, length: int) -> None:
-        """Record a write the VMM made behind the guest's back (e.g. through a view)."""
+        """Record a write the VMM made behind the guest's back (e.g. through a view), after it."""
         slot, offset = self.locate(addr, length)
         self.mark(slot, offset, length)
 

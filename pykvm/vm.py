@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pykvm.bus import IoBus
+from pykvm.devices.platform import IoeventfdUnavailable
 from pykvm.errors import ConfigError
 from pykvm.kvm import Kvm, KvmError
 from pykvm.kvm import constants as k
@@ -78,6 +79,14 @@ class Vm:
         """Drive an interrupt line of the in-kernel PIC/IOAPIC (GSI `irq`)."""
         with self._irq_lock:
             self.fd.irq_line(irq, 1 if level else 0)
+
+    def set_level_triggered(self, irqs: tuple[int, ...]) -> None:
+        """Mark ISA IRQs level-triggered in the PICs' ELCR registers, as PC firmware leaves the
+        ones it routes PCI INTx to (a shared, level-triggered line)."""
+        for chip, base in ((k.KVM_IRQCHIP_PIC_MASTER, 0), (k.KVM_IRQCHIP_PIC_SLAVE, 8)):
+            state = self.fd.get_irqchip(chip)
+            state.chip.pic.elcr |= sum(1 << (irq - base) for irq in irqs if base <= irq < base + 8)
+            self.fd.set_irqchip(state)
 
     # -- dirty page tracking ------------------------------------------------------------------------
 
@@ -167,6 +176,30 @@ class Vm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class VmPlatform:
+    """The Vm as devices see it (pykvm.devices.platform.Platform): its I/O bus and memory,
+    interrupt lines, MSI delivery and ioeventfds, and nothing else."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.bus, self.memory = vm.bus, vm.memory
+        self.irq_line = vm.irq_line
+        self._fd = vm.fd
+
+    def signal_msi(self, address: int, data: int) -> None:
+        self._fd.signal_msi(address, data)
+
+    def register_ioeventfd(self, fd: int, address: int, length: int, *, pio: bool,
+                           datamatch: int | None = None) -> None:
+        try:
+            self._fd.register_ioeventfd(fd, address, length, pio=pio, datamatch=datamatch)
+        except KvmError as error:
+            raise IoeventfdUnavailable(str(error)) from None
+
+    def unregister_ioeventfd(self, fd: int, address: int, length: int, *, pio: bool,
+                             datamatch: int | None = None) -> None:
+        self._fd.unregister_ioeventfd(fd, address, length, pio=pio, datamatch=datamatch)
 
 
 def _saveable_msrs(kvm: Kvm, vcpu: Vcpu) -> list[int]:

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pykvm.transfer import wire
-from pykvm.devices.virtio.blk import DiskChange, DiskSpec
+from pykvm.devices.virtio.blk import DiskSpec
+from pykvm.devices.virtio.gate import DiskChange
 from pykvm.ft import protocol as p
 from pykvm.ft.standby import Standby
 from pykvm.machine import Machine, MachineConfig

@@ -85,7 +85,7 @@ def test_integer_accessors_are_bounds_checked(memory, width):
 
 
 def test_views_do_not_cross_the_end_of_ram(memory):
-    view = memory.view(SIZE - 8, 8, write=True)
+    view = memory.view(SIZE - 8, 8)
     view[:] = b"12345678"
     assert memory.read(SIZE - 8, 8) == b"12345678"
     with pytest.raises(GuestMemoryError):

@@ -32,7 +32,8 @@ class Platform(Protocol):
     def register_ioeventfd(self, fd: int, address: int, length: int, *, pio: bool,
                            datamatch: int | None = None) -> None:
         """Signal eventfd `fd` on a guest write of `length` bytes at `address` (a port when `pio`),
-        only when the value equals `datamatch` if given. Raises IoeventfdUnavailable."""
+        only when the value equals `datamatch` if given. Raises IoeventfdUnavailable (the device
+        then takes its notifications as exits: VirtioPciFunction.notify_path)."""
 
     def unregister_ioeventfd(self, fd: int, address: int, length: int, *, pio: bool,
                              datamatch: int | None = None) -> None:

@@ -1,8 +1,8 @@
 """The FT primary: runs the guest, and before any output leaves the machine, brings the standby
 up to date and waits for its acknowledgement (event-driven sync, as in Kemari).
 
-The output gate sits above the devices: when protection is on, every virtio device's
-`output_gate` is this primary's gate. A device that meets an output request — a disk write,
+The output gate sits above the devices: when protection is on, this primary is every virtio
+function's output gate (devices/virtio/gate.py). A device that meets an output request — a disk write,
 flush, discard or write-zeroes, or a frame to transmit — holds that chain (taken from the ring,
 not yet served) and tells the gate. The FT thread then syncs:
 
@@ -31,8 +31,8 @@ from typing import Callable, Iterator, TextIO
 import xxhash
 
 from pykvm.transfer import wire
-from pykvm.devices.virtio import VirtioDevice
-from pykvm.devices.virtio.blk import Blk, DiskChange
+from pykvm.devices.virtio.blk import Blk
+from pykvm.devices.virtio.gate import DiskChange, GatedFunction
 from pykvm.devices.virtio.net import Net
 from pykvm.ft import protocol as p
 from pykvm.machine import Machine
@@ -96,7 +96,7 @@ class Primary:
         self.log = log
         self.stats = PrimaryStats()
         self._cond = threading.Condition()
-        self._held: list[tuple[VirtioDevice, int, float]] = []  # (device, queue, when held)
+        self._held: list[tuple[GatedFunction, int, float]] = []  # (function, queue index, when held)
         self._disk_changes: list[list[DiskChange]] = []
         self._sock: socket.socket | None = None
         self._protocol: p.FtConnection | None = None
@@ -143,8 +143,8 @@ class Primary:
         except (OSError, wire.ProtocolError) as error:
             self._lose_standby(str(error))
             raise FtError(f"the full sync to {uri} failed: {error}") from None
-        for device in self.devices:
-            device.output_gate = self
+        for function in self.machine.virtio:
+            function.set_output_gate(self)
         self.stats.protected = True
         self.log(f"ft primary: protected by {uri}")
         if self._thread is None:
@@ -168,9 +168,9 @@ class Primary:
 
     # -- the gate (called from device I/O threads with their lock held: never blocks) --------------
 
-    def hold(self, device: VirtioDevice, queue: int) -> None:
+    def hold(self, function: GatedFunction, queue_index: int) -> None:
         with self._cond:
-            self._held.append((device, queue, time.perf_counter()))
+            self._held.append((function, queue_index, time.perf_counter()))
             self._cond.notify_all()
 
     # -- the FT thread ----------------------------------------------------------------------------------
@@ -265,18 +265,16 @@ class Primary:
         buffers += protocol.send(end)
         return buffers, pages, sync
 
-    def _take_held(self) -> list[tuple[VirtioDevice, int, float]]:
+    def _take_held(self) -> list[tuple[GatedFunction, int, float]]:
         with self._cond:
             held, self._held = self._held, []
         return held
 
-    def _release(self, held: list[tuple[VirtioDevice, int, float]]) -> list[float]:
+    def _release(self, held: list[tuple[GatedFunction, int, float]]) -> list[float]:
         """Let these held outputs go, in the order held; returns how long each waited."""
         now = time.perf_counter()
-        for device, queue, _ in held:
-            function = next(f for f in self.machine.virtio if f.device is device)
-            with function.lock:
-                device.release_held(queue)
+        for function, queue_index, _ in held:
+            function.release_held(queue_index)
         return [now - when for _, _, when in held]
 
     def _release_all(self) -> list[float]:
@@ -299,8 +297,8 @@ class Primary:
         self.log(f"ft primary: standby lost ({reason}); continuing unprotected")
         self.stats.standby_losses += 1
         self.stats.protected = False
-        for device in self.devices:
-            device.output_gate = None
+        for function in self.machine.virtio:
+            function.set_output_gate(None)
         for disk in self.disks:
             disk.write_observer = None
         self._disk_changes = []
@@ -318,8 +316,8 @@ class Primary:
                 "pages_per_sync": _rounded(summary([float(n) for n in stats.pages_per_sync]))}
 
 
-def _trigger(device: VirtioDevice) -> str:
-    return "net" if isinstance(device, Net) else "blk"
+def _trigger(function: GatedFunction) -> str:
+    return "net" if isinstance(function.device, Net) else "blk"
 
 
 def _whole_disk(disk: Blk) -> Iterator[DiskChange]:

@@ -33,7 +33,7 @@ from typing import ClassVar, get_args
 
 import numpy as np
 
-from pykvm.devices.virtio.blk import DiskChange
+from pykvm.devices.virtio.gate import DiskChange
 from pykvm.transfer import wire
 from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.wire import Kind, ProtocolError

@@ -2,15 +2,17 @@
 backends (files, TAP, sockets), and the virtqueue (pykvm.devices.virtio.virtqueue) apart from all three.
 
 A device model implements VirtioDevice: what it offers (type, features, queues, config space)
-and what it does when a queue is notified or its backend has data. The transport owns the
-registers, feature negotiation, status, interrupts and the I/O thread that calls the model.
+and what it does when a queue is notified or its backend has data. The transport
+(pykvm.devices.virtio.transport) owns the registers, feature negotiation, status, interrupts
+and the I/O thread that calls the model; the FT output gate's side is in gate.py.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Protocol
+from typing import Callable
 
+from pykvm.devices.virtio.gate import HeldOutputs
 from pykvm.devices.virtio.virtqueue import DescriptorChain, SplitQueue
 from pykvm.memory import GuestMemory
 
@@ -28,18 +30,14 @@ F_VERSION_1 = 1 << 32
 TYPE_NET, TYPE_BLOCK = 1, 2
 
 
-class OutputGate(Protocol):
-    """Where a device's output waits before it leaves the machine (installed by pykvm.ft; the
-    devices know only this protocol). `hold(device, queue)` says: queue `queue` of `device` has an
-    output chain held; call `device.release_held(queue)` once the state that precedes it is safe."""
-
-    def hold(self, device: VirtioDevice, queue: int) -> None: ...
+def _no_interrupt(index: int) -> None:
+    """The interrupt of a device that is not running."""
 
 
 class VirtioDevice:
     """What a device model provides to its transport. Methods are called with the transport's
-    lock held, from the vCPU thread (config, activate, reset) or the device's I/O thread
-    (queue_notified, backend_ready)."""
+    lock held, from the vCPU thread (config, activate, reset, a notify served in its exit) or the
+    device's I/O thread (queue_notified, backend_ready)."""
 
     device_type: int
     name: str
@@ -48,12 +46,12 @@ class VirtioDevice:
 
     def __init__(self) -> None:
         self.memory: GuestMemory | None = None
-        self.queues: list[SplitQueue | None] = []
+        self.rings: list[SplitQueue | None] = []  # the live rings, by queue index, while running
         self.driver_features = 0
-        # Set by the transport: interrupt(queue_index) raises the queue's interrupt.
-        self.interrupt: Callable[[int], None] = lambda index: None
-        self.output_gate: OutputGate | None = None
-        self.held: dict[int, DescriptorChain] = {}  # queue -> the output chain the gate holds
+        self.interrupt: Callable[[int], None] = _no_interrupt  # interrupt(queue_index), while running
+        # While an FT gate is installed: hold_output(queue_index) tells it an output chain is held
+        self.hold_output: Callable[[int], None] | None = None
+        self.held = HeldOutputs()
 
     # -- configuration space ---------------------------------------------------------------------
 
@@ -66,13 +64,16 @@ class VirtioDevice:
 
     # -- life cycle -------------------------------------------------------------------------------
 
-    def activate(self, memory: GuestMemory, queues: list[SplitQueue | None], driver_features: int) -> None:
-        """DRIVER_OK: the queues are set up; start serving."""
-        self.memory, self.queues, self.driver_features = memory, queues, driver_features
+    def activate(self, memory: GuestMemory, rings: list[SplitQueue | None], driver_features: int,
+                 interrupt: Callable[[int], None]) -> None:
+        """DRIVER_OK: the rings are set up (None for a queue the driver left disabled); start
+        serving. `interrupt(queue_index)` raises a queue's interrupt (call it with the transport's
+        lock held, as every model method runs)."""
+        self.memory, self.rings, self.driver_features, self.interrupt = memory, rings, driver_features, interrupt
 
     def reset(self) -> None:
-        """The driver reset the device: forget queues and negotiated state."""
-        self.memory, self.queues, self.driver_features = None, [], 0
+        """The driver reset the device: forget rings and negotiated state."""
+        self.memory, self.rings, self.driver_features, self.interrupt = None, [], 0, _no_interrupt
         self.held.clear()
 
     # -- serving requests ---------------------------------------------------------------------------
@@ -90,48 +91,45 @@ class VirtioDevice:
         driver asked to be (with event index: once the entry it waits for is used), so that it
         takes that completion and queues more while the rest are served. Under an output gate, an
         output chain is held instead and the queue waits for release_held, so nothing after it
-        overtakes it."""
-        queue = self.queues[index] if index < len(self.queues) else None
-        if queue is None or index in self.held:
+        overtakes it (pykvm.devices.virtio.gate)."""
+        ring = self.rings[index] if index < len(self.rings) else None
+        held = self.held
+        if ring is None or index in held:
             return
-        while index not in self.held:
-            queue.set_notification(False)  # draining anyway: no notifies meanwhile
-            while (chain := queue.pop()) is not None:
-                if self.output_gate is not None and self.is_output(index, chain):
-                    self.held[index] = chain
-                    self.output_gate.hold(self, index)
+        while index not in held:
+            ring.set_notification(False)  # draining anyway: no notifies meanwhile
+            while (chain := ring.pop()) is not None:
+                if self.hold_output is not None and self.is_output(index, chain):
+                    held[index] = chain
+                    self.hold_output(index)
                     break
-                self._serve_and_return(index, queue, chain)
-            queue.set_notification(True)
-            if index in self.held or not queue.pending():  # nothing slipped in before notifies were back on
+                self._serve_and_return(index, ring, chain)
+            ring.set_notification(True)
+            if index in held or not ring.pending():  # nothing slipped in before notifies were back on
                 break
 
     def release_held(self, index: int) -> None:
         """The gate lets the held output of queue `index` go: serve it, then carry on."""
         chain = self.held.pop(index, None)
-        queue = self.queues[index] if index < len(self.queues) else None
-        if chain is None or queue is None:
+        ring = self.rings[index] if index < len(self.rings) else None
+        if chain is None or ring is None:
             return  # the driver reset the device meanwhile
-        self._serve_and_return(index, queue, chain)
+        self._serve_and_return(index, ring, chain)
         self.serve_queue(index)
 
-    def _serve_and_return(self, index: int, queue: SplitQueue, chain: DescriptorChain) -> None:
+    def _serve_and_return(self, index: int, ring: SplitQueue, chain: DescriptorChain) -> None:
         """Serve a chain, mark what it wrote dirty (after writing), return it, interrupt if asked."""
         written = self.serve_chain(index, chain)
         chain.written(self.memory)
-        queue.add_used(chain.head, written)
-        if queue.needs_interrupt():
+        ring.add_used(chain.head, written)
+        if ring.needs_interrupt():
             self.interrupt(index)
-
-    def in_flight(self, index: int) -> int:
-        """Chains taken from queue `index` but not yet returned (saved state gives them back to
-        the ring, so a restored device serves them again)."""
-        return 1 if index in self.held else 0
 
     # -- work ---------------------------------------------------------------------------------------
 
     def queue_notified(self, index: int) -> None:
-        """The driver made buffers available on queue `index`."""
+        """The driver made buffers available on queue `index` (a model that serves every queue
+        in order makes this serve_queue)."""
 
     def backend_fds(self) -> list[int]:
         """File descriptors the I/O thread should watch for this device (e.g. a TAP's)."""

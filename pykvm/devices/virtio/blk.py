@@ -1,9 +1,10 @@
 """virtio-blk (virtio 1.x, 5.2) on a disk image file.
 
 Data moves between the file and guest RAM with `os.preadv`/`os.pwritev` on memoryviews of the
-request's buffers: no copy in Python. Requests are served in ring order by the device's I/O
-thread; a completed request's status is written, the chain returned, and the driver interrupted
-once per batch if it asked to be.
+request's buffers: no copy in Python. Requests are served in ring order (VirtioDevice.serve_queue)
+by whichever thread the notification reaches: by default the notifying vCPU, during its exit
+(see pykvm.machine.ioeventfd_for). After each request its status is written, the chain returned,
+and the driver interrupted as soon as it asked to be.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Callable
 
 from pykvm.devices import virtio as v
+from pykvm.devices.virtio.gate import DiskChange, DiskWriteObserver
 from pykvm.devices.virtio.iovec import scatter, total_length, trim
 from pykvm.devices.virtio.virtqueue import DescriptorChain, QueueError
 from pykvm.errors import ConfigError
@@ -39,16 +40,6 @@ S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 _HEADER = struct.Struct("<IIQ")  # type, reserved, sector
 _SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 SEGMENT_UNMAP = 1
-
-@dataclass(frozen=True)
-class DiskChange:
-    """A change made to the disk file, for replication: `data` at `offset`, or `zeroed` bytes of
-    zeros (discard, write-zeroes)."""
-
-    offset: int
-    data: bytes = b""
-    zeroed: int = 0
-
 
 @dataclass(frozen=True)
 class DiskSpec:
@@ -139,7 +130,7 @@ class Blk(v.VirtioDevice):
         if disk.can_punch:
             self.features |= F_DISCARD | F_WRITE_ZEROES
         self.requests = 0  # served, for benchmarks and metrics
-        self.write_observer: Callable[[DiskChange], None] | None = None  # FT ships these to the standby
+        self.write_observer: DiskWriteObserver | None = None  # FT ships the changes to the standby
 
     def config_bytes(self) -> bytes:
         """virtio_blk_config up to write_zeroes_may_unmap (60 bytes)."""
@@ -156,8 +147,7 @@ class Blk(v.VirtioDevice):
 
     # -- requests ------------------------------------------------------------------------------------
 
-    def queue_notified(self, index: int) -> None:
-        self.serve_queue(index)
+    queue_notified = v.VirtioDevice.serve_queue  # a notify serves the queue, in ring order
 
     def _header(self, chain: DescriptorChain) -> tuple[int, int]:
         if chain.readable_length < _HEADER.size or chain.writable_length < 1:

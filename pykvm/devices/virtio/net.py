@@ -108,7 +108,7 @@ class Net(v.VirtioDevice):
         return [self.backend.fileno()] if self.backend is not None else []
 
     def wants_backend(self, fd: int) -> bool:
-        return bool(self.queues) and self.queues[RX] is not None and not self._rx_starved
+        return bool(self.rings) and self.rings[RX] is not None and not self._rx_starved
 
     def backend_ready(self, fd: int) -> None:
         self._receive()
@@ -130,7 +130,7 @@ class Net(v.VirtioDevice):
     # -- receive -----------------------------------------------------------------------------------
 
     def _receive(self) -> None:
-        queue = self.queues[RX] if self.queues else None
+        queue = self.rings[RX] if self.rings else None
         if queue is None:
             return
         header = self.header_size

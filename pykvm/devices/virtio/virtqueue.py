@@ -90,13 +90,11 @@ class DescriptorChain:
 
 
 @dataclass
-class QueueState:
-    """Everything needed to rebuild a queue exactly (save/restore, migration, FT)."""
+class RingPosition:
+    """How far device and driver have come on a ring, and the ring features it runs with: with
+    the ring's size and addresses (the transport's queue registers), all it takes to rebuild it
+    exactly (save/restore, migration, FT)."""
 
-    size: int
-    desc: int
-    avail: int
-    used: int
     next_avail: int
     next_used: int
     signalled_used: int
@@ -134,15 +132,16 @@ class SplitQueue:
 
     # -- state -------------------------------------------------------------------------------------
 
-    def state(self) -> QueueState:
-        return QueueState(self.size, self.desc, self.avail, self.used, self.next_avail, self.next_used,
-                          self.signalled_used, self.event_idx, self.indirect)
+    def position(self) -> RingPosition:
+        return RingPosition(self.next_avail, self.next_used, self.signalled_used, self.event_idx, self.indirect)
 
     @classmethod
-    def from_state(cls, memory: GuestMemory, state: QueueState) -> SplitQueue:
-        queue = cls(memory, state.size, state.desc, state.avail, state.used,
-                    event_idx=state.event_idx, indirect=state.indirect)
-        queue.next_avail, queue.next_used, queue.signalled_used = state.next_avail, state.next_used, state.signalled_used
+    def resume(cls, memory: GuestMemory, size: int, desc: int, avail: int, used: int,
+               position: RingPosition) -> SplitQueue:
+        """The ring at `position`, as saved by position()."""
+        queue = cls(memory, size, desc, avail, used, event_idx=position.event_idx, indirect=position.indirect)
+        queue.next_avail, queue.next_used = position.next_avail, position.next_used
+        queue.signalled_used = position.signalled_used
         return queue
 
     # -- the available ring ------------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""A virtio function's I/O thread and its ioeventfds.
+
+Each queue has an eventfd. With ioeventfds in use, the platform signals it on the guest's notify
+write, without an exit to Python (for why a device uses them or not, see
+pykvm.machine.ioeventfd_for); the transport also signals it itself to have a queue looked at
+(at DRIVER_OK, after a restore). The I/O thread waits on those eventfds and on the backend's fds
+(a TAP, a socket) and calls the model.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+from typing import TYPE_CHECKING, NamedTuple
+
+from pykvm.devices import virtio as v
+from pykvm.devices.platform import IoeventfdUnavailable, Platform
+from pykvm.devices.virtio.virtqueue import QueueError
+
+if TYPE_CHECKING:
+    from pykvm.devices.virtio.transport import VirtioPciFunction
+
+
+class IoeventfdTarget(NamedTuple):
+    """A notify register an eventfd stands for: a write of `length` bytes at `address` (a port
+    when `pio`), of value `datamatch` if not None."""
+
+    fd: int
+    address: int
+    length: int
+    pio: bool
+    datamatch: int | None
+
+
+class Ioeventfds:
+    """A function's ioeventfd registrations with the platform. If the platform cannot register
+    one, the function falls back to notifies that exit to Python (which work the same) for good,
+    and says so once."""
+
+    def __init__(self, platform: Platform, name: str, *, wanted: bool) -> None:
+        self.platform, self.name = platform, name
+        self.available = wanted  # False: not wanted, or fallen back
+        self.registered: list[IoeventfdTarget] = []
+
+    def register(self, targets: list[IoeventfdTarget]) -> None:
+        if not self.available:
+            return
+        for target in targets:
+            try:
+                self.platform.register_ioeventfd(target.fd, target.address, target.length, pio=target.pio,
+                                                 datamatch=target.datamatch)
+            except IoeventfdUnavailable as error:
+                v.log.warning("virtio-%s: no ioeventfd at %#x (%s); queue notifications exit to Python instead",
+                              self.name, target.address, error)
+                self.unregister()
+                self.available = False
+                return
+            self.registered.append(target)
+
+    def unregister(self) -> None:
+        for target in self.registered:
+            self.platform.unregister_ioeventfd(target.fd, target.address, target.length, pio=target.pio,
+                                               datamatch=target.datamatch)
+        self.registered = []
+
+
+class IoThread:
+    """The device's worker: waits on the queue eventfds and the backend's fds, calls the model.
+
+    It calls the model with the function lock held, as a vCPU serving a notify in its exit does
+    (VirtioPciFunction.notify), so a model never runs concurrently with itself or with register
+    accesses from a vCPU.
+    """
+
+    def __init__(self, function: VirtioPciFunction, queues: int) -> None:
+        self.function = function
+        self.queue_eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(queues)]
+        self.thread: threading.Thread | None = None
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stopping = False
+
+    def start(self) -> None:
+        if self.thread is not None:
+            return
+        self._stopping = False
+        self.thread = threading.Thread(target=self._loop, name=f"virtio-{self.function.device.name}", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop and join (callable with the function lock held: the loop never waits for it
+        while it is stopping)."""
+        thread = self.thread
+        if thread is None:
+            return
+        self._stopping = True
+        os.eventfd_write(self._wake, 1)
+        if thread is not threading.current_thread():
+            _join_releasing(thread, self.function.lock)
+        self.thread = None
+
+    def kick(self, queue_index: int) -> None:
+        """Have the thread look at queue `queue_index`, as a notify through an ioeventfd would."""
+        os.eventfd_write(self.queue_eventfds[queue_index], 1)
+
+    def rearm(self) -> None:
+        """The set of fds to watch may have changed (e.g. rx buffers arrived)."""
+        os.eventfd_write(self._wake, 1)
+
+    def close(self) -> None:
+        """After stop()."""
+        for fd in self.queue_eventfds + [self._wake]:
+            os.close(fd)
+
+    def _loop(self) -> None:
+        function = self.function
+        device = function.device
+        queue_fds = {fd: i for i, fd in enumerate(self.queue_eventfds)}
+        poller = select.epoll()
+        try:
+            poller.register(self._wake, select.EPOLLIN)
+            for fd in queue_fds:
+                poller.register(fd, select.EPOLLIN)
+            watched: set[int] = set()
+            while not self._stopping:
+                with function.lock:
+                    wanted = {fd for fd in device.backend_fds() if device.wants_backend(fd)}
+                for fd in watched - wanted:
+                    try:
+                        poller.unregister(fd)
+                    except OSError:
+                        pass  # the backend was closed (detached): epoll already forgot it
+                for fd in wanted - watched:
+                    poller.register(fd, select.EPOLLIN)
+                watched = wanted
+                for fd, _ in poller.poll():
+                    if self._stopping:
+                        return
+                    if fd == self._wake:
+                        _drain(fd)
+                        continue
+                    with function.lock:
+                        if not function.serving:
+                            if fd in queue_fds:
+                                _drain(fd)
+                            continue
+                        try:
+                            if fd in queue_fds:
+                                _drain(fd)
+                                device.queue_notified(queue_fds[fd])
+                            else:
+                                device.backend_ready(fd)
+                        except QueueError as error:
+                            function.needs_reset(str(error))
+        finally:
+            poller.close()
+
+
+def _join_releasing(thread: threading.Thread, lock: threading.RLock) -> None:
+    """Join `thread` even if the caller holds `lock` (which the thread may be waiting for)."""
+    depth = 0
+    while lock._is_owned():  # type: ignore[attr-defined]
+        lock.release()
+        depth += 1
+    try:
+        thread.join()
+    finally:
+        for _ in range(depth):
+            lock.acquire()
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
