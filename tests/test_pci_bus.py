@@ -18,25 +18,38 @@ STATUS_INTERRUPT, STATUS_CAPABILITIES = 0x08, 0x10
 SCRATCH_SLOT = 1
 
 
+class ReadBack:
+    """A BAR region that reads back what was last written to it."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        return self.value
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        self.value = value
+
+    pio_read, pio_write = mmio_read, mmio_write
+
+
 class ScratchFunction(PciFunction):
-    """A function with one register per BAR that reads back what was last written to it, so a
-    test can tell through the bus whether, and where, each BAR decodes. BAR0 is 4 KiB of memory,
-    BAR1 32 I/O ports, BAR2 a 64-bit prefetchable 16 KiB; two capabilities."""
+    """A function with one read-back register per BAR, so a test can tell through the bus
+    whether, and where, each BAR decodes. BAR0 is 4 KiB of memory, BAR1 32 I/O ports, BAR2 a
+    64-bit prefetchable 16 KiB; two capabilities."""
 
     def __init__(self) -> None:
         super().__init__(vendor=0x1234, device=0x5678, class_code=0xFF0000, revision=3)
-        self.add_bar(Bar(0, 0x1000))
-        self.add_bar(Bar(1, 0x20, io=True))
-        self.add_bar(Bar(2, 0x4000, mem64=True, prefetchable=True))
+        self.regions = [ReadBack() for _ in range(3)]
+        self.add_bar(Bar(0, 0x1000, self.regions[0]))
+        self.add_bar(Bar(1, 0x20, self.regions[1], io=True))
+        self.add_bar(Bar(2, 0x4000, self.regions[2], mem64=True, prefetchable=True))
         self.add_capability(0x09, b"\x06\xAA\xBB\xCC")  # vendor-specific, 6 bytes long
         self.add_capability(0x05, bytes(8))  # an MSI-shaped body (its logic is not under test)
-        self.registers = {0: 0, 1: 0, 2: 0}
 
-    def bar_read(self, index: int, offset: int, size: int) -> int:
-        return self.registers[index]
-
-    def bar_write(self, index: int, offset: int, size: int, value: int) -> None:
-        self.registers[index] = value
+    @property
+    def registers(self) -> dict[int, int]:
+        return {index: region.value for index, region in enumerate(self.regions)}
 
 
 class Probe:

@@ -16,7 +16,7 @@ import pytest
 from pykvm.devices import virtio as v
 from pykvm.devices.pci import PciBus
 from pykvm.devices.virtio.blk import Blk, DiskImage, DiskSpec
-from pykvm.devices.virtio.pci import VirtioPciFunction
+from pykvm.devices.virtio.transport import VirtioPciFunction
 from pykvm.testing.fake_platform import FakePlatform
 from tests.virtio_driver import DESC_F_NEXT, DESC_F_WRITE, PythonVirtioDriver
 
