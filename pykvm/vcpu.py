@@ -23,6 +23,14 @@ from pykvm.bus import IoBus
 from pykvm.kvm import KvmError, VcpuFd
 from pykvm.kvm import constants as k
 from pykvm.kvm.ioctls import KVM_RUN
+from pykvm.kvm.run_layout import (
+    EXIT_REASON_WORD,
+    IO_EXIT,
+    IO_EXIT_OFFSET,
+    MMIO_DATA_OFFSET,
+    MMIO_EXIT,
+    MMIO_EXIT_OFFSET,
+)
 from pykvm.kvm.structs import (
     KvmDebugregs,
     KvmLapicState,
@@ -42,11 +50,6 @@ from pykvm.state import StateError
 if TYPE_CHECKING:
     from ctypes import Structure as KvmCpuid2  # a cpuid2_type(n) instance
 
-# kvm_run layout: exit_reason at byte 8, the exit union at byte 32.
-_EXIT_REASON_WORD = 2  # index into the run page viewed as u32
-_EXIT_DATA = 32
-_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
-_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
 _U32 = struct.Struct("<I")
 
 # Sent to a vCPU thread to knock it out of KVM_RUN. Its handler does nothing: the point is EINTR.
@@ -355,7 +358,7 @@ class Vcpu:
         run = self._run_view
         words = run.cast("I")
         ports = self.bus.ports
-        unpack_io = _IO.unpack_from
+        unpack_io = IO_EXIT.unpack_from
         control = self.control
         trace = self.trace
         while True:
@@ -370,9 +373,9 @@ class Vcpu:
             except OSError as error:
                 raise KvmError(error.errno, f"KVM_RUN failed: {error.strerror}", ioctl="KVM_RUN") from None
             self.exit_count += 1  # live: benchmarks and query-vcpus read it while the vCPU runs
-            reason = words[_EXIT_REASON_WORD]
+            reason = words[EXIT_REASON_WORD]
             if reason == k.KVM_EXIT_IO:
-                direction, size, port, count, offset = unpack_io(run, _EXIT_DATA)
+                direction, size, port, count, offset = unpack_io(run, IO_EXIT_OFFSET)
                 entry = ports[port]
                 if count != 1 or entry is None or trace is not None:
                     self._port_io_slow(direction, size, port, count, offset)
@@ -403,7 +406,7 @@ class Vcpu:
 
     def _mmio(self) -> None:
         run = self._run_view
-        addr, data, length, is_write = _MMIO.unpack_from(run, _EXIT_DATA)
+        addr, data, length, is_write = MMIO_EXIT.unpack_from(run, MMIO_EXIT_OFFSET)
         if length not in (1, 2, 4, 8):
             raise GuestFault(f"MMIO access of {length} bytes at {addr:#x}", self._report())
         if is_write:
@@ -411,7 +414,7 @@ class Vcpu:
             self.bus.mmio_write(addr, length, value)
         else:
             value = self.bus.mmio_read(addr, length)
-            run[_EXIT_DATA + 8 : _EXIT_DATA + 8 + length] = value.to_bytes(length, "little")
+            run[MMIO_DATA_OFFSET : MMIO_DATA_OFFSET + length] = value.to_bytes(length, "little")
         if self.trace is not None:
             self.trace(self, "mmio", write=bool(is_write), addr=addr, size=length, value=value)
 
