@@ -3,15 +3,13 @@
 The run loop is the VMM's hottest path. Per exit it does one ioctl, one read of the exit reason
 through a memoryview of the kvm_run page, one struct unpack of the exit data, one list index into
 the port table and one device call; everything rarer (MMIO, string I/O, tracing, faults) is off
-to the side. Pausing costs the loop nothing: a paused or stopped VM is signalled by setting
-kvm_run.immediate_exit and interrupting the thread, so KVM_RUN itself returns EINTR and only then
-does the loop consult RunControl.
+to the side. Pausing costs the loop nothing (see pykvm.run_control): only a KVM_RUN that returns
+EINTR consults RunControl.
 """
 
 from __future__ import annotations
 
 import ctypes
-import enum
 import fcntl
 import signal
 import struct
@@ -45,6 +43,7 @@ from pykvm.kvm.structs import (
 from pykvm.diagnostics import describe_vcpu
 from pykvm.internal_errors import complete_internal_error
 from pykvm.memory import GuestMemory
+from pykvm.run_control import KICK_SIGNAL, RunControl, StopKind, StopReason
 from pykvm.state import StateError
 
 if TYPE_CHECKING:
@@ -52,8 +51,6 @@ if TYPE_CHECKING:
 
 _U32 = struct.Struct("<I")
 
-# Sent to a vCPU thread to knock it out of KVM_RUN. Its handler does nothing: the point is EINTR.
-KICK_SIGNAL = signal.SIGUSR1
 # Asynchronous signals go to the main thread, never interrupt a vCPU by accident.
 _BLOCKED_IN_VCPU_THREADS = {
     signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD,
@@ -94,113 +91,12 @@ class VcpuState:
     debugregs: bytes
 
 
-@dataclass(frozen=True)
-class StopReason:
-    """Why the VM stopped: the VMM's exit status, a one-line reason, and an optional report."""
-
-    status: int
-    reason: str
-    report: str = ""
-
-
 class GuestFault(Exception):
     """The guest did something the VMM cannot continue from (triple fault, internal error)."""
 
     def __init__(self, message: str, report: str) -> None:
         super().__init__(message)
         self.report = report
-
-
-class RunState(enum.Enum):
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
-
-
-class RunControl:
-    """The rendezvous of the controller and the vCPU threads: pause, resume, stop.
-
-    pause() returns only when every vCPU thread is parked outside KVM_RUN with no I/O half done:
-    a vCPU parks only after a KVM_RUN returned EINTR, and KVM completes a pending IN/MMIO read
-    before honouring immediate_exit, so the registers are final when the controller looks.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._vcpus: list[Vcpu] = []
-        self._alive = 0  # vCPU threads still in their run loop
-        self._parked = 0  # of those, parked for the current pause
-        self._pausing = False
-        self._epoch = 0  # bumped by resume(); parked threads wait for it to change
-        self.stop_reason: StopReason | None = None
-
-    @property
-    def state(self) -> RunState:
-        if self.stop_reason is not None:
-            return RunState.STOPPED
-        return RunState.PAUSED if self._pausing else RunState.RUNNING
-
-    def attach(self, vcpu: Vcpu) -> None:
-        with self._cond:
-            self._vcpus.append(vcpu)
-
-    def entered(self) -> None:
-        """A vCPU thread is about to start; counted before it runs so pause() cannot miss it."""
-        with self._cond:
-            self._alive += 1
-
-    def pause(self) -> None:
-        if any(v.thread is threading.current_thread() for v in self._vcpus):
-            raise RuntimeError("a vCPU thread cannot pause the VM it is running")
-        with self._cond:
-            if self._pausing or self.stop_reason is not None:
-                return
-            self._pausing = True
-            for vcpu in self._vcpus:
-                vcpu.kick()
-            self._cond.wait_for(lambda: self._parked >= self._alive)
-
-    def resume(self) -> None:
-        with self._cond:
-            if not self._pausing or self.stop_reason is not None:
-                return
-            self._pausing = False
-            for vcpu in self._vcpus:
-                vcpu.fd.run_struct.immediate_exit = 0
-            self._parked = 0
-            self._epoch += 1
-            self._cond.notify_all()
-
-    def stop(self, reason: StopReason) -> None:
-        """Ask every vCPU to leave its run loop. The first reason given is the one kept."""
-        with self._cond:
-            if self.stop_reason is None:
-                self.stop_reason = reason
-            for vcpu in self._vcpus:
-                vcpu.kick()
-            self._cond.notify_all()
-
-    def wait_stopped(self, timeout: float | None = None) -> StopReason | None:
-        with self._cond:
-            done = self._cond.wait_for(lambda: self.stop_reason is not None and self._alive == 0, timeout)
-            return self.stop_reason if done else None
-
-    # -- called from vCPU threads ------------------------------------------------------------
-
-    def interrupted(self) -> bool:
-        """A vCPU's KVM_RUN returned EINTR. Park while paused; True means leave the run loop."""
-        with self._cond:
-            if self._pausing and self.stop_reason is None:
-                self._parked += 1
-                self._cond.notify_all()
-                epoch = self._epoch
-                self._cond.wait_for(lambda: self._epoch != epoch or self.stop_reason is not None)
-            return self.stop_reason is not None
-
-    def left(self) -> None:
-        with self._cond:
-            self._alive -= 1
-            self._cond.notify_all()
 
 
 class Vcpu:
@@ -339,15 +235,19 @@ class Vcpu:
         if thread is not None and thread.ident is not None and thread.is_alive():
             signal.pthread_kill(thread.ident, KICK_SIGNAL)
 
+    def clear_kick(self) -> None:
+        """Let the next KVM_RUN enter the guest again (called on resume, with the vCPU parked)."""
+        self.fd.run_struct.immediate_exit = 0
+
     def _thread_main(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_IN_VCPU_THREADS)
         try:
             self._run_loop()
         except GuestFault as fault:
-            self.control.stop(StopReason(1, f"vcpu{self.index}: {fault}", fault.report))
+            self.control.stop(StopReason(1, f"vcpu{self.index}: {fault}", fault.report, StopKind.FAILED))
         except BaseException as error:  # a VMM bug must stop the VM, not leave it half-running
             report = describe_vcpu(self)
-            self.control.stop(StopReason(1, f"vcpu{self.index}: internal error: {error!r}", report))
+            self.control.stop(StopReason(1, f"vcpu{self.index}: internal error: {error!r}", report, StopKind.FAILED))
             raise
         finally:
             self.control.left()
