@@ -1,23 +1,25 @@
-"""A vCPU: its KVM fd, its boot-time CPU state, and the thread that runs KVM_RUN and dispatches exits.
+"""A vCPU: its KVM fd, and the thread that runs KVM_RUN and dispatches exits.
 
 The run loop is the VMM's hottest path. Per exit it does one ioctl, one read of the exit reason
 through a memoryview of the kvm_run page, one struct unpack of the exit data, one list index into
 the port table and one device call; everything rarer (MMIO, string I/O, tracing, faults) is off
 to the side. Pausing costs the loop nothing (see pykvm.run_control): only a KVM_RUN that returns
 EINTR consults RunControl.
+
+Boot-time CPU modes are set by pykvm.boot.cpu_mode; saved state lives in pykvm.vcpu_state.
 """
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import signal
 import struct
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from pykvm.bus import IoBus
+from pykvm.diagnostics import describe_vcpu
+from pykvm.internal_errors import complete_internal_error
 from pykvm.kvm import KvmError, VcpuFd
 from pykvm.kvm import constants as k
 from pykvm.kvm.ioctls import KVM_RUN
@@ -29,22 +31,9 @@ from pykvm.kvm.run_layout import (
     MMIO_EXIT,
     MMIO_EXIT_OFFSET,
 )
-from pykvm.kvm.structs import (
-    KvmDebugregs,
-    KvmLapicState,
-    KvmMpState,
-    KvmRegs,
-    KvmSegment,
-    KvmSregs,
-    KvmVcpuEvents,
-    KvmXcrs,
-    KvmXsave,
-)
-from pykvm.diagnostics import describe_vcpu
-from pykvm.internal_errors import complete_internal_error
 from pykvm.memory import GuestMemory
 from pykvm.run_control import KICK_SIGNAL, RunControl, StopKind, StopReason
-from pykvm.state import StateError
+from pykvm.vcpu_state import VcpuState, restore_vcpu_state, save_vcpu_state
 
 if TYPE_CHECKING:
     from ctypes import Structure as KvmCpuid2  # a cpuid2_type(n) instance
@@ -57,38 +46,9 @@ _BLOCKED_IN_VCPU_THREADS = {
     signal.SIGWINCH, signal.SIGPIPE, signal.SIGALRM, signal.SIGUSR2, signal.SIGTSTP,
 }
 
-CR0_PE = 1 << 0
-CR0_ET = 1 << 4
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-RFLAGS_RESERVED = 1 << 1
-
-# Selectors of the GDT the loaders write (pykvm.boot.loader): 64-bit code, 32-bit code, data.
-BOOT_CS64, BOOT_CS32, BOOT_DS = 0x08, 0x10, 0x18
-
 # LAPIC register offsets and LVT delivery modes, for wiring LINT0/LINT1 as a PC firmware does.
 APIC_LVT0, APIC_LVT1 = 0x350, 0x360
 APIC_MODE_EXTINT, APIC_MODE_NMI = 0x7 << 8, 0x4 << 8
-
-
-MSR_IA32_TSC_DEADLINE = 0x6E0
-
-
-@dataclass
-class VcpuState:
-    """Everything KVM keeps for a vCPU, as the raw bytes of its uapi structures."""
-
-    regs: bytes
-    sregs: bytes
-    xsave: bytes
-    xcrs: bytes
-    msrs: dict[int, int]
-    lapic: bytes
-    events: bytes
-    mp_state: bytes
-    debugregs: bytes
 
 
 class GuestFault(Exception):
@@ -126,7 +86,7 @@ class Vcpu:
         self._setup_lapic()
         control.attach(self)
 
-    # -- boot-time state ---------------------------------------------------------------------------
+    # -- creation-time state -----------------------------------------------------------------------
 
     def _setup_cpuid(self, supported: KvmCpuid2) -> None:
         """Give this vCPU the supported CPUID with its own APIC ID in the leaves that carry one."""
@@ -146,80 +106,13 @@ class Vcpu:
             _U32.pack_into(lapic.regs, register, (lvt & ~0x10700) | mode)
         self.fd.set_lapic(lapic)
 
-    def enter_protected_mode(self, rip: int, *, gdt_base: int, gdt_limit: int, rax: int = 0, rbx: int = 0) -> None:
-        """32-bit protected mode, paging off, flat 4 GiB segments (the multiboot entry state)."""
-        sregs = self.fd.get_sregs()
-        _flat_segment(sregs.cs, selector=BOOT_CS32, code=True, long=False)
-        for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-            _flat_segment(seg, selector=BOOT_DS, code=False, long=False)
-        sregs.gdt.base, sregs.gdt.limit = gdt_base, gdt_limit
-        sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_ET) & ~CR0_PG
-        sregs.cr4 = 0
-        sregs.efer = 0
-        self.fd.set_sregs(sregs)
-        self._set_entry_regs(rip, rax, rbx)
-
-    def enter_long_mode(self, rip: int, *, cr3: int, gdt_base: int, gdt_limit: int, rax: int = 0, rbx: int = 0) -> None:
-        """64-bit mode with the given page tables and GDT (the ELF64 entry state)."""
-        sregs = self.fd.get_sregs()
-        _flat_segment(sregs.cs, selector=BOOT_CS64, code=True, long=True)
-        for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-            _flat_segment(seg, selector=BOOT_DS, code=False, long=False)
-        sregs.gdt.base, sregs.gdt.limit = gdt_base, gdt_limit
-        sregs.cr3 = cr3
-        sregs.cr4 = CR4_PAE
-        sregs.cr0 = CR0_PE | CR0_ET | CR0_PG
-        sregs.efer = EFER_LME | EFER_LMA
-        self.fd.set_sregs(sregs)
-        self._set_entry_regs(rip, rax, rbx)
-
-    def enter_real_mode(self, segment: int, offset: int) -> None:
-        """16-bit real mode at segment:offset (the flat-binary entry state)."""
-        sregs = self.fd.get_sregs()
-        for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-            seg.selector, seg.base = segment, segment << 4
-        self.fd.set_sregs(sregs)
-        regs = self.fd.get_regs()
-        regs.rip, regs.rflags, regs.rsp = offset, RFLAGS_RESERVED, 0xFFF0
-        self.fd.set_regs(regs)
-
-    def _set_entry_regs(self, rip: int, rax: int, rbx: int) -> None:
-        regs = self.fd.get_regs()
-        regs.rip, regs.rax, regs.rbx, regs.rflags = rip, rax, rbx, RFLAGS_RESERVED
-        self.fd.set_regs(regs)
-
-    # -- state (the VM must be paused: RunControl.pause completes pending I/O first) ---------------
+    # -- state (the VM must be paused) -------------------------------------------------------------
 
     def save_state(self) -> VcpuState:
-        fd = self.fd
-        return VcpuState(
-            regs=bytes(fd.get_regs()),
-            sregs=bytes(fd.get_sregs()),
-            xsave=bytes(fd.get_xsave()),
-            xcrs=bytes(fd.get_xcrs()),
-            msrs=fd.get_msrs(self.msr_indices),
-            lapic=bytes(fd.get_lapic()),
-            events=bytes(fd.get_vcpu_events()),
-            mp_state=bytes(fd.get_mp_state()),
-            debugregs=bytes(fd.get_debugregs()),
-        )
+        return save_vcpu_state(self.fd, self.msr_indices)
 
     def restore_state(self, state: VcpuState) -> None:
-        """Put a saved state into this vCPU (CPUID was set when it was created). The order matters:
-        MSRs after SREGS (EFER), LAPIC before events, and the TSC deadline after the LAPIC is in
-        TSC-deadline mode, or KVM drops it."""
-        fd = self.fd
-        fd.set_sregs(uapi_struct(KvmSregs, state.sregs))
-        fd.set_msrs({i: v for i, v in state.msrs.items() if i != MSR_IA32_TSC_DEADLINE})
-        fd.set_lapic(uapi_struct(KvmLapicState, state.lapic))
-        fd.set_regs(uapi_struct(KvmRegs, state.regs))
-        fd.set_xcrs(uapi_struct(KvmXcrs, state.xcrs))
-        fd.set_xsave(uapi_struct(KvmXsave, state.xsave))
-        fd.set_vcpu_events(uapi_struct(KvmVcpuEvents, state.events))
-        fd.set_mp_state(uapi_struct(KvmMpState, state.mp_state))
-        fd.set_debugregs(uapi_struct(KvmDebugregs, state.debugregs))
-        if MSR_IA32_TSC_DEADLINE in state.msrs:
-            fd.set_msrs({MSR_IA32_TSC_DEADLINE: state.msrs[MSR_IA32_TSC_DEADLINE]})
+        restore_vcpu_state(self.fd, state)
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -354,19 +247,3 @@ class Vcpu:
     def close(self) -> None:
         self._run_view.release()
         self.fd.close()
-
-
-def uapi_struct(kind: type, data: bytes):
-    """A uapi structure from saved bytes, refusing a blob of the wrong size."""
-    if len(data) != ctypes.sizeof(kind):
-        raise StateError(f"{kind.__name__}: {len(data)} bytes, expected {ctypes.sizeof(kind)}")
-    return kind.from_buffer_copy(data)
-
-
-def _flat_segment(seg: KvmSegment, *, selector: int, code: bool, long: bool) -> None:
-    """A present, ring-0, flat (base 0, 4 GiB, page-granular) code or data segment."""
-    seg.base, seg.limit, seg.selector = 0, 0xFFFF_FFFF, selector
-    seg.type = 0xB if code else 0x3  # execute/read accessed, or read/write accessed
-    seg.present, seg.dpl, seg.s, seg.g, seg.avl, seg.unusable = 1, 0, 1, 1, 0, 0
-    seg.l = 1 if long else 0
-    seg.db = 0 if long else 1

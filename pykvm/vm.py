@@ -21,7 +21,8 @@ from pykvm.kvm.structs import KvmClockData, KvmIrqchip, KvmPitState2
 from pykvm.memory import GuestMemory, MemorySlot
 from pykvm.state import StateError
 from pykvm.run_control import KICK_SIGNAL, RunControl, RunState, StopKind, StopReason
-from pykvm.vcpu import Vcpu, VcpuState, uapi_struct
+from pykvm.vcpu import Vcpu
+from pykvm.vcpu_state import VcpuState, uapi_struct
 
 # KVM needs three pages for the real-mode TSS and one for the EPT identity map on Intel; both sit
 # just below the BIOS area at the top of the 4 GiB space, inside the MMIO hole (as in QEMU).
