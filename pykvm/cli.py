@@ -32,6 +32,7 @@ from pykvm.errors import ConfigError
 from pykvm.kvm import KvmError, KvmUnavailable
 from pykvm.machine import DEFAULT_MEMORY, Machine, MachineConfig
 from pykvm.memory import GuestMemory
+from pykvm.run_control import StopKind
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -287,7 +288,7 @@ def _run(machine: Machine, args: argparse.Namespace, console: SerialConsole, *,
             server.close()
     if stop.report:
         print(f"pykvm: {stop.reason}\n{stop.report}", file=sys.stderr)
-    elif args.trace or stop.reason.startswith("migrated"):
+    elif args.trace or stop.kind is StopKind.MIGRATED:
         print(f"pykvm: {stop.reason}", file=sys.stderr)
     return stop.status
 

@@ -24,6 +24,7 @@ from pykvm.transfer import migration, snapshot
 from pykvm import unixsock
 from pykvm.errors import ConfigError
 from pykvm.machine import Machine
+from pykvm.run_control import RunState
 
 MAX_REQUEST = 64 * 1024
 
@@ -136,7 +137,7 @@ class ControlServer:
         return {"status": "stopped"}
 
     def _require_live(self) -> None:
-        if self.machine.vm.state.value == "stopped":
+        if self.machine.vm.state is RunState.STOPPED:
             raise CommandError("the VM has stopped")
 
 

@@ -31,6 +31,11 @@ def cpu_mode(cs_l: int, cs_db: int, cr0: int) -> tuple[int, str]:
     return capstone.CS_MODE_16, "16-bit protected mode"
 
 
+def linear_rip(rip: int, cs_base: int, mode: int) -> int:
+    """The linear address of RIP: 64-bit mode ignores the CS base, other modes wrap at 4 GiB."""
+    return rip if mode == capstone.CS_MODE_64 else (cs_base + rip) & 0xFFFF_FFFF
+
+
 def disassemble(code: bytes, address: int, mode: int, limit: int = INSTRUCTIONS_SHOWN) -> list[str]:
     md = capstone.Cs(capstone.CS_ARCH_X86, mode)
     lines = []
@@ -63,7 +68,7 @@ def describe_vcpu(vcpu: Vcpu) -> str:
         f"  cr0={sregs.cr0:#x} cr2={sregs.cr2:#x} cr3={sregs.cr3:#x} cr4={sregs.cr4:#x} efer={sregs.efer:#x}",
         f"  gdt={sregs.gdt.base:#x}/{sregs.gdt.limit:#x} idt={sregs.idt.base:#x}/{sregs.idt.limit:#x}",
     ]
-    linear = regs.rip if mode == capstone.CS_MODE_64 else (sregs.cs.base + regs.rip) & 0xFFFF_FFFF
+    linear = linear_rip(regs.rip, sregs.cs.base, mode)
     lines.append("code at rip:")
     lines.extend("  " + line for line in _code_at(vcpu, linear, regs.rip, mode))
     return "\n".join(lines)

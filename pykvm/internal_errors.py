@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import capstone
 
+from pykvm.diagnostics import cpu_mode, linear_rip
 from pykvm.kvm import KvmError
 from pykvm.kvm import constants as k
 from pykvm.memory import GuestMemoryError
@@ -39,14 +40,6 @@ def _decoder(mode: int) -> capstone.Cs:
     if mode not in _decoders:
         _decoders[mode] = capstone.Cs(capstone.CS_ARCH_X86, mode)
     return _decoders[mode]
-
-
-def _mode(sregs) -> int:
-    if not sregs.cr0 & 1:
-        return capstone.CS_MODE_16
-    if sregs.cs.l:
-        return capstone.CS_MODE_64
-    return capstone.CS_MODE_32 if sregs.cs.db else capstone.CS_MODE_16
 
 
 def _instruction_bytes(vcpu: Vcpu, linear: int) -> bytes | None:
@@ -85,8 +78,8 @@ def complete_internal_error(vcpu: Vcpu) -> str | None:
     not one this module completes (the caller then stops the VM with a report)."""
     regs = vcpu.fd.get_regs()
     sregs = vcpu.fd.get_sregs()
-    mode = _mode(sregs)
-    linear = regs.rip if mode == capstone.CS_MODE_64 else (sregs.cs.base + regs.rip) & 0xFFFF_FFFF
+    mode, _ = cpu_mode(sregs.cs.l, sregs.cs.db, sregs.cr0)
+    linear = linear_rip(regs.rip, sregs.cs.base, mode)
     code = _instruction_bytes(vcpu, linear) or _exit_bytes(vcpu)
     if code is None:
         return None

@@ -35,7 +35,7 @@ from pykvm.kvm import Kvm
 from pykvm.memory import GuestMemory
 from pykvm.errors import ConfigError
 from pykvm.state import Stateful, StateError, from_plain
-from pykvm.vcpu import StopReason
+from pykvm.run_control import RunState, StopReason
 from pykvm.vm import Vm, VmPlatform, VmState
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
@@ -153,7 +153,7 @@ class Machine:
     def quiesced(self) -> Iterator[None]:
         """vCPUs paused and every device's I/O thread held between requests: nothing changes RAM or
         device state until the block ends. Re-entrant for a VM that was already paused."""
-        was_running = self.vm.state.name == "RUNNING"
+        was_running = self.vm.state is RunState.RUNNING
         self.vm.pause()
         try:
             with contextlib.ExitStack() as held:

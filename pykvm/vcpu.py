@@ -1,103 +1,54 @@
-"""A vCPU: its KVM fd, its boot-time CPU state, and the thread that runs KVM_RUN and dispatches exits.
+"""A vCPU: its KVM fd, and the thread that runs KVM_RUN and dispatches exits.
 
 The run loop is the VMM's hottest path. Per exit it does one ioctl, one read of the exit reason
 through a memoryview of the kvm_run page, one struct unpack of the exit data, one list index into
 the port table and one device call; everything rarer (MMIO, string I/O, tracing, faults) is off
-to the side. Pausing costs the loop nothing: a paused or stopped VM is signalled by setting
-kvm_run.immediate_exit and interrupting the thread, so KVM_RUN itself returns EINTR and only then
-does the loop consult RunControl.
+to the side. Pausing costs the loop nothing (see pykvm.run_control): only a KVM_RUN that returns
+EINTR consults RunControl.
+
+Boot-time CPU modes are set by pykvm.boot.cpu_mode; saved state lives in pykvm.vcpu_state.
 """
 
 from __future__ import annotations
 
-import ctypes
-import enum
 import fcntl
 import signal
 import struct
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from pykvm.bus import IoBus
+from pykvm.diagnostics import describe_vcpu
+from pykvm.internal_errors import complete_internal_error
 from pykvm.kvm import KvmError, VcpuFd
 from pykvm.kvm import constants as k
 from pykvm.kvm.ioctls import KVM_RUN
-from pykvm.kvm.structs import (
-    KvmDebugregs,
-    KvmLapicState,
-    KvmMpState,
-    KvmRegs,
-    KvmSegment,
-    KvmSregs,
-    KvmVcpuEvents,
-    KvmXcrs,
-    KvmXsave,
+from pykvm.kvm.run_layout import (
+    EXIT_REASON_WORD,
+    IO_EXIT,
+    IO_EXIT_OFFSET,
+    MMIO_DATA_OFFSET,
+    MMIO_EXIT,
+    MMIO_EXIT_OFFSET,
 )
-from pykvm.diagnostics import describe_vcpu
-from pykvm.internal_errors import complete_internal_error
 from pykvm.memory import GuestMemory
-from pykvm.state import StateError
+from pykvm.run_control import KICK_SIGNAL, RunControl, StopKind, StopReason
+from pykvm.vcpu_state import VcpuState, restore_vcpu_state, save_vcpu_state
 
 if TYPE_CHECKING:
     from ctypes import Structure as KvmCpuid2  # a cpuid2_type(n) instance
 
-# kvm_run layout: exit_reason at byte 8, the exit union at byte 32.
-_EXIT_REASON_WORD = 2  # index into the run page viewed as u32
-_EXIT_DATA = 32
-_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
-_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write
 _U32 = struct.Struct("<I")
 
-# Sent to a vCPU thread to knock it out of KVM_RUN. Its handler does nothing: the point is EINTR.
-KICK_SIGNAL = signal.SIGUSR1
 # Asynchronous signals go to the main thread, never interrupt a vCPU by accident.
 _BLOCKED_IN_VCPU_THREADS = {
     signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD,
     signal.SIGWINCH, signal.SIGPIPE, signal.SIGALRM, signal.SIGUSR2, signal.SIGTSTP,
 }
 
-CR0_PE = 1 << 0
-CR0_ET = 1 << 4
-CR0_PG = 1 << 31
-CR4_PAE = 1 << 5
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-RFLAGS_RESERVED = 1 << 1
-
-# Selectors of the GDT the loaders write (pykvm.boot.loader): 64-bit code, 32-bit code, data.
-BOOT_CS64, BOOT_CS32, BOOT_DS = 0x08, 0x10, 0x18
-
 # LAPIC register offsets and LVT delivery modes, for wiring LINT0/LINT1 as a PC firmware does.
 APIC_LVT0, APIC_LVT1 = 0x350, 0x360
 APIC_MODE_EXTINT, APIC_MODE_NMI = 0x7 << 8, 0x4 << 8
-
-
-MSR_IA32_TSC_DEADLINE = 0x6E0
-
-
-@dataclass
-class VcpuState:
-    """Everything KVM keeps for a vCPU, as the raw bytes of its uapi structures."""
-
-    regs: bytes
-    sregs: bytes
-    xsave: bytes
-    xcrs: bytes
-    msrs: dict[int, int]
-    lapic: bytes
-    events: bytes
-    mp_state: bytes
-    debugregs: bytes
-
-
-@dataclass(frozen=True)
-class StopReason:
-    """Why the VM stopped: the VMM's exit status, a one-line reason, and an optional report."""
-
-    status: int
-    reason: str
-    report: str = ""
 
 
 class GuestFault(Exception):
@@ -106,98 +57,6 @@ class GuestFault(Exception):
     def __init__(self, message: str, report: str) -> None:
         super().__init__(message)
         self.report = report
-
-
-class RunState(enum.Enum):
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
-
-
-class RunControl:
-    """The rendezvous of the controller and the vCPU threads: pause, resume, stop.
-
-    pause() returns only when every vCPU thread is parked outside KVM_RUN with no I/O half done:
-    a vCPU parks only after a KVM_RUN returned EINTR, and KVM completes a pending IN/MMIO read
-    before honouring immediate_exit, so the registers are final when the controller looks.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._vcpus: list[Vcpu] = []
-        self._alive = 0  # vCPU threads still in their run loop
-        self._parked = 0  # of those, parked for the current pause
-        self._pausing = False
-        self._epoch = 0  # bumped by resume(); parked threads wait for it to change
-        self.stop_reason: StopReason | None = None
-
-    @property
-    def state(self) -> RunState:
-        if self.stop_reason is not None:
-            return RunState.STOPPED
-        return RunState.PAUSED if self._pausing else RunState.RUNNING
-
-    def attach(self, vcpu: Vcpu) -> None:
-        with self._cond:
-            self._vcpus.append(vcpu)
-
-    def entered(self) -> None:
-        """A vCPU thread is about to start; counted before it runs so pause() cannot miss it."""
-        with self._cond:
-            self._alive += 1
-
-    def pause(self) -> None:
-        if any(v.thread is threading.current_thread() for v in self._vcpus):
-            raise RuntimeError("a vCPU thread cannot pause the VM it is running")
-        with self._cond:
-            if self._pausing or self.stop_reason is not None:
-                return
-            self._pausing = True
-            for vcpu in self._vcpus:
-                vcpu.kick()
-            self._cond.wait_for(lambda: self._parked >= self._alive)
-
-    def resume(self) -> None:
-        with self._cond:
-            if not self._pausing or self.stop_reason is not None:
-                return
-            self._pausing = False
-            for vcpu in self._vcpus:
-                vcpu.fd.run_struct.immediate_exit = 0
-            self._parked = 0
-            self._epoch += 1
-            self._cond.notify_all()
-
-    def stop(self, reason: StopReason) -> None:
-        """Ask every vCPU to leave its run loop. The first reason given is the one kept."""
-        with self._cond:
-            if self.stop_reason is None:
-                self.stop_reason = reason
-            for vcpu in self._vcpus:
-                vcpu.kick()
-            self._cond.notify_all()
-
-    def wait_stopped(self, timeout: float | None = None) -> StopReason | None:
-        with self._cond:
-            done = self._cond.wait_for(lambda: self.stop_reason is not None and self._alive == 0, timeout)
-            return self.stop_reason if done else None
-
-    # -- called from vCPU threads ------------------------------------------------------------
-
-    def interrupted(self) -> bool:
-        """A vCPU's KVM_RUN returned EINTR. Park while paused; True means leave the run loop."""
-        with self._cond:
-            if self._pausing and self.stop_reason is None:
-                self._parked += 1
-                self._cond.notify_all()
-                epoch = self._epoch
-                self._cond.wait_for(lambda: self._epoch != epoch or self.stop_reason is not None)
-            return self.stop_reason is not None
-
-    def left(self) -> None:
-        with self._cond:
-            self._alive -= 1
-            self._cond.notify_all()
 
 
 class Vcpu:
@@ -227,7 +86,7 @@ class Vcpu:
         self._setup_lapic()
         control.attach(self)
 
-    # -- boot-time state ---------------------------------------------------------------------------
+    # -- creation-time state -----------------------------------------------------------------------
 
     def _setup_cpuid(self, supported: KvmCpuid2) -> None:
         """Give this vCPU the supported CPUID with its own APIC ID in the leaves that carry one."""
@@ -247,80 +106,13 @@ class Vcpu:
             _U32.pack_into(lapic.regs, register, (lvt & ~0x10700) | mode)
         self.fd.set_lapic(lapic)
 
-    def enter_protected_mode(self, rip: int, *, gdt_base: int, gdt_limit: int, rax: int = 0, rbx: int = 0) -> None:
-        """32-bit protected mode, paging off, flat 4 GiB segments (the multiboot entry state)."""
-        sregs = self.fd.get_sregs()
-        _flat_segment(sregs.cs, selector=BOOT_CS32, code=True, long=False)
-        for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-            _flat_segment(seg, selector=BOOT_DS, code=False, long=False)
-        sregs.gdt.base, sregs.gdt.limit = gdt_base, gdt_limit
-        sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_ET) & ~CR0_PG
-        sregs.cr4 = 0
-        sregs.efer = 0
-        self.fd.set_sregs(sregs)
-        self._set_entry_regs(rip, rax, rbx)
-
-    def enter_long_mode(self, rip: int, *, cr3: int, gdt_base: int, gdt_limit: int, rax: int = 0, rbx: int = 0) -> None:
-        """64-bit mode with the given page tables and GDT (the ELF64 entry state)."""
-        sregs = self.fd.get_sregs()
-        _flat_segment(sregs.cs, selector=BOOT_CS64, code=True, long=True)
-        for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-            _flat_segment(seg, selector=BOOT_DS, code=False, long=False)
-        sregs.gdt.base, sregs.gdt.limit = gdt_base, gdt_limit
-        sregs.cr3 = cr3
-        sregs.cr4 = CR4_PAE
-        sregs.cr0 = CR0_PE | CR0_ET | CR0_PG
-        sregs.efer = EFER_LME | EFER_LMA
-        self.fd.set_sregs(sregs)
-        self._set_entry_regs(rip, rax, rbx)
-
-    def enter_real_mode(self, segment: int, offset: int) -> None:
-        """16-bit real mode at segment:offset (the flat-binary entry state)."""
-        sregs = self.fd.get_sregs()
-        for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-            seg.selector, seg.base = segment, segment << 4
-        self.fd.set_sregs(sregs)
-        regs = self.fd.get_regs()
-        regs.rip, regs.rflags, regs.rsp = offset, RFLAGS_RESERVED, 0xFFF0
-        self.fd.set_regs(regs)
-
-    def _set_entry_regs(self, rip: int, rax: int, rbx: int) -> None:
-        regs = self.fd.get_regs()
-        regs.rip, regs.rax, regs.rbx, regs.rflags = rip, rax, rbx, RFLAGS_RESERVED
-        self.fd.set_regs(regs)
-
-    # -- state (the VM must be paused: RunControl.pause completes pending I/O first) ---------------
+    # -- state (the VM must be paused) -------------------------------------------------------------
 
     def save_state(self) -> VcpuState:
-        fd = self.fd
-        return VcpuState(
-            regs=bytes(fd.get_regs()),
-            sregs=bytes(fd.get_sregs()),
-            xsave=bytes(fd.get_xsave()),
-            xcrs=bytes(fd.get_xcrs()),
-            msrs=fd.get_msrs(self.msr_indices),
-            lapic=bytes(fd.get_lapic()),
-            events=bytes(fd.get_vcpu_events()),
-            mp_state=bytes(fd.get_mp_state()),
-            debugregs=bytes(fd.get_debugregs()),
-        )
+        return save_vcpu_state(self.fd, self.msr_indices)
 
     def restore_state(self, state: VcpuState) -> None:
-        """Put a saved state into this vCPU (CPUID was set when it was created). The order matters:
-        MSRs after SREGS (EFER), LAPIC before events, and the TSC deadline after the LAPIC is in
-        TSC-deadline mode, or KVM drops it."""
-        fd = self.fd
-        fd.set_sregs(uapi_struct(KvmSregs, state.sregs))
-        fd.set_msrs({i: v for i, v in state.msrs.items() if i != MSR_IA32_TSC_DEADLINE})
-        fd.set_lapic(uapi_struct(KvmLapicState, state.lapic))
-        fd.set_regs(uapi_struct(KvmRegs, state.regs))
-        fd.set_xcrs(uapi_struct(KvmXcrs, state.xcrs))
-        fd.set_xsave(uapi_struct(KvmXsave, state.xsave))
-        fd.set_vcpu_events(uapi_struct(KvmVcpuEvents, state.events))
-        fd.set_mp_state(uapi_struct(KvmMpState, state.mp_state))
-        fd.set_debugregs(uapi_struct(KvmDebugregs, state.debugregs))
-        if MSR_IA32_TSC_DEADLINE in state.msrs:
-            fd.set_msrs({MSR_IA32_TSC_DEADLINE: state.msrs[MSR_IA32_TSC_DEADLINE]})
+        restore_vcpu_state(self.fd, state)
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -336,15 +128,19 @@ class Vcpu:
         if thread is not None and thread.ident is not None and thread.is_alive():
             signal.pthread_kill(thread.ident, KICK_SIGNAL)
 
+    def clear_kick(self) -> None:
+        """Let the next KVM_RUN enter the guest again (called on resume, with the vCPU parked)."""
+        self.fd.run_struct.immediate_exit = 0
+
     def _thread_main(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKED_IN_VCPU_THREADS)
         try:
             self._run_loop()
         except GuestFault as fault:
-            self.control.stop(StopReason(1, f"vcpu{self.index}: {fault}", fault.report))
+            self.control.stop(StopReason(1, f"vcpu{self.index}: {fault}", fault.report, StopKind.FAILED))
         except BaseException as error:  # a VMM bug must stop the VM, not leave it half-running
             report = describe_vcpu(self)
-            self.control.stop(StopReason(1, f"vcpu{self.index}: internal error: {error!r}", report))
+            self.control.stop(StopReason(1, f"vcpu{self.index}: internal error: {error!r}", report, StopKind.FAILED))
             raise
         finally:
             self.control.left()
@@ -355,7 +151,7 @@ class Vcpu:
         run = self._run_view
         words = run.cast("I")
         ports = self.bus.ports
-        unpack_io = _IO.unpack_from
+        unpack_io = IO_EXIT.unpack_from
         control = self.control
         trace = self.trace
         while True:
@@ -370,9 +166,9 @@ class Vcpu:
             except OSError as error:
                 raise KvmError(error.errno, f"KVM_RUN failed: {error.strerror}", ioctl="KVM_RUN") from None
             self.exit_count += 1  # live: benchmarks and query-vcpus read it while the vCPU runs
-            reason = words[_EXIT_REASON_WORD]
+            reason = words[EXIT_REASON_WORD]
             if reason == k.KVM_EXIT_IO:
-                direction, size, port, count, offset = unpack_io(run, _EXIT_DATA)
+                direction, size, port, count, offset = unpack_io(run, IO_EXIT_OFFSET)
                 entry = ports[port]
                 if count != 1 or entry is None or trace is not None:
                     self._port_io_slow(direction, size, port, count, offset)
@@ -403,7 +199,7 @@ class Vcpu:
 
     def _mmio(self) -> None:
         run = self._run_view
-        addr, data, length, is_write = _MMIO.unpack_from(run, _EXIT_DATA)
+        addr, data, length, is_write = MMIO_EXIT.unpack_from(run, MMIO_EXIT_OFFSET)
         if length not in (1, 2, 4, 8):
             raise GuestFault(f"MMIO access of {length} bytes at {addr:#x}", self._report())
         if is_write:
@@ -411,7 +207,7 @@ class Vcpu:
             self.bus.mmio_write(addr, length, value)
         else:
             value = self.bus.mmio_read(addr, length)
-            run[_EXIT_DATA + 8 : _EXIT_DATA + 8 + length] = value.to_bytes(length, "little")
+            run[MMIO_DATA_OFFSET : MMIO_DATA_OFFSET + length] = value.to_bytes(length, "little")
         if self.trace is not None:
             self.trace(self, "mmio", write=bool(is_write), addr=addr, size=length, value=value)
 
@@ -451,19 +247,3 @@ class Vcpu:
     def close(self) -> None:
         self._run_view.release()
         self.fd.close()
-
-
-def uapi_struct(kind: type, data: bytes):
-    """A uapi structure from saved bytes, refusing a blob of the wrong size."""
-    if len(data) != ctypes.sizeof(kind):
-        raise StateError(f"{kind.__name__}: {len(data)} bytes, expected {ctypes.sizeof(kind)}")
-    return kind.from_buffer_copy(data)
-
-
-def _flat_segment(seg: KvmSegment, *, selector: int, code: bool, long: bool) -> None:
-    """A present, ring-0, flat (base 0, 4 GiB, page-granular) code or data segment."""
-    seg.base, seg.limit, seg.selector = 0, 0xFFFF_FFFF, selector
-    seg.type = 0xB if code else 0x3  # execute/read accessed, or read/write accessed
-    seg.present, seg.dpl, seg.s, seg.g, seg.avl, seg.unusable = 1, 0, 1, 1, 0, 0
-    seg.l = 1 if long else 0
-    seg.db = 0 if long else 1

@@ -21,7 +21,9 @@ from pykvm.kvm import constants as k
 from pykvm.kvm.structs import KvmClockData, KvmIrqchip, KvmPitState2
 from pykvm.memory import GuestMemory, MemorySlot
 from pykvm.state import StateError
-from pykvm.vcpu import KICK_SIGNAL, RunControl, RunState, StopReason, Vcpu, VcpuState, uapi_struct
+from pykvm.run_control import KICK_SIGNAL, RunControl, RunState, StopKind, StopReason
+from pykvm.vcpu import Vcpu
+from pykvm.vcpu_state import VcpuState, uapi_struct
 
 # KVM needs three pages for the real-mode TSS and one for the EPT identity map on Intel; both sit
 # just below the BIOS area at the top of the 4 GiB space, inside the MMIO hole (as in QEMU).
@@ -144,9 +146,9 @@ class Vm:
     def resume(self) -> None:
         self.control.resume()
 
-    def stop(self, status: int, reason: str, report: str = "") -> None:
+    def stop(self, status: int, reason: str, report: str = "", kind: StopKind = StopKind.ENDED) -> None:
         """Stop the VM for good; callable from any thread, including a vCPU's own device handler."""
-        self.control.stop(StopReason(status, reason, report))
+        self.control.stop(StopReason(status, reason, report, kind))
 
     def wait(self, timeout: float | None = None) -> StopReason | None:
         """Wait for every vCPU thread to leave; returns why the VM stopped (None on timeout)."""

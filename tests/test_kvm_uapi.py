@@ -22,7 +22,7 @@ import subprocess
 
 import pytest
 
-from pykvm.kvm import constants, ioctls, structs
+from pykvm.kvm import constants, ioctls, run_layout, structs
 from pykvm.kvm import (
     EXIT_REASON_NAMES,
     KVM_EXIT_HLT,
@@ -286,6 +286,25 @@ def test_flex_factories_cached_and_sized():
     assert ctypes.sizeof(structs.cpuid2_type(2)) == 8 + 2 * 40
     assert ctypes.sizeof(structs.msr_list_type(5)) == 4 + 5 * 4
     assert ctypes.sizeof(structs.irq_routing_type(2)) == 8 + 2 * 48
+
+
+@pytest.mark.nokvm
+def test_run_layout_reads_what_ctypes_writes():
+    # The run loop reads kvm_run with struct.unpack_from at offsets derived from KvmRun; fill a
+    # KvmRun through ctypes and read it back the run loop's way.
+    run = structs.KvmRun(exit_reason=KVM_EXIT_IO)
+    run.io.direction, run.io.size, run.io.port, run.io.count, run.io.data_offset = 1, 2, 0x3F8, 3, 4096
+    page = memoryview(bytearray(run))
+    assert page.cast("I")[run_layout.EXIT_REASON_WORD] == KVM_EXIT_IO
+    assert run_layout.IO_EXIT.unpack_from(page, run_layout.IO_EXIT_OFFSET) == (1, 2, 0x3F8, 3, 4096)
+
+    run = structs.KvmRun()
+    run.mmio.phys_addr, run.mmio.len, run.mmio.is_write = 0xFEE0_0030, 4, 1
+    run.mmio.data[:] = range(1, 9)
+    page = bytes(run)
+    assert run_layout.MMIO_EXIT.unpack_from(page, run_layout.MMIO_EXIT_OFFSET) == (
+        0xFEE0_0030, bytes(range(1, 9)), 4, 1)
+    assert page[run_layout.MMIO_DATA_OFFSET] == 1
 
 
 @pytest.mark.nokvm

@@ -6,7 +6,7 @@ import threading
 
 
 from pykvm.machine import Machine, MachineConfig
-from pykvm.vcpu import RunState
+from pykvm.run_control import RunState
 from tests.conftest import requires_kvm
 
 pytestmark = requires_kvm

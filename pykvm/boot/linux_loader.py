@@ -36,6 +36,7 @@ from pathlib import Path
 import construct
 
 from pykvm.boot import firmware
+from pykvm.boot.cpu_mode import enter_long_mode, write_boot_gdt
 from pykvm.boot import formats as f
 from pykvm.boot.loader import (
     BOOT_GDT,
@@ -45,8 +46,6 @@ from pykvm.boot.loader import (
     PAGE_TABLES,
     LoadedImage,
     _copy,
-    _GDT,
-    _GDT_LIMIT,
     _memory_map,
     _read_image,
     _write_long_mode_tables,
@@ -121,12 +120,10 @@ def load_linux(vm: Vm, kernel: str | Path | bytes, *, initrd: str | Path | bytes
     ))
     memory.write(ZERO_PAGE, boot_params)
 
-    for selector, descriptor in _GDT.items():
-        memory.write_u64(BOOT_GDT + selector, descriptor)
-    memory.write_u64(BOOT_GDT, 0)
+    write_boot_gdt(memory, BOOT_GDT)
     _write_long_mode_tables(vm)
     vcpu = vm.vcpus[0]
-    vcpu.enter_long_mode(image.entry, cr3=PAGE_TABLES, gdt_base=BOOT_GDT, gdt_limit=_GDT_LIMIT)
+    enter_long_mode(vcpu, image.entry, cr3=PAGE_TABLES, gdt_base=BOOT_GDT)
     regs = vcpu.fd.get_regs()
     regs.rsi = ZERO_PAGE  # the 64-bit boot protocol: RSI points at boot_params
     vcpu.fd.set_regs(regs)

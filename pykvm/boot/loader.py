@@ -25,7 +25,8 @@ import numpy as np
 from pykvm.boot import formats as f
 from pykvm.errors import ConfigError
 from pykvm.memory import MMIO_HOLE_END, MMIO_HOLE_START, GuestMemoryError
-from pykvm.vcpu import BOOT_CS32, BOOT_CS64, BOOT_DS, Vcpu
+from pykvm.boot.cpu_mode import enter_long_mode, enter_protected_mode, enter_real_mode, write_boot_gdt
+from pykvm.vcpu import Vcpu
 from pykvm.vm import Vm
 
 BOOT_GDT = 0x0500
@@ -38,14 +39,6 @@ PAGE_TABLES = 0x10000  # PML4, PDPT, then four page directories: 4 GiB in 2 MiB 
 BOOT_AREA_END = PAGE_TABLES + 6 * 0x1000
 LOW_MEMORY_END = 0x9FC00  # conventional memory ends where the EBDA would begin
 ONE_MIB = 0x10_0000
-
-# GDT descriptors: null, 64-bit code, 32-bit code, data (selectors in pykvm.vcpu).
-_GDT = {
-    BOOT_CS64: 0x00AF_9B00_0000_FFFF,
-    BOOT_CS32: 0x00CF_9B00_0000_FFFF,
-    BOOT_DS: 0x00CF_9300_0000_FFFF,
-}
-_GDT_LIMIT = 4 * 8 - 1
 
 LOADER_NAME = b"pykvm\0"
 
@@ -71,8 +64,8 @@ def load_image(vm: Vm, image: str | Path | bytes, *, cmdline: str = "", load_add
         image = _load_elf(vm, data, bits=64)
         _write_boot_data(vm, cmdline)
         _write_long_mode_tables(vm)
-        vm.vcpus[0].enter_long_mode(image.entry, cr3=PAGE_TABLES, gdt_base=BOOT_GDT, gdt_limit=_GDT_LIMIT,
-                                    rax=f.MULTIBOOT_BOOTLOADER_MAGIC, rbx=MULTIBOOT_INFO)
+        enter_long_mode(vm.vcpus[0], image.entry, cr3=PAGE_TABLES, gdt_base=BOOT_GDT,
+                        rax=f.MULTIBOOT_BOOTLOADER_MAGIC, rbx=MULTIBOOT_INFO)
         return image
     if multiboot is not None:
         image = _load_multiboot(vm, data, *multiboot, elf=header is not None)
@@ -216,8 +209,7 @@ def _load_multiboot(vm: Vm, data: bytes, offset: int, header: construct.Containe
 
 def _enter_protected(vcpu: Vcpu, vm: Vm, cmdline: str, entry: int) -> None:
     _write_boot_data(vm, cmdline)
-    vcpu.enter_protected_mode(entry, gdt_base=BOOT_GDT, gdt_limit=_GDT_LIMIT,
-                              rax=f.MULTIBOOT_BOOTLOADER_MAGIC, rbx=MULTIBOOT_INFO)
+    enter_protected_mode(vcpu, entry, gdt_base=BOOT_GDT, rax=f.MULTIBOOT_BOOTLOADER_MAGIC, rbx=MULTIBOOT_INFO)
 
 
 def _write_boot_data(vm: Vm, cmdline: str) -> None:
@@ -226,9 +218,7 @@ def _write_boot_data(vm: Vm, cmdline: str) -> None:
     encoded = cmdline.encode() + b"\0"
     if len(encoded) > CMDLINE_MAX:
         raise ConfigError(f"command line is {len(encoded) - 1} bytes; at most {CMDLINE_MAX - 1} fit")
-    for selector, descriptor in _GDT.items():
-        memory.write_u64(BOOT_GDT + selector, descriptor)
-    memory.write_u64(BOOT_GDT, 0)
+    write_boot_gdt(memory, BOOT_GDT)
     memory.write(CMDLINE, encoded)
     memory.write(BOOT_LOADER_NAME, LOADER_NAME)
     regions = _memory_map(memory.size)
@@ -280,7 +270,7 @@ def _load_flat(vm: Vm, data: bytes, load_addr: int, cmdline: str) -> LoadedImage
         if load_addr + len(data) > LOW_MEMORY_END:
             raise ConfigError(f"flat binary of {len(data)} bytes at {load_addr:#x} runs past conventional memory")
         _copy(vm, load_addr, data, boot_data=False)
-        vm.vcpus[0].enter_real_mode(load_addr >> 4, 0)
+        enter_real_mode(vm.vcpus[0], load_addr >> 4, 0)
     else:
         _copy(vm, load_addr, data)
         _enter_protected(vm.vcpus[0], vm, cmdline, load_addr)

@@ -27,6 +27,7 @@ import numpy as np
 from pykvm.errors import ConfigError
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, dirty_pages, populated_pages
+from pykvm.run_control import RunState, StopKind
 from pykvm.state import StateError, decode, encode
 from pykvm.transfer import wire
 from pykvm.transfer.snapshot import check_same_shape
@@ -78,10 +79,10 @@ def migrate_out(machine: Machine, uri: str, *, progress: Callable[[str], None] |
                     if ack.kind != wire.Kind.ACK:
                         raise MigrationError(f"the target answered {ack.kind.name} instead of ACK")
                     downtime = time.perf_counter() - downtime_start
-                    vm.stop(0, f"migrated to {uri}")
+                    vm.stop(0, f"migrated to {uri}", kind=StopKind.MIGRATED)
                     machine.detach_networks()  # the target is waiting to take the NICs' backends
             finally:
-                if vm.state.value != "stopped":
+                if vm.state is not RunState.STOPPED:
                     vm.set_dirty_logging(False)
     except (OSError, wire.ProtocolError) as error:
         raise MigrationError(f"migration to {uri} failed, the guest keeps running here: {error}") from None

@@ -1,0 +1,132 @@
+"""Pause, resume and stop: the rendezvous of the controller and the vCPU threads.
+
+A paused or stopped VM is signalled by setting kvm_run.immediate_exit and sending KICK_SIGNAL to
+each vCPU thread, so KVM_RUN itself returns EINTR; only then does a vCPU consult RunControl. The
+run loop's fast path therefore pays nothing for being pausable.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pykvm.vcpu import Vcpu
+
+# Sent to a vCPU thread to knock it out of KVM_RUN. Its handler does nothing: the point is EINTR.
+KICK_SIGNAL = signal.SIGUSR1
+
+
+class RunState(enum.Enum):
+    """The VM's life-cycle state; the value is what the control socket reports."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+class StopKind(enum.Enum):
+    """What kind of end a StopReason is, for code that acts on it (the text is for people)."""
+
+    ENDED = "ended"  # the guest or the host ended the run: power off, reset, debug exit, quit
+    FAILED = "failed"  # the guest faulted or the VMM failed; the report says where
+    MIGRATED = "migrated"  # the guest goes on running on a migration target
+
+
+@dataclass(frozen=True)
+class StopReason:
+    """Why the VM stopped: the VMM's exit status, a one-line reason, and an optional report."""
+
+    status: int
+    reason: str
+    report: str = ""
+    kind: StopKind = StopKind.ENDED
+
+
+class RunControl:
+    """The rendezvous of the controller and the vCPU threads: pause, resume, stop.
+
+    pause() returns only when every vCPU thread is parked outside KVM_RUN with no I/O half done:
+    a vCPU parks only after a KVM_RUN returned EINTR, and KVM completes a pending IN/MMIO read
+    before honouring immediate_exit, so the registers are final when the controller looks.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._vcpus: list[Vcpu] = []
+        self._alive = 0  # vCPU threads still in their run loop
+        self._parked = 0  # of those, parked for the current pause
+        self._pausing = False
+        self._epoch = 0  # bumped by resume(); parked threads wait for it to change
+        self.stop_reason: StopReason | None = None
+
+    @property
+    def state(self) -> RunState:
+        if self.stop_reason is not None:
+            return RunState.STOPPED
+        return RunState.PAUSED if self._pausing else RunState.RUNNING
+
+    def attach(self, vcpu: Vcpu) -> None:
+        with self._cond:
+            self._vcpus.append(vcpu)
+
+    def entered(self) -> None:
+        """A vCPU thread is about to start; counted before it runs so pause() cannot miss it."""
+        with self._cond:
+            self._alive += 1
+
+    def pause(self) -> None:
+        if any(v.thread is threading.current_thread() for v in self._vcpus):
+            raise RuntimeError("a vCPU thread cannot pause the VM it is running")
+        with self._cond:
+            if self._pausing or self.stop_reason is not None:
+                return
+            self._pausing = True
+            for vcpu in self._vcpus:
+                vcpu.kick()
+            self._cond.wait_for(lambda: self._parked >= self._alive)
+
+    def resume(self) -> None:
+        with self._cond:
+            if not self._pausing or self.stop_reason is not None:
+                return
+            self._pausing = False
+            for vcpu in self._vcpus:
+                vcpu.clear_kick()
+            self._parked = 0
+            self._epoch += 1
+            self._cond.notify_all()
+
+    def stop(self, reason: StopReason) -> None:
+        """Ask every vCPU to leave its run loop. The first reason given is the one kept."""
+        with self._cond:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+            for vcpu in self._vcpus:
+                vcpu.kick()
+            self._cond.notify_all()
+
+    def wait_stopped(self, timeout: float | None = None) -> StopReason | None:
+        with self._cond:
+            done = self._cond.wait_for(lambda: self.stop_reason is not None and self._alive == 0, timeout)
+            return self.stop_reason if done else None
+
+    # -- called from vCPU threads ------------------------------------------------------------
+
+    def interrupted(self) -> bool:
+        """A vCPU's KVM_RUN returned EINTR. Park while paused; True means leave the run loop."""
+        with self._cond:
+            if self._pausing and self.stop_reason is None:
+                self._parked += 1
+                self._cond.notify_all()
+                epoch = self._epoch
+                self._cond.wait_for(lambda: self._epoch != epoch or self.stop_reason is not None)
+            return self.stop_reason is not None
+
+    def left(self) -> None:
+        with self._cond:
+            self._alive -= 1
+            self._cond.notify_all()
