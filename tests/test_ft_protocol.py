@@ -4,6 +4,7 @@ event; a standby fed such a stream keeps its last committed sync, RAM and disk u
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 
@@ -118,6 +119,63 @@ def test_reordered_duplicated_or_missing_frames_are_rejected(order):
     events, error = _feed(b"".join(FRAMES[i] for i in order))
     assert error is not None
     assert events == EVENTS[: len(events)]
+
+
+@pytest.mark.nokvm
+def test_hello_carries_the_witness_epoch_and_mode():
+    hello = p.Hello(b"config", "file:/tmp/w", 7, "pipelined", 25.0)
+    data = b"".join(bytes(b) for b in p.FtConnection(p.Role.PRIMARY).send(hello))
+    events, error = _feed(data)
+    assert error is None and events == [hello]
+    for bad in ({"epoch": -1}, {"mode": "turbo"}, {"interval_ms": -5}, {"witness": 3}, {"epoch": "7"}):
+        fields = {"protocol": p.PROTOCOL, "witness": "", "epoch": 0, "mode": "sync", "interval_ms": 0, **bad}
+        with pytest.raises(ValueError):
+            p.Hello.parse(json.dumps(fields).encode() + b"\nconfig")
+
+
+@pytest.mark.nokvm
+@pytest.mark.parametrize("frames_before", [1, 2, 3, 4, 5])
+def test_a_standby_fault_ends_the_conversation_from_any_phase_of_a_sync(frames_before):
+    """The standby may refuse a sync wherever in it the fault shows (a damaged frame, a failed
+    write), and nothing may follow its StandbyFault."""
+    standby = p.FtConnection(p.Role.STANDBY, page_sink=lambda slot, pages: [memoryview(bytearray(PAGE_SIZE * len(pages)))])
+    data = b"".join(FRAMES[:frames_before])
+    view, events = memoryview(data), []
+    while view:
+        targets = standby.want()
+        n = 0
+        for target in targets:
+            take = min(len(target), len(view) - n)
+            target[:take] = view[n : n + take]
+            n += take
+        view = view[n:]
+        event = standby.filled(n)
+        if isinstance(event, p.Hello):
+            ready = b"".join(bytes(b) for b in standby.send(p.Ready()))
+    fault = b"".join(bytes(b) for b in standby.send(p.StandbyFault("disk full applying sync 1")))
+    assert standby.phase is p.Phase.CLOSED
+    with pytest.raises(wire.ProtocolError, match="after the connection ended"):
+        standby.send(p.Ack(1))
+    decoder, view, frame = wire.Decoder(lambda slot, pages: []), memoryview(ready + fault), None
+    while frame is None or frame.kind is wire.Kind.READY:
+        target = decoder.want()[0]
+        target[:] = view[: len(target)]
+        view = view[len(target):]
+        frame = decoder.filled(len(target))
+    assert frame.kind is wire.Kind.STANDBY_FAULT
+    assert p.StandbyFault.parse(frame.payload).reason == "disk full applying sync 1"
+
+
+@pytest.mark.nokvm
+def test_heartbeats_are_answered_between_syncs_only():
+    primary = p.FtConnection(p.Role.PRIMARY)
+    primary.send(p.Hello(b"c"))
+    primary._advance(p.Ready(), outgoing=False)
+    primary.send(p.Heartbeat())
+    primary._advance(p.Heartbeat(), outgoing=False)  # the standby's answer
+    primary.send(p.MachineStateBlob(b"x"))
+    with pytest.raises(wire.ProtocolError, match="Heartbeat not allowed in phase state-sent"):
+        primary._advance(p.Heartbeat(), outgoing=False)
 
 
 @pytest.mark.nokvm

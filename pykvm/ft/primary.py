@@ -197,12 +197,18 @@ class Primary:
                     continue
                 try:
                     if trigger is None:
-                        wire.send_buffers(self._sock, self._protocol.send(p.Heartbeat()))
-                        self.stats.heartbeats += 1
+                        self._heartbeat()
                     else:
                         self._sync(trigger)
                 except (OSError, wire.ProtocolError) as error:
                     self._lose_standby(str(error))
+
+    def _heartbeat(self) -> None:
+        """A round trip: the standby hears that we live, and we hear that it does (a silent
+        standby is lost like a failed sync, so a primary with no outputs notices a cut link)."""
+        wire.send_buffers(self._sock, self._protocol.send(p.Heartbeat()))
+        _expect(p.Heartbeat, p.receive_event(self._sock, self._protocol), "a heartbeat")
+        self.stats.heartbeats += 1
 
     def _sync(self, trigger: str, *, full: bool = False) -> None:
         """One sync. Synchronous (Kemari): the guest stays paused until the standby's Ack.
@@ -221,9 +227,7 @@ class Primary:
                 resumed = time.perf_counter()
                 sent_bytes = wire.send_buffers(self._sock, buffers)
                 sent = time.perf_counter()
-                ack = p.receive_event(self._sock, self._protocol)
-                if not isinstance(ack, p.Ack):
-                    raise wire.ProtocolError(f"the standby answered {type(ack).__name__} to sync {sync}")
+                _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {sync}")
             except BaseException:
                 with self._cond:  # not acknowledged: they wait again (for whoever deals with the loss)
                     self._held[:0] = covered
@@ -314,6 +318,14 @@ class Primary:
                 "pause_ms": _rounded(summary(stats.pause_ms)),
                 "output_delay_ms": _rounded(summary(stats.output_delay_ms)),
                 "pages_per_sync": _rounded(summary([float(n) for n in stats.pages_per_sync]))}
+
+
+def _expect(event_type: type, event: p.Event, what: str) -> None:
+    """The standby's answer must be `event_type`; a StandbyFault says why it gave up."""
+    if isinstance(event, p.StandbyFault):
+        raise wire.ProtocolError(f"the standby gave up at {what}: {event.reason}")
+    if not isinstance(event, event_type):
+        raise wire.ProtocolError(f"the standby answered {type(event).__name__} to {what}")
 
 
 def _trigger(function: GatedFunction) -> str:

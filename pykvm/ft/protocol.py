@@ -6,7 +6,8 @@ A primary and a standby speak it over one stream of pykvm.transfer.wire frames (
 sequenced, length-prefixed, hashed); each event travels as the frame kind of the same name:
 
     primary                               standby
-    Hello(config)                 ->
+    Hello(config, witness, epoch, mode, interval)
+                                  ->
                                   <-      Ready  | Refused(reason)
     -- a sync, repeated; the first carries every populated page and the whole disk --
     Pages(slot, pages)*           ->      (page data lands in the standby's staging buffers)
@@ -15,6 +16,9 @@ sequenced, length-prefixed, hashed); each event travels as the frame kind of the
     SyncEnd(sync, trigger, hashes)->      commit everything of the sync atomically, then
                                   <-      Ack(sync)
     Heartbeat                     ->      (between syncs, when there is no output)
+                                  <-      Heartbeat (the answer: the primary hears its standby too)
+                                  <-      StandbyFault(reason): the standby cannot follow (a damaged
+                                          sync, an I/O error, a verify mismatch); it will not take over
     Goodbye(reason)               <->     orderly end
 
 TRANSITIONS says which side may send which event in which phase; any other move is a
@@ -38,7 +42,8 @@ from pykvm.transfer import wire
 from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.wire import Kind, ProtocolError
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: Hello carries the witness, epoch and sync mode; StandbyFault; heartbeats answered
+SYNC_MODES = ("sync", "pipelined")
 _DISK_HEAD = struct.Struct("<II")  # disk index, count
 _CHANGE = struct.Struct("<QQB")  # offset, length, zeroed?
 
@@ -48,17 +53,34 @@ _CHANGE = struct.Struct("<QQB")  # offset, length, zeroed?
 
 @dataclass(frozen=True)
 class Hello:
+    """The primary introduces itself: its machine (the standby must build the same), the witness
+    both must name and the epoch the primary holds there (see ft.witness), and how it syncs (the
+    standby follows the primary's mode and interval, it has no say in them)."""
+
     kind: ClassVar[Kind] = Kind.HELLO
     config: bytes  # the primary's MachineConfig, encoded
+    witness: str = ""  # the witness URI; "" when the pair runs without one
+    epoch: int = 0  # the epoch the primary won at the witness
+    mode: str = "sync"  # sync | pipelined
+    interval_ms: float = 0.0  # periodic syncs on top of the output-driven ones (0: none)
     protocol: int = PROTOCOL
 
     def payload(self) -> bytes:
-        return json.dumps({"protocol": self.protocol}).encode() + b"\n" + self.config
+        head = {"protocol": self.protocol, "witness": self.witness, "epoch": self.epoch, "mode": self.mode,
+                "interval_ms": self.interval_ms}
+        return json.dumps(head).encode() + b"\n" + self.config
 
     @classmethod
     def parse(cls, payload: bytes) -> Hello:
         head, _, config = payload.partition(b"\n")
-        return cls(config, json.loads(head)["protocol"])
+        fields = json.loads(head)
+        hello = cls(config, fields.get("witness", ""), fields.get("epoch", 0), fields.get("mode", "sync"),
+                    fields.get("interval_ms", 0.0), fields["protocol"])
+        if not (isinstance(hello.witness, str) and type(hello.epoch) is int and hello.epoch >= 0
+                and hello.mode in SYNC_MODES and isinstance(hello.interval_ms, (int, float))
+                and 0 <= hello.interval_ms < 3_600_000 and type(hello.protocol) is int):
+            raise ValueError("Hello fields out of range")
+        return hello
 
 
 @dataclass(frozen=True)
@@ -200,7 +222,25 @@ class Goodbye:
         return cls(payload.decode(errors="replace"))
 
 
-Event = Hello | Ready | Refused | Pages | DiskChanges | MachineStateBlob | SyncEnd | Ack | Heartbeat | Goodbye
+@dataclass(frozen=True)
+class StandbyFault:
+    """The standby cannot follow this primary (a sync that does not check out, an I/O error
+    applying one, a RAM mismatch under --ft-verify). It names why, closes the connection and
+    does not take over: a fault of the standby's is not a loss of the primary."""
+
+    kind: ClassVar[Kind] = Kind.STANDBY_FAULT
+    reason: str
+
+    def payload(self) -> bytes:
+        return self.reason.encode()
+
+    @classmethod
+    def parse(cls, payload: bytes) -> StandbyFault:
+        return cls(payload.decode(errors="replace"))
+
+
+Event = (Hello | Ready | Refused | Pages | DiskChanges | MachineStateBlob | SyncEnd | Ack | Heartbeat | Goodbye
+         | StandbyFault)
 EVENT_OF_KIND: dict[Kind, type] = {event.kind: event for event in get_args(Event)}
 
 
@@ -245,7 +285,10 @@ TRANSITIONS: dict[Role, dict[Phase, dict[type, Phase]]] = {
     }),
     Role.STANDBY: _goodbye_anywhere({
         Phase.AWAIT_READY: {Ready: Phase.IDLE, Refused: Phase.CLOSED},
-        Phase.AWAIT_ACK: {Ack: Phase.IDLE},
+        Phase.IDLE: {Heartbeat: Phase.IDLE, StandbyFault: Phase.CLOSED},
+        Phase.IN_SYNC: {StandbyFault: Phase.CLOSED},
+        Phase.STATE_SENT: {StandbyFault: Phase.CLOSED},
+        Phase.AWAIT_ACK: {Ack: Phase.IDLE, StandbyFault: Phase.CLOSED},
     }),
 }
 SENDS = {role: {event for moves in phases.values() for event in moves} for role, phases in TRANSITIONS.items()}

@@ -145,6 +145,8 @@ class Standby:
         elif isinstance(event, p.SyncEnd):
             self._commit(event)
             return protocol.send(p.Ack(event.sync))
+        elif isinstance(event, p.Heartbeat) and protocol.phase is p.Phase.IDLE:
+            return protocol.send(p.Heartbeat())  # the primary hears that we live
         return None
 
     def _commit(self, end: p.SyncEnd) -> None:

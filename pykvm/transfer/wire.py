@@ -55,6 +55,7 @@ class Kind(enum.IntEnum):
     HEARTBEAT = 8  # FT primary -> standby: still alive
     GOODBYE = 9  # orderly end of an FT pair
     DISK_CHANGES = 10  # FT: disk writes completed since the last sync (see ft.protocol)
+    STANDBY_FAULT = 11  # FT standby -> primary: it cannot follow (why, UTF-8); the connection closes
 
 
 class ProtocolError(Exception):
