@@ -84,12 +84,15 @@ def _free_port() -> int:
 
 
 def _request(peer: Peer, text: str, deadline: float) -> bytes:
-    """Send a kv request until a reply comes (retries, as any UDP client must)."""
+    """Send a kv request until its reply comes (retries, as any UDP client must)."""
+    seq = text.split()[1].encode()
     while time.monotonic() < deadline:
         try:
             if peer.guest_mac is None:
                 peer.resolve()
-            return peer.udp(9000, text.encode(), timeout=REQUEST_TIMEOUT)
+            reply = peer.udp(9000, text.encode(), timeout=REQUEST_TIMEOUT)
+            if reply.split(b" ")[1:2] == [seq]:  # not the late answer to a request sent again
+                return reply
         except TimeoutError:
             peer.guest_mac = None  # after a takeover, resolve again
         except (ConnectionRefusedError, FileNotFoundError):
