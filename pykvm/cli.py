@@ -3,13 +3,15 @@
     pykvm run [GUEST|PATH] [--kernel bzImage|vmlinux [--initrd FILE]] [--mem 64M] [--cpus N] [--append ARGS]
               [--serial stdio|file:PATH|none]
               [--load-addr ADDR] [--disk PATH[,readonly]]... [--net SPEC]... [--control PATH]
-              [--incoming tcp:HOST:PORT] [--trace]
+              [--incoming tcp:HOST:PORT] [--trace] [--ft tcp:HOST:PORT [--ft-witness URI] [--ft-...]]
+    pykvm ft standby --listen tcp:HOST:PORT [--ft-witness URI] [--ft-timeout MS] [--disk ...] [--net ...]
     pykvm restore FILE [--disk ...] [--net ...] [--serial ...] [--control PATH] [--verify] [--trace]
     pykvm ctl SOCKET COMMAND [ARG]
     pykvm guests list | build [NAME...] | path NAME
 
 Exit status: the guest's (its debug-exit value, 0 for a reset or power-off), 1 when the guest
-crashed or the VMM failed, 2 for bad input (one line on stderr, no traceback).
+crashed or the VMM failed, 2 for bad input (one line on stderr, no traceback), 75 when an FT
+primary or standby fenced itself (the other side won the witness's epoch; see ft/fencing.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from pykvm import control, guestbuild
 from pykvm.transfer import migration, snapshot, tcp
 from pykvm.ft import FtError, Primary, Standby, demo
+from pykvm.ft.fencing import EXIT_FENCED, NO_WITNESS_WARNING, Fenced, Fencing
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
 from pykvm.devices.net_backends import NetSpec
@@ -71,18 +74,26 @@ def _add_machine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", action="store_true", help="print every VM exit to stderr")
 
 
-def _add_ft_options(parser: argparse.ArgumentParser) -> None:
+PRIMARY_ONLY_FT_OPTIONS = ("--ft-mode", "--ft-interval", "--metrics")  # the standby follows the Hello
+
+
+def _add_ft_options(parser: argparse.ArgumentParser, *, primary: bool) -> None:
+    """The FT options; the standby parses the primary's too (hidden), to refuse them in one line."""
     parser.add_argument("--ft-timeout", type=float, default=200, metavar="MS",
                         help="the standby takes over after this long without a word from the primary (default 200)")
     parser.add_argument("--ft-verify", action="store_true",
                         help="check at every sync that the standby's RAM equals the primary's (slow; for tests)")
-    parser.add_argument("--metrics", metavar="FILE", help="the primary writes one JSON line per sync here")
-    parser.add_argument("--ft-mode", choices=("sync", "pipelined"), default="sync",
-                        help="sync: the guest waits for the standby's ack (Kemari); pipelined: it runs on once "
-                             "the sync is captured and only the outputs wait (default sync)")
-    parser.add_argument("--ft-interval", type=float, default=0, metavar="MS",
-                        help="also sync every MS milliseconds, output or not (periodic, Remus-style; default: "
-                             "only at outputs)")
+    parser.add_argument("--ft-witness", metavar="URI",
+                        help="file:PATH or etcd:HOST:PORT[/PREFIX], the same for primary and standby: when they "
+                             "lose each other, only the side that wins the next epoch there runs the guest")
+    shown = (lambda text: text) if primary else (lambda text: argparse.SUPPRESS)
+    parser.add_argument("--metrics", metavar="FILE", help=shown("the primary writes one JSON line per sync here"))
+    parser.add_argument("--ft-mode", choices=("sync", "pipelined"), default="sync" if primary else None,
+                        help=shown("sync: the guest waits for the standby's ack (Kemari); pipelined: it runs on "
+                                   "once the sync is captured and only the outputs wait (default sync)"))
+    parser.add_argument("--ft-interval", type=float, default=0 if primary else None, metavar="MS",
+                        help=shown("also sync every MS milliseconds, output or not (periodic, Remus-style; "
+                                   "default: only at outputs)"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="wait for a live migration instead of booting (same options as the source)")
     run.add_argument("--ft", metavar="tcp:HOST:PORT", help="run fault-tolerant, protected by the standby there")
     _add_machine_options(run)
-    _add_ft_options(run)
+    _add_ft_options(run, primary=True)
 
     ft = commands.add_parser("ft", help="fault tolerance: run a standby (or a primary)")
     roles = ft.add_subparsers(dest="role", required=True, metavar="ROLE")
@@ -112,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     standby.add_argument("--mem", default=str(DEFAULT_MEMORY >> 20) + "M", help="guest RAM (must match the primary)")
     standby.add_argument("--cpus", type=int, default=1, help="vCPUs (must match the primary)")
     _add_machine_options(standby)
-    _add_ft_options(standby)
+    _add_ft_options(standby, primary=False)
 
     restore = commands.add_parser("restore", help="resume a snapshot",
                                   description="Resume a snapshot; --disk/--net replace its backends.")
@@ -177,6 +188,9 @@ def _linux_options(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _linux_options(args)
+    if args.ft_witness and not args.ft:
+        raise ConfigError("--ft-witness needs --ft")
+    fencing = Fencing.open(args.ft_witness, "primary", _log) if args.ft_witness else None  # before building
     disks, nets = _backends(args)
     config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
     load_addr = parse_address(args.load_addr) if args.load_addr is not None else None
@@ -198,16 +212,23 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if args.trace:
                     print(f"pykvm: loaded {loaded.format} image [{loaded.start:#x}, {loaded.end:#x}), "
                           f"entry {loaded.entry:#x}", file=sys.stderr)
-            primary = _protect(machine, args) if args.ft else None
+            primary = _protect(machine, args, fencing) if args.ft else None
             return _run(machine, args, console, primary=primary)
     finally:
         console.close()
 
 
-def _protect(machine: Machine, args: argparse.Namespace) -> Primary:
+def _protect(machine: Machine, args: argparse.Namespace, fencing: Fencing | None) -> Primary:
+    """Before the guest runs: win the next epoch at the witness (or warn there is none), then
+    connect to the standby and give it everything."""
+    if fencing is not None:
+        fencing.claim_start()
+    else:
+        _log(NO_WITNESS_WARNING)
     metrics = open(args.metrics, "a", buffering=1) if args.metrics else None
     primary = Primary(machine, timeout=args.ft_timeout / 1000, metrics=metrics, verify=args.ft_verify,
-                      interval=args.ft_interval / 1000, pipelined=args.ft_mode == "pipelined", log=_log)
+                      interval=args.ft_interval / 1000, pipelined=args.ft_mode == "pipelined", fencing=fencing,
+                      log=_log)
     primary.protect(args.ft)
     return primary
 
@@ -217,7 +238,12 @@ def _log(line: str) -> None:
 
 
 def cmd_ft(args: argparse.Namespace) -> int:
-    """`pykvm ft standby`: follow a primary; on its loss, take over and run the guest here."""
+    """`pykvm ft standby`: follow a primary; on its loss, win the witness's next epoch (if it
+    has one), then take over and run the guest here."""
+    for option in PRIMARY_ONLY_FT_OPTIONS:
+        if getattr(args, option[2:].replace("-", "_")) is not None:
+            raise ConfigError(f"{option} is for `pykvm run --ft`: the standby follows the primary's choice")
+    fencing = Fencing.open(args.ft_witness, "standby", _log) if args.ft_witness else None
     disks, nets = _backends(args)
     config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
     server = tcp.listen(args.listen, "--listen")
@@ -225,10 +251,13 @@ def cmd_ft(args: argparse.Namespace) -> int:
     try:
         memory = GuestMemory(config.memory, populate=True)  # hot: commits never wait for page faults
         with Machine(config, serial_output=console.output, attach_networks=False, memory=memory) as machine:
-            standby = Standby(machine, timeout=args.ft_timeout / 1000, verify=args.ft_verify, log=_log)
+            standby = Standby(machine, timeout=args.ft_timeout / 1000, verify=args.ft_verify, fencing=fencing,
+                              log=_log)
             control_server = control.ControlServer(args.control, machine) if args.control else None
             if control_server is not None:
-                control_server.register("ft-stats", lambda request: {"role": "standby", **standby.stats.__dict__})
+                control_server.register("ft-stats", lambda request: {
+                    "role": "standby", "mode": standby.mode, "interval_ms": standby.interval_ms,
+                    **standby.stats.__dict__})
             _log(f"ft standby: waiting for a primary on {args.listen}")
             try:
                 outcome = standby.serve(server)
@@ -243,6 +272,13 @@ def cmd_ft(args: argparse.Namespace) -> int:
             if standby.committed is None:
                 _log("ft standby: the primary is gone before a first complete sync; nothing to take over")
                 return EXIT_FAILURE
+            if fencing is not None:
+                try:
+                    won = fencing.settle("the primary went silent or closed the connection")
+                except Fenced as error:
+                    _log(f"fenced: {error}")
+                    return EXIT_FENCED
+                _log(f"ft standby: won epoch {won.number} at {fencing.uri}")
             standby.take_over()
             return _run(machine, args, console, started=True)
     finally:
@@ -301,7 +337,7 @@ def _ft_protect(machine: Machine, args: argparse.Namespace, primary: Primary | N
         raise control.CommandError("this VMM was not started with --ft")
     try:
         primary.protect(uri)
-    except FtError as error:
+    except (FtError, Fenced) as error:
         raise control.CommandError(str(error)) from None
     return primary.summary()
 
@@ -368,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     except (KvmError, guestbuild.BuildError, migration.MigrationError, FtError) as error:
         _print_error(error)
         return EXIT_FAILURE
+    except Fenced:
+        return EXIT_FENCED  # its `fenced: ` line is out already
     except KeyboardInterrupt:
         return 130
 

@@ -19,14 +19,21 @@ def _free_port() -> int:
 
 
 class EtcdServer:
+    """`stop()` then `start()` brings the same server back (same ports, same data): a witness
+    that was unreachable for a while."""
+
     def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port, self.peer_port = _free_port(), _free_port()
+        self.start()
+
+    def start(self) -> None:
         etcd = shutil.which("etcd")
         if etcd is None:
             raise RuntimeError("etcd is not installed (apt-get install etcd-server; scripts/setup.sh test does)")
-        self.port, peer = _free_port(), _free_port()
-        client_url, peer_url = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{peer}"
+        client_url, peer_url = f"http://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.peer_port}"
         self.proc = subprocess.Popen(
-            [etcd, "--name", "pykvm-test", "--data-dir", str(directory / "etcd"),
+            [etcd, "--name", "pykvm-test", "--data-dir", str(self.directory / "etcd"),
              "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
              "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
              "--initial-cluster", f"pykvm-test={peer_url}"],

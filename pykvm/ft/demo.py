@@ -117,7 +117,8 @@ def run_demo(records: int = 200, seed: int | None = None, workdir: Path | None =
                 disk.truncate(DISK_SIZE)
         link = root / "link.sock"
         uri = f"tcp:127.0.0.1:{_free_port()}"
-        common = ["--mem", "64M", "--net", f"socket:{link}"]
+        # A file witness here: a cut link would leave one copy of the guest running, not two
+        common = ["--mem", "64M", "--net", f"socket:{link}", "--ft-witness", f"file:{root / 'witness'}"]
         standby = _Vmm(["ft", "standby", "--listen", uri, "--disk", str(root / "standby.img"), *common,
                         "--serial", f"file:{root / 'standby-serial.log'}"], root / "standby.out")
         primary = None

@@ -14,17 +14,24 @@ not yet served) and tells the gate. The FT thread then syncs:
     release the held outputs: the write reaches the disk, the frame the wire
     resume the vCPUs
 
-Between outputs, the FT thread sends heartbeats. If the standby is lost, the primary releases
-what it holds and goes on unprotected; `ft-protect` attaches a new standby with a full sync.
+Between outputs, the FT thread sends heartbeats. If the standby is lost, the primary claims the
+next epoch at the witness (ft.fencing): won, it releases what it holds and goes on unprotected
+(`ft-protect` attaches a new standby with a full sync); lost, it fences itself. So does an FT
+thread that fails: outputs it holds must never be released by accident, nor held forever silently.
+
+Fault injection for the tests, read once (INJECTED_FAULT): PYKVM_FT_FAULT=primary-thread-crash
+makes the FT thread raise at its first sync for an output.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, TextIO
 
@@ -35,14 +42,17 @@ from pykvm.devices.virtio.blk import Blk
 from pykvm.devices.virtio.gate import DiskChange, GatedFunction
 from pykvm.devices.virtio.net import Net
 from pykvm.ft import protocol as p
+from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
 from pykvm.machine import Machine
 from pykvm.memory import dirty_pages, populated_pages, ram_hash
+from pykvm.run_control import StopKind
 from pykvm.transfer.tcp import parse_tcp_uri
 from pykvm.state import encode
 from pykvm.stats import summary
 
 DISK_CHUNK = 1 << 20  # the full sync sends the disk in pieces of this size
 CONNECT_TIMEOUT = 5.0
+INJECTED_FAULT = os.environ.get("PYKVM_FT_FAULT", "")  # tests only: see the module docstring
 
 
 class FtError(Exception):
@@ -83,11 +93,14 @@ class Primary:
 
     def __init__(self, machine: Machine, *, timeout: float = 0.2, metrics: TextIO | None = None,
                  verify: bool = False, interval: float = 0.0, pipelined: bool = False,
-                 log: Callable[[str], None] = print) -> None:
+                 fencing: Fencing | None = None, log: Callable[[str], None] = print) -> None:
         """`timeout` is the standby's patience: heartbeats go four times as often. `verify` sends
         a hash of all RAM with each sync; `interval` > 0 adds periodic syncs (trigger "timer") to
-        the event-driven ones; `pipelined` resumes the guest before the sync is sent (see _sync)."""
+        the event-driven ones; `pipelined` resumes the guest before the sync is sent (see _sync).
+        `fencing`: the witness and the epoch this primary won (None: no witness)."""
         self.machine = machine
+        self.fencing = fencing
+        self.fenced = False
         self.interval = interval
         self.pipelined = pipelined
         self.timeout = timeout
@@ -110,7 +123,10 @@ class Primary:
 
     def protect(self, uri: str) -> None:
         """Connect to a standby, give it everything (full sync), and gate outputs from now on.
-        Callable before the guest starts or while it runs."""
+        Callable before the guest starts or while it runs, if not protected already."""
+        if self.fenced or self.stats.protected:
+            raise FtError("this primary has stood down (fenced)" if self.fenced else
+                          f"already protected by {self.stats.standby}")
         host, port = parse_tcp_uri(uri)
         try:
             sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
@@ -120,7 +136,7 @@ class Primary:
         sock.settimeout(max(self.timeout * 10, 2.0))
         protocol = p.FtConnection(p.Role.PRIMARY)
         try:
-            wire.send_buffers(sock, protocol.send(p.Hello(encode(self.machine.config))))
+            wire.send_buffers(sock, protocol.send(self._hello()))
             reply = p.receive_event(sock, protocol)
         except (OSError, wire.ProtocolError) as error:
             sock.close()
@@ -131,6 +147,13 @@ class Primary:
         with self._sync_lock:
             self._attach(uri, sock, protocol)
 
+    def _hello(self) -> p.Hello:
+        """What the standby must agree to: our machine, our witness and the epoch we hold there
+        (the one we won at start-up or on losing the last standby), how we sync."""
+        witness, epoch = (self.fencing.uri, self.fencing.epoch.number) if self.fencing else ("", 0)
+        return p.Hello(encode(self.machine.config), witness, epoch, "pipelined" if self.pipelined else "sync",
+                       self.interval * 1000)
+
     def _attach(self, uri: str, sock: socket.socket, protocol: p.FtConnection) -> None:
         self._sock, self._protocol = sock, protocol
         self.stats.standby = uri
@@ -138,25 +161,33 @@ class Primary:
         for disk_index, disk in enumerate(self.disks):
             self._disk_changes.append([])
             disk.write_observer = lambda change, i=disk_index: self._disk_changes[i].append(change)
+        # The gate goes in before the full sync quiesces the guest: an output from here on is
+        # held, the full sync's state precedes it and its Ack releases it. (Installed after the
+        # sync, an output could slip out between the guest's resumption and the gate.)
+        for function in self.machine.virtio:
+            function.set_output_gate(self)
+        self.stats.protected = True
         try:
             self._sync("full", full=True)
         except (OSError, wire.ProtocolError) as error:
             self._lose_standby(str(error))
+            if self.fenced:
+                raise Fenced(f"the full sync to {uri} failed ({error}) and the standby won") from None
             raise FtError(f"the full sync to {uri} failed: {error}") from None
-        for function in self.machine.virtio:
-            function.set_output_gate(self)
-        self.stats.protected = True
         self.log(f"ft primary: protected by {uri}")
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="ft-primary", daemon=True)
             self._thread.start()
 
     def close(self, reason: str = "the primary's guest stopped") -> None:
-        """An orderly end: the standby is told, and will not take over."""
+        """An orderly end: the standby is told, and will not take over (a fenced primary tells
+        it nothing: it has already lost)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._sock is not None and self._protocol is not None:
+        if self.fencing is not None:
+            self.fencing.give_up()
+        if self._sock is not None and self._protocol is not None and not self.fenced:
             try:
                 wire.send_buffers(self._sock, self._protocol.send(p.Goodbye(reason)))
             except (OSError, wire.ProtocolError):
@@ -176,6 +207,16 @@ class Primary:
     # -- the FT thread ----------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The FT thread. It must not die silently: the outputs it holds would wait forever, or
+        go out unsynced if anything else released them. On an unexpected error it fences."""
+        try:
+            self._serve_outputs()
+        except BaseException as error:
+            self.log(traceback.format_exc().rstrip())
+            self._fence(f"the primary's FT thread failed ({type(error).__name__}: {error}); "
+                        "the outputs it held die with it")
+
+    def _serve_outputs(self) -> None:
         heartbeat = self.timeout / 4
         wait = min(heartbeat, self.interval) if self.interval else heartbeat
         last_sync = time.monotonic()
@@ -189,11 +230,13 @@ class Primary:
                 trigger = "timer"
             if trigger is not None:
                 last_sync = time.monotonic()
-            if self._sock is None:
-                self._release_all()  # unprotected: outputs go at once
-                continue
-            with self._sync_lock:
+            if trigger in ("blk", "net") and INJECTED_FAULT == "primary-thread-crash":
+                raise RuntimeError("injected fault (PYKVM_FT_FAULT=primary-thread-crash)")
+            with self._sync_lock:  # _attach installs the gate under it: nothing slips out unsynced
+                if self.fenced:
+                    return
                 if self._sock is None:
+                    self._release_all()  # unprotected: outputs go at once
                     continue
                 try:
                     if trigger is None:
@@ -298,7 +341,21 @@ class Primary:
             self.metrics.flush()
 
     def _lose_standby(self, reason: str) -> None:
-        self.log(f"ft primary: standby lost ({reason}); continuing unprotected")
+        """Claim the next epoch with the socket still open (a standby that sees it close has
+        lost); won: go on unprotected, releasing what is held; lost: fence, releasing nothing."""
+        if self.fencing is not None:
+            self.log(f"ft primary: standby lost ({reason}); claiming epoch {self.fencing.epoch.number + 1} "
+                     f"at {self.fencing.uri}")
+            try:
+                won = self.fencing.settle(reason)
+            except Fenced as error:
+                self._fence(str(error))
+                return
+            except Undecided:
+                return  # the VMM is ending: nothing held goes out
+            self.log(f"ft primary: won epoch {won.number}; continuing unprotected")
+        else:
+            self.log(f"ft primary: standby lost ({reason}); continuing unprotected")
         self.stats.standby_losses += 1
         self.stats.protected = False
         for function in self.machine.virtio:
@@ -310,6 +367,16 @@ class Primary:
             self._sock.close()
         self._sock, self._protocol = None, None
         self._release_all()
+
+    def _fence(self, reason: str) -> None:
+        """Stand down: the vCPUs stop, the held outputs stay held (they die with this process),
+        and the VMM exits with EXIT_FENCED."""
+        with self._cond:
+            self.fenced = self._stopping = True
+            self._cond.notify_all()
+        self.stats.protected = False
+        self.log(f"fenced: {reason}")
+        self.machine.vm.stop(EXIT_FENCED, f"fenced: {reason}", kind=StopKind.FAILED)
 
     def summary(self) -> dict:
         stats = self.stats

@@ -23,6 +23,7 @@ import xxhash
 from pykvm.devices.virtio.blk import Blk
 from pykvm.errors import ConfigError
 from pykvm.ft import protocol as p
+from pykvm.ft.fencing import Fencing, admission
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, GuestMemory, MemorySlot, ram_hash
 from pykvm.state import StateError, decode
@@ -80,8 +81,11 @@ class Standby:
     guest from the last committed sync (`take_over`)."""
 
     def __init__(self, machine: Machine, *, timeout: float, verify: bool = False,
-                 log: Callable[[str], None] = print) -> None:
+                 fencing: Fencing | None = None, log: Callable[[str], None] = print) -> None:
+        """`fencing`: this standby's witness (None: none); a primary must name the same one."""
         self.machine = machine
+        self.fencing = fencing
+        self.mode, self.interval_ms = "", 0.0  # the primary's, from its Hello: for ft-stats only
         self.timeout = timeout
         self.verify = verify  # kept for the record: RAM is checked whenever the primary sends its hash
         self.log = log
@@ -132,9 +136,13 @@ class Standby:
         if isinstance(event, p.Hello):
             try:
                 check_same_shape(decode(MachineConfig, event.config), self.machine.config)
+                refusal = admission(self.fencing, event)
             except (ConfigError, StateError) as error:
-                self.log(f"ft standby: refusing the primary: {error}")
-                return protocol.send(p.Refused(str(error)))
+                refusal = str(error)
+            if refusal is not None:
+                self.log(f"ft standby: refusing the primary: {refusal}")
+                return protocol.send(p.Refused(refusal))
+            self.mode, self.interval_ms = event.mode, event.interval_ms
             return protocol.send(p.Ready())
         if isinstance(event, p.DiskChanges):
             if event.disk >= len(self.disks):

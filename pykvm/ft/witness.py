@@ -185,7 +185,8 @@ class EtcdWitness:
         try:
             yield
         except (requests.RequestException, exceptions.Etcd3Exception, OSError, ValueError) as error:
-            raise WitnessUnavailable(f"etcd at {self.uri} did not answer ({what}): {error}") from None
+            why = str(error) or type(error).__name__  # etcd3gw's errors often carry no message
+            raise WitnessUnavailable(f"etcd at {self.uri} did not answer ({what}): {why}") from None
 
     def read(self) -> Epoch:
         with self._asking("read"):
