@@ -49,6 +49,7 @@ def test_rollback_restores_data_and_holes(image):
     journal.clear()
     assert os.path.getsize(journal.path) == 0
     journal.close()
+    assert not os.path.exists(journal.path)  # an empty journal leaves nothing behind
 
 
 def test_a_damaged_journal_is_not_rolled_back_from(image):
@@ -63,3 +64,4 @@ def test_a_damaged_journal_is_not_rolled_back_from(image):
     with pytest.raises(JournalError, match="fails its checksum"):
         journal.rollback()
     journal.close()
+    assert os.path.getsize(journal.path) > 0  # kept: it still holds what could not be put back

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 import xxhash
 
 from pykvm.devices.virtio.blk import DiskImage
+from pykvm.errors import ConfigError
 from pykvm.hostfile import extents
 
 SUFFIX = ".ft-undo"
@@ -40,14 +41,22 @@ class JournalError(Exception):
 
 class UndoJournal:
     def __init__(self, image: DiskImage) -> None:
+        """Creates the journal file now: a directory where it cannot be is found before any
+        primary connects, and the first sync does not pay for making its name durable."""
         self.image = image
         self.path = image.spec.path + SUFFIX
-        self._fd: int | None = None  # opened by the first sync that changes the disk
+        try:
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            _fsync_directory(os.path.dirname(os.path.abspath(self.path)))
+        except OSError as error:
+            raise ConfigError(f"{self.path}: cannot create the FT undo journal: {error.strerror}") from None
 
     def save(self, sync: int, ranges: Iterable[tuple[int, int]]) -> None:
         """Record, durably, what the disk holds now in `ranges` ((offset, length) pairs, in any
         order, overlapping or not) before sync `sync` overwrites them."""
-        fd = self._open()
+        fd = self._fd
+        if fd is None:
+            raise OSError(errno.EBADF, f"{self.path}: the journal is closed")
         os.ftruncate(fd, 0)
         at = _pwrite_all(fd, _HEADER.pack(MAGIC, sync), 0)
         for offset, length in merge_ranges(ranges):
@@ -64,7 +73,7 @@ class UndoJournal:
         """Put back what `save` recorded and flush the disk. Holes first: punching them frees the
         space that writing the old data back may need on a full file system."""
         if self._fd is None:
-            raise JournalError(f"{self.path}: nothing was journaled")
+            raise JournalError(f"{self.path}: the journal is closed")
         header = os.pread(self._fd, _HEADER.size, 0)
         if len(header) != _HEADER.size or _HEADER.unpack(header)[0] != MAGIC:
             raise JournalError(f"{self.path}: no journal header")
@@ -84,19 +93,14 @@ class UndoJournal:
             os.ftruncate(self._fd, 0)
 
     def close(self) -> None:
+        """Close the journal; an empty one is removed (one that is not holds what a failed
+        rollback could not put back)."""
         if self._fd is not None:
+            if os.fstat(self._fd).st_size == 0:
+                os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
 
-    def _open(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(directory)  # the journal's name is as durable as its contents
-            finally:
-                os.close(directory)
-        return self._fd
 
     def _records(self) -> Iterator[tuple[int, int, int | None, int]]:
         """(offset, length, where its old data is or None for a hole, hash) of each record; a
@@ -143,6 +147,15 @@ def _record_hash(offset: int, length: int, data: bytes | None) -> int:
     if data is not None:
         digest.update(data)
     return digest.intdigest()
+
+
+def _fsync_directory(path: str) -> None:
+    """The journal's name must be as durable as its contents."""
+    directory = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _pread_all(fd: int, offset: int, length: int) -> bytes:

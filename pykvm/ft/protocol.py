@@ -38,6 +38,7 @@ from typing import ClassVar, Iterable, Iterator, get_args
 import numpy as np
 
 from pykvm.devices.virtio.gate import DiskChange
+from pykvm.memory import PAGE_SIZE
 from pykvm.transfer import wire
 from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.wire import Kind, ProtocolError
@@ -50,20 +51,11 @@ DISK_FRAME_BYTES = 4 << 20  # a DiskChanges frame's payload at most: a sender sp
 _MAX_CHANGE_DATA = DISK_FRAME_BYTES - _DISK_HEAD.size - _CHANGE.size  # the most one change can carry
 
 # What a frame of each kind may carry at most, checked on its header before anything is allocated
-# (a PAGES frame's length is checked against its page count instead, and its data goes to the
-# page sink's buffers).
-FRAME_LIMITS = {
-    Kind.HELLO: 1 << 20,
-    Kind.READY: 0,
-    Kind.REFUSED: 64 << 10,
-    Kind.DISK_CHANGES: DISK_FRAME_BYTES,
-    Kind.MACHINE_STATE: 64 << 20,
-    Kind.SYNC_END: 4 << 10,
-    Kind.ACK: 4 << 10,
-    Kind.HEARTBEAT: 0,
-    Kind.GOODBYE: 64 << 10,
-    Kind.STANDBY_FAULT: 64 << 10,
-}
+# (a PAGES frame's length must also match its page count, and its data goes to the page sink's buffers).
+FRAME_LIMITS = {Kind.HELLO: 1 << 20, Kind.READY: 0, Kind.REFUSED: 64 << 10, Kind.DISK_CHANGES: DISK_FRAME_BYTES,
+                Kind.MACHINE_STATE: 64 << 20, Kind.SYNC_END: 4 << 10, Kind.ACK: 4 << 10, Kind.HEARTBEAT: 0,
+                Kind.GOODBYE: 64 << 10, Kind.STANDBY_FAULT: 64 << 10,
+                Kind.PAGES: wire.PAGES_HEAD.size + wire.PAGES_PER_FRAME * (4 + PAGE_SIZE)}
 
 
 # -- events: each knows its frame kind and its payload ---------------------------------------------

@@ -46,6 +46,7 @@ from pykvm.transfer.snapshot import check_same_shape
 
 LINGER = 5.0  # seconds a faulting standby waits for the primary to read its StandbyFault and close
 FIRST_SYNC_FLUSH = 64 << 20  # the first sync's disk data is flushed every this many bytes
+MAX_REASON = 4000  # characters of a StandbyFault's reason (well inside its frame's cap)
 
 
 class SyncFault(Exception):
@@ -135,6 +136,13 @@ class Standby:
         another shape ("refused"), is lost ("lost": silent for `timeout`, or its connection closed
         or reset), or this standby cannot follow it ("fault": the primary is told why, and this
         standby must not take over)."""
+        try:
+            return self._follow(server)
+        finally:
+            for journal in self.journals:  # a standby follows one primary: they are not needed again
+                journal.close()
+
+    def _follow(self, server: socket.socket) -> str:
         conn, peer = server.accept()
         self.log(f"ft standby: primary {peer[0]} connected")
         protocol = p.FtConnection(p.Role.STANDBY, page_sink=self.staging.sink)
@@ -172,7 +180,7 @@ class Standby:
         self._discard_sync()
         self.log(f"ft standby: cannot follow the primary, will not take over: {reason}")
         try:
-            wire.send_buffers(conn, protocol.send(p.StandbyFault(reason)))
+            wire.send_buffers(conn, protocol.send(p.StandbyFault(reason[:MAX_REASON])))
             conn.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + LINGER
             while time.monotonic() < deadline and conn.recv_into(self._drain):
