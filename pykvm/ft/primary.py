@@ -263,6 +263,7 @@ class Primary:
         return batches, sum(len(numbers) for _, numbers in page_lists), sync
 
     def _frames(self, trigger: str, sync: int, page_lists: list, full: bool, copy: bool) -> Iterator[list]:
+        """`_capture`'s batches, each framed when it is asked for (after the one before was sent)."""
         protocol = self._protocol
         for slot, numbers in page_lists:
             for start in range(0, len(numbers), PAGES_PER_BATCH):
