@@ -229,7 +229,8 @@ def _round_trip(pc: FakePc, disk_path: str) -> str | None:
     except Exception:
         return f"saving the state raised:\n{traceback.format_exc()}"
     with FakePc(disk_path, memory_size=FUZZ_MEMORY) as fresh:
-        fresh.platform.memory.write(0, pc.platform.memory.read(0, pc.platform.memory.size))
+        for source, target in zip(pc.platform.memory.slots, fresh.platform.memory.slots):
+            target.view[:] = source.view  # RAM travels with the state, as in a snapshot
         try:
             fresh.restore_state(saved)
         except Exception:

@@ -111,8 +111,9 @@ class ModernRegisters:
         elif at == DRIVER_FEATURE_SELECT:
             function.driver_feature_select = value
         elif at == DRIVER_FEATURE:
-            # settled at FEATURES_OK (or, for a driver that skips it, DRIVER_OK)
-            if function.driver_feature_select < 2 and not function.status & (v.STATUS_FEATURES_OK | v.STATUS_DRIVER_OK):
+            # Settled at FEATURES_OK, or at DRIVER_OK for a driver that never sets FEATURES_OK.
+            settled = function.status & (v.STATUS_FEATURES_OK | v.STATUS_DRIVER_OK)
+            if function.driver_feature_select < 2 and not settled:
                 shift = 32 * function.driver_feature_select
                 function.driver_features = ((function.driver_features & ~(0xFFFF_FFFF << shift))
                                             | ((value & 0xFFFF_FFFF) << shift))
