@@ -12,35 +12,44 @@ from tests.conftest import requires_kvm
 pytestmark = requires_kvm
 
 
+TIMEOUT = 60  # seconds: for all the pause cycles, and for the guest to finish
+
+
 def _pause_while_running(machine: Machine, cycles: int) -> int:
-    """Pause and resume `cycles` times from a controller thread, each time checking that the
-    vCPU threads are parked; returns how many pauses happened while the guest was running."""
+    """Pause and resume `cycles` times from a controller thread; returns how many pauses
+    happened while the guest was running. During each, the controller reads every vCPU's RIP
+    and exit count twice; this thread checks that nothing moved. The assertions are made here,
+    not in the controller, so that they fail the test (and a pause that never returns fails it
+    after TIMEOUT) instead of leaving it waiting for a controller that died."""
     vm = machine.vm
-    done = threading.Event()
-    paused_while_running = 0
+    looks: list[tuple[list[tuple[int, int]], list[tuple[int, int]]]] = []  # two looks per pause
+    errors: list[BaseException] = []
+
+    def look() -> list[tuple[int, int]]:
+        return [(v.fd.get_regs().rip, v.exit_count) for v in vm.vcpus]
 
     def controller() -> None:
-        nonlocal paused_while_running
-        for _ in range(cycles):
-            if vm.state is RunState.STOPPED:
-                break
-            vm.pause()
-            if vm.state is RunState.PAUSED:
-                paused_while_running += 1
-                exits_before = [v.exit_count for v in vm.vcpus]
-                regs_before = [v.fd.get_regs().rip for v in vm.vcpus]
-                # Paused means no vCPU moves: its registers are stable while we look twice.
-                assert [v.fd.get_regs().rip for v in vm.vcpus] == regs_before
-                assert [v.exit_count for v in vm.vcpus] == exits_before
-            vm.resume()
-        done.set()
+        try:
+            for _ in range(cycles):
+                if vm.state is RunState.STOPPED:
+                    break
+                vm.pause()
+                if vm.state is RunState.PAUSED:
+                    looks.append((look(), look()))
+                vm.resume()
+        except BaseException as error:  # handed to the test's thread
+            errors.append(error)
 
-    thread = threading.Thread(target=controller)
+    thread = threading.Thread(target=controller, daemon=True)
     vm.start()
     thread.start()
-    done.wait()
-    thread.join()
-    return paused_while_running
+    thread.join(TIMEOUT)
+    assert not thread.is_alive(), f"pause/resume hung after {len(looks)} pauses"
+    if errors:
+        raise errors[0]
+    for index, (first, second) in enumerate(looks):
+        assert first == second, f"pause {index}: a vCPU moved while paused ((rip, exits) {first} then {second})"
+    return len(looks)
 
 
 def test_compute_survives_many_pauses(guest_images):
@@ -48,8 +57,8 @@ def test_compute_survives_many_pauses(guest_images):
     with Machine(MachineConfig(), serial_output=output.extend) as machine:
         machine.load(guest_images["compute"], cmdline="rounds=200")
         paused = _pause_while_running(machine, cycles=300)
-        stop = machine.vm.wait()
-    assert stop.status == 0, output.decode()
+        stop = machine.vm.wait(TIMEOUT)
+    assert stop is not None and stop.status == 0, output.decode()
     assert b"compute: ok rounds=200 primes=78498" in output
     assert paused > 0
 
@@ -61,8 +70,8 @@ def test_smp_pauses_every_vcpu(guest_images):
     with Machine(MachineConfig(cpus=2), serial_output=output.extend) as machine:
         machine.load(guest_images["dirty"], cmdline="pages=1024 seconds=2")
         paused = _pause_while_running(machine, cycles=200)
-        stop = machine.vm.wait()
-    assert stop.status == 0, output.decode()
+        stop = machine.vm.wait(TIMEOUT)
+    assert stop is not None and stop.status == 0, output.decode()
     assert output.rstrip().endswith(b"dirty: done")
     assert paused > 0
 

@@ -92,8 +92,9 @@ class Cmos:
                              self._last_update_seen)
 
     def restore_state(self, state: CmosState) -> None:
-        if len(state.nvram) != len(self.nvram):
-            raise StateError(f"CMOS state has {len(state.nvram)} bytes of NVRAM, expected {len(self.nvram)}")
+        if len(state.nvram) != len(self.nvram) or not 0 <= state.index < len(self.nvram):
+            raise StateError(f"CMOS state has {len(state.nvram)} bytes of NVRAM and index {state.index}, "
+                             f"expected {len(self.nvram)} bytes and an index into them")
         with self._lock:
             self.index, self.nmi_disabled, self.offset = state.index, state.nmi_disabled, state.offset
             self.nvram[:] = state.nvram

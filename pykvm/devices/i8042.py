@@ -9,6 +9,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from pykvm.state import StateError
+
 DATA, STATUS_COMMAND = 0, 4  # offsets from port 0x60
 
 STATUS_OBF = 0x01  # output buffer full
@@ -70,6 +72,8 @@ class I8042:
                               [self._irq_levels[KBD_IRQ], self._irq_levels[AUX_IRQ]])
 
     def restore_state(self, state: I8042State) -> None:
+        if len(state.irq_levels) != 2:
+            raise StateError(f"i8042 state has {len(state.irq_levels)} interrupt levels, expected 2")
         with self._lock:
             self.ctr, self.status, self.output_port = state.ctr, state.status, state.output_port
             self.pending_command = state.pending_command

@@ -76,6 +76,9 @@ def migrate_out(machine: Machine, uri: str, *, progress: Callable[[str], None] |
                     sender.send(wire.Kind.MACHINE_STATE, encode(machine.save_state()))
                     sender.send(wire.Kind.SYNC_END, b"{}")
                     ack = sender.reply()
+                    if ack.kind == wire.Kind.REFUSED:
+                        raise MigrationError(f"the target refused the machine state, the guest keeps running here: "
+                                             f"{ack.payload.decode(errors='replace')}")
                     if ack.kind != wire.Kind.ACK:
                         raise MigrationError(f"the target answered {ack.kind.name} instead of ACK")
                     downtime = time.perf_counter() - downtime_start
@@ -192,7 +195,12 @@ def migrate_in(machine: Machine, server: socket.socket, *, say: Callable[[str], 
                     raise wire.ProtocolError(f"unexpected {frame.kind.name} during migration")
             if state is None:
                 raise wire.ProtocolError("SYNC_END without the machine state")
-            machine.restore_state(state)
+            try:
+                machine.restore_state(state)
+            except StateError as error:  # the source hears why, and keeps its guest
+                reason = f"the state does not restore: {error}".encode()
+                wire.send_buffers(conn, wire.frame(wire.Kind.REFUSED, seq, reason))
+                raise
             wire.send_buffers(conn, wire.frame(wire.Kind.ACK, seq, b'{"restored": true}'))
         except (OSError, ConnectionError, wire.ProtocolError, StateError) as error:
             raise MigrationError(f"incoming migration from {peer[0]} failed before completion: {error}") from None

@@ -81,6 +81,9 @@ class Snapshot:
         machine = Machine(config, serial_output=serial_output, memory=memory)
         try:
             machine.restore_state(self.state)
+        except StateError as error:  # well-formed, but not a state this machine can be in
+            machine.close()
+            raise SnapshotError(f"{self.path}: the saved state does not restore: {error}") from None
         except BaseException:
             machine.close()
             raise

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pykvm.bus import IoBus
-from pykvm.devices.pci.function import COMMAND, COMMAND_IO, COMMAND_MEMORY, INTERRUPT_LINE, INTERRUPT_PIN, U16, \
-    PciFunction, PciState, align_up
+from pykvm.devices.pci.function import COMMAND, COMMAND_IO, COMMAND_MEMORY, CONFIG_SIZE, INTERRUPT_LINE, \
+    INTERRUPT_PIN, U16, PciFunction, PciState, align_up
 from pykvm.devices.platform import Platform
 
 CONFIG_ADDRESS_PORT = 0xCF8
@@ -117,6 +117,10 @@ class _ConfigAddress:
 
 
 class _ConfigData:
+    """Ports 0xCFC-0xCFF: configuration space from the addressed dword on. An access that would
+    run past the end of configuration space stops there (as QEMU's PCI host clips it): the rest
+    reads as ones and is written nowhere."""
+
     def __init__(self, bus: PciBus) -> None:
         self.bus = bus
 
@@ -124,12 +128,15 @@ class _ConfigData:
         function, register = self.bus._target()
         if function is None:
             return (1 << (8 * size)) - 1  # no device: all ones, so vendor ID reads 0xFFFF
-        return function.config_read(register + offset, size)
+        inside = min(size, CONFIG_SIZE - register - offset)
+        beyond = ((1 << (8 * size)) - 1) & ~((1 << (8 * inside)) - 1)
+        return function.config_read(register + offset, inside) | beyond
 
     def pio_write(self, offset: int, size: int, value: int) -> None:
         function, register = self.bus._target()
         if function is not None:
-            function.config_write(register + offset, size, value)
+            inside = min(size, CONFIG_SIZE - register - offset)
+            function.config_write(register + offset, inside, value & ((1 << (8 * inside)) - 1))
 
 
 def attach_pci_bus(platform: Platform) -> PciBus:

@@ -240,7 +240,8 @@ class PciFunction:
     def restore_pci_state(self, state: PciState) -> None:
         """Config space, MSI-X, INTx; BARs are re-mapped where the saved config puts them."""
         msix = self.msix
-        if len(state.config) != CONFIG_SIZE or (msix and len(state.msix_table) != len(msix.table)):
+        if len(state.config) != CONFIG_SIZE or (msix and (len(state.msix_table), len(state.msix_pending))
+                                                 != (len(msix.table), msix.vectors)):
             raise StateError(f"PCI state of slot {self.slot} does not fit this device")
         if state.config[:4] != self.config[:4]:
             raise StateError(f"PCI state of slot {self.slot} is for another device (IDs {state.config[:4].hex()})")

@@ -3,6 +3,7 @@ that holds them, and the capability that describes them."""
 
 from __future__ import annotations
 
+import logging
 import struct
 from typing import TYPE_CHECKING, Callable
 
@@ -15,6 +16,8 @@ MSIX_ENABLE, MSIX_FUNCTION_MASK = 0x8000, 0x4000
 MSIX_ENTRY_SIZE = 16
 MSIX_VECTOR_MASKED = 0x1
 MSIX_NO_VECTOR = 0xFFFF
+
+log = logging.getLogger("pykvm.pci")
 
 
 class MsixTable:
@@ -80,7 +83,7 @@ class MsixTable:
         with self.function.lock:
             if self.table_offset <= offset < self.table_offset + len(self.table):
                 at = offset - self.table_offset
-                return int.from_bytes(self.table[at : at + size], "little")
+                return int.from_bytes(self.table[at : at + size], "little")  # past the end: zeros
             if self.pba_offset <= offset < self.pba_offset + 8 * ((self.vectors + 63) // 64):
                 bits = sum(1 << v for v, p in enumerate(self.pending) if p)
                 shift = 8 * (offset - self.pba_offset)
@@ -88,8 +91,12 @@ class MsixTable:
             return 0
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
+        """Software writes the table a whole aligned DWORD or QWORD at a time (PCI 3.0, 6.8.2);
+        any other write is ignored, as is one that would run past the table. The PBA is read-only."""
         with self.function.lock:
-            if self.table_offset <= offset < self.table_offset + len(self.table) and size in (4, 8):
-                at = offset - self.table_offset
-                self.table[at : at + size] = value.to_bytes(size, "little")
-                self.deliver_unmasked_pending()
+            at = offset - self.table_offset
+            if size not in (4, 8) or at % size or not 0 <= at <= len(self.table) - size:
+                log.debug("slot %d: MSI-X write of %d bytes at %#x ignored", self.function.slot, size, offset)
+                return
+            self.table[at : at + size] = value.to_bytes(size, "little")
+            self.deliver_unmasked_pending()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pykvm.devices import virtio as v
 from pykvm.devices.pci import MSIX_NO_VECTOR
 from pykvm.devices.virtio.modern import read_bytes
 
@@ -47,31 +48,34 @@ class LegacyRegisters:
         return L_CONFIG_VECTOR + 4 if self.function.msix.enabled else L_CONFIG_VECTOR
 
     def pio_read(self, offset: int, size: int) -> int:
+        with self.function.lock:  # a narrower read than the register's gets its low bytes
+            return self._read(offset, size) & ((1 << (8 * size)) - 1)
+
+    def _read(self, offset: int, size: int) -> int:
         function = self.function
-        with function.lock:
-            q = function.selected_queue()
-            config_at = self._config_offset()
-            if offset >= config_at:
-                return read_bytes(function.device.config_bytes(), offset - config_at, size)
-            if offset == L_HOST_FEATURES:
-                return function.offered & 0xFFFF_FFFF
-            if offset == L_GUEST_FEATURES:
-                return function.driver_features & 0xFFFF_FFFF
-            if offset == L_QUEUE_PFN:
-                return q.desc // LEGACY_VRING_ALIGN if q is not None and q.enabled else 0
-            if offset == L_QUEUE_NUM:
-                return q.max_size if q is not None else 0
-            if offset == L_QUEUE_SEL:
-                return function.queue_select
-            if offset == L_STATUS:
-                return function.status
-            if offset == L_ISR:
-                return function.read_isr()
-            if offset == L_CONFIG_VECTOR:
-                return function.config_vector
-            if offset == L_QUEUE_VECTOR:
-                return q.vector if q is not None else MSIX_NO_VECTOR
-            return 0
+        q = function.selected_queue()
+        config_at = self._config_offset()
+        if offset >= config_at:
+            return read_bytes(function.device.config_bytes(), offset - config_at, size)
+        if offset == L_HOST_FEATURES:
+            return function.offered & 0xFFFF_FFFF
+        if offset == L_GUEST_FEATURES:
+            return function.driver_features & 0xFFFF_FFFF
+        if offset == L_QUEUE_PFN:
+            return q.desc // LEGACY_VRING_ALIGN if q is not None and q.enabled else 0
+        if offset == L_QUEUE_NUM:
+            return q.max_size if q is not None else 0
+        if offset == L_QUEUE_SEL:
+            return function.queue_select
+        if offset == L_STATUS:
+            return function.status
+        if offset == L_ISR:
+            return function.read_isr()
+        if offset == L_CONFIG_VECTOR:
+            return function.config_vector
+        if offset == L_QUEUE_VECTOR:
+            return q.vector if q is not None else MSIX_NO_VECTOR
+        return 0
 
     def pio_write(self, offset: int, size: int, value: int) -> None:
         function = self.function
@@ -83,6 +87,8 @@ class LegacyRegisters:
             config_at = self._config_offset()
             if offset >= config_at:
                 function.device.config_write(offset - config_at, value.to_bytes(size, "little"))
+            elif offset in (L_GUEST_FEATURES, L_QUEUE_PFN) and function.status & v.STATUS_DRIVER_OK:
+                return  # frozen while the driver runs, as the modern registers are: the rings stay put
             elif offset == L_GUEST_FEATURES:
                 function.driver_features = value & function.offered & 0xFFFF_FFFF
             elif offset == L_QUEUE_PFN and q is not None:

@@ -49,8 +49,8 @@ class ModernRegisters:
         function = self.function
         with function.lock:
             region, at = offset & ~(REGION_SIZE - 1), offset & (REGION_SIZE - 1)
-            if region == COMMON_CFG:
-                return self._common_read(at, size)
+            if region == COMMON_CFG:  # a narrower read than the register's gets its low bytes
+                return self._common_read(at, size) & ((1 << (8 * size)) - 1)
             if region == ISR_CFG:
                 return function.read_isr()
             if region == DEVICE_CFG:
@@ -111,9 +111,12 @@ class ModernRegisters:
         elif at == DRIVER_FEATURE_SELECT:
             function.driver_feature_select = value
         elif at == DRIVER_FEATURE:
-            if function.driver_feature_select < 2 and not function.status & v.STATUS_FEATURES_OK:
+            # Settled at FEATURES_OK, or at DRIVER_OK for a driver that never sets FEATURES_OK.
+            settled = function.status & (v.STATUS_FEATURES_OK | v.STATUS_DRIVER_OK)
+            if function.driver_feature_select < 2 and not settled:
                 shift = 32 * function.driver_feature_select
-                function.driver_features = (function.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
+                function.driver_features = ((function.driver_features & ~(0xFFFF_FFFF << shift))
+                                            | ((value & 0xFFFF_FFFF) << shift))
         elif at == CONFIG_MSIX_VECTOR:
             function.config_vector = function.msix.vector_or_none(value)
         elif at == DEVICE_STATUS:

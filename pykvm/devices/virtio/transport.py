@@ -136,8 +136,10 @@ class VirtioPciFunction(PciFunction):
     # -- the PCI configuration access window (VIRTIO_PCI_CAP_PCI_CFG) -------------------------------
 
     def config_read(self, offset: int, size: int) -> int:
-        if self.pci_cfg_window.covers(offset):
-            return self.pci_cfg_window.read()
+        window = self.pci_cfg_window
+        if window.covers(offset):
+            shift = 8 * (offset - window.data)  # a narrower or later read gets its part of the data
+            return (window.read() >> shift) & ((1 << (8 * size)) - 1)
         return super().config_read(offset, size)
 
     def config_written(self, offset: int, size: int) -> None:
@@ -155,6 +157,10 @@ class VirtioPciFunction(PciFunction):
         if status == 0:
             self._reset()
             return
+        # A driver sets status bits and clears them only by a reset (virtio 1.x 2.1.1): a write
+        # that would clear one leaves it set, so the rings live exactly while DRIVER_OK is set.
+        # NEEDS_RESET is the device's to set.
+        status = (status & ~v.STATUS_NEEDS_RESET) | self.status
         if status & v.STATUS_FEATURES_OK and not self.status & v.STATUS_FEATURES_OK:
             # Only modern drivers set FEATURES_OK, and a modern driver must accept VERSION_1.
             if self.driver_features & ~self.offered or not self.driver_features & v.F_VERSION_1:
@@ -163,7 +169,7 @@ class VirtioPciFunction(PciFunction):
             self._set_status(status)
             self._activate()
             return
-        self._set_status(status | (self.status & v.STATUS_NEEDS_RESET))
+        self._set_status(status)
 
     def _activate(self) -> None:
         """DRIVER_OK: the enabled queues' registers become rings."""
@@ -306,6 +312,10 @@ class VirtioPciFunction(PciFunction):
         if len(state.queues) != len(self.queue_registers):
             raise StateError(f"virtio-{self.device.name} state has {len(state.queues)} queues, "
                              f"expected {len(self.queue_registers)}")
+        vectors = [state.config_vector] + [q.vector for q in state.queues]
+        if any(vector >= self.msix.vectors and vector != NO_VECTOR for vector in vectors):
+            raise StateError(f"virtio-{self.device.name} state names MSI-X vectors {vectors}, "
+                             f"the table has {self.msix.vectors}")
         with self.lock:
             self._stop_serving()
             self.restore_pci_state(state.pci)
