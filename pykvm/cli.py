@@ -25,6 +25,7 @@ from pathlib import Path
 from pykvm import control, guestbuild
 from pykvm.transfer import migration, snapshot, tcp
 from pykvm.ft import FtError, Primary, Standby, demo
+from pykvm.ft.standby import TakeoverImpossible
 from pykvm.ft.fencing import EXIT_FENCED, NO_WITNESS_WARNING, Fenced, Fencing
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
@@ -271,6 +272,11 @@ def cmd_ft(args: argparse.Namespace) -> int:
                 return EXIT_FAILURE
             if standby.committed is None:
                 _log("ft standby: the primary is gone before a first complete sync; nothing to take over")
+                return EXIT_FAILURE
+            try:
+                standby.restore_committed()
+            except TakeoverImpossible as error:
+                _log(f"ft standby: {error}; not taking over")
                 return EXIT_FAILURE
             if fencing is not None:
                 try:

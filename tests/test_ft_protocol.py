@@ -17,7 +17,7 @@ from pykvm.transfer import wire
 from pykvm.devices.virtio.blk import DiskSpec
 from pykvm.devices.virtio.gate import DiskChange
 from pykvm.ft import protocol as p
-from pykvm.ft.standby import Standby
+from pykvm.ft.standby import Standby, TakeoverImpossible
 from pykvm.machine import Machine, MachineConfig
 from pykvm.memory import PAGE_SIZE, ram_hash
 from pykvm.state import encode
@@ -279,6 +279,21 @@ def test_a_broken_sync_leaves_the_committed_state_untouched(standby_machine, dam
     assert ram_hash(machine.vm.memory) == committed_ram
     assert machine.vm.memory.read(256 * PAGE_SIZE, 4) == b"\xaa" * 4
     assert disk.read_bytes() == committed_disk and committed_disk[:4096] == b"\xaa" * 4096
+
+
+@requires_kvm
+def test_a_committed_state_that_does_not_restore_is_not_taken_over(standby_machine):
+    """A state that decodes but that the machine refuses (here a CMOS index past its NVRAM) is
+    found when the standby puts it in, before it claims the right to run: no takeover."""
+    machine, _ = standby_machine
+    fake = FakePrimary(machine)
+    state = json.loads(fake.state)
+    dict(state["devices"])["cmos"]["index"] = 4096  # devices: [name, state] pairs
+    unrestorable = json.dumps(state).encode()
+    assert fake.sync(_sync_frames(fake.primary, unrestorable, 0xAA, 1)) == p.Ack(1)  # it decodes
+    assert fake.end() == "lost"
+    with pytest.raises(TakeoverImpossible, match="the state of sync 1 does not restore: CMOS state"):
+        fake.standby.restore_committed()
 
 
 @requires_kvm

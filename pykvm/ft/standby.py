@@ -106,6 +106,10 @@ class StandbyStats:
     commit_ms: list[float] = field(default_factory=list)
 
 
+class TakeoverImpossible(Exception):
+    """The committed state cannot be put into this machine: the standby does not take over."""
+
+
 class Standby:
     """Follows one primary (`serve`), then, if it was lost rather than said goodbye, runs its
     guest from the last committed sync (`take_over`)."""
@@ -328,12 +332,20 @@ class Standby:
 
     # -- takeover -------------------------------------------------------------------------------
 
-    def take_over(self) -> float:
-        """Become the primary: restore the committed state into the (hot) machine, attach the
-        network, announce the MAC, run. Returns the seconds from detection to running vCPUs."""
+    def restore_committed(self) -> None:
+        """Put the last committed sync into the (hot) machine, not running yet. Done before the
+        epoch is claimed: a standby whose state does not restore must not win the right to run
+        (the primary, if alive, wins it instead)."""
         assert self.committed is not None
+        try:
+            self.machine.restore_state(self.committed)
+        except StateError as error:
+            raise TakeoverImpossible(f"the state of sync {self.committed_sync} does not restore: {error}") from None
+
+    def take_over(self) -> float:
+        """Become the primary, once restore_committed() has put the state in: attach the network,
+        announce the MAC, run. Returns the seconds from detection to running vCPUs."""
         detected_at = self.lost_at
-        self.machine.restore_state(self.committed)
         # A dead primary's TAP may still be closing (wait); a hung one keeps its socket (take it).
         self.machine.attach_networks(announce=True, wait=2.0, take_over=True)
         self.machine.vm.start()
