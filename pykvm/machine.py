@@ -35,7 +35,7 @@ from pykvm.kvm import Kvm
 from pykvm.memory import GuestMemory
 from pykvm.errors import ConfigError
 from pykvm.state import Stateful, StateError, from_plain
-from pykvm.run_control import RunState, StopReason
+from pykvm.run_control import StopReason
 from pykvm.vm import Vm, VmPlatform, VmState
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
@@ -150,19 +150,14 @@ class Machine:
         return parts
 
     @contextlib.contextmanager
-    def quiesced(self) -> Iterator[None]:
-        """vCPUs paused and every device's I/O thread held between requests: nothing changes RAM or
-        device state until the block ends. Re-entrant for a VM that was already paused."""
-        was_running = self.vm.state is RunState.RUNNING
-        self.vm.pause()
-        try:
-            with contextlib.ExitStack() as held:
-                for function in self.virtio:
-                    held.enter_context(function.lock)
-                yield
-        finally:
-            if was_running:
-                self.vm.resume()  # whatever happened inside (a failed sync, a full disk) the guest goes on
+    def quiesced(self, owner: str = "quiesce") -> Iterator[None]:
+        """vCPUs paused (a pause of `owner`'s own) and every device's I/O thread held between
+        requests: nothing changes RAM or device state until the block ends. However the block ends
+        (a failed sync, a full disk) this pause is released; the guest runs if no other is held."""
+        with self.vm.paused(owner), contextlib.ExitStack() as held:
+            for function in self.virtio:
+                held.enter_context(function.lock)
+            yield
 
     def save_state(self) -> MachineState:
         """Call inside quiesced()."""
