@@ -161,9 +161,9 @@ def pause_latency(image: Path, pauses: int, cpus: int) -> tuple[list[float], lis
         time.sleep(0.2)  # let the guest reach its CPL3 loop; only affects what is measured, not correctness
         for _ in range(pauses):
             t0 = time.perf_counter()
-            vm.pause()
+            hold = vm.pause("bench")
             t1 = time.perf_counter()
-            vm.resume()
+            vm.resume(hold)
             t2 = time.perf_counter()
             pause_times.append(t1 - t0)
             cycle_times.append(t2 - t0)

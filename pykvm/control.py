@@ -1,8 +1,8 @@
 """The control socket (`--control PATH`): a Unix stream socket speaking JSON lines, one request,
 one reply, in the spirit of QMP.
 
-    {"cmd": "query-status"}                        {"ok": true, "status": "running"}
-    {"cmd": "stop"} / {"cmd": "cont"}              pause / resume every vCPU
+    {"cmd": "query-status"}                        {"ok": true, "status": "running", "paused_by": []}
+    {"cmd": "stop"} / {"cmd": "cont"}              the user's pause of every vCPU / its release
     {"cmd": "snapshot", "file": PATH}              write a snapshot (the guest pauses meanwhile)
     {"cmd": "query-vcpus"}                         each vCPU's RIP and exit count
     {"cmd": "migrate", "uri": "tcp:HOST:PORT"}     live-migrate to `pykvm run --incoming`
@@ -10,6 +10,11 @@ one reply, in the spirit of QMP.
 
 Errors are replies too ({"ok": false, "error": "..."}); the VMM keeps running whatever a client
 sends. Commands run one at a time.
+
+The user's `stop` is one pause among others (a snapshot's, an FT sync's, a migration's; see
+RunControl): a second `stop` changes nothing, and `cont` releases only the user's pause, so the
+guest runs when nothing else holds it. `paused_by` names the holders ("ctl stop", "ft sync", ...);
+the status is "paused" while there is any.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pykvm.transfer import migration, snapshot
 from pykvm import unixsock
 from pykvm.errors import ConfigError
 from pykvm.machine import Machine
-from pykvm.run_control import RunState
+from pykvm.run_control import Pause, RunState
 
 MAX_REQUEST = 64 * 1024
 
@@ -39,6 +44,7 @@ class ControlServer:
         self.sock = unixsock.bind(path, socket.SOCK_STREAM, f"--control {path}")
         self.sock.listen(4)
         self._command_lock = threading.Lock()
+        self._user_pause: Pause | None = None  # held from `stop` to `cont`
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "query-status": self._query_status,
             "stop": self._stop,
@@ -100,29 +106,36 @@ class ControlServer:
     # -- commands ----------------------------------------------------------------------------------
 
     def _query_status(self, request: dict[str, Any]) -> dict[str, Any]:
-        return {"status": self.machine.vm.state.value}
+        return self._status()
 
     def _stop(self, request: dict[str, Any]) -> dict[str, Any]:
         self._require_live()
-        self.machine.vm.pause()
-        return {"status": self.machine.vm.state.value}
+        if self._user_pause is None:
+            self._user_pause = self.machine.vm.pause("ctl stop")
+        return self._status()
 
     def _cont(self, request: dict[str, Any]) -> dict[str, Any]:
         self._require_live()
-        self.machine.vm.resume()
-        return {"status": self.machine.vm.state.value}
+        if self._user_pause is not None:
+            self.machine.vm.resume(self._user_pause)
+            self._user_pause = None
+        return self._status()
+
+    def _status(self) -> dict[str, Any]:
+        state, holders = self.machine.vm.control.status()
+        return {"status": state.value, "paused_by": holders}
 
     def _snapshot(self, request: dict[str, Any]) -> dict[str, Any]:
         path = _string(request, "file")
         self._require_live()
         started = time.perf_counter()
-        with self.machine.quiesced():
+        with self.machine.quiesced("snapshot"):
             size = snapshot.save(self.machine, path)
         return {"file": path, "bytes": size, "pause_ms": round((time.perf_counter() - started) * 1000, 3)}
 
     def _query_vcpus(self, request: dict[str, Any]) -> dict[str, Any]:
         self._require_live()
-        with self.machine.quiesced():
+        with self.machine.vm.paused("query-vcpus"):  # the registers are final; devices may go on
             vcpus = [{"index": v.index, "rip": v.fd.get_regs().rip, "exits": v.exit_count,
                       "thread": v.thread.native_id if v.thread else None} for v in self.machine.vm.vcpus]
         return {"vcpus": vcpus}

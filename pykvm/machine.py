@@ -25,7 +25,7 @@ from pykvm.devices.cmos import Cmos
 from pykvm.devices.debug_exit import DEFAULT_PORT as DEBUG_EXIT_PORT
 from pykvm.devices.debug_exit import DebugExit
 from pykvm.devices.i8042 import I8042
-from pykvm.devices.net_backends import NetSpec
+from pykvm.devices.net_backends import LinkMemory, NetSpec
 from pykvm.devices.pci import INTX_IRQS, attach_pci_bus
 from pykvm.devices.serial import Serial16550
 from pykvm.devices.virtio.blk import Blk, DiskImage, DiskSpec
@@ -35,7 +35,7 @@ from pykvm.kvm import Kvm
 from pykvm.memory import GuestMemory
 from pykvm.errors import ConfigError
 from pykvm.state import Stateful, StateError, from_plain
-from pykvm.run_control import RunState, StopReason
+from pykvm.run_control import StopReason
 from pykvm.vm import Vm, VmPlatform, VmState
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
@@ -94,6 +94,7 @@ class Machine:
             for index, spec in enumerate(config.nets):
                 mac = parse_mac(spec.mac) if spec.mac else _default_mac(index)
                 self._add_virtio(Net(spec.open() if attach_networks else None, mac))
+            self.links = LinkMemory(lambda: [function.device.backend for function in self.nics()])
         except BaseException:
             self.close()
             raise
@@ -111,17 +112,17 @@ class Machine:
         its socket or TAP just after the target has the guest). `take_over`: socket paths are
         taken from a holder that is still alive (an FT takeover from a hung primary)."""
         deadline = time.monotonic() + wait
-        for function, spec in zip(self.nics(), self.config.nets):
+        for index, (function, spec) in enumerate(zip(self.nics(), self.config.nets)):
             while function.device.backend is None:
                 try:
-                    function.device.attach_backend(spec.open(take_over=take_over))
+                    function.device.attach_backend(self.links.opened(index, spec.open(take_over=take_over)))
                 except ConfigError as error:
                     if not error.in_use or time.monotonic() >= deadline:
                         raise
                     time.sleep(0.005)  # the holder is exiting; there is no event to wait on
                     continue
                 function.rearm()
-            if announce:
+            if announce:  # to the link's recent senders too, which came with the guest's state
                 function.device.announce()
 
     def nics(self) -> list[VirtioPciFunction]:
@@ -143,26 +144,21 @@ class Machine:
         parts: dict[str, Stateful] = {
             "serial": self.serial, "cmos": self.cmos, "i8042": self.i8042, "debug-exit": self.debug_exit,
             "acpi-pm": self.acpi_pm,
-            "pci-bus": self.pci,
+            "pci-bus": self.pci, "net-links": self.links,
         }
         for function in self.virtio:
             parts[f"pci.{function.slot}.virtio-{function.device.name}"] = function
         return parts
 
     @contextlib.contextmanager
-    def quiesced(self) -> Iterator[None]:
-        """vCPUs paused and every device's I/O thread held between requests: nothing changes RAM or
-        device state until the block ends. Re-entrant for a VM that was already paused."""
-        was_running = self.vm.state is RunState.RUNNING
-        self.vm.pause()
-        try:
-            with contextlib.ExitStack() as held:
-                for function in self.virtio:
-                    held.enter_context(function.lock)
-                yield
-        finally:
-            if was_running:
-                self.vm.resume()  # whatever happened inside (a failed sync, a full disk) the guest goes on
+    def quiesced(self, owner: str = "quiesce") -> Iterator[None]:
+        """vCPUs paused (a pause of `owner`'s own) and every device's I/O thread held between
+        requests: nothing changes RAM or device state until the block ends. However the block ends
+        (a failed sync, a full disk) this pause is released; the guest runs if no other is held."""
+        with self.vm.paused(owner), contextlib.ExitStack() as held:
+            for function in self.virtio:
+                held.enter_context(function.lock)
+            yield
 
     def save_state(self) -> MachineState:
         """Call inside quiesced()."""

@@ -1,5 +1,9 @@
 """Pause, resume and stop: the rendezvous of the controller and the vCPU threads.
 
+Pauses are owned: each pause() returns a Pause token, and the vCPUs run again only when every
+token has been released. So a snapshot, an FT sync and the user's `stop` can overlap, and none of
+them lets the guest run while another is still looking at it.
+
 A paused or stopped VM is signalled by setting kvm_run.immediate_exit and sending KICK_SIGNAL to
 each vCPU thread, so KVM_RUN itself returns EINTR; only then does a vCPU consult RunControl. The
 run loop's fast path therefore pays nothing for being pausable.
@@ -7,9 +11,11 @@ run loop's fast path therefore pays nothing for being pausable.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import signal
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,6 +52,18 @@ class StopReason:
     kind: StopKind = StopKind.ENDED
 
 
+class Pause:
+    """One holder's pause of the VM; release it (once) with RunControl.resume or by leaving paused()."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner  # who holds it, for people: "snapshot", "ctl stop", "ft sync", ...
+
+    def __repr__(self) -> str:
+        return f"Pause({self.owner!r})"
+
+
 class RunControl:
     """The rendezvous of the controller and the vCPU threads: pause, resume, stop.
 
@@ -59,15 +77,21 @@ class RunControl:
         self._vcpus: list[Vcpu] = []
         self._alive = 0  # vCPU threads still in their run loop
         self._parked = 0  # of those, parked for the current pause
-        self._pausing = False
-        self._epoch = 0  # bumped by resume(); parked threads wait for it to change
+        self._holds: list[Pause] = []  # the pauses not yet released; the vCPUs run when it is empty
+        self._epoch = 0  # bumped when the last hold goes; parked threads wait for it to change
         self.stop_reason: StopReason | None = None
 
     @property
     def state(self) -> RunState:
         if self.stop_reason is not None:
             return RunState.STOPPED
-        return RunState.PAUSED if self._pausing else RunState.RUNNING
+        return RunState.PAUSED if self._holds else RunState.RUNNING
+
+    def status(self) -> tuple[RunState, list[str]]:
+        """The state and, while paused, the owners of the pauses held (oldest first), read together."""
+        with self._cond:
+            state = self.state
+            return state, [hold.owner for hold in self._holds] if state is RunState.PAUSED else []
 
     def attach(self, vcpu: Vcpu) -> None:
         with self._cond:
@@ -78,27 +102,44 @@ class RunControl:
         with self._cond:
             self._alive += 1
 
-    def pause(self) -> None:
+    def pause(self, owner: str) -> Pause:
+        """Hold the VM paused for `owner`; returns once every vCPU is parked (at once on a stopped
+        VM). The vCPUs stay parked until this and every other Pause is released."""
         if any(v.thread is threading.current_thread() for v in self._vcpus):
             raise RuntimeError("a vCPU thread cannot pause the VM it is running")
+        hold = Pause(owner)
         with self._cond:
-            if self._pausing or self.stop_reason is not None:
-                return
-            self._pausing = True
-            for vcpu in self._vcpus:
-                vcpu.kick()
-            self._cond.wait_for(lambda: self._parked >= self._alive)
+            self._holds.append(hold)
+            if len(self._holds) == 1 and self.stop_reason is None:
+                for vcpu in self._vcpus:
+                    vcpu.kick()
+            # A later holder waits too: the first may still be waiting for the vCPUs to park.
+            self._cond.wait_for(lambda: self._parked >= self._alive or self.stop_reason is not None)
+        return hold
 
-    def resume(self) -> None:
+    def resume(self, hold: Pause) -> None:
+        """Release `hold`; the vCPUs run again if it was the last one."""
         with self._cond:
-            if not self._pausing or self.stop_reason is not None:
+            try:
+                self._holds.remove(hold)  # by identity: a Pause has no __eq__
+            except ValueError:
+                raise RuntimeError(f"{hold!r} is not held (released twice?)") from None
+            if self._holds or self.stop_reason is not None:
                 return
-            self._pausing = False
             for vcpu in self._vcpus:
                 vcpu.clear_kick()
             self._parked = 0
             self._epoch += 1
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def paused(self, owner: str) -> Iterator[Pause]:
+        """The VM held paused for the block; released however the block ends."""
+        hold = self.pause(owner)
+        try:
+            yield hold
+        finally:
+            self.resume(hold)
 
     def stop(self, reason: StopReason) -> None:
         """Ask every vCPU to leave its run loop. The first reason given is the one kept."""
@@ -119,7 +160,7 @@ class RunControl:
     def interrupted(self) -> bool:
         """A vCPU's KVM_RUN returned EINTR. Park while paused; True means leave the run loop."""
         with self._cond:
-            if self._pausing and self.stop_reason is None:
+            if self._holds and self.stop_reason is None:
                 self._parked += 1
                 self._cond.notify_all()
                 epoch = self._epoch

@@ -7,6 +7,7 @@ start the vCPU threads, pause and resume them all (see RunControl), stop, and cl
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pykvm.kvm import constants as k
 from pykvm.kvm.structs import KvmClockData, KvmIrqchip, KvmPitState2
 from pykvm.memory import GuestMemory, MemorySlot
 from pykvm.state import StateError
-from pykvm.run_control import KICK_SIGNAL, RunControl, RunState, StopKind, StopReason
+from pykvm.run_control import KICK_SIGNAL, Pause, RunControl, RunState, StopKind, StopReason
 from pykvm.vcpu import Vcpu
 from pykvm.vcpu_state import VcpuState, uapi_struct
 
@@ -139,12 +140,16 @@ class Vm:
         for vcpu in self.vcpus:
             vcpu.start()
 
-    def pause(self) -> None:
-        """Stop all vCPUs; returns once each is outside KVM_RUN with its pending I/O completed."""
-        self.control.pause()
+    def pause(self, owner: str) -> Pause:
+        """Hold all vCPUs stopped for `owner`; returns once each is outside KVM_RUN with its pending
+        I/O completed. They run again when every holder has resumed (see RunControl)."""
+        return self.control.pause(owner)
 
-    def resume(self) -> None:
-        self.control.resume()
+    def resume(self, hold: Pause) -> None:
+        self.control.resume(hold)
+
+    def paused(self, owner: str) -> contextlib.AbstractContextManager[Pause]:
+        return self.control.paused(owner)
 
     def stop(self, status: int, reason: str, report: str = "", kind: StopKind = StopKind.ENDED) -> None:
         """Stop the VM for good; callable from any thread, including a vCPU's own device handler."""

@@ -23,7 +23,7 @@ def test_commands_and_bad_requests(tmp_path, guest_images):
     vmm = VmmProcess("run", "dirty", "--cpus", "2", "--control", path)
     try:
         vmm.wait_for(b"pages/s")
-        assert _raw(path, b'{"cmd": "query-status"}\n') == {"ok": True, "status": "running"}
+        assert _raw(path, b'{"cmd": "query-status"}\n') == {"ok": True, "status": "running", "paused_by": []}
         assert _raw(path, b"not json\n") == {"ok": False, "error": "not a JSON object"}
         assert _raw(path, b'{"cmd": "reboot-the-world"}\n')["error"].startswith("unknown command 'reboot-the-world'")
         assert _raw(path, b'["cmd"]\n')["ok"] is False
@@ -31,8 +31,16 @@ def test_commands_and_bad_requests(tmp_path, guest_images):
         assert "expected tcp:HOST:PORT" in _raw(path, b'{"cmd": "migrate", "uri": "udp:x"}\n')["error"]
         vcpus = _raw(path, b'{"cmd": "query-vcpus"}\n')["vcpus"]
         assert [v["index"] for v in vcpus] == [0, 1] and all(v["rip"] for v in vcpus)
-        assert _raw(path, b'{"cmd": "stop"}\n')["status"] == "paused"
-        assert _raw(path, b'{"cmd": "cont"}\n')["status"] == "running"
+        running = {"ok": True, "status": "running", "paused_by": []}
+        stopped = {"ok": True, "status": "paused", "paused_by": ["ctl stop"]}
+        assert _raw(path, b'{"cmd": "stop"}\n') == stopped
+        assert _raw(path, b'{"cmd": "stop"}\n') == stopped  # a second stop changes nothing
+        # a snapshot's own pause ends with the snapshot; the user's stop holds on
+        assert _raw(path, b'{"cmd": "snapshot", "file": "%s"}\n' % str(tmp_path / "s.snap").encode())["ok"]
+        assert _raw(path, b'{"cmd": "query-vcpus"}\n')["ok"]
+        assert _raw(path, b'{"cmd": "query-status"}\n') == stopped
+        assert _raw(path, b'{"cmd": "cont"}\n') == running  # one cont undoes any number of stops
+        assert _raw(path, b'{"cmd": "cont"}\n') == running  # cont without a stop changes nothing
         # the CLI client: prints the reply, exits non-zero on an error reply
         ok = run_pykvm("ctl", path, "query-status")
         assert ok.returncode == 0 and json.loads(ok.stdout)["status"] == "running"

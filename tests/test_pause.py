@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+import pytest
 
 from pykvm.machine import Machine, MachineConfig
 from pykvm.run_control import RunState
@@ -33,10 +35,10 @@ def _pause_while_running(machine: Machine, cycles: int) -> int:
             for _ in range(cycles):
                 if vm.state is RunState.STOPPED:
                     break
-                vm.pause()
+                hold = vm.pause("test")
                 if vm.state is RunState.PAUSED:
                     looks.append((look(), look()))
-                vm.resume()
+                vm.resume(hold)
         except BaseException as error:  # handed to the test's thread
             errors.append(error)
 
@@ -89,7 +91,7 @@ def test_pause_from_a_vcpu_thread_is_refused(guest_images):
 
             def pio_write(self, offset: int, size: int, value: int) -> None:
                 try:
-                    machine.vm.pause()
+                    machine.vm.pause("device")
                 except RuntimeError as error:
                     errors.append(error)
                 machine.vm.stop(0, "done")
@@ -106,8 +108,40 @@ def test_stop_while_paused_ends_the_run(guest_images):
         machine.load(guest_images["compute"], cmdline="rounds=100000")
         vm = machine.vm
         vm.start()
-        vm.pause()
+        vm.pause("test")
         assert vm.state is RunState.PAUSED
         vm.stop(7, "stopped by test")
         stop = vm.wait(timeout=10)
     assert stop is not None and stop.status == 7
+
+
+def test_pauses_nest_and_the_last_resume_runs_the_guest(guest_images):
+    """Two holders: releasing the first leaves the VM paused (no guest write lands, which the
+    dirty log would show: `dirty` writes pages without pause); releasing the second runs it on."""
+    output = bytearray()
+    with Machine(MachineConfig(cpus=2), serial_output=output.extend) as machine:
+        machine.load(guest_images["dirty"], cmdline="pages=1024 seconds=1")
+        vm = machine.vm
+        vm.set_dirty_logging(True)
+        vm.start()
+        snapshot = vm.pause("snapshot")
+        user = vm.pause("ctl stop")
+        vm.resume(snapshot)
+        assert vm.control.status() == (RunState.PAUSED, ["ctl stop"])
+        _pages_written(vm)  # before the pauses
+        rips = [v.fd.get_regs().rip for v in vm.vcpus]
+        assert [v.fd.get_regs().rip for v in vm.vcpus] == rips
+        assert _pages_written(vm) == 0
+        with pytest.raises(RuntimeError, match="not held"):
+            vm.resume(snapshot)  # a second release of the same pause cannot release another's
+        assert vm.state is RunState.PAUSED
+        vm.resume(user)
+        assert vm.control.status() == (RunState.RUNNING, [])
+        stop = vm.wait()
+    assert stop.status == 0, output.decode()
+    assert output.rstrip().endswith(b"dirty: done")
+
+
+def _pages_written(vm) -> int:
+    """Pages written since the last call."""
+    return sum(int(np.unpackbits(vm.dirty_bitmap(slot).view(np.uint8)).sum()) for slot in vm.memory.slots)

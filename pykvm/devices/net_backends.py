@@ -10,7 +10,9 @@ A backend moves frames with vectored I/O on the caller's memoryviews: `send(view
 `receive_into(views)`, which returns the frame length, None when nothing is waiting, or -1 for a
 frame that did not fit (dropped). `next_length()` tells, without reading it, how long the frame
 waiting is (None: none is; -1: the backend cannot tell), so the device takes only the receive
-buffers that frame needs.
+buffers that frame needs. `broadcast(views)` sends a frame to everyone on the link: on a socket
+link without PEER, to each of the last few addresses that sent to it (`senders()`), which travel
+with the guest (LinkMemory) so the next VMM to run it can announce the guest's MAC to them.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import fcntl
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pykvm import unixsock
 from pykvm.errors import ConfigError
+from pykvm.state import StateError
 
 TUN_PATH = "/dev/net/tun"
 TUNSETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ = 0x400454CA, 0x400454D0, 0x400454D8
@@ -35,6 +39,7 @@ VNET_HEADER = bytes(12)  # virtio_net_hdr_v1 with no offload: all zeros
 # Plain ints: the socket module's flags are enum members, whose | and & cost microseconds a frame
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _PEEK_LENGTH = int(socket.MSG_PEEK | socket.MSG_TRUNC)
+RECENT_SENDERS = 8  # a socket link remembers this many of the addresses that sent to it
 
 
 class NetBackend:
@@ -49,6 +54,17 @@ class NetBackend:
 
     def next_length(self) -> int | None:
         return -1
+
+    def broadcast(self, views: list[memoryview]) -> None:
+        """A frame for everyone on the link (a TAP's host side sees every frame anyway)."""
+        self.send(views)
+
+    def senders(self) -> list[str]:
+        """The addresses that recently sent to this link, oldest first (none but on a socket link)."""
+        return []
+
+    def learn(self, senders: list[str]) -> None:
+        """Take `senders` as having sent to this link, in that order (see LinkMemory)."""
 
     def close(self) -> None:
         raise NotImplementedError
@@ -137,6 +153,7 @@ class SocketBackend(NetBackend):
     def __init__(self, path: str, peer: str | None = None, *, take_over: bool = False) -> None:
         self.path, self.peer = path, peer
         self.fixed_peer = peer is not None
+        self._senders: dict[str, None] = {}  # the recent senders, oldest first (a bounded ordered set)
         self.sock = unixsock.bind(path, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, f"--net socket:{path}",
                                   take_over=take_over)
         self._peek = bytearray(1)
@@ -157,11 +174,43 @@ class SocketBackend(NetBackend):
             length, _, flags, sender = self.sock.recvmsg_into(views)
         except BlockingIOError:
             return None
-        if sender and not self.fixed_peer:
-            self.peer = sender
+        if sender and sender != self.peer and not self.fixed_peer:  # the usual case costs one compare
+            self._remember(sender)
         if flags & _MSG_TRUNC:
             return -1
         return length
+
+    def broadcast(self, views: list[memoryview]) -> None:
+        if self.fixed_peer:
+            self.send(views)
+            return
+        for sender in self._senders:
+            try:
+                self.sock.sendmsg(views, [], 0, sender)
+            except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
+                pass  # gone or not draining, as in send()
+
+    def senders(self) -> list[str]:
+        return [s for s in self._senders if isinstance(s, str)]  # not abstract ones (bytes)
+
+    def learn(self, senders: list[str]) -> None:
+        """Only broadcasts go to learned senders; the peer stays unset until one speaks, so what the
+        guest sends before then goes nowhere, as it always has (after a takeover: replies that
+        the primary may have delivered already, which a client would take for new ones)."""
+        if not self.fixed_peer:
+            for sender in senders:
+                self._add_sender(sender)
+
+    def _remember(self, sender: str) -> None:
+        self.peer = sender
+        self._add_sender(sender)
+
+    def _add_sender(self, sender: str) -> None:
+        """`sender` becomes the newest of the recent senders."""
+        self._senders.pop(sender, None)
+        self._senders[sender] = None
+        if len(self._senders) > RECENT_SENDERS:
+            del self._senders[next(iter(self._senders))]
 
     def next_length(self) -> int | None:
         try:  # with MSG_TRUNC the call returns the datagram's whole length
@@ -172,3 +221,37 @@ class SocketBackend(NetBackend):
     def close(self) -> None:
         unixsock.close(self.sock, self.path)
 
+
+@dataclass
+class LinkMemoryState:
+    senders: list[list[str]]  # per NIC, in order: who recently sent to its link, oldest first
+
+
+class LinkMemory:
+    """What the NICs' links have learned: who sent to them. The network's state rather than the
+    guest's, but it goes where the guest goes (FT syncs, migration, snapshots): a standby taking
+    over, or a migration target, opens a fresh socket that nobody has sent to yet, and must still
+    announce the guest's MAC to the peers. `backends()` gives each NIC's backend (None: not open)."""
+
+    state_type = LinkMemoryState
+
+    def __init__(self, backends: Callable[[], list[NetBackend | None]]) -> None:
+        self._backends = backends
+        self._restored: list[list[str]] = [[] for _ in backends()]  # for backends opened later
+
+    def save_state(self) -> LinkMemoryState:
+        return LinkMemoryState([backend.senders() if backend is not None else list(restored)
+                                for backend, restored in zip(self._backends(), self._restored)])
+
+    def restore_state(self, state: LinkMemoryState) -> None:
+        if len(state.senders) != len(self._restored):
+            raise StateError(f"link memory for {len(state.senders)} NICs, this machine has {len(self._restored)}")
+        self._restored = [list(senders) for senders in state.senders]
+        for backend, senders in zip(self._backends(), self._restored):
+            if backend is not None:
+                backend.learn(senders)
+
+    def opened(self, index: int, backend: NetBackend) -> NetBackend:
+        """NIC `index`'s backend, just opened: it learns what the link had learned."""
+        backend.learn(self._restored[index])
+        return backend

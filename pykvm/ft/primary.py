@@ -263,7 +263,7 @@ class Primary:
         pipelined = self.pipelined and not full
         started = time.perf_counter()
         with contextlib.ExitStack() as quiesce:
-            quiesce.enter_context(self.machine.quiesced())
+            quiesce.enter_context(self.machine.quiesced("ft sync"))
             paused = time.perf_counter()
             covered = self._take_held()  # the outputs this sync's state precedes
             try:

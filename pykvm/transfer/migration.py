@@ -71,7 +71,7 @@ def migrate_out(machine: Machine, uri: str, *, progress: Callable[[str], None] |
             try:
                 totals = _precopy(machine, sender, say)
                 downtime_start = time.perf_counter()
-                with machine.quiesced():
+                with machine.quiesced("migration"):
                     final = sender.send_dirty(machine, live=False)  # stopped: every byte hashed
                     sender.send(wire.Kind.MACHINE_STATE, encode(machine.save_state()))
                     sender.send(wire.Kind.SYNC_END, b"{}")

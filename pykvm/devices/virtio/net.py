@@ -102,7 +102,7 @@ class Net(v.VirtioDevice):
             return
         rarp = (b"\xff" * 6 + self.mac + struct.pack("!H", ETHERTYPE_RARP)
                 + struct.pack("!HHBBH", 1, 0x0800, 6, 4, RARP_REQUEST_REVERSE) + self.mac + bytes(4) + self.mac + bytes(4))
-        self.backend.send([memoryview(rarp.ljust(60, b"\0"))])
+        self.backend.broadcast([memoryview(rarp.ljust(60, b"\0"))])
 
     def backend_fds(self) -> list[int]:
         return [self.backend.fileno()] if self.backend is not None else []
