@@ -7,8 +7,10 @@ Tests marked `nokvm` run on a host without KVM (`pytest -m nokvm`): nothing here
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,18 @@ class VmmProcess:
     @property
     def errors(self) -> str:
         return self.stderr.data.decode(errors="replace")
+
+
+needs_netns = pytest.mark.skipif(shutil.which("ip") is None or os.geteuid() != 0,
+                                 reason="needs root and iproute2 for a network namespace")
+
+
+@pytest.fixture
+def netns():
+    """A private network namespace for one test (a TAP, a capture, a host address inside)."""
+    name = f"pykvm-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -5,26 +5,22 @@ addresses that had sent to the old VMM's link receive it from the new one."""
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import signal
 import socket
 import struct
 import subprocess
-import threading
 import time
 
 from pykvm.devices.net_backends import RECENT_SENDERS, SocketBackend
 from pykvm.testing.netframes import FrameSocket, Peer, mac_str
-from tests.conftest import VmmProcess, requires_kvm, run_pykvm
+from tests.conftest import VmmProcess, needs_netns, requires_kvm, run_pykvm
+from tests.netutil import socket_in_netns
 from tests.test_ft import _disks, _free_port
-from tests.test_virtio_guests import needs_netns, netns  # noqa: F401  (netns is a fixture)
 
 GUEST_MAC = "52:54:00:12:34:56"  # the first NIC's default
 ETHERTYPE_RARP = 0x8035
 RARP_REQUEST_REVERSE = 3
-CLONE_NEWNET = 0x40000000
 
 
 def _rarp_fields(frame: bytes) -> dict:
@@ -141,37 +137,14 @@ def test_migration_announces_to_the_senders_of_a_socket_link(tmp_path, guest_ima
         target.kill()
 
 
-def _socket_in_netns(name: str, make):
-    """`make()` run on a thread that entered network namespace `name`: the socket it returns stays
-    in that namespace (Python 3.11 has no os.setns; libc's does it for the calling thread)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    made: list = []
-
-    def enter_and_make() -> None:
-        fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-        finally:
-            os.close(fd)
-        made.append(make())
-
-    thread = threading.Thread(target=enter_and_make)
-    thread.start()
-    thread.join()
-    if not made:
-        raise RuntimeError(f"could not make a socket in network namespace {name}")
-    return made[0]
-
-
 @requires_kvm
 @needs_netns
-def test_takeover_announces_on_a_tap(tmp_path, guest_images, netns):  # noqa: F811
+def test_takeover_announces_on_a_tap(tmp_path, guest_images, netns):
     ns = ("ip", "netns", "exec", netns)
     subprocess.run([*ns, "ip", "link", "set", "lo", "up"], check=True)  # for the FT connection
     subprocess.run([*ns, "ip", "tuntap", "add", "dev", "tap0", "mode", "tap"], check=True)
     subprocess.run([*ns, "ip", "link", "set", "tap0", "up"], check=True)
-    capture = _socket_in_netns(netns, lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
+    capture = socket_in_netns(netns, lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
                                                             socket.htons(ETHERTYPE_RARP)))
     capture.bind(("tap0", ETHERTYPE_RARP))
 

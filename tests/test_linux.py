@@ -13,7 +13,6 @@ reboots (panic=-1), which ends the VMM with status 0. The user-space test is ski
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from conftest import VmmProcess, requires_kvm, run_pykvm
+from netutil import socket_in_netns
 from pykvm.guestbuild import linux_guest as linux
 
 pytestmark = requires_kvm
@@ -34,7 +34,6 @@ pytestmark = requires_kvm
 BOOT_TIMEOUT = 240  # seconds to IP-Config; ~40 s measured where ring 0 is emulated
 GUEST_IP, HOST_IP = "10.0.2.15", "10.0.2.2"
 NETCONSOLE_PORT = 6666
-CLONE_NEWNET = 0x40000000
 # "IP-Config: Complete:" and its continuation line (after that line's printk timestamp)
 IP_CONFIG = r"IP-Config: Complete:(?:\n\[[ \d.]+\])?"
 
@@ -88,29 +87,12 @@ class Netns:
     def udp_socket(self, port: int) -> socket.socket:
         """A UDP socket bound in the namespace: made by a thread that entered it (setns changes
         the calling thread's namespace only), usable from any thread afterwards."""
-        made: list[socket.socket | BaseException] = []
+        def bound() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((HOST_IP, port))
+            return sock
 
-        def enter_and_bind() -> None:
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-                try:
-                    if libc.setns(fd, CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), "setns")
-                finally:
-                    os.close(fd)
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sock.bind((HOST_IP, port))
-                made.append(sock)
-            except BaseException as error:  # reported in the test's thread
-                made.append(error)
-
-        thread = threading.Thread(target=enter_and_bind)
-        thread.start()
-        thread.join(10)
-        if not made or isinstance(made[0], BaseException):
-            raise RuntimeError(f"cannot bind a UDP socket in netns {self.name}: {made[0] if made else 'timeout'}")
-        return made[0]
+        return socket_in_netns(self.name, bound)
 
     def ping(self, address: str, count: int = 3) -> subprocess.CompletedProcess:
         """busybox's ping (busybox-static is a build dependency of the Linux guest)."""

@@ -10,11 +10,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 
 import pytest
 
-from tests.conftest import REPO, VmmProcess, requires_kvm, run_pykvm
+from tests.conftest import REPO, VmmProcess, needs_netns, requires_kvm, run_pykvm
 from tests.netutil import FrameSocket, Peer, blk_pattern
 
 pytestmark = requires_kvm
@@ -91,20 +90,6 @@ def test_two_vmms_on_one_socket_link(tmp_path, guest_images):
     finally:
         first.kill()
         second.kill()
-
-
-needs_netns = pytest.mark.skipif(shutil.which("ip") is None or os.geteuid() != 0,
-                                 reason="needs root and iproute2 for a network namespace")
-
-
-@pytest.fixture
-def netns():
-    name = f"pykvm-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @needs_netns
