@@ -70,14 +70,17 @@ def _hammer(path: str, workdir: Path, client: int, snapshots: list[Path], proble
 def test_control_commands_during_ft_syncs(tmp_path, guest_images):
     port = _free_port()
     primary_ctl, standby_ctl = str(tmp_path / "p.ctl"), str(tmp_path / "sb.ctl")
+    # A generous --ft-timeout: a snapshot holds the machine (and so the FT thread's next sync or
+    # heartbeat) while it writes, which on a loaded CI host can outlast the 200 ms default; what
+    # is under test is who may resume the guest, not how fast a takeover starts.
     standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--ft-verify",
-                         "--control", standby_ctl)
+                         "--ft-timeout", "5000", "--control", standby_ctl)
     primary = None
     snapshots: list[Path] = []
     try:
         standby.stderr.wait_for(b"waiting for a primary")
         primary = VmmProcess("run", "dirty", "--append", "pages=2048", "--ft", f"tcp:127.0.0.1:{port}",
-                             "--ft-verify", "--ft-interval", "20", "--control", primary_ctl)
+                             "--ft-verify", "--ft-interval", "20", "--ft-timeout", "5000", "--control", primary_ctl)
         primary.wait_for(b"pages/s")
         verified_before = _ft_stats(standby_ctl)["verified"]
 

@@ -62,6 +62,11 @@ class _Vmm:
                 self.lines.append(raw.decode(errors="replace").rstrip())
                 self._cond.notify_all()
 
+    def log(self) -> str:
+        """What the VMM said on stderr so far (for a report when something goes wrong)."""
+        with self._cond:
+            return "\n".join(self.lines)
+
     def wait_for(self, text: str, timeout: float = 60) -> str:
         with self._cond:
             found = self._cond.wait_for(lambda: any(text in line for line in self.lines) or self.proc.poll() is not None,
@@ -151,7 +156,10 @@ def _drive(primary: _Vmm, standby: _Vmm, records: int, rng: random.Random, root:
             if seq == kill_at:
                 threading.Timer(kill_delay, primary.proc.send_signal, (signal.SIGKILL,)).start()
                 result.killed_after = len(acked)
-            reply = _request(peer, f"put {seq} {value}", time.monotonic() + 30)
+            try:
+                reply = _request(peer, f"put {seq} {value}", time.monotonic() + 30)
+            except TimeoutError as error:
+                raise TimeoutError(f"{error}\nprimary said:\n{primary.log()}\nstandby said:\n{standby.log()}") from None
             if reply != f"ok {seq}".encode():
                 raise RuntimeError(f"put {seq}: unexpected reply {reply!r}")
             acked[seq] = value

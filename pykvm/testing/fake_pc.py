@@ -25,6 +25,7 @@ from pykvm.devices.i8042 import I8042
 from pykvm.devices.pci import attach_pci_bus
 from pykvm.devices.serial import Serial16550
 from pykvm.devices.virtio.blk import Blk, DiskImage, DiskSpec
+from pykvm.devices.net_backends import LinkMemory
 from pykvm.devices.virtio.net import DEFAULT_MAC, Net, parse_mac
 from pykvm.devices.virtio.transport import VirtioPciFunction
 from pykvm.machine import (CMOS_PORT, COM1_IRQ, COM1_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT, MachineConfig,
@@ -64,6 +65,7 @@ class FakePc:
                                              ioeventfd=ioeventfd_for(config, type(device)))
                 self.virtio.append(function)
                 self.pci.add(function)
+            self.links = LinkMemory(lambda: [f.device.backend for f in self.virtio if isinstance(f.device, Net)])
         except BaseException:
             self.close()
             raise
@@ -75,7 +77,7 @@ class FakePc:
         """By the names Machine.devices() gives them."""
         parts: dict[str, Stateful] = {
             "serial": self.serial, "cmos": self.cmos, "i8042": self.i8042, "debug-exit": self.debug_exit,
-            "acpi-pm": self.acpi_pm, "pci-bus": self.pci,
+            "acpi-pm": self.acpi_pm, "pci-bus": self.pci, "net-links": self.links,
         }
         for function in self.virtio:
             parts[f"pci.{function.slot}.virtio-{function.device.name}"] = function
