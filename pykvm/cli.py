@@ -4,9 +4,12 @@
               [--serial stdio|file:PATH|none]
               [--load-addr ADDR] [--disk PATH[,readonly]]... [--net SPEC]... [--control PATH]
               [--incoming tcp:HOST:PORT] [--trace] [--ft tcp:HOST:PORT [--ft-witness URI] [--ft-...]]
+              [--tls-creds DIR | --insecure]
     pykvm ft standby --listen tcp:HOST:PORT [--ft-witness URI] [--ft-timeout MS] [--disk ...] [--net ...]
-    pykvm restore FILE [--disk ...] [--net ...] [--serial ...] [--control PATH] [--verify] [--trace]
-    pykvm ctl SOCKET COMMAND [ARG]
+              [--tls-creds DIR | --insecure]
+    pykvm restore FILE [--disk ...] [--net ...] [--serial ...] [--control PATH] [--verify] [--trace] [--tls-creds DIR]
+    pykvm ctl SOCKET COMMAND [ARG] [--overwrite]
+    pykvm tls init DIR [--host NAME]... [--force]
     pykvm guests list | build [NAME...] | path NAME
 
 Exit status: the guest's (its debug-exit value, 0 for a reset or power-off), 1 when the guest
@@ -22,8 +25,8 @@ import re
 import sys
 from pathlib import Path
 
-from pykvm import control, guestbuild
-from pykvm.transfer import migration, snapshot, tcp
+from pykvm import cli_tls, control, guestbuild
+from pykvm.transfer import migration, snapshot
 from pykvm.ft import FtError, Primary, Standby, demo
 from pykvm.ft.standby import TakeoverImpossible
 from pykvm.ft.fencing import EXIT_FENCED, NO_WITNESS_WARNING, Fenced, Fencing
@@ -73,6 +76,7 @@ def _add_machine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serial", default="stdio", help="COM1: stdio, file:PATH or none (default stdio)")
     parser.add_argument("--control", metavar="PATH", help="serve the JSON control protocol on this Unix socket")
     parser.add_argument("--trace", action="store_true", help="print every VM exit to stderr")
+    cli_tls.add_options(parser)
 
 
 PRIMARY_ONLY_FT_OPTIONS = ("--ft-mode", "--ft-interval", "--metrics")  # the standby follows the Hello
@@ -142,6 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     ctl.add_argument("cmd", metavar="COMMAND", help="query-status, stop, cont, snapshot FILE, query-vcpus, "
                                                     "migrate tcp:HOST:PORT, quit")
     ctl.add_argument("arg", nargs="?", metavar="ARG")
+    ctl.add_argument("--overwrite", action="store_true", help="snapshot: replace an existing FILE")
+
+    cli_tls.add_command(commands)
 
     guest_cmd = commands.add_parser("guests", help="list, build or locate the bundled test guests")
     actions = guest_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -196,14 +203,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
     load_addr = parse_address(args.load_addr) if args.load_addr is not None else None
     image = None if args.incoming or args.kernel else _resolve_image(args.image)
-    server = tcp.listen(args.incoming, "--incoming") if args.incoming else None
+    server = cli_tls.listen(args, args.incoming, "--incoming") if args.incoming else None
     console = SerialConsole(args.serial)
     try:
         # An incoming VM takes its NICs' backends only once the source has let go of them.
         with Machine(config, serial_output=console.output, attach_networks=server is None) as machine:
             if server is not None:
                 print(f"pykvm: waiting for a migration on {args.incoming}", file=sys.stderr, flush=True)
-                migration.migrate_in(machine, server)
+                migration.migrate_in(machine, server, tls=args.tls)
                 machine.attach_networks(wait=10.0)
             else:
                 if args.kernel is not None:
@@ -229,7 +236,7 @@ def _protect(machine: Machine, args: argparse.Namespace, fencing: Fencing | None
     metrics = open(args.metrics, "a", buffering=1) if args.metrics else None
     primary = Primary(machine, timeout=args.ft_timeout / 1000, metrics=metrics, verify=args.ft_verify,
                       interval=args.ft_interval / 1000, pipelined=args.ft_mode == "pipelined", fencing=fencing,
-                      log=_log)
+                      tls=args.tls, log=_log)
     primary.protect(args.ft)
     return primary
 
@@ -247,14 +254,14 @@ def cmd_ft(args: argparse.Namespace) -> int:
     fencing = Fencing.open(args.ft_witness, "standby", _log) if args.ft_witness else None
     disks, nets = _backends(args)
     config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
-    server = tcp.listen(args.listen, "--listen")
+    server = cli_tls.listen(args, args.listen, "--listen")
     console = SerialConsole(args.serial)
     try:
         memory = GuestMemory(config.memory, populate=True)  # hot: commits never wait for page faults
         with Machine(config, serial_output=console.output, attach_networks=False, memory=memory) as machine:
             standby = Standby(machine, timeout=args.ft_timeout / 1000, verify=args.ft_verify, fencing=fencing,
-                              log=_log)
-            control_server = control.ControlServer(args.control, machine) if args.control else None
+                              tls=args.tls, log=_log)
+            control_server = control.ControlServer(args.control, machine, tls=args.tls) if args.control else None
             if control_server is not None:
                 control_server.register("ft-stats", lambda request: {
                     "role": "standby", "mode": standby.mode, "interval_ms": standby.interval_ms,
@@ -314,7 +321,7 @@ def _run(machine: Machine, args: argparse.Namespace, console: SerialConsole, *,
         tracer = ExitTracer()
         for vcpu in machine.vm.vcpus:
             vcpu.trace = tracer
-    server = control.ControlServer(args.control, machine) if args.control else None
+    server = control.ControlServer(args.control, machine, tls=args.tls) if args.control else None
     if server is not None:
         server.register("ft-stats", lambda request: {"role": "primary", **(primary.summary() if primary else {})})
         server.register("ft-protect", lambda request: _ft_protect(machine, args, primary, request))
@@ -355,6 +362,8 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     request = {"cmd": args.cmd}
     if args.arg is not None:
         request[_CTL_ARGUMENT.get(args.cmd, "arg")] = args.arg
+    if args.overwrite:
+        request["overwrite"] = True
     reply = control.request(args.socket, request)
     print(json.dumps(reply))
     return 0 if reply.get("ok") else EXIT_FAILURE
@@ -397,12 +406,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args.records, args.seed, args.ft_mode)
 
 
-COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "guests": cmd_guests, "ft": cmd_ft}
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "guests": cmd_guests, "ft": cmd_ft,
+            "tls": cli_tls.cmd_tls}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if hasattr(args, "tls_creds"):  # run, restore, ft standby
+            cli_tls.load(args)
         return COMMANDS[args.command](args)
     except (ConfigError, KvmUnavailable, guestbuild.ToolchainMissing, guestbuild.UnknownGuest) as error:
         _print_error(error)

@@ -3,7 +3,8 @@ one reply, in the spirit of QMP.
 
     {"cmd": "query-status"}                        {"ok": true, "status": "running", "paused_by": []}
     {"cmd": "stop"} / {"cmd": "cont"}              the user's pause of every vCPU / its release
-    {"cmd": "snapshot", "file": PATH}              write a snapshot (the guest pauses meanwhile)
+    {"cmd": "snapshot", "file": PATH}              write a snapshot (the guest pauses meanwhile); an
+                                                   existing file only with "overwrite": true
     {"cmd": "query-vcpus"}                         each vCPU's RIP and exit count
     {"cmd": "migrate", "uri": "tcp:HOST:PORT"}     live-migrate to `pykvm run --incoming`
     {"cmd": "quit"}                                stop the VM; the VMM exits 0
@@ -15,23 +16,31 @@ The user's `stop` is one pause among others (a snapshot's, an FT sync's, a migra
 RunControl): a second `stop` changes nothing, and `cont` releases only the user's pause, so the
 guest runs when nothing else holds it. `paused_by` names the holders ("ctl stop", "ft sync", ...);
 the status is "paused" while there is any.
+
+The socket is private: created 0600 whatever the umask, and a client whose uid (SO_PEERCRED) is
+neither ours nor root's is answered with an error and disconnected before it can send anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
+import struct
 import threading
 import time
 from typing import Any, Callable
 
 from pykvm.transfer import migration, snapshot
+from pykvm.transfer.tls import TlsCredentials
 from pykvm import unixsock
 from pykvm.errors import ConfigError
 from pykvm.machine import Machine
 from pykvm.run_control import Pause, RunState
 
 MAX_REQUEST = 64 * 1024
+_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class CommandError(Exception):
@@ -39,9 +48,11 @@ class CommandError(Exception):
 
 
 class ControlServer:
-    def __init__(self, path: str, machine: Machine) -> None:
-        self.path, self.machine = path, machine
+    def __init__(self, path: str, machine: Machine, *, tls: TlsCredentials | None = None) -> None:
+        """`tls`: the credentials `migrate` reaches its target with (None: in the clear)."""
+        self.path, self.machine, self.tls = path, machine, tls
         self.sock = unixsock.bind(path, socket.SOCK_STREAM, f"--control {path}")
+        os.chmod(path, 0o600)  # before listen(): nobody can connect while the mode is the umask's
         self.sock.listen(4)
         self._command_lock = threading.Lock()
         self._user_pause: Pause | None = None  # held from `stop` to `cont`
@@ -71,6 +82,11 @@ class ControlServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return  # closed
+            refusal = _refusal(conn)
+            if refusal is not None:
+                with conn, contextlib.suppress(OSError):
+                    conn.sendall(json.dumps({"ok": False, "error": refusal}).encode() + b"\n")
+                continue
             threading.Thread(target=self._serve, args=(conn,), name="control-client", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -127,10 +143,13 @@ class ControlServer:
 
     def _snapshot(self, request: dict[str, Any]) -> dict[str, Any]:
         path = _string(request, "file")
+        overwrite = request.get("overwrite", False) is True
         self._require_live()
+        if not overwrite and os.path.lexists(path):  # checked again, atomically, by save
+            raise CommandError(f"{path} exists (say \"overwrite\": true to replace it)")
         started = time.perf_counter()
         with self.machine.quiesced("snapshot"):
-            size = snapshot.save(self.machine, path)
+            size = snapshot.save(self.machine, path, overwrite=overwrite)
         return {"file": path, "bytes": size, "pause_ms": round((time.perf_counter() - started) * 1000, 3)}
 
     def _query_vcpus(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +162,7 @@ class ControlServer:
     def _migrate(self, request: dict[str, Any]) -> dict[str, Any]:
         uri = _string(request, "uri")
         self._require_live()
-        return migration.migrate_out(self.machine, uri)
+        return migration.migrate_out(self.machine, uri, tls=self.tls)
 
     def _quit(self, request: dict[str, Any]) -> dict[str, Any]:
         self.machine.vm.stop(0, "quit through the control socket")
@@ -152,6 +171,15 @@ class ControlServer:
     def _require_live(self) -> None:
         if self.machine.vm.state is RunState.STOPPED:
             raise CommandError("the VM has stopped")
+
+
+def _refusal(conn: socket.socket) -> str | None:
+    """Why this client may not control the VMM (its uid is neither ours nor root's), or None."""
+    _, uid, _ = _PEER_CREDENTIALS.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                         _PEER_CREDENTIALS.size))
+    if uid in (0, os.getuid()):
+        return None
+    return f"uid {uid} may not control this VMM (only uid {os.getuid()} and root may)"
 
 
 def _string(request: dict[str, Any], key: str) -> str:

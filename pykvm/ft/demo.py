@@ -5,7 +5,7 @@ acknowledges a record only once it is on its virtio disk and flushed. A client w
 at a random moment the primary is killed with SIGKILL. The standby notices, takes over from the
 last acknowledged sync, and the client, retrying as UDP clients do, carries on against it. At
 the end every record the client saw acknowledged is read back. The demo passes (exit 0) only if
-all of them are served.
+all of them are served. The pair speaks mutual TLS, with credentials made for the occasion.
 
 The two VMMs share a link of Unix datagrams (one Ethernet frame each), so no root network setup
 is needed beyond /dev/kvm: the primary binds the link's socket, the standby binds it again when
@@ -30,6 +30,7 @@ from pathlib import Path
 from pykvm import guestbuild
 from pykvm.stats import summary
 from pykvm.testing.netframes import FrameSocket, Peer
+from pykvm.transfer.tls import make_credentials
 
 DISK_SIZE = 4 << 20
 REQUEST_TIMEOUT = 0.1  # a client's patience before it resends
@@ -122,8 +123,10 @@ def run_demo(records: int = 200, seed: int | None = None, workdir: Path | None =
                 disk.truncate(DISK_SIZE)
         link = root / "link.sock"
         uri = f"tcp:127.0.0.1:{_free_port()}"
+        make_credentials(root / "tls", force=True)  # the pair speaks mutual TLS, as it should beyond loopback
         # A file witness here: a cut link would leave one copy of the guest running, not two
-        common = ["--mem", "64M", "--net", f"socket:{link}", "--ft-witness", f"file:{root / 'witness'}"]
+        common = ["--mem", "64M", "--net", f"socket:{link}", "--ft-witness", f"file:{root / 'witness'}",
+                  "--tls-creds", str(root / "tls")]
         standby = _Vmm(["ft", "standby", "--listen", uri, "--disk", str(root / "standby.img"), *common,
                         "--serial", f"file:{root / 'standby-serial.log'}"], root / "standby.out")
         primary = None

@@ -30,6 +30,7 @@ import errno
 import json
 import os
 import socket
+import ssl
 import threading
 import time
 import traceback
@@ -38,7 +39,8 @@ from typing import Callable, Iterable, Iterator, TextIO
 
 import xxhash
 
-from pykvm.transfer import wire
+from pykvm.transfer import channel, wire
+from pykvm.transfer.tls import TlsCredentials
 from pykvm.devices.virtio.blk import Blk
 from pykvm.devices.virtio.gate import DiskChange, GatedFunction
 from pykvm.devices.virtio.net import Net
@@ -48,7 +50,6 @@ from pykvm.hostfile import extents
 from pykvm.machine import Machine
 from pykvm.memory import dirty_pages, populated_pages, ram_hash
 from pykvm.run_control import StopKind
-from pykvm.transfer.tcp import parse_tcp_uri
 from pykvm.state import encode
 from pykvm.stats import summary
 
@@ -96,12 +97,15 @@ class Primary:
 
     def __init__(self, machine: Machine, *, timeout: float = 0.2, metrics: TextIO | None = None,
                  verify: bool = False, interval: float = 0.0, pipelined: bool = False,
-                 fencing: Fencing | None = None, log: Callable[[str], None] = print) -> None:
+                 fencing: Fencing | None = None, tls: TlsCredentials | None = None,
+                 log: Callable[[str], None] = print) -> None:
         """`timeout` is the standby's patience: heartbeats go four times as often. `verify` sends
         a hash of all RAM with each sync; `interval` > 0 adds periodic syncs (trigger "timer") to
         the event-driven ones; `pipelined` resumes the guest before the sync is sent (see _sync).
-        `fencing`: the witness and the epoch this primary won (None: no witness)."""
+        `fencing`: the witness and the epoch this primary won (None: no witness). `tls`: the
+        credentials standbys are reached with (None: in the clear)."""
         self.machine = machine
+        self.tls = tls
         self.fencing = fencing
         self.fenced = False
         self.interval = interval
@@ -130,12 +134,12 @@ class Primary:
         if self.fenced or self.stats.protected:
             raise FtError("this primary has stood down (fenced)" if self.fenced else
                           f"already protected by {self.stats.standby}")
-        host, port = parse_tcp_uri(uri)
         try:
-            sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+            sock = channel.connect(uri, self.tls, CONNECT_TIMEOUT)
+        except ssl.SSLError as error:
+            raise FtError(f"the standby at {uri} failed the TLS handshake: {channel.describe(error)}") from None
         except OSError as error:
             raise FtError(f"cannot reach the standby at {uri}: {error.strerror or error}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(max(self.timeout * 10, 2.0))
         protocol = p.FtConnection(p.Role.PRIMARY)
         try:
@@ -143,7 +147,7 @@ class Primary:
             reply = p.receive_event(sock, protocol)
         except (OSError, wire.ProtocolError) as error:
             sock.close()
-            raise FtError(f"the standby at {uri} did not answer: {error}") from None
+            raise FtError(f"the standby at {uri} did not answer: {channel.describe(error)}") from None
         if isinstance(reply, p.Refused):
             sock.close()
             raise FtError(f"the standby at {uri} refused: {reply.reason}")

@@ -38,7 +38,6 @@ from typing import ClassVar, Iterable, Iterator, get_args
 import numpy as np
 
 from pykvm.devices.virtio.gate import DiskChange
-from pykvm.memory import PAGE_SIZE
 from pykvm.transfer import wire
 from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.wire import Kind, ProtocolError
@@ -51,11 +50,8 @@ DISK_FRAME_BYTES = 4 << 20  # a DiskChanges frame's payload at most: a sender sp
 _MAX_CHANGE_DATA = DISK_FRAME_BYTES - _DISK_HEAD.size - _CHANGE.size  # the most one change can carry
 
 # What a frame of each kind may carry at most, checked on its header before anything is allocated
-# (a PAGES frame's length must also match its page count, and its data goes to the page sink's buffers).
-FRAME_LIMITS = {Kind.HELLO: 1 << 20, Kind.READY: 0, Kind.REFUSED: 64 << 10, Kind.DISK_CHANGES: DISK_FRAME_BYTES,
-                Kind.MACHINE_STATE: 64 << 20, Kind.SYNC_END: 4 << 10, Kind.ACK: 4 << 10, Kind.HEARTBEAT: 0,
-                Kind.GOODBYE: 64 << 10, Kind.STANDBY_FAULT: 64 << 10,
-                Kind.PAGES: wire.PAGES_HEAD.size + wire.PAGES_PER_FRAME * (4 + PAGE_SIZE)}
+# (wire.FRAME_LIMITS, with the disk changes' own cap).
+FRAME_LIMITS = {**wire.FRAME_LIMITS, Kind.DISK_CHANGES: DISK_FRAME_BYTES}
 
 
 # -- events: each knows its frame kind and its payload ---------------------------------------------
@@ -420,7 +416,7 @@ def _decode(frame: wire.Frame) -> Event:
         return Pages(frame.slot, frame.pages)
     try:
         return event_type.parse(frame.payload)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as error:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, struct.error) as error:
         raise ProtocolError(f"malformed {frame.kind.name} frame: {error}") from None
 
 
@@ -428,7 +424,7 @@ def receive_event(sock: socket.socket, connection: FtConnection) -> Event:
     """Blocking helper: read from `sock` until `connection` yields an event. EOF raises
     ConnectionError; the socket's timeout raises socket.timeout."""
     while True:
-        count = sock.recvmsg_into(connection.want()[: wire.MAX_IOVECS])[0]
+        count = wire.receive_into(sock, connection.want())
         if count == 0:
             raise ConnectionError("the peer closed the connection")
         event = connection.filled(count)

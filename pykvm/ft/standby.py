@@ -40,11 +40,13 @@ from pykvm.ft.journal import JournalError, UndoJournal
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, GuestMemory, MemorySlot, ram_hash
 from pykvm.state import StateError, decode
-from pykvm.transfer import wire
+from pykvm.transfer import channel, wire
 from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.snapshot import check_same_shape
+from pykvm.transfer.tls import TlsCredentials
 
 
+GREETING_TIMEOUT = 5.0  # a connection that sends no Hello within this is dropped
 LINGER = 5.0  # seconds a faulting standby waits for the primary to read its StandbyFault and close
 FIRST_SYNC_FLUSH = 64 << 20  # the first sync's disk data is flushed every this many bytes
 MAX_REASON = 4000  # characters of a StandbyFault's reason (well inside its frame's cap)
@@ -115,9 +117,12 @@ class Standby:
     guest from the last committed sync (`take_over`)."""
 
     def __init__(self, machine: Machine, *, timeout: float, verify: bool = False,
-                 fencing: Fencing | None = None, log: Callable[[str], None] = print) -> None:
-        """`fencing`: this standby's witness (None: none); a primary must name the same one."""
+                 fencing: Fencing | None = None, tls: TlsCredentials | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        """`fencing`: this standby's witness (None: none); a primary must name the same one.
+        `tls`: a primary must show a certificate of this CA (None: anyone may connect)."""
         self.machine = machine
+        self.tls = tls
         self.fencing = fencing
         self.mode, self.interval_ms = "", 0.0  # the primary's, from its Hello: for ft-stats only
         self.timeout = timeout
@@ -151,15 +156,13 @@ class Standby:
                 journal.close()
 
     def _follow(self, server: socket.socket) -> str:
-        conn, peer = server.accept()
+        conn, peer, protocol, hello = self._await_primary(server)
         self.log(f"ft standby: primary {peer[0]} connected")
-        protocol = p.FtConnection(p.Role.STANDBY, page_sink=self.staging.sink)
         with conn:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(self.timeout)  # per receive: patience counts from the last byte
+            event = hello
             try:
                 while True:
-                    event = p.receive_event(conn, protocol)
                     reply = self._handle(event, protocol)
                     if reply is not None:
                         wire.send_buffers(conn, reply)
@@ -168,6 +171,7 @@ class Standby:
                         return "goodbye"
                     if protocol.phase == p.Phase.CLOSED:  # we sent Refused
                         return "refused"
+                    event = p.receive_event(conn, protocol)
             except TimeoutError:
                 lost = f"no word from the primary for {self.timeout * 1000:.0f} ms"
             except ConnectionError as error:
@@ -175,11 +179,29 @@ class Standby:
             except (wire.ProtocolError, SyncFault) as error:
                 return self._fault(conn, protocol, str(error))
             except OSError as error:  # neither silence nor a closed connection: no sign the primary died
-                return self._fault(conn, protocol, f"connection error ({error})")
+                return self._fault(conn, protocol, f"connection error ({channel.describe(error)})")
         self.lost_at = time.monotonic()
         self._discard_sync()  # a sync cut off midway never counts
         self.log(f"ft standby: primary lost: {lost}")
         return "lost"
+
+    def _await_primary(self, server: socket.socket) -> tuple[socket.socket, tuple, p.FtConnection, p.Hello]:
+        """The first connection whose first word is a Hello (past the TLS handshake, if any).
+        A connection that fails the handshake, sends anything else or nothing is no primary (a
+        port scan, a stray client): it is dropped, and this standby goes on waiting."""
+        while True:
+            conn, peer = channel.accept(server, self.tls, self.log, "ft standby")
+            protocol = p.FtConnection(p.Role.STANDBY, page_sink=self.staging.sink)
+            conn.settimeout(GREETING_TIMEOUT)
+            try:
+                hello = p.receive_event(conn, protocol)
+                if isinstance(hello, p.Hello):
+                    return conn, peer, protocol, hello
+                reason = f"{type(hello).__name__} before any Hello"
+            except (OSError, wire.ProtocolError) as error:  # ConnectionError and timeouts included
+                reason = channel.describe(error)
+            conn.close()
+            self.log(f"ft standby: dropped a connection from {peer[0]}: {reason}; still waiting for a primary")
 
     def _fault(self, conn: socket.socket, protocol: p.FtConnection, reason: str) -> str:
         """Tell the primary why we stop following it, then let it close: until it does (or for

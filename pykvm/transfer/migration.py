@@ -10,8 +10,9 @@ Source (`pykvm ctl SOCK migrate tcp:HOST:PORT`):
      stops; the target runs.
 Any failure before the ACK leaves the source running (it resumes) and is reported.
 
-Target (`pykvm run ... --incoming tcp:HOST:PORT`): accepts one connection, checks the config,
-receives pages straight into guest RAM (recvmsg_into on memoryviews), restores the state on
+Target (`pykvm run ... --incoming tcp:HOST:PORT`): accepts the first connection that says HELLO
+(connections that fail the TLS handshake or send anything else are dropped), checks the config,
+receives pages straight into guest RAM (recvmsg_into on memoryviews; recv_into under TLS), restores the state on
 SYNC_END, ACKs, and only then runs. A stream that ends early means the target never runs the guest.
 """
 
@@ -29,14 +30,15 @@ from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, dirty_pages, populated_pages
 from pykvm.run_control import RunState, StopKind
 from pykvm.state import StateError, decode, encode
-from pykvm.transfer import wire
+from pykvm.transfer import channel, wire
 from pykvm.transfer.snapshot import check_same_shape
-from pykvm.transfer.tcp import parse_tcp_uri
+from pykvm.transfer.tls import TlsCredentials
 
 CONVERGED_PAGES = 256  # a round this small is sent with the guest stopped
 MAX_ROUNDS = 30
 CONNECT_TIMEOUT = 5.0
 PEER_TIMEOUT = 30.0  # no byte from the peer for this long: it is gone
+GREETING_TIMEOUT = 5.0  # a connection that sends no HELLO within this is dropped
 
 
 class MigrationError(Exception):
@@ -46,20 +48,20 @@ class MigrationError(Exception):
 # -- source --------------------------------------------------------------------------------------------
 
 
-def migrate_out(machine: Machine, uri: str, *, progress: Callable[[str], None] | None = None) -> dict:
-    """Send the running machine to `uri`; on success the machine is stopped and figures returned."""
+def migrate_out(machine: Machine, uri: str, *, tls: TlsCredentials | None = None,
+                progress: Callable[[str], None] | None = None) -> dict:
+    """Send the running machine to `uri` (with `tls`, over mutual TLS); on success the machine
+    is stopped and figures returned."""
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
-    host, port = parse_tcp_uri(uri)
     try:
-        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        sock = channel.connect(uri, tls, CONNECT_TIMEOUT)
     except OSError as error:
-        raise MigrationError(f"migration to {uri} failed: {error.strerror or error}") from None
+        raise MigrationError(f"migration to {uri} failed: {error.strerror or channel.describe(error)}") from None
     vm = machine.vm
     started = time.perf_counter()
     try:
         with sock:
             sock.settimeout(PEER_TIMEOUT)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sender = _Sender(sock)
             sender.send(wire.Kind.HELLO, encode(machine.config))
             reply = sender.reply()
@@ -88,7 +90,8 @@ def migrate_out(machine: Machine, uri: str, *, progress: Callable[[str], None] |
                 if vm.state is not RunState.STOPPED:
                     vm.set_dirty_logging(False)
     except (OSError, wire.ProtocolError) as error:
-        raise MigrationError(f"migration to {uri} failed, the guest keeps running here: {error}") from None
+        raise MigrationError(f"migration to {uri} failed, the guest keeps running here: "
+                             f"{channel.describe(error)}") from None
     elapsed = time.perf_counter() - started
     pages = totals["pages"] + final
     say(f"migrate: done: {pages} pages in {totals['rounds']} rounds + {final} stopped, "
@@ -150,12 +153,12 @@ def _no_pages(slot: int, pages: np.ndarray) -> list[memoryview]:
 # -- target --------------------------------------------------------------------------------------------
 
 
-def migrate_in(machine: Machine, server: socket.socket, *, say: Callable[[str], None] | None = None) -> dict:
-    """Receive a machine into `machine` (built from the same configuration, RAM untouched).
+def migrate_in(machine: Machine, server: socket.socket, *, tls: TlsCredentials | None = None,
+               say: Callable[[str], None] | None = None) -> dict:
+    """Receive a machine into `machine` (built from the same configuration, RAM untouched) from
+    the first connection that says HELLO (with `tls`: past the handshake; others are dropped).
     Returns figures once the state is restored; raises MigrationError otherwise."""
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
-    conn, peer = server.accept()
-    server.close()
     memory = machine.vm.memory
     slots = {slot.index: slot for slot in memory.slots}
 
@@ -165,24 +168,15 @@ def migrate_in(machine: Machine, server: socket.socket, *, say: Callable[[str], 
             raise wire.ProtocolError(f"pages outside guest RAM (slot {index})")
         return [slot.view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in wire.page_runs(pages)]
 
-    decoder = wire.Decoder(sink, allow_live_data=True)
-    seq = 0
+    conn, peer, decoder, hello = _await_source(server, tls, sink, say)
+    server.close()
+    seq = 1  # after READY
     pages = 0
     state: MachineState | None = None
     with conn:
         conn.settimeout(PEER_TIMEOUT)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            hello = wire.receive_frame(conn, decoder)
-            if hello.kind != wire.Kind.HELLO:
-                raise wire.ProtocolError(f"stream starts with {hello.kind.name}, not HELLO")
-            try:
-                check_same_shape(decode(MachineConfig, hello.payload), machine.config)
-            except (ConfigError, StateError) as error:
-                wire.send_buffers(conn, wire.frame(wire.Kind.REFUSED, seq, str(error).encode()))
-                raise MigrationError(f"refused an incoming migration from {peer[0]}: {error}") from None
-            wire.send_buffers(conn, wire.frame(wire.Kind.READY, seq))
-            seq += 1
+            _admit(conn, peer, hello, machine.config)
             while True:
                 frame = wire.receive_frame(conn, decoder)
                 if frame.kind == wire.Kind.PAGES:
@@ -206,3 +200,32 @@ def migrate_in(machine: Machine, server: socket.socket, *, say: Callable[[str], 
             raise MigrationError(f"incoming migration from {peer[0]} failed before completion: {error}") from None
     say(f"migrate: received {pages} pages from {peer[0]}; running")
     return {"pages": pages}
+
+
+def _admit(conn: socket.socket, peer: tuple, hello: wire.Frame, config: MachineConfig) -> None:
+    """READY if the source's machine has our shape; otherwise REFUSED, and MigrationError."""
+    try:
+        check_same_shape(decode(MachineConfig, hello.payload), config)
+    except (ConfigError, StateError) as error:
+        wire.send_buffers(conn, wire.frame(wire.Kind.REFUSED, 0, str(error).encode()))
+        raise MigrationError(f"refused an incoming migration from {peer[0]}: {error}") from None
+    wire.send_buffers(conn, wire.frame(wire.Kind.READY, 0))
+
+
+def _await_source(server: socket.socket, tls: TlsCredentials | None, sink: wire.PageSink,
+                  say: Callable[[str], None]) -> tuple[socket.socket, tuple, wire.Decoder, wire.Frame]:
+    """The first connection whose first frame is a HELLO. One that fails the TLS handshake,
+    sends anything else or nothing (a port scan, a stray client) is dropped: we go on waiting."""
+    while True:
+        conn, peer = channel.accept(server, tls, say, "migrate")
+        decoder = wire.Decoder(sink, allow_live_data=True)  # each kind's size bounded (wire.FRAME_LIMITS)
+        conn.settimeout(GREETING_TIMEOUT)
+        try:
+            hello = wire.receive_frame(conn, decoder)
+            if hello.kind == wire.Kind.HELLO:
+                return conn, peer, decoder, hello
+            reason = f"{hello.kind.name} before any HELLO"
+        except (OSError, wire.ProtocolError) as error:  # ConnectionError and timeouts included
+            reason = channel.describe(error)
+        conn.close()
+        say(f"migrate: dropped a connection from {peer[0]}: {reason}; still waiting for a migration")

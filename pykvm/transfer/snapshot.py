@@ -93,8 +93,9 @@ class Snapshot:
         os.close(self.fd)
 
 
-def save(machine: Machine, path: str | Path) -> int:
-    """Write a snapshot of a machine (caller holds it quiesced); returns the file size."""
+def save(machine: Machine, path: str | Path, *, overwrite: bool = True) -> int:
+    """Write a snapshot of a machine (caller holds it quiesced); returns the file size. Without
+    `overwrite`, an existing file at `path` is left alone (FileExistsError)."""
     config = encode(machine.config)
     state = encode(machine.save_state())
     slots = machine.vm.memory.slots
@@ -127,7 +128,13 @@ def save(machine: Machine, path: str | Path) -> int:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)  # a snapshot appears whole or not at all
+    if overwrite:
+        os.replace(tmp, path)  # a snapshot appears whole or not at all
+    else:
+        try:
+            os.link(tmp, path)  # whole, and only where nothing is (atomic, unlike a check first)
+        finally:
+            os.unlink(tmp)
     return offset
 
 

@@ -2,7 +2,7 @@
 frames are built as lists of buffers for `sendmsg`, and parsed from whatever bytes arrive, with
 page data landing straight in the buffers the caller chooses (guest RAM, or a staging area).
 
-    frame   = header payload
+    frame   = header payload  (each kind's payload bounded by FRAME_LIMITS, checked on the header)
     header  = magic "PYKV", version u16, kind u8, flags u8, seq u64, payload length u64,
               xxh3-64 of (header with this field zero + payload)
     flags   LIVE_DATA: page data read while the guest runs (migration pre-copy) is not covered
@@ -28,6 +28,7 @@ import numpy as np
 import xxhash
 
 from pykvm.memory import PAGE_SIZE
+from pykvm.transfer.channel import receive_into, send_buffers  # noqa: F401 (send_buffers: the wire's I/O)
 from pykvm.transfer.page_arena import PageArena
 
 MAGIC = b"PYKV"
@@ -35,8 +36,6 @@ VERSION = 1
 HEADER = struct.Struct("<4sHBBQQQ")
 LIVE_DATA = 0x1
 PAGES_HEAD = struct.Struct("<II")  # slot, count
-MAX_PAYLOAD = 1 << 31  # a frame never carries more (page frames are split well below this)
-MAX_IOVECS = 1024  # per sendmsg call (the kernel's UIO_MAXIOV)
 PAGES_PER_FRAME = 1 << 16
 PAGE_ROW = f"V{PAGE_SIZE}"  # numpy's view of a page as one element, to copy it whole
 
@@ -60,6 +59,14 @@ class Kind(enum.IntEnum):
 
 class ProtocolError(Exception):
     """The peer sent something that is not a well-formed frame in sequence."""
+
+
+MAX_PAYLOAD = PAGES_HEAD.size + PAGES_PER_FRAME * (4 + PAGE_SIZE)  # a full page frame: the largest any kind gets
+# What a frame of each kind may carry, checked on its header before anything is allocated for it (a
+# PAGES frame's length must also match its page count; its data goes to the page sink's buffers).
+FRAME_LIMITS = {Kind.HELLO: 1 << 20, Kind.READY: 0, Kind.REFUSED: 64 << 10, Kind.PAGES: MAX_PAYLOAD,
+                Kind.MACHINE_STATE: 64 << 20, Kind.SYNC_END: 4 << 10, Kind.ACK: 4 << 10, Kind.HEARTBEAT: 0,
+                Kind.GOODBYE: 64 << 10, Kind.DISK_CHANGES: 4 << 20, Kind.STANDBY_FAULT: 64 << 10}
 
 
 @dataclass(frozen=True)
@@ -130,23 +137,6 @@ def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(pages[bounds[:-1]].tolist(), np.diff(bounds).tolist()))
 
 
-def send_buffers(sock: socket.socket, buffers: list) -> int:
-    """sendmsg everything, at most MAX_IOVECS buffers a call, resuming after partial sends."""
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    total, i = 0, 0
-    while i < len(views):
-        sent = sock.sendmsg(views[i : i + MAX_IOVECS])
-        total += sent
-        while sent:
-            if sent >= len(views[i]):
-                sent -= len(views[i])
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
-    return total
-
-
 # -- parsing frames ----------------------------------------------------------------------------------
 
 PageSink = Callable[[int, np.ndarray], list[memoryview]]
@@ -158,13 +148,13 @@ class Decoder:
     `filled(n)` (n bytes went there); a finished frame comes back from `filled`."""
 
     def __init__(self, page_sink: PageSink, expected_seq: int = 0, max_payload: int = MAX_PAYLOAD,
-                 *, allow_live_data: bool = False, limits: Mapping[Kind, int] | None = None) -> None:
-        """`limits`: a tighter payload bound for some kinds, checked on the header like `max_payload`."""
+                 *, allow_live_data: bool = False, limits: Mapping[Kind, int] = FRAME_LIMITS) -> None:
+        """`limits`: each kind's payload bound, checked on the header like `max_payload`."""
         self.page_sink = page_sink
         self.allow_live_data = allow_live_data
         self.expected_seq = expected_seq
         self.max_payload = max_payload
-        self.limits = dict(limits or {})
+        self.limits = dict(limits)
         self._start_header()
 
     def _start_header(self) -> None:
@@ -259,8 +249,7 @@ class Decoder:
 def receive_frame(sock: socket.socket, decoder: Decoder) -> Frame:
     """Blocking helper: read until the decoder yields a frame. EOF raises ConnectionError."""
     while True:
-        targets = decoder.want()
-        count = sock.recvmsg_into(targets[:MAX_IOVECS])[0]
+        count = receive_into(sock, decoder.want())
         if count == 0:
             raise ConnectionError("the peer closed the connection")
         frame_ = decoder.filled(count)
