@@ -106,7 +106,7 @@ def test_the_control_socket_is_private(guest_images):
         os.chmod(path, 0o666)  # as if someone loosened it: the peer's uid is still checked
         refused = _as_nobody(path, b'{"cmd": "quit"}\n')
         assert refused["ok"] is False and "may not control this VMM" in refused["error"]
-        assert _raw(path, b'{"cmd": "query-status"}\n') == {"ok": True, "status": "running"}
+        assert _raw(path, b'{"cmd": "query-status"}\n') == {"ok": True, "status": "running", "paused_by": []}
 
         existing = directory / "precious"
         existing.write_bytes(b"keep me")
