@@ -19,15 +19,14 @@ next epoch at the witness (ft.fencing): won, it releases what it holds and goes 
 (`ft-protect` attaches a new standby with a full sync); lost, it fences itself. So does an FT
 thread that fails: outputs it holds must never be released by accident, nor held forever silently.
 
-Fault injection for the tests, read once (INJECTED_FAULT): PYKVM_FT_FAULT=primary-thread-crash
-makes the FT thread raise at its first sync for an output.
+The tests inject faults at points of a sync through ft.faults (PYKVM_FT_FAULT); each `faults.`
+call below is one such point, and does nothing unless its fault was asked for.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import threading
 import time
@@ -41,7 +40,7 @@ from pykvm.transfer import wire
 from pykvm.devices.virtio.blk import Blk
 from pykvm.devices.virtio.gate import DiskChange, GatedFunction
 from pykvm.devices.virtio.net import Net
-from pykvm.ft import protocol as p
+from pykvm.ft import faults, protocol as p
 from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
 from pykvm.machine import Machine
 from pykvm.memory import dirty_pages, populated_pages, ram_hash
@@ -52,7 +51,6 @@ from pykvm.stats import summary
 
 DISK_CHUNK = 1 << 20  # the full sync sends the disk in pieces of this size
 CONNECT_TIMEOUT = 5.0
-INJECTED_FAULT = os.environ.get("PYKVM_FT_FAULT", "")  # tests only: see the module docstring
 
 
 class FtError(Exception):
@@ -230,8 +228,7 @@ class Primary:
                 trigger = "timer"
             if trigger is not None:
                 last_sync = time.monotonic()
-            if trigger in ("blk", "net") and INJECTED_FAULT == "primary-thread-crash":
-                raise RuntimeError("injected fault (PYKVM_FT_FAULT=primary-thread-crash)")
+                faults.syncing_output(trigger)
             with self._sync_lock:  # _attach installs the gate under it: nothing slips out unsynced
                 if self.fenced:
                     return
@@ -268,9 +265,10 @@ class Primary:
                 if pipelined:
                     quiesce.close()  # the guest runs on while the sync travels
                 resumed = time.perf_counter()
-                sent_bytes = wire.send_buffers(self._sock, buffers)
+                sent_bytes = faults.sending_sync(self._sock, sync, buffers)
                 sent = time.perf_counter()
                 _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {sync}")
+                faults.acknowledged(sync, self._sock)
             except BaseException:
                 with self._cond:  # not acknowledged: they wait again (for whoever deals with the loss)
                     self._held[:0] = covered

@@ -22,7 +22,7 @@ import xxhash
 
 from pykvm.devices.virtio.blk import Blk
 from pykvm.errors import ConfigError
-from pykvm.ft import protocol as p
+from pykvm.ft import faults, protocol as p
 from pykvm.ft.fencing import Fencing, admission
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, GuestMemory, MemorySlot, ram_hash
@@ -152,6 +152,7 @@ class Standby:
             self._staged_state = event.data
         elif isinstance(event, p.SyncEnd):
             self._commit(event)
+            faults.acking(event.sync)
             return protocol.send(p.Ack(event.sync))
         elif isinstance(event, p.Heartbeat) and protocol.phase is p.Phase.IDLE:
             return protocol.send(p.Heartbeat())  # the primary hears that we live
@@ -167,7 +168,7 @@ class Standby:
             raise wire.ProtocolError(f"sync {end.sync}: state hash mismatch")
         pages = self.staging.page_count
         self.staging.commit()
-        written = self._apply_disk_changes()
+        written = self._apply_disk_changes(end.sync)
         self.committed, self.committed_sync = state, end.sync
         self._staged_state = None
         if end.ram_hash is not None:
@@ -182,10 +183,11 @@ class Standby:
         self.stats.last_commit = time.monotonic()
         self.stats.commit_ms.append((time.perf_counter() - started) * 1000)
 
-    def _apply_disk_changes(self) -> int:
+    def _apply_disk_changes(self, sync: int) -> int:
         """Write the sync's disk changes and flush the disks they touched; returns the bytes written."""
         written, touched = 0, set()
         for batch in self._staged_disk:
+            faults.writing_disk(sync)
             image = self.disks[batch.disk].disk
             for change in batch.changes:
                 if change.zeroed:
