@@ -267,7 +267,7 @@ def cmd_ft(args: argparse.Namespace) -> int:
                     control_server.close()
             if outcome == "goodbye":
                 return 0
-            if outcome == "refused":
+            if outcome in ("refused", "fault"):  # a standby that faulted never takes over
                 return EXIT_FAILURE
             if standby.committed is None:
                 _log("ft standby: the primary is gone before a first complete sync; nothing to take over")

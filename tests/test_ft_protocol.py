@@ -22,6 +22,7 @@ from pykvm.machine import Machine, MachineConfig
 from pykvm.memory import PAGE_SIZE, ram_hash
 from pykvm.state import encode
 from tests.conftest import requires_kvm
+from tests.tmpfs import can_mount, free_bytes, small_tmpfs
 
 import xxhash
 
@@ -206,44 +207,129 @@ def standby_machine(tmp_path):
         yield machine, disk
 
 
-def _sync_frames(primary: p.FtConnection, machine_state: bytes, fill: int, sync: int) -> bytes:
+def _sync_frames(primary: p.FtConnection, machine_state: bytes, fill: int, sync: int,
+                 changes: tuple[DiskChange, ...] | None = None, ram_hash_: int | None = None) -> bytes:
     ram = bytearray(272 * PAGE_SIZE)  # the primary's RAM up to the pages sent: 256..271 filled
     ram[256 * PAGE_SIZE :] = bytes([fill]) * (16 * PAGE_SIZE)
     out = primary.send_pages(0, memoryview(ram), np.arange(256, 272, dtype="<u4"))
-    out += primary.send(p.DiskChanges(0, (DiskChange(0, bytes([fill]) * 4096),)))
+    for event in p.disk_change_frames(0, changes or (DiskChange(0, bytes([fill]) * 4096),)):
+        out += primary.send(event)
     out += primary.send(p.MachineStateBlob(machine_state))
-    out += primary.send(p.SyncEnd(sync, "blk", None, xxhash.xxh3_64_intdigest(machine_state)))
+    out += primary.send(p.SyncEnd(sync, "blk", ram_hash_, xxhash.xxh3_64_intdigest(machine_state)))
     return b"".join(bytes(b) for b in out)
 
 
+class FakePrimary:
+    """A standby serving in a thread, and a primary made of a bare FtConnection and a socket."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.lines: list[str] = []
+        self.standby = Standby(machine, timeout=2.0, log=self.lines.append)
+        self.state = encode(machine.save_state())
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.outcome: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.outcome.append(self.standby.serve(self.server)))
+        self.thread.start()
+        self.primary = p.FtConnection(p.Role.PRIMARY)
+        self.conn = socket.create_connection(self.server.getsockname())
+        wire.send_buffers(self.conn, self.primary.send(p.Hello(encode(machine.config))))
+        assert isinstance(p.receive_event(self.conn, self.primary), p.Ready)
+
+    def sync(self, data: bytes) -> p.Event:
+        self.conn.sendall(data)
+        return p.receive_event(self.conn, self.primary)
+
+    def end(self) -> str:
+        """Close our side; the standby's outcome."""
+        self.conn.close()
+        self.thread.join(10)
+        self.server.close()
+        assert not self.thread.is_alive()
+        return self.outcome[0]
+
+
 @requires_kvm
-@pytest.mark.parametrize("damage", ["truncated", "corrupted", "bad-state"])
+@pytest.mark.parametrize("damage", ["truncated", "corrupted", "bad-state", "past-the-disk"])
 def test_a_broken_sync_leaves_the_committed_state_untouched(standby_machine, damage):
+    """A sync cut short is what a dying primary leaves ("lost": a takeover may follow); a sync
+    that arrives but does not check out is the standby's fault: it says why and will not take
+    over. Either way RAM, disk and state stay those of the last committed sync."""
     machine, disk = standby_machine
-    state = encode(machine.save_state())
-    standby = Standby(machine, timeout=2.0, log=lambda line: None)
-    server = socket.create_server(("127.0.0.1", 0))
-    outcome = []
-    thread = threading.Thread(target=lambda: outcome.append(standby.serve(server)))
-    thread.start()
-    primary = p.FtConnection(p.Role.PRIMARY)
-    with socket.create_connection(server.getsockname()) as conn:
-        wire.send_buffers(conn, primary.send(p.Hello(encode(machine.config))))
-        assert isinstance(p.receive_event(conn, primary), p.Ready)
-        conn.sendall(_sync_frames(primary, state, 0xAA, 1))
-        assert p.receive_event(conn, primary) == p.Ack(1)
-        committed_ram, committed_disk = ram_hash(machine.vm.memory), disk.read_bytes()
-        broken_state = b'{"vm": 1}' if damage == "bad-state" else state
-        second = _sync_frames(primary, broken_state, 0x55, 2)
-        if damage == "truncated":
-            second = second[: len(second) // 2]
-        elif damage == "corrupted":
+    fake = FakePrimary(machine)
+    assert fake.sync(_sync_frames(fake.primary, fake.state, 0xAA, 1)) == p.Ack(1)
+    committed_ram, committed_disk = ram_hash(machine.vm.memory), disk.read_bytes()
+    broken_state = b'{"vm": 1}' if damage == "bad-state" else fake.state
+    changes = (DiskChange(0, b"\x55" * 4096), DiskChange((1 << 20) - 512, bytes(1024))) if damage == "past-the-disk" else None
+    second = _sync_frames(fake.primary, broken_state, 0x55, 2, changes)
+    if damage == "truncated":
+        fake.conn.sendall(second[: len(second) // 2])
+        assert fake.end() == "lost"
+    else:
+        if damage == "corrupted":
             second = second[:200] + bytes([second[200] ^ 0x10]) + second[201:]
-        conn.sendall(second)
-    thread.join(10)
-    server.close()
-    assert outcome == ["lost"]
-    assert standby.committed_sync == 1 and standby.committed is not None
+        answer = fake.sync(second)
+        assert isinstance(answer, p.StandbyFault)
+        assert {"corrupted": "failed its checksum", "bad-state": "does not decode",
+                "past-the-disk": "runs past the end of disk 0"}[damage] in answer.reason
+        assert fake.end() == "fault"
+        assert [line for line in fake.lines if "will not take over" in line] == [
+            f"ft standby: cannot follow the primary, will not take over: {answer.reason}"]
+    assert fake.standby.committed_sync == 1 and fake.standby.committed is not None
     assert ram_hash(machine.vm.memory) == committed_ram
     assert machine.vm.memory.read(256 * PAGE_SIZE, 4) == b"\xaa" * 4
     assert disk.read_bytes() == committed_disk and committed_disk[:4096] == b"\xaa" * 4096
+
+
+@requires_kvm
+def test_an_oversized_frame_is_refused_on_its_header(standby_machine):
+    """A DiskChanges frame longer than its cap: the standby refuses on the header alone, before
+    any of the payload is sent (so it allocated nothing for it)."""
+    machine, _ = standby_machine
+    fake = FakePrimary(machine)
+    header = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.Kind.DISK_CHANGES, 0, 1, p.DISK_FRAME_BYTES + 1, 0)
+    fault = fake.sync(header)
+    assert isinstance(fault, p.StandbyFault) and "DISK_CHANGES frame" in fault.reason and "exceeds" in fault.reason
+    assert fake.end() == "fault"
+
+
+@requires_kvm
+def test_a_ram_mismatch_under_verification_is_a_fault(standby_machine):
+    """--ft-verify: a standby whose RAM differs from the primary's after a commit knows its copy
+    is wrong: it refuses to go on and may not take over."""
+    machine, _ = standby_machine
+    fake = FakePrimary(machine)
+    assert fake.sync(_sync_frames(fake.primary, fake.state, 0xAA, 1)) == p.Ack(1)
+    fault = fake.sync(_sync_frames(fake.primary, fake.state, 0x55, 2, ram_hash_=12345))
+    assert isinstance(fault, p.StandbyFault) and "VERIFY FAILED at sync 2" in fault.reason
+    assert fake.end() == "fault"
+    assert fake.standby.unusable and fake.standby.stats.mismatches == 1
+
+
+@requires_kvm
+@pytest.mark.skipif(not can_mount(), reason="mounting a tmpfs needs root")
+def test_a_disk_that_fills_up_mid_sync_is_rolled_back(tmp_path):
+    """The standby's disk is on a 1 MiB tmpfs. Sync 2 overwrites committed data, then writes
+    2 MiB into a hole: the file system fills up part-way. The standby puts the overwritten data
+    back from its undo journal, punches the hole again, says why, and keeps sync 1 whole."""
+    with small_tmpfs(tmp_path / "small", 1 << 20) as small:
+        disk = small / "standby.img"
+        with open(disk, "wb") as f:
+            f.truncate(4 << 20)  # sparse: larger than the file system
+        config = MachineConfig(disks=(DiskSpec(str(disk)),))
+        with Machine(config, serial_output=lambda data: None, attach_networks=False) as machine:
+            fake = FakePrimary(machine)
+            first = (DiskChange(0, b"\xaa" * (64 << 10)),)
+            assert fake.sync(_sync_frames(fake.primary, fake.state, 0xAA, 1, first)) == p.Ack(1)
+            committed_ram, committed_disk = ram_hash(machine.vm.memory), disk.read_bytes()
+            free = free_bytes(small)
+            second = (DiskChange(0, b"\x55" * (64 << 10)), DiskChange(8192, zeroed=8192),
+                      DiskChange(1 << 20, b"\x77" * (2 << 20)))
+            fault = fake.sync(_sync_frames(fake.primary, fake.state, 0x55, 2, second))
+            assert isinstance(fault, p.StandbyFault)
+            assert "No space left on device" in fault.reason and "rolled back to sync 1" in fault.reason
+            assert fake.end() == "fault"
+            assert not fake.standby.unusable and fake.standby.committed_sync == 1
+            assert ram_hash(machine.vm.memory) == committed_ram
+            assert disk.read_bytes() == committed_disk
+            assert free_bytes(small) >= free - (8 << 10)  # the hole is a hole again (its space given back)

@@ -26,13 +26,14 @@ call below is one such point, and does nothing unless its fault was asked for.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import socket
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, TextIO
+from typing import Callable, Iterable, Iterator, TextIO
 
 import xxhash
 
@@ -42,6 +43,7 @@ from pykvm.devices.virtio.gate import DiskChange, GatedFunction
 from pykvm.devices.virtio.net import Net
 from pykvm.ft import faults, protocol as p
 from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
+from pykvm.hostfile import extents
 from pykvm.machine import Machine
 from pykvm.memory import dirty_pages, populated_pages, ram_hash
 from pykvm.run_control import StopKind
@@ -49,7 +51,8 @@ from pykvm.transfer.tcp import parse_tcp_uri
 from pykvm.state import encode
 from pykvm.stats import summary
 
-DISK_CHUNK = 1 << 20  # the full sync sends the disk in pieces of this size
+DISK_CHUNK = 1 << 20  # the full sync reads the disk in pieces of this size
+PAGES_PER_BATCH = 4096  # pages framed (and, if scattered, gathered: 16 MiB) before they are sent
 CONNECT_TIMEOUT = 5.0
 
 
@@ -261,11 +264,11 @@ class Primary:
             paused = time.perf_counter()
             covered = self._take_held()  # the outputs this sync's state precedes
             try:
-                buffers, pages, sync = self._capture(trigger, full, copy=pipelined)
+                batches, pages, sync = self._capture(trigger, full, copy=pipelined)
                 if pipelined:
                     quiesce.close()  # the guest runs on while the sync travels
                 resumed = time.perf_counter()
-                sent_bytes = faults.sending_sync(self._sock, sync, buffers)
+                sent_bytes = sum(faults.sending_sync(self._sock, sync, batch) for batch in batches)
                 sent = time.perf_counter()
                 _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {sync}")
                 faults.acknowledged(sync, self._sock)
@@ -281,34 +284,41 @@ class Primary:
                             (sent - paused) * 1000, (acked - sent) * 1000, max(delays, default=0.0) * 1000)
         self._account(record, started)
 
-    def _capture(self, trigger: str, full: bool, *, copy: bool) -> tuple[list, int, int]:
-        """Frames for everything that changed (machine quiesced): dirty pages (all populated pages
-        for a full sync), completed disk changes, the machine state, SyncEnd. `copy`: the pages
-        are copied out, so the guest may run before the frames are sent."""
-        machine, protocol = self.machine, self._protocol
-        buffers, pages = [], 0
-        for slot in machine.vm.memory.slots:
-            if full:
-                machine.vm.dirty_bitmap(slot)  # reset the log: everything goes now anyway
-                numbers = populated_pages(slot)
-            else:
-                numbers = dirty_pages(machine.vm.dirty_bitmap(slot))
+    def _capture(self, trigger: str, full: bool, *, copy: bool) -> tuple[Iterable[list], int, int]:
+        """The sync's frames (machine quiesced) as batches of buffers to send one after the other,
+        with its page count and number: dirty pages (all populated pages for a full sync),
+        completed disk changes (the whole disk for a full sync), the machine state, SyncEnd.
+        A full sync is read and framed a piece at a time as the batches are sent, so the primary
+        holds one piece at a time whatever the sizes of RAM and disk; any other is captured now
+        (with `copy`, its pages are copied out, so the guest may run before they are sent)."""
+        page_lists = []
+        for slot in self.machine.vm.memory.slots:
+            bitmap = self.machine.vm.dirty_bitmap(slot)  # read and reset the log
+            numbers = populated_pages(slot) if full else dirty_pages(bitmap)
             if len(numbers):
-                buffers += protocol.send_pages(slot.index, slot.view, numbers, copy=copy)
-                pages += len(numbers)
+                page_lists.append((slot, numbers))
+        sync = self._protocol.last_sync + 1
+        batches = self._frames(trigger, sync, page_lists, full, copy)
+        if not full:
+            batches = [[buffer for batch in batches for buffer in batch]]
+        return batches, sum(len(numbers) for _, numbers in page_lists), sync
+
+    def _frames(self, trigger: str, sync: int, page_lists: list, full: bool, copy: bool) -> Iterator[list]:
+        """`_capture`'s batches, each framed when it is asked for (after the one before was sent)."""
+        protocol = self._protocol
+        for slot, numbers in page_lists:
+            for start in range(0, len(numbers), PAGES_PER_BATCH):
+                yield protocol.send_pages(slot.index, slot.view, numbers[start : start + PAGES_PER_BATCH], copy=copy)
+                if full:
+                    protocol.reuse_scratch()  # that batch is sent: its gathered pages are not needed
         for disk_index, changes in enumerate(self._disk_changes):
-            if full:
-                changes[:] = list(_whole_disk(self.disks[disk_index]))
-            if changes:
-                buffers += protocol.send(p.DiskChanges(disk_index, tuple(changes)))
-                changes.clear()
-        state = encode(machine.save_state())
-        buffers += protocol.send(p.MachineStateBlob(state))
-        sync = protocol.last_sync + 1
-        end = p.SyncEnd(sync, trigger, ram_hash(machine.vm.memory) if self.verify else None,
+            for event in p.disk_change_frames(disk_index, _whole_disk(self.disks[disk_index]) if full else changes):
+                yield protocol.send(event)
+            changes.clear()  # a full sync covers whatever was recorded before it
+        state = encode(self.machine.save_state())
+        end = p.SyncEnd(sync, trigger, ram_hash(self.machine.vm.memory) if self.verify else None,
                         xxhash.xxh3_64_intdigest(state))
-        buffers += protocol.send(end)
-        return buffers, pages, sync
+        yield protocol.send(p.MachineStateBlob(state)) + protocol.send(end)
 
     def _take_held(self) -> list[tuple[GatedFunction, int, float]]:
         with self._cond:
@@ -398,14 +408,20 @@ def _trigger(function: GatedFunction) -> str:
 
 
 def _whole_disk(disk: Blk) -> Iterator[DiskChange]:
-    """The disk's contents as changes (the full sync); all-zero chunks (holes too) go as zeroed."""
-    image, size = disk.disk, disk.disk.size
-    for offset in range(0, size, DISK_CHUNK):
-        data = image.read(offset, min(DISK_CHUNK, size - offset))
-        if data.count(0) == len(data):
-            yield DiskChange(offset, zeroed=len(data))
-        else:
-            yield DiskChange(offset, data)
+    """The disk's contents as changes, read a piece at a time as they are taken: holes (skipped
+    with SEEK_DATA/SEEK_HOLE, never read) and all-zero pieces as zeroed ranges, so the standby's
+    copy equals ours whatever it held before."""
+    image = disk.disk
+    for offset, length, holds_data in extents(image.fd, 0, image.size):
+        if not holds_data:
+            yield DiskChange(offset, zeroed=length)
+            continue
+        for at in range(offset, offset + length, DISK_CHUNK):
+            size = min(DISK_CHUNK, offset + length - at)
+            data = image.read(at, size)
+            if len(data) != size:
+                raise OSError(errno.EIO, f"short read of {image.spec.path} ({len(data)} of {size} bytes at {at})")
+            yield DiskChange(at, zeroed=size) if data.count(0) == size else DiskChange(at, data)
 
 
 def _rounded(figures: dict[str, float]) -> dict[str, float]:

@@ -9,7 +9,7 @@ sequenced, length-prefixed, hashed); each event travels as the frame kind of the
     Hello(config, witness, epoch, mode, interval)
                                   ->
                                   <-      Ready  | Refused(reason)
-    -- a sync, repeated; the first carries every populated page and the whole disk --
+    -- a sync, repeated; the first carries every populated page and the whole disk, in pieces --
     Pages(slot, pages)*           ->      (page data lands in the standby's staging buffers)
     DiskChanges(disk, changes)*   ->
     MachineStateBlob(data)        ->      (one per sync)
@@ -33,11 +33,12 @@ import json
 import socket
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, get_args
+from typing import ClassVar, Iterable, Iterator, get_args
 
 import numpy as np
 
 from pykvm.devices.virtio.gate import DiskChange
+from pykvm.memory import PAGE_SIZE
 from pykvm.transfer import wire
 from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.wire import Kind, ProtocolError
@@ -46,6 +47,15 @@ PROTOCOL = 2  # 2: Hello carries the witness, epoch and sync mode; StandbyFault;
 SYNC_MODES = ("sync", "pipelined")
 _DISK_HEAD = struct.Struct("<II")  # disk index, count
 _CHANGE = struct.Struct("<QQB")  # offset, length, zeroed?
+DISK_FRAME_BYTES = 4 << 20  # a DiskChanges frame's payload at most: a sender splits bigger changes
+_MAX_CHANGE_DATA = DISK_FRAME_BYTES - _DISK_HEAD.size - _CHANGE.size  # the most one change can carry
+
+# What a frame of each kind may carry at most, checked on its header before anything is allocated
+# (a PAGES frame's length must also match its page count, and its data goes to the page sink's buffers).
+FRAME_LIMITS = {Kind.HELLO: 1 << 20, Kind.READY: 0, Kind.REFUSED: 64 << 10, Kind.DISK_CHANGES: DISK_FRAME_BYTES,
+                Kind.MACHINE_STATE: 64 << 20, Kind.SYNC_END: 4 << 10, Kind.ACK: 4 << 10, Kind.HEARTBEAT: 0,
+                Kind.GOODBYE: 64 << 10, Kind.STANDBY_FAULT: 64 << 10,
+                Kind.PAGES: wire.PAGES_HEAD.size + wire.PAGES_PER_FRAME * (4 + PAGE_SIZE)}
 
 
 # -- events: each knows its frame kind and its payload ---------------------------------------------
@@ -151,6 +161,28 @@ class DiskChanges:
         if at != len(payload):
             raise ValueError("trailing bytes after the disk changes")
         return cls(disk, tuple(changes))
+
+
+def disk_change_frames(disk: int, changes: Iterable[DiskChange]) -> Iterator[DiskChanges]:
+    """`changes` as DiskChanges events whose payloads stay within DISK_FRAME_BYTES (a change with
+    more data is split), taken from the iterable only as they are needed: a sender holds one
+    frame's worth at a time."""
+    batch: list[DiskChange] = []
+    size = _DISK_HEAD.size
+    for change in changes:
+        pieces = [change] if len(change.data) <= _MAX_CHANGE_DATA else [
+            DiskChange(change.offset + at, change.data[at : at + _MAX_CHANGE_DATA])
+            for at in range(0, len(change.data), _MAX_CHANGE_DATA)]
+        for piece in pieces:
+            cost = _CHANGE.size + len(piece.data)
+            if batch and size + cost > DISK_FRAME_BYTES:
+                yield DiskChanges(disk, tuple(batch))
+                batch, size = [], _DISK_HEAD.size
+            batch.append(piece)
+            size += cost
+    if batch:
+        yield DiskChanges(disk, tuple(batch))
+
 
 
 @dataclass(frozen=True)
@@ -311,7 +343,7 @@ class FtConnection:
         self._out_seq = 0
         self._pending_sync = 0  # the sync a SyncEnd announced and an Ack must name
         self._scratch = PageArena()  # where send_pages gathers scattered pages
-        self._decoder = wire.Decoder(page_sink or _refuse_pages)
+        self._decoder = wire.Decoder(page_sink or _refuse_pages, limits=FRAME_LIMITS)
 
     # -- sending ----------------------------------------------------------------------------------
 
@@ -329,6 +361,11 @@ class FtConnection:
         self._advance(Pages(slot, pages), outgoing=True)
         buffers, self._out_seq = wire.page_frames(self._out_seq, slot, view, pages, scratch=self._scratch, copy=copy)
         return buffers
+
+    def reuse_scratch(self) -> None:
+        """Every buffer `send_pages` returned so far has been sent: its scratch rows may be reused
+        before the SyncEnd (a full sync goes piece by piece, not all RAM gathered at once)."""
+        self._scratch.reset()
 
     # -- receiving -------------------------------------------------------------------------------
 

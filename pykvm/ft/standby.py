@@ -1,11 +1,22 @@
 """The FT standby: a machine that is built but does not run, kept equal to the primary's state as
 of the last acknowledged sync, and that takes over when the primary goes silent.
 
-Everything of a sync is staged first — pages in reused staging rows, disk changes in a list, the
-machine state as it came — and checked (frames hashed, the state decoded against its
-dataclasses). Only at the sync's end are the pages copied into guest RAM, the disk changes
-written and flushed, and the state kept as the committed one; then the Ack goes out. A sync
-cut off midway is dropped with its staging, so the committed state is always a whole sync.
+A sync is committed all or nothing. Everything of it is staged first — pages in reused staging
+rows, disk changes in a list, the machine state as it came — and checked (frames hashed against
+their bounds, the state decoded against its dataclasses, every disk change inside its disk). At
+the sync's end the old contents of what the disk changes overwrite go to an undo journal
+(ft.journal), the changes are written and flushed, and only then are the pages copied into
+guest RAM (which cannot fail) and the state kept as the committed one; then the Ack goes out.
+A disk write that fails is rolled back from the journal, so the committed sync stays whole; a
+rollback that fails too leaves this standby unusable, and it says so. The first sync is the
+exception: with nothing committed yet there is nothing to protect (and no takeover possible),
+so its pages and disk data go straight into RAM and onto the disk as they arrive.
+
+Only the primary's silence (no byte for `timeout`) or its closing or resetting the connection
+count as losing it ("lost", after which the CLI may take over). Anything else that stops this
+standby — a damaged frame, a sync that does not check out or cannot be applied, a RAM mismatch
+under verification — is this standby's fault ("fault"): it tells the primary why (StandbyFault)
+and never takes over, so a standby that cannot follow never becomes a second live copy.
 Guest RAM stays hot: takeover copies nothing in bulk, it restores the committed KVM and device
 state and starts the vCPUs.
 """
@@ -20,10 +31,12 @@ from typing import Callable
 import numpy as np
 import xxhash
 
-from pykvm.devices.virtio.blk import Blk
+from pykvm.devices.virtio.blk import Blk, DiskImage
+from pykvm.devices.virtio.gate import DiskChange
 from pykvm.errors import ConfigError
 from pykvm.ft import faults, protocol as p
 from pykvm.ft.fencing import Fencing, admission
+from pykvm.ft.journal import JournalError, UndoJournal
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, GuestMemory, MemorySlot, ram_hash
 from pykvm.state import StateError, decode
@@ -32,26 +45,41 @@ from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.snapshot import check_same_shape
 
 
+LINGER = 5.0  # seconds a faulting standby waits for the primary to read its StandbyFault and close
+FIRST_SYNC_FLUSH = 64 << 20  # the first sync's disk data is flushed every this many bytes
+MAX_REASON = 4000  # characters of a StandbyFault's reason (well inside its frame's cap)
+
+
+class SyncFault(Exception):
+    """This standby cannot apply a sync (it does not check out, or the disk fails): a fault of
+    the standby's, answered with StandbyFault, never a reason to take over."""
+
+
 class PageStaging:
-    """Where a sync's pages land until it commits: rows of an arena, reused from sync to sync."""
+    """Where a sync's pages land until it commits: rows of an arena, reused from sync to sync.
+    While `direct` (the first sync: nothing committed to protect), they land in guest RAM itself."""
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
+        self.direct = True
         self._rows = PageArena()
+        self._ram_pages = sum(slot.pages for slot in memory.slots)
         self.entries: list[tuple[MemorySlot, np.ndarray, np.ndarray]] = []  # slot, page numbers, rows
+        self.page_count = 0  # received in this sync
 
     def sink(self, slot_index: int, pages: np.ndarray) -> list[memoryview]:
-        """The decoder's page sink: the buffer one frame's pages are received into."""
+        """The decoder's page sink: the buffers one frame's pages are received into."""
         slot = next((s for s in self.memory.slots if s.index == slot_index), None)
         if slot is None or (len(pages) and int(pages.max()) >= slot.pages):
             raise wire.ProtocolError(f"pages outside guest RAM (slot {slot_index})")
+        if self.page_count + len(pages) > self._ram_pages:  # staging is bounded by RAM, whatever is sent
+            raise wire.ProtocolError("a sync with more pages than guest RAM")
+        self.page_count += len(pages)
+        if self.direct:
+            return [slot.view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in wire.page_runs(pages)]
         rows = self._rows.take(len(pages))
         self.entries.append((slot, pages.astype(np.int64), rows))
         return [memoryview(rows).cast("B")]
-
-    @property
-    def page_count(self) -> int:
-        return sum(len(pages) for _, pages, _ in self.entries)
 
     def commit(self) -> None:
         """Copy the staged pages into guest RAM (one numpy scatter per frame)."""
@@ -59,10 +87,12 @@ class PageStaging:
             ram = np.frombuffer(slot.view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
             ram[pages] = rows
         self.discard()
+        self.direct = False
 
     def discard(self) -> None:
         self.entries.clear()
         self._rows.reset()
+        self.page_count = 0
 
 
 @dataclass
@@ -96,19 +126,33 @@ class Standby:
         self.stats = StandbyStats()
         self._staged_disk: list[p.DiskChanges] = []
         self._staged_state: bytes | None = None
+        self._drain = bytearray(1 << 16)  # where a faulting standby drops what still comes
         self.lost_at = 0.0  # time.monotonic() when the primary was found gone
+        self.journals = [UndoJournal(disk.disk) for disk in self.disks]
+        self.unusable = ""  # why this standby's copy is known bad (it will not take over), or ""
+        self._staged_bytes = [0] * len(self.disks)  # disk data staged in this sync, per disk
+        self._written_since_flush = 0  # the first sync's disk data not yet flushed
 
     # -- the connection ----------------------------------------------------------------------------
 
     def serve(self, server: socket.socket) -> str:
         """Follow one primary until it says goodbye ("goodbye"), is refused for a machine of
-        another shape ("refused"), or is lost ("lost")."""
+        another shape ("refused"), is lost ("lost": silent for `timeout`, or its connection closed
+        or reset), or this standby cannot follow it ("fault": the primary is told why, and this
+        standby must not take over)."""
+        try:
+            return self._follow(server)
+        finally:
+            for journal in self.journals:  # a standby follows one primary: they are not needed again
+                journal.close()
+
+    def _follow(self, server: socket.socket) -> str:
         conn, peer = server.accept()
         self.log(f"ft standby: primary {peer[0]} connected")
         protocol = p.FtConnection(p.Role.STANDBY, page_sink=self.staging.sink)
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(self.timeout)
+            conn.settimeout(self.timeout)  # per receive: patience counts from the last byte
             try:
                 while True:
                     event = p.receive_event(conn, protocol)
@@ -120,17 +164,34 @@ class Standby:
                         return "goodbye"
                     if protocol.phase == p.Phase.CLOSED:  # we sent Refused
                         return "refused"
-            except socket.timeout:
-                reason = f"no word from the primary for {self.timeout * 1000:.0f} ms"
-            except (ConnectionError, OSError) as error:
-                reason = f"connection lost ({error})"
-            except wire.ProtocolError as error:
-                reason = f"protocol violation, connection dropped ({error})"
+            except TimeoutError:
+                lost = f"no word from the primary for {self.timeout * 1000:.0f} ms"
+            except ConnectionError as error:
+                lost = f"connection lost ({error})"
+            except (wire.ProtocolError, SyncFault) as error:
+                return self._fault(conn, protocol, str(error))
+            except OSError as error:  # neither silence nor a closed connection: no sign the primary died
+                return self._fault(conn, protocol, f"connection error ({error})")
         self.lost_at = time.monotonic()
-        self.staging.discard()  # a sync cut off midway never counts
-        self._staged_disk, self._staged_state = [], None
-        self.log(f"ft standby: primary lost: {reason}")
+        self._discard_sync()  # a sync cut off midway never counts
+        self.log(f"ft standby: primary lost: {lost}")
         return "lost"
+
+    def _fault(self, conn: socket.socket, protocol: p.FtConnection, reason: str) -> str:
+        """Tell the primary why we stop following it, then let it close: until it does (or for
+        LINGER at most) what it still sends is read and dropped, so that our close does not
+        reset the connection before it has read the reason."""
+        self._discard_sync()
+        self.log(f"ft standby: cannot follow the primary, will not take over: {reason}")
+        try:
+            wire.send_buffers(conn, protocol.send(p.StandbyFault(reason[:MAX_REASON])))
+            conn.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER
+            while time.monotonic() < deadline and conn.recv_into(self._drain):
+                pass
+        except (OSError, wire.ProtocolError):
+            pass  # it is gone already, or the fault came before there was a conversation to end
+        return "fault"
 
     def _handle(self, event: p.Event, protocol: p.FtConnection) -> list | None:
         if isinstance(event, p.Hello):
@@ -145,9 +206,7 @@ class Standby:
             self.mode, self.interval_ms = event.mode, event.interval_ms
             return protocol.send(p.Ready())
         if isinstance(event, p.DiskChanges):
-            if event.disk >= len(self.disks):
-                raise wire.ProtocolError(f"changes for disk {event.disk}, this machine has {len(self.disks)}")
-            self._staged_disk.append(event)
+            self._receive_disk_changes(event)
         elif isinstance(event, p.MachineStateBlob):
             self._staged_state = event.data
         elif isinstance(event, p.SyncEnd):
@@ -158,48 +217,116 @@ class Standby:
             return protocol.send(p.Heartbeat())  # the primary hears that we live
         return None
 
+    # -- a sync -------------------------------------------------------------------------------------
+
+    def _receive_disk_changes(self, batch: p.DiskChanges) -> None:
+        """Check the changes against their disk; stage them, or (first sync) write them now."""
+        if batch.disk >= len(self.disks):
+            raise wire.ProtocolError(f"changes for disk {batch.disk}, this machine has {len(self.disks)}")
+        image = self.disks[batch.disk].disk
+        for change in batch.changes:
+            if change.offset + (change.zeroed or len(change.data)) > image.size:
+                raise wire.ProtocolError(f"a change at byte {change.offset} runs past the end of disk {batch.disk} "
+                                         f"({image.size} bytes)")
+        if self.committed is None:
+            self._write_first_sync(batch)
+            return
+        self._staged_bytes[batch.disk] += sum(len(change.data) for change in batch.changes)
+        if self._staged_bytes[batch.disk] > image.size:  # no sync rewrites a whole disk and more
+            raise wire.ProtocolError(f"one sync's changes to disk {batch.disk} exceed its size")
+        self._staged_disk.append(batch)
+
+    def _write_first_sync(self, batch: p.DiskChanges) -> None:
+        try:
+            self.stats.disk_bytes += _apply(self.disks[batch.disk].disk, batch.changes)
+            self._written_since_flush += sum(len(change.data) for change in batch.changes)
+            if self._written_since_flush >= FIRST_SYNC_FLUSH:  # keeps the flush at its end short
+                self._flush(range(len(self.disks)))
+        except OSError as error:
+            raise SyncFault(f"writing the first sync to disk {batch.disk} failed: {error}") from None
+
     def _commit(self, end: p.SyncEnd) -> None:
         started = time.perf_counter()
-        try:  # check everything before changing anything
-            state = decode(MachineState, self._staged_state or b"")
-        except StateError as error:
-            raise wire.ProtocolError(f"sync {end.sync} carries a state that does not decode: {error}") from None
-        if xxhash.xxh3_64_intdigest(self._staged_state) != end.state_hash:
-            raise wire.ProtocolError(f"sync {end.sync}: state hash mismatch")
+        state = self._checked_state(end)
+        if self.committed is None:  # the first sync is on the disks already
+            try:
+                self._flush(range(len(self.disks)))
+            except OSError as error:
+                raise SyncFault(f"flushing the first sync failed: {error}") from None
+        else:
+            self._apply_staged_disk_changes(end.sync)
         pages = self.staging.page_count
         self.staging.commit()
-        written = self._apply_disk_changes(end.sync)
         self.committed, self.committed_sync = state, end.sync
         self._staged_state = None
         if end.ram_hash is not None:
-            ours = ram_hash(self.machine.vm.memory)
-            self.stats.verified += 1
-            if ours != end.ram_hash:
-                self.stats.mismatches += 1
-                self.log(f"ft standby: VERIFY FAILED at sync {end.sync}: RAM differs from the primary's")
+            self._verify(end)
         self.stats.syncs += 1
         self.stats.pages += pages
-        self.stats.disk_bytes += written
         self.stats.last_commit = time.monotonic()
         self.stats.commit_ms.append((time.perf_counter() - started) * 1000)
 
-    def _apply_disk_changes(self, sync: int) -> int:
-        """Write the sync's disk changes and flush the disks they touched; returns the bytes written."""
-        written, touched = 0, set()
-        for batch in self._staged_disk:
-            faults.writing_disk(sync)
-            image = self.disks[batch.disk].disk
-            for change in batch.changes:
-                if change.zeroed:
-                    image.zero(change.offset, change.zeroed)
-                else:
-                    image.write(change.offset, change.data)
-                    written += len(change.data)
-            touched.add(image)
-        for image in touched:
-            image.flush()
-        self._staged_disk = []
-        return written
+    def _checked_state(self, end: p.SyncEnd) -> MachineState:
+        if xxhash.xxh3_64_intdigest(self._staged_state or b"") != end.state_hash:
+            raise SyncFault(f"sync {end.sync}: state hash mismatch")
+        try:
+            return decode(MachineState, self._staged_state or b"")
+        except StateError as error:
+            raise SyncFault(f"sync {end.sync} carries a state that does not decode: {error}") from None
+
+    def _apply_staged_disk_changes(self, sync: int) -> None:
+        """All or nothing: journal what the changes overwrite, write them and flush; on a failure,
+        put the journaled contents back."""
+        touched = sorted({batch.disk for batch in self._staged_disk})
+        try:
+            for disk in touched:
+                self.journals[disk].save(sync, [(change.offset, change.zeroed or len(change.data))
+                                                 for batch in self._staged_disk if batch.disk == disk
+                                                 for change in batch.changes])
+        except OSError as error:  # the disks are untouched yet
+            raise SyncFault(f"sync {sync}: cannot journal its disk changes: {error}") from None
+        try:
+            for batch in self._staged_disk:
+                faults.writing_disk(sync)
+                self.stats.disk_bytes += _apply(self.disks[batch.disk].disk, batch.changes)
+            self._flush(touched)
+        except OSError as error:
+            failure = f"sync {sync}: applying its disk changes failed ({error})"
+            try:
+                for disk in touched:
+                    self.journals[disk].rollback()
+            except (OSError, JournalError) as rollback_error:
+                self.unusable = f"{failure}, and so did the rollback ({rollback_error}): the disk is damaged"
+                raise SyncFault(self.unusable) from None
+            self._forget_journals(touched)
+            raise SyncFault(f"{failure}; rolled back to sync {self.committed_sync}") from None
+        self._forget_journals(touched)
+        self._staged_disk, self._staged_bytes = [], [0] * len(self.disks)
+
+    def _forget_journals(self, disks: list[int]) -> None:
+        for disk in disks:
+            try:
+                self.journals[disk].clear()
+            except OSError:
+                pass  # only space is lost: the next sync's journal truncates it anyway
+
+    def _verify(self, end: p.SyncEnd) -> None:
+        """The primary sent a hash of all its RAM: ours, now committed, must equal it."""
+        self.stats.verified += 1
+        if ram_hash(self.machine.vm.memory) != end.ram_hash:
+            self.stats.mismatches += 1
+            self.unusable = f"VERIFY FAILED at sync {end.sync}: RAM differs from the primary's"
+            raise SyncFault(self.unusable)
+
+    def _flush(self, disks) -> None:
+        for disk in disks:
+            self.disks[disk].disk.flush()
+        self._written_since_flush = 0
+
+    def _discard_sync(self) -> None:
+        self.staging.discard()
+        self._staged_disk, self._staged_state = [], None
+        self._staged_bytes = [0] * len(self.disks)
 
     # -- takeover -------------------------------------------------------------------------------
 
@@ -216,3 +343,15 @@ class Standby:
         self.log(f"ft standby: took over from sync {self.committed_sync} in {elapsed * 1000:.1f} ms "
                  f"(after detecting the loss)")
         return elapsed
+
+
+def _apply(image: DiskImage, changes: tuple[DiskChange, ...]) -> int:
+    """Write `changes` to the disk image (not flushed); returns the data bytes written."""
+    written = 0
+    for change in changes:
+        if change.zeroed:
+            image.zero(change.offset, change.zeroed)
+        else:
+            image.write(change.offset, change.data)
+            written += len(change.data)
+    return written

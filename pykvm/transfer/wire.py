@@ -22,7 +22,7 @@ import enum
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import xxhash
@@ -158,11 +158,13 @@ class Decoder:
     `filled(n)` (n bytes went there); a finished frame comes back from `filled`."""
 
     def __init__(self, page_sink: PageSink, expected_seq: int = 0, max_payload: int = MAX_PAYLOAD,
-                 *, allow_live_data: bool = False) -> None:
+                 *, allow_live_data: bool = False, limits: Mapping[Kind, int] | None = None) -> None:
+        """`limits`: a tighter payload bound for some kinds, checked on the header like `max_payload`."""
         self.page_sink = page_sink
         self.allow_live_data = allow_live_data
         self.expected_seq = expected_seq
         self.max_payload = max_payload
+        self.limits = dict(limits or {})
         self._start_header()
 
     def _start_header(self) -> None:
@@ -202,8 +204,9 @@ class Decoder:
                 raise ProtocolError(f"unknown frame kind {kind}") from None
             if seq != self.expected_seq:
                 raise ProtocolError(f"frame {seq} out of sequence (expected {self.expected_seq})")
-            if length > self.max_payload:
-                raise ProtocolError(f"frame of {length} bytes exceeds the limit")
+            limit = min(self.max_payload, self.limits.get(self._kind, self.max_payload))
+            if length > limit:  # before anything is allocated for it
+                raise ProtocolError(f"{self._kind.name} frame of {length} bytes exceeds its limit of {limit}")
             if flags & ~LIVE_DATA or (flags & LIVE_DATA and (self._kind != Kind.PAGES or not self.allow_live_data)):
                 raise ProtocolError(f"frame {seq}: flags {flags:#x} not allowed here")
             self._seq, self._length, self._digest, self._live = seq, length, digest, bool(flags & LIVE_DATA)

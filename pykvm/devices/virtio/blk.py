@@ -98,7 +98,10 @@ class DiskImage:
         return os.pread(self.fd, length, offset)
 
     def write(self, offset: int, data: bytes) -> None:
-        os.pwrite(self.fd, data, offset)
+        view = memoryview(data)
+        while view:  # a write cut short by a full disk goes on, and then raises ENOSPC
+            done = os.pwrite(self.fd, view, offset)
+            view, offset = view[done:], offset + done
 
     def zero(self, offset: int, length: int) -> None:
         """Make the range read as zeros: a hole, whether the guest discarded it or zeroed it."""

@@ -1,0 +1,67 @@
+"""The standby's undo journal on real files: what it saved comes back byte for byte, holes as
+holes; a journal damaged on disk is refused rather than rolled back from."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pykvm.devices.virtio.blk import DiskImage, DiskSpec
+from pykvm.ft.journal import PIECE, JournalError, UndoJournal, merge_ranges
+from pykvm.hostfile import extents
+
+pytestmark = pytest.mark.nokvm
+SIZE = 8 << 20
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+    image = DiskImage(DiskSpec(str(path)))
+    image.write(0, os.urandom(3 * PIECE // 2))  # data across a piece boundary
+    image.write(5 << 20, b"\x11" * 4096)  # a lone page of data amid holes
+    yield image
+    image.close()
+
+
+def _holes(image: DiskImage) -> list[tuple[int, int]]:
+    return [(offset, length) for offset, length, data in extents(image.fd, 0, image.size) if not data]
+
+
+def test_merge_ranges():
+    assert merge_ranges([(10, 5), (0, 4), (4, 2), (12, 10), (30, 0)]) == [(0, 6), (10, 12)]
+
+
+def test_rollback_restores_data_and_holes(image):
+    before, holes = image.read(0, SIZE), _holes(image)
+    journal = UndoJournal(image)
+    ranges = [(0, 2 << 20), (4 << 20, 2 << 20), (512, 4096)]  # overlapping, data and holes
+    journal.save(7, ranges)
+    image.write(4096, b"\xee" * ((2 << 20) - 4096))  # over data and into the hole after it
+    image.zero(0, 4096)
+    image.write(4 << 20, b"\xdd" * (2 << 20))  # fills the hole around the lone page
+    journal.rollback()
+    assert image.read(0, SIZE) == before
+    assert _holes(image) == holes
+    journal.clear()
+    assert os.path.getsize(journal.path) == 0
+    journal.close()
+    assert not os.path.exists(journal.path)  # an empty journal leaves nothing behind
+
+
+def test_a_damaged_journal_is_not_rolled_back_from(image):
+    journal = UndoJournal(image)
+    journal.save(3, [(0, 8192)])
+    with open(journal.path, "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    image.write(0, b"\xee" * 8192)
+    with pytest.raises(JournalError, match="fails its checksum"):
+        journal.rollback()
+    journal.close()
+    assert os.path.getsize(journal.path) > 0  # kept: it still holds what could not be put back
