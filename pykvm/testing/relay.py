@@ -40,7 +40,8 @@ class Relay:
         self._cut.set()
 
     def slow_down(self, seconds: float) -> None:
-        """What arrives from now on is passed on `seconds` later."""
+        """What arrives from now on is passed on `seconds` (> 0) later; for good, as on a long link."""
+        assert seconds > 0, "a slow link stays slow: what is on its way must keep its order"
         self.delay = seconds
 
     def corrupt_after(self, count: int) -> None:
@@ -76,16 +77,25 @@ class Relay:
             outbox.put(STOP, 0.0)
 
     def _forward(self, source: socket.socket, outbox: _Outbox, primary: socket.socket) -> bool:
-        """Pass on what `source` sent; False once it closed (passed on, after what came before)."""
+        """Pass on what `source` sent; False once it closed (passed on, after what came before).
+        Until the link is slowed down, bytes go straight through, with TCP's own backpressure."""
         try:
             data = source.recv(1 << 16)
         except OSError:
             data = b""
-        if not data:
-            outbox.put(CLOSE, self.delay)
+        if source is primary:
+            data = self._maybe_flip(data)
+        if self.delay:
+            outbox.put(data or CLOSE, self.delay)
+            return bool(data)
+        try:
+            if not data:
+                raise OSError("closed by the other side")
+            outbox.to.sendall(data)
+            return True
+        except OSError:
+            outbox.close_both()
             return False
-        outbox.put(self._maybe_flip(data) if source is primary else data, self.delay)
-        return True
 
     def _maybe_flip(self, data: bytes) -> bytes:
         with self._lock:
@@ -131,6 +141,9 @@ class _Outbox:
                     raise OSError("closed by the other side")
                 self.to.sendall(data)
             except OSError:
-                for sock in self.both:
-                    sock.close()
+                self.close_both()
                 return
+
+    def close_both(self) -> None:
+        for sock in self.both:
+            sock.close()
