@@ -13,9 +13,9 @@ Each fault is injected by one hook, a call at one point of a sync in ft.primary 
                                                              released yet: the primary's end of the link
                                                              goes silent without closing (what it sends
                                                              goes nowhere, nothing arrives)
-    standby-disk-fails:K[:ERRNO]   standby  writing_disk     the standby's disk fails from sync K on:
-                                                             its writes raise ERRNO (an errno name;
-                                                             EIO unless given)
+    standby-disk-fails:K[:ERRNO]   standby  writing_disk     the standby's disk fails from sync K (> 1)
+                                                             on: its writes raise ERRNO (an errno
+                                                             name; EIO unless given)
     standby-die-before-ack:K       standby  acking           sync K is committed; the process SIGKILLs
                                                              itself before the Ack goes out
 
