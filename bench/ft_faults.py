@@ -6,8 +6,8 @@ trial, at a random moment, the faults taken in turn:
     link-cut           the relay stops forwarding, closing nothing
     standby-kill       the standby gets SIGKILL
     standby-disk-full  the standby's disk file lives on a small tmpfs that fills up
-    slow-link          the relay delays every byte by 20-400 ms from then on (the standby's
-                       patience is 200 ms: a long delay looks like a lost primary)
+    slow-link          the relay delays every byte by 5-400 ms from then on (log-uniform; the
+                       standby's patience is 200 ms: a long round trip looks like a lost primary)
 
 After the fault the client writes a few more records, then reads back every record it saw
 acknowledged from whoever runs the guest. A trial fails if one of them is not served as
@@ -94,8 +94,9 @@ class Side:
         return f"{self.role} {named}"
 
 
-def run_trial(fault: str, rng: random.Random, root: Path) -> Trial:
-    """One trial in `root`: set up the pair, write, strike, write, verify."""
+def run_trial(fault: str, rng: random.Random, root: Path, logs: Path | None = None) -> Trial:
+    """One trial in `root`: set up the pair, write, strike, write, verify. With `logs`, the
+    VMMs' stderr is kept there (primary.log, standby.log)."""
     deadline = time.monotonic() + TRIAL_SECONDS
     primary_disk, standby_disk = root / "p.img", root / "s.img"
     _sparse(primary_disk)
@@ -130,15 +131,18 @@ def run_trial(fault: str, rng: random.Random, root: Path) -> Trial:
             struck = _write_through_the_fault(client, fault, rng, relay, primary, standby, trial, deadline)
             if not struck:
                 trial.error = "the fault never struck within the trial's time"
-            trial.took_over = standby.said("took over from sync")
-            trial.two_copies = _two_copies(primary, standby)
             trial.lost = len(_unserved(client, deadline)) if struck else 0
             trial.acked = len(client.acked)
+            trial.took_over = standby.said("took over from sync")
+            trial.two_copies = _two_copies(primary, standby)
             trial.outcome = ", ".join(side.describe() for side in sides)
             return trial
     finally:
         for side in sides:
             side.child.stop()
+            if logs is not None:
+                logs.mkdir(parents=True, exist_ok=True)
+                (logs / f"{side.role}.log").write_text("\n".join(side.child.lines) + "\n")
         relay.close()
         if mount is not None:
             subprocess.run(["umount", "-l", str(mount)], check=True)
@@ -151,7 +155,7 @@ def _write_through_the_fault(client: KvClient, fault: str, rng: random.Random, r
     strike_at = rng.randrange(5, 30)
     struck_at: list[float] = []
     if fault == "slow-link":
-        delay = rng.uniform(0.02, 0.4)
+        delay = 0.005 * 80 ** rng.random()  # 5 to 400 ms, as many below 45 ms as above
         trial.detail = f"{delay * 1000:.0f} ms"
 
     def strike() -> None:
@@ -227,18 +231,21 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=200, help="trials, the faults taken in turn (default 200)")
     parser.add_argument("--per-fault", type=int, metavar="N", help="N trials of each fault (instead of --trials)")
     parser.add_argument("--seed", type=int, default=None, help="for the random moments and parameters")
+    parser.add_argument("--fault", action="append", choices=FAULTS, help="only this fault (repeatable)")
+    parser.add_argument("--logs", type=Path, help="keep each trial's VMM stderr in this folder")
     args = parser.parse_args()
-    count = args.per_fault * len(FAULTS) if args.per_fault else args.trials
+    faults = args.fault or FAULTS
+    count = args.per_fault * len(faults) if args.per_fault else args.trials
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     rng = random.Random(seed)
     print(f"ft fault campaign: {count} trials, seed {seed}", flush=True)
     trials = []
     started = time.monotonic()
     for index in range(count):
-        fault = FAULTS[index % len(FAULTS)]
+        fault = faults[index % len(faults)]
         with tempfile.TemporaryDirectory(prefix="pykvm-ft-faults-") as tmp:
             try:
-                trial = run_trial(fault, rng, Path(tmp))
+                trial = run_trial(fault, rng, Path(tmp), args.logs and args.logs / f"trial-{index + 1}")
             except (Exception, SystemExit) as error:  # a trial that could not run says why; the campaign goes on
                 trial = Trial(fault, "", error=f"{type(error).__name__}: {error}".splitlines()[0])
         trials.append(trial)

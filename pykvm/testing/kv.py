@@ -8,7 +8,9 @@ import time
 
 from pykvm.testing.netframes import FrameSocket, Peer
 
-TRY = 0.2  # the client's patience before it sends a request again (it is UDP)
+TRY = 0.2  # the client's first patience before it sends a request again (it is UDP)
+LONGEST_TRY = 3.2  # each unanswered try doubles the patience up to this (RFC 8085's backoff): on a
+#                    slow link, resending faster than the answers can come only piles up work
 
 
 class KvClient:
@@ -21,19 +23,21 @@ class KvClient:
 
     def ask(self, text: str, deadline: float) -> bytes | None:
         """Send `text` until its answer comes (None when the deadline passed first)."""
-        seq = text.split()[1].encode()
+        seq, patience = text.split()[1].encode(), self.patience
         while time.monotonic() < deadline:
             try:
                 if self.peer.guest_mac is None:
+                    self.peer.timeout = patience
                     self.peer.resolve()
                 self.peer.send_udp(9000, text.encode())
-                until = time.monotonic() + self.patience
+                until = time.monotonic() + patience
                 while (left := until - time.monotonic()) > 0:
                     reply = self.peer.receive_udp(9000, timeout=left).udp.payload
                     if reply.split(b" ")[1:2] == [seq]:  # not a late answer to an earlier request
                         return reply
             except TimeoutError:
                 self.peer.guest_mac = None
+                patience = min(patience * 2, LONGEST_TRY)
             except (ConnectionRefusedError, FileNotFoundError):
                 # Nobody holds the link's socket this instant (a standby is binding it): the pace
                 # of a client's resends, not synchronisation; the deadline bounds it.
