@@ -6,17 +6,16 @@ other exits 75 saying `fenced: `. While the witness is unreachable nobody releas
 from __future__ import annotations
 
 import json
-import os
 import queue
 import random
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from pykvm.ft.witness import open_witness
-from pykvm.testing.netframes import FrameSocket, Peer
+from pykvm.testing.kv import KvClient
+from pykvm.testing.netframes import FrameSocket
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm
 from tests.etcd_server import EtcdServer
 from tests.relay import Relay
@@ -25,7 +24,6 @@ from tests.test_ft import _disks, _free_port
 pytestmark = requires_kvm
 
 FENCED = 75
-TRY = 0.2  # the client's patience before it sends a request again (it is UDP)
 
 
 @pytest.fixture(scope="module")
@@ -69,54 +67,11 @@ def witness(request, tmp_path):
     return StoppableEtcdWitness(server, f"{request.node.name}-{random.getrandbits(32):08x}")
 
 
-class KvClient:
-    """The kv guest's client on its link: each request is sent again until its own answer comes
-    (or the deadline passes), resolving the guest again after a silence, as a UDP client does."""
-
-    def __init__(self, link: FrameSocket) -> None:
-        self.peer = Peer(link, timeout=TRY)
-        self.acked: dict[int, str] = {}
-
-    def ask(self, text: str, deadline: float) -> bytes | None:
-        seq = text.split()[1].encode()
-        while time.monotonic() < deadline:
-            try:
-                if self.peer.guest_mac is None:
-                    self.peer.resolve()
-                self.peer.send_udp(9000, text.encode())
-                until = time.monotonic() + TRY
-                while (left := until - time.monotonic()) > 0:
-                    reply = self.peer.receive_udp(9000, timeout=left).udp.payload
-                    if reply.split(b" ")[1:2] == [seq]:  # not a late answer to an earlier request
-                        return reply
-            except TimeoutError:
-                self.peer.guest_mac = None
-            except (ConnectionRefusedError, FileNotFoundError):
-                # Nobody holds the link's socket this instant (a standby is binding it): the pace
-                # of a client's resends, not synchronisation; the deadline bounds it.
-                self.peer.guest_mac = None
-                time.sleep(TRY / 10)
-        return None
-
-    def put(self, seq: int, value: str, patience: float = 60) -> bool:
-        reply = self.ask(f"put {seq} {value}", time.monotonic() + patience)
-        if reply is None:
-            return False
-        assert reply == f"ok {seq}".encode(), reply
-        self.acked[seq] = value
-        return True
-
-    def check_all_served(self) -> None:
-        """Every record the client saw acknowledged is served (by whoever runs the guest now)."""
-        for seq, value in self.acked.items():
-            assert self.ask(f"get {seq}", time.monotonic() + 60) == f"val {seq} {value}".encode()
-
-
 class Pair:
     """A standby and a kv primary, replicating through a relay, both naming `witness_uri`."""
 
     def __init__(self, tmp_path: Path, witness_uri: str, *, primary_env: dict | None = None,
-                 primary_options: tuple[str, ...] = ()) -> None:
+                 standby_env: dict | None = None, primary_options: tuple[str, ...] = ()) -> None:
         self.primary_disk, standby_disk = _disks(tmp_path, "p.img", "s.img")
         self.link = str(tmp_path / "link.sock")
         port = _free_port()
@@ -124,7 +79,7 @@ class Pair:
         self.relay: Relay | None = None
         self.standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--disk", standby_disk,
                                   "--net", f"socket:{self.link}", "--ft-witness", witness_uri,
-                                  "--control", str(tmp_path / "s.ctl"))
+                                  "--control", str(tmp_path / "s.ctl"), env=standby_env)
         self.standby.stderr.wait_for(f"ft standby: waiting for a primary on tcp:127.0.0.1:{port}".encode())
         self.relay = Relay(("127.0.0.1", port))
         self.primary = VmmProcess("run", "kv", "--disk", self.primary_disk, "--net", f"socket:{self.link}",

@@ -19,8 +19,8 @@ next epoch at the witness (ft.fencing): won, it releases what it holds and goes 
 (`ft-protect` attaches a new standby with a full sync); lost, it fences itself. So does an FT
 thread that fails: outputs it holds must never be released by accident, nor held forever silently.
 
-Fault injection for the tests, read once (INJECTED_FAULT): PYKVM_FT_FAULT=primary-thread-crash
-makes the FT thread raise at its first sync for an output.
+The tests inject faults at points of a sync through ft.faults (PYKVM_FT_FAULT); each `faults.`
+call below is one such point, and does nothing unless its fault was asked for.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import socket
 import ssl
 import threading
@@ -44,7 +43,7 @@ from pykvm.transfer.tls import TlsCredentials
 from pykvm.devices.virtio.blk import Blk
 from pykvm.devices.virtio.gate import DiskChange, GatedFunction
 from pykvm.devices.virtio.net import Net
-from pykvm.ft import protocol as p
+from pykvm.ft import faults, protocol as p
 from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
 from pykvm.hostfile import extents
 from pykvm.machine import Machine
@@ -56,7 +55,6 @@ from pykvm.stats import summary
 DISK_CHUNK = 1 << 20  # the full sync reads the disk in pieces of this size
 PAGES_PER_BATCH = 4096  # pages framed (and, if scattered, gathered: 16 MiB) before they are sent
 CONNECT_TIMEOUT = 5.0
-INJECTED_FAULT = os.environ.get("PYKVM_FT_FAULT", "")  # tests only: see the module docstring
 
 
 class FtError(Exception):
@@ -237,8 +235,7 @@ class Primary:
                 trigger = "timer"
             if trigger is not None:
                 last_sync = time.monotonic()
-            if trigger in ("blk", "net") and INJECTED_FAULT == "primary-thread-crash":
-                raise RuntimeError("injected fault (PYKVM_FT_FAULT=primary-thread-crash)")
+                faults.syncing_output(trigger)
             with self._sync_lock:  # _attach installs the gate under it: nothing slips out unsynced
                 if self.fenced:
                     return
@@ -275,9 +272,10 @@ class Primary:
                 if pipelined:
                     quiesce.close()  # the guest runs on while the sync travels
                 resumed = time.perf_counter()
-                sent_bytes = sum(wire.send_buffers(self._sock, batch) for batch in batches)
+                sent_bytes = sum(faults.sending_sync(self._sock, sync, batch) for batch in batches)
                 sent = time.perf_counter()
                 _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {sync}")
+                faults.acknowledged(sync, self._sock)
             except BaseException:
                 with self._cond:  # not acknowledged: they wait again (for whoever deals with the loss)
                     self._held[:0] = covered

@@ -34,7 +34,7 @@ import xxhash
 from pykvm.devices.virtio.blk import Blk, DiskImage
 from pykvm.devices.virtio.gate import DiskChange
 from pykvm.errors import ConfigError
-from pykvm.ft import protocol as p
+from pykvm.ft import faults, protocol as p
 from pykvm.ft.fencing import Fencing, admission
 from pykvm.ft.journal import JournalError, UndoJournal
 from pykvm.machine import Machine, MachineConfig, MachineState
@@ -237,6 +237,7 @@ class Standby:
             self._staged_state = event.data
         elif isinstance(event, p.SyncEnd):
             self._commit(event)
+            faults.acking(event.sync)
             return protocol.send(p.Ack(event.sync))
         elif isinstance(event, p.Heartbeat) and protocol.phase is p.Phase.IDLE:
             return protocol.send(p.Heartbeat())  # the primary hears that we live
@@ -312,6 +313,7 @@ class Standby:
             raise SyncFault(f"sync {sync}: cannot journal its disk changes: {error}") from None
         try:
             for batch in self._staged_disk:
+                faults.writing_disk(sync)
                 self.stats.disk_bytes += _apply(self.disks[batch.disk].disk, batch.changes)
             self._flush(touched)
         except OSError as error:

@@ -1,0 +1,135 @@
+"""Deterministic fault injection for the FT tests: one fault per VMM process, named by the
+environment variable `PYKVM_FT_FAULT=NAME[:ARG...]` and read once, at import.
+
+Each fault is injected by one hook, a call at one point of a sync in ft.primary or ft.standby:
+
+    fault                          side     hook             what happens
+    primary-thread-crash           primary  syncing_output   the FT thread raises at its first sync
+                                                             for an output (it must fence itself)
+    primary-die-after-bytes:K:N    primary  sending_sync     the process SIGKILLs itself once N bytes
+                                                             of sync K are sent, or all of it if it is
+                                                             shorter (before the Ack is read)
+    link-cut-after-ack:K           primary  acknowledged     the Ack of sync K came, its outputs are not
+                                                             released yet: the primary's end of the link
+                                                             goes silent without closing (what it sends
+                                                             goes nowhere, nothing arrives)
+    standby-disk-fails:K[:ERRNO]   standby  writing_disk     the standby's disk fails from sync K (> 1)
+                                                             on: its writes raise ERRNO (an errno
+                                                             name; EIO unless given)
+    standby-die-before-ack:K       standby  acking           sync K is committed; the process SIGKILLs
+                                                             itself before the Ack goes out
+
+Syncs are numbered as on the wire and in `took over from sync N`: the full sync is 1. The full
+sync may be sent in several pieces: there N must fall inside it. Unset, a hook costs one
+comparison (and `sending_sync` is a plain send): the variable is for tests, never for users.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+from pykvm.transfer import wire
+
+ENVIRONMENT = "PYKVM_FT_FAULT"
+ARGUMENTS = {  # fault -> its arguments' names (a trailing "?" marks the optional one)
+    "primary-thread-crash": (),
+    "primary-die-after-bytes": ("K", "N"),
+    "link-cut-after-ack": ("K",),
+    "standby-disk-fails": ("K", "ERRNO?"),
+    "standby-die-before-ack": ("K",),
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    sync: int = 0  # K
+    bytes: int = 0  # N
+    errno: int = errno.EIO
+
+
+def parse(text: str) -> Fault | None:
+    """`NAME[:ARG...]` -> a Fault; "" -> None. Anything else is a mistake in a test: ValueError."""
+    if not text:
+        return None
+    name, *values = text.split(":")
+    names = ARGUMENTS.get(name)
+    required = [n for n in names or () if not n.endswith("?")]
+    if names is None or not len(required) <= len(values) <= len(names):
+        usage = ", ".join(fault + "".join(f"[:{a[:-1]}]" if a.endswith("?") else f":{a}" for a in arguments)
+                          for fault, arguments in ARGUMENTS.items())
+        raise ValueError(f"{ENVIRONMENT}={text!r}: expected one of {usage}")
+    try:
+        numbers = [int(value) for value in values[: len(required)]]
+        code = getattr(errno, values[1]) if name == "standby-disk-fails" and len(values) == 2 else errno.EIO
+    except (ValueError, AttributeError):
+        raise ValueError(f"{ENVIRONMENT}={text!r}: K and N are numbers, ERRNO an errno name (EIO, ENOSPC)") from None
+    return Fault(name, *numbers, errno=code)
+
+
+FAULT = parse(os.environ.get(ENVIRONMENT, ""))
+_sent = 0  # bytes of the doomed sync sent so far
+_silenced: list[object] = []  # a cut link's ends, kept open: closing them would tell the standby
+
+
+def _is(name: str, sync: int = 0) -> bool:
+    return FAULT is not None and FAULT.name == name and FAULT.sync == sync
+
+
+def _die() -> None:
+    """As a crash would: no cleanup, no goodbye; the kernel closes the sockets."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- the primary ----------------------------------------------------------------------------------
+
+def syncing_output(trigger: str) -> None:
+    """The FT thread is about to sync for a held output (trigger "blk" or "net")."""
+    if FAULT is not None and FAULT.name == "primary-thread-crash" and trigger in ("blk", "net"):
+        raise RuntimeError(f"injected fault ({ENVIRONMENT}=primary-thread-crash)")
+
+
+def sending_sync(sock: socket.socket, sync: int, buffers: list) -> int:
+    """Send (part of) sync `sync`'s frames; returns the bytes sent."""
+    if not _is("primary-die-after-bytes", sync):
+        return wire.send_buffers(sock, buffers)
+    global _sent
+    left, cut = FAULT.bytes - _sent, []
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        cut.append(view[:left])
+        left -= len(cut[-1])
+    _sent += wire.send_buffers(sock, cut)
+    _die()
+    return _sent  # not reached
+
+
+def acknowledged(sync: int, sock: socket.socket) -> None:
+    """The standby's Ack of sync `sync` came; the outputs it covers are still held."""
+    if _is("link-cut-after-ack", sync):
+        # The socket's descriptor is pointed at one end of a pair nobody reads, the connection
+        # kept open by a duplicate: the primary talks on, into silence, and the standby hears
+        # nothing, neither data nor FIN, as when a switch dies.
+        connection = os.dup(sock.fileno())
+        quiet, nobody = socket.socketpair()
+        quiet.setblocking(False)  # the primary's own timeouts apply, as they would on TCP
+        os.dup2(quiet.fileno(), sock.fileno())
+        _silenced.extend((connection, quiet, nobody))
+
+
+# -- the standby ----------------------------------------------------------------------------------
+
+def writing_disk(sync: int) -> None:
+    """The standby is about to write sync `sync`'s disk changes."""
+    if FAULT is not None and FAULT.name == "standby-disk-fails" and sync >= FAULT.sync:
+        raise OSError(FAULT.errno, f"{os.strerror(FAULT.errno)} (injected: {ENVIRONMENT})")
+
+
+def acking(sync: int) -> None:
+    """Sync `sync` is committed; the standby is about to send its Ack."""
+    if _is("standby-die-before-ack", sync):
+        _die()

@@ -1,0 +1,115 @@
+"""Faults injected at each phase of a sync (pykvm.ft.faults: PYKVM_FT_FAULT), on the real thing:
+primary and standby VMM processes running the kv guest, a client writing records through the
+guest's link, a file witness. Whatever the fault, every record the client saw acknowledged is
+served by whoever runs the guest afterwards, and at most one copy of the guest lives: the other
+process died, fenced itself (75), or gave up without taking over."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import signal
+from dataclasses import dataclass
+from typing import Iterator
+
+import pytest
+
+from pykvm.ft.witness import open_witness
+from pykvm.testing.kv import KvClient
+from pykvm.testing.netframes import FrameSocket
+from tests.conftest import VmmProcess, requires_kvm
+from tests.test_fencing import MovableFileWitness, Pair, _assert_one_survivor
+
+pytestmark = requires_kvm
+
+K = 30  # a sync in the middle of the client's puts (kv costs about three syncs a put)
+WHOLE_SYNC = 1 << 40  # more bytes than any sync: the primary dies once all of sync K is sent
+AFTER_THE_FAULT = 5  # records put once a side has gone, served by the one that is left
+
+
+@dataclass
+class Faulted:
+    """What a fault left: the pair, the client and what it saw acknowledged, the VMM that exited
+    first, and the epoch the witness held before."""
+
+    pair: Pair
+    client: KvClient
+    gone: VmmProcess
+    witness_uri: str
+    epoch: int
+
+    def winner(self) -> str:
+        """The role that won the epoch after the fault's ("primary" or "standby")."""
+        record = open_witness(self.witness_uri).read()
+        assert record.number == self.epoch + 1, record
+        return record.owner.split()[0]
+
+
+@contextlib.contextmanager
+def faulted(tmp_path, side: str, fault: str) -> Iterator[Faulted]:
+    """A pair whose `side` ("primary" or "standby") has `fault`; the client puts records until
+    one VMM has exited, then a few more."""
+    witness = MovableFileWitness(tmp_path)
+    pair = Pair(tmp_path, witness.uri, **{f"{side}_env": {"PYKVM_FT_FAULT": fault}})
+    try:
+        epoch = open_witness(witness.uri).read().number
+        with FrameSocket(tmp_path / "client.sock", pair.link) as link:
+            client = KvClient(link)
+            for seq in itertools.count(1):
+                assert client.put(seq, f"record-{seq}"), f"put {seq} never acknowledged"
+                gone = next((vmm for vmm in (pair.primary, pair.standby) if vmm.proc.poll() is not None), None)
+                if gone is not None:
+                    break
+                assert seq < 40 * K, f"{fault}: no side exited"
+            for seq in range(seq + 1, seq + 1 + AFTER_THE_FAULT):
+                assert client.put(seq, f"record-{seq}"), f"put {seq} (after the fault) never acknowledged"
+            yield Faulted(pair, client, gone, witness.uri, epoch)
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("count", [0, 100, WHOLE_SYNC], ids=["nothing", "100-bytes", "all"])
+def test_a_primary_that_dies_while_sending_a_sync(tmp_path, count):
+    """Cut off mid-sync, the sync never counts: the standby takes over from the one before. Sent
+    whole (its Ack never read), it counts: the standby commits it and takes over from it, and
+    the outputs it covers, never released by the primary, are served by the standby."""
+    with faulted(tmp_path, "primary", f"primary-die-after-bytes:{K}:{count}") as after:
+        primary, standby = after.pair.primary, after.pair.standby
+        assert after.gone is primary and primary.wait() == -signal.SIGKILL, primary.errors
+        committed = K if count == WHOLE_SYNC else K - 1
+        standby.stderr.wait_for(f"took over from sync {committed} ".encode())
+        assert standby.proc.poll() is None and after.winner() == "standby"
+        after.client.check_all_served()
+
+
+def test_a_standby_that_dies_before_its_ack(tmp_path):
+    """Sync K is committed on a standby that dies before it says so: the primary wins the next
+    epoch, goes on unprotected, releases what it held, and serves everything."""
+    with faulted(tmp_path, "standby", f"standby-die-before-ack:{K}") as after:
+        primary, standby = after.pair.primary, after.pair.standby
+        assert after.gone is standby and standby.wait() == -signal.SIGKILL, standby.errors
+        primary.stderr.wait_for(b"; continuing unprotected")
+        assert primary.proc.poll() is None and after.winner() == "primary"
+        after.client.check_all_served()
+
+
+def test_a_link_cut_after_the_ack_before_the_release(tmp_path):
+    """The primary has sync K's Ack, but the link dies before it releases the outputs K covers:
+    one side wins the epoch and serves every acknowledged record, the other fences itself."""
+    with faulted(tmp_path, "primary", f"link-cut-after-ack:{K}") as after:
+        _assert_one_survivor(after.pair, after.witness_uri, after.epoch)
+        after.client.check_all_served()
+
+
+def test_a_standby_whose_disk_fails_mid_commit_does_not_take_over(tmp_path):
+    """From sync K on, the standby's disk writes fail (EIO). That is the standby's fault, not the
+    primary's: it refuses to follow (StandbyFault), exits 1 and never runs the guest; the primary
+    wins the next epoch and goes on unprotected, serving every acknowledged record."""
+    with faulted(tmp_path, "standby", f"standby-disk-fails:{K}") as after:
+        primary, standby = after.pair.primary, after.pair.standby
+        assert after.gone is standby and standby.wait() == 1, standby.errors
+        assert "Input/output error" in standby.errors and "took over" not in standby.errors
+        assert standby.output == ""  # the guest never ran there
+        primary.stderr.wait_for(b"; continuing unprotected")
+        assert primary.proc.poll() is None and after.winner() == "primary"
+        after.client.check_all_served()
