@@ -141,7 +141,7 @@ def test_a_standby_fault_ends_the_conversation_from_any_phase_of_a_sync(frames_b
     write), and nothing may follow its StandbyFault."""
     standby = p.FtConnection(p.Role.STANDBY, page_sink=lambda slot, pages: [memoryview(bytearray(PAGE_SIZE * len(pages)))])
     data = b"".join(FRAMES[:frames_before])
-    view, events = memoryview(data), []
+    view = memoryview(data)
     while view:
         targets = standby.want()
         n = 0
