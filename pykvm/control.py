@@ -18,7 +18,8 @@ guest runs when nothing else holds it. `paused_by` names the holders ("ctl stop"
 the status is "paused" while there is any.
 
 The socket is private: created 0600 whatever the umask, and a client whose uid (SO_PEERCRED) is
-neither ours nor root's is answered with an error and disconnected before it can send anything.
+neither ours nor root's is answered with an error and disconnected; nothing it sends is read as a
+command.
 """
 
 from __future__ import annotations
@@ -84,8 +85,7 @@ class ControlServer:
                 return  # closed
             refusal = _refusal(conn)
             if refusal is not None:
-                with conn, contextlib.suppress(OSError):
-                    conn.sendall(json.dumps({"ok": False, "error": refusal}).encode() + b"\n")
+                threading.Thread(target=_refuse, args=(conn, refusal), name="control-refused", daemon=True).start()
                 continue
             threading.Thread(target=self._serve, args=(conn,), name="control-client", daemon=True).start()
 
@@ -180,6 +180,17 @@ def _refusal(conn: socket.socket) -> str | None:
     if uid in (0, os.getuid()):
         return None
     return f"uid {uid} may not control this VMM (only uid {os.getuid()} and root may)"
+
+
+def _refuse(conn: socket.socket, refusal: str) -> None:
+    """Answer a refused client, then read and drop what it still sends until it closes (a second
+    at most): closing at once would fail its own send, and it would never read why."""
+    with conn, contextlib.suppress(OSError):
+        conn.sendall(json.dumps({"ok": False, "error": refusal}).encode() + b"\n")
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(1.0)
+        while conn.recv(MAX_REQUEST):
+            pass
 
 
 def _string(request: dict[str, Any], key: str) -> str:

@@ -107,33 +107,44 @@ def test_a_standby_whose_disk_fills_up_faults_and_the_primary_goes_on(tmp_path, 
     assert ours[disk_size - filler :] == theirs[disk_size - filler :]
 
 
-def test_a_bit_flipped_mid_sync_is_a_standby_fault(tmp_path, guest_images):
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_bit_flipped_mid_sync_is_a_standby_fault(tmp_path, guest_images, tls):
     """One bit flipped between primary and standby while a client writes to kv: the standby
-    refuses the damaged sync and exits without taking over; the primary goes on unprotected
-    and loses no acknowledged record."""
+    refuses the damaged sync (plain: the frame fails its checksum; TLS: the record fails its
+    authentication) and exits without taking over; the primary goes on unprotected and loses no
+    acknowledged record."""
+    creds = ("--tls-creds", str(tls_credentials(tmp_path / "creds"))) if tls else ()
     primary_disk, standby_disk = (_sparse(tmp_path / name, 4 << 20) for name in ("p.img", "s.img"))
     link, port = str(tmp_path / "link.sock"), _free_port()
     standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--disk", str(standby_disk),
-                         "--net", f"socket:{link}")
+                         "--net", f"socket:{link}", *creds)
     relay = Relay(("127.0.0.1", port))
     primary = None
     try:
         standby.stderr.wait_for(b"waiting for a primary")
-        primary = VmmProcess("run", "kv", "--disk", str(primary_disk), "--net", f"socket:{link}", "--ft", relay.uri)
+        primary = VmmProcess("run", "kv", "--disk", str(primary_disk), "--net", f"socket:{link}", "--ft", relay.uri,
+                             *creds)
         primary.wait_for(b"kv: ready")
         with FrameSocket(tmp_path / "client.sock", link) as sock:
             peer = Peer(sock, timeout=10.0)
             for seq in range(1, 11):
                 assert peer.udp(9000, f"put {seq} record-{seq}".encode()) == f"ok {seq}".encode()
-            relay.corrupt_after(3000)  # well inside the next sync: heartbeats are 32 bytes, a sync tens of KiB
+            relay.corrupt_after(3000)  # inside the next sync: a heartbeat is 32 bytes (54 in TLS), a sync KiBs
             acked = _put_until_the_standby_exits(peer, standby, 11)
-            _assert_faulted_without_takeover(standby, primary, "failed its checksum")
+            _assert_faulted_without_takeover(standby, primary, "bad record mac" if tls else "failed its checksum")
             _primary_goes_on(peer, acked)
     finally:
         for vmm in (primary, standby):
             if vmm is not None:
                 vmm.kill()
         relay.close()
+
+
+def tls_credentials(directory: Path, *hosts: str) -> Path:
+    """`pykvm tls init DIRECTORY [--host NAME]...`, as a user makes credentials."""
+    result = run_pykvm("tls", "init", str(directory), *(arg for host in hosts for arg in ("--host", host)))
+    assert result.returncode == 0, result.stderr
+    return directory
 
 
 def _peak_rss(pid: int) -> int:

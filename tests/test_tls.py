@@ -15,10 +15,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from pykvm.testing.netframes import FrameSocket, Peer
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm
-from tests.relay import Relay
-from tests.test_ft_faults import _assert_faulted_without_takeover, _primary_goes_on, _put_until_the_standby_exits, _sparse
+from tests.test_ft_faults import tls_credentials
 
 UMASK_0 = ("sh", "-c", 'umask 000; exec "$@"', "sh")  # a prefix: run the rest with a umask that hides nothing
 KEYS = ("server-key.pem", "client-key.pem")
@@ -28,12 +26,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def _tls_init(directory: Path, *hosts: str) -> Path:
-    result = run_pykvm("tls", "init", str(directory), *(arg for host in hosts for arg in ("--host", host)))
-    assert result.returncode == 0, result.stderr
-    return directory
 
 
 def _client(creds: Path, *, cert_from: Path | None) -> ssl.SSLContext:
@@ -99,7 +91,7 @@ def test_only_a_peer_of_our_ca_with_the_right_name_gets_in(tmp_path, guest_image
     """Refused, each in one line, while the standby waits on: a client without a certificate,
     one whose certificate another CA signed, and a primary dialling a name the standby's
     certificate does not carry. Then the real primary connects and is protected."""
-    ours, theirs = _tls_init(tmp_path / "ours", "localhost"), _tls_init(tmp_path / "theirs", "localhost")
+    ours, theirs = tls_credentials(tmp_path / "ours", "localhost"), tls_credentials(tmp_path / "theirs", "localhost")
     port = _free_port()
     standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--tls-creds", str(ours))
     try:
@@ -144,7 +136,7 @@ def test_garbage_to_a_tls_migration_target_is_dropped(tmp_path, guest_images):
     """A migration target with credentials: garbage (which cannot pass for a TLS handshake) and a
     client without a certificate are dropped; then the source, with the same credentials,
     migrates the guest over TLS and it runs on at the target."""
-    creds = _tls_init(tmp_path / "creds")
+    creds = tls_credentials(tmp_path / "creds")
     ctl, port = str(tmp_path / "src.sock"), _free_port()
     uri = f"tcp:127.0.0.1:{port}"
     target = VmmProcess("run", "dirty", "--incoming", uri, "--tls-creds", str(creds))
@@ -165,35 +157,3 @@ def test_garbage_to_a_tls_migration_target_is_dropped(tmp_path, guest_images):
     finally:
         source.kill()
         target.kill()
-
-
-@requires_kvm
-def test_a_bit_flipped_mid_sync_over_tls_is_a_standby_fault(tmp_path, guest_images):
-    """One bit flipped inside a TLS record of a sync while a client writes to kv: the record
-    fails its authentication, the standby refuses to follow and exits without taking over, and
-    the primary goes on unprotected, serving every record it acknowledged."""
-    creds = _tls_init(tmp_path / "creds")
-    primary_disk, standby_disk = (_sparse(tmp_path / name, 4 << 20) for name in ("p.img", "s.img"))
-    link, port = str(tmp_path / "link.sock"), _free_port()
-    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--disk", str(standby_disk),
-                         "--net", f"socket:{link}", "--tls-creds", str(creds))
-    relay = Relay(("127.0.0.1", port))
-    primary = None
-    try:
-        standby.stderr.wait_for(b"waiting for a primary")
-        primary = VmmProcess("run", "kv", "--disk", str(primary_disk), "--net", f"socket:{link}", "--ft", relay.uri,
-                             "--tls-creds", str(creds))
-        primary.wait_for(b"kv: ready")
-        with FrameSocket(tmp_path / "client.sock", link) as sock:
-            peer = Peer(sock, timeout=10.0)
-            for seq in range(1, 11):
-                assert peer.udp(9000, f"put {seq} record-{seq}".encode()) == f"ok {seq}".encode()
-            relay.corrupt_after(3000)  # inside the next sync's records (a heartbeat's is 54 bytes)
-            acked = _put_until_the_standby_exits(peer, standby, 11, 60)
-            _assert_faulted_without_takeover(standby, primary, "bad record mac")
-            _primary_goes_on(peer, acked)
-    finally:
-        for vmm in (primary, standby):
-            if vmm is not None:
-                vmm.kill()
-        relay.close()
