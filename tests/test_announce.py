@@ -131,7 +131,10 @@ def test_migration_announces_to_the_senders_of_a_socket_link(tmp_path, guest_ima
             assert Peer(host, timeout=5.0).udp(9000, b"put 1 v1") == b"ok 1"  # the source read our frames
             reply = json.loads(run_pykvm("ctl", control, "migrate", uri).stdout)
             assert reply["ok"], reply
-            assert _next_rarp(host.receive) == ANNOUNCE
+            try:
+                assert _next_rarp(host.receive, timeout=30.0) == ANNOUNCE
+            except TimeoutError as error:  # say what each VMM said: the target may not have got the link
+                raise AssertionError(f"{error}\ntarget:\n{target.errors}\nsource:\n{source.errors}") from None
     finally:
         source.kill()
         target.kill()
