@@ -47,9 +47,9 @@ from pykvm.boot.loader import (
     LoadedImage,
     _copy,
     _memory_map,
-    _read_image,
     _write_long_mode_tables,
     elf_segments,
+    read_input,
 )
 from pykvm.errors import ConfigError
 from pykvm.memory import MMIO_HOLE_START
@@ -82,7 +82,7 @@ def load_linux(vm: Vm, kernel: str | Path | bytes, *, initrd: str | Path | bytes
     with a one-line reason for anything wrong with the files or the fit in RAM. `pci_slots`: the
     PCI slots in use (0 to pci_slots - 1), for the interrupt routing tables."""
     name = "kernel" if isinstance(kernel, bytes) else str(kernel)
-    data = kernel if isinstance(kernel, bytes) else _read_image(Path(kernel))
+    data = kernel if isinstance(kernel, bytes) else read_input(Path(kernel))
     image = parse_kernel(data, name)
     memory = vm.memory
     low_end = min(memory.size, MMIO_HOLE_START)
@@ -103,7 +103,8 @@ def load_linux(vm: Vm, kernel: str | Path | bytes, *, initrd: str | Path | bytes
 
     if initrd is not None:
         initrd_name = "initrd" if isinstance(initrd, bytes) else str(initrd)
-        initrd_data = initrd if isinstance(initrd, bytes) else _read_initrd(Path(initrd))
+        initrd_data = (initrd if isinstance(initrd, bytes)
+                       else read_input(Path(initrd), "an initrd", option="--initrd", allow_empty=True))
         address = _place_initrd(len(initrd_data), image, header, low_end, memory.size, initrd_name)
         check_initrd(initrd_data, initrd_name)
         memory.write(address, initrd_data)
@@ -188,17 +189,6 @@ def _parse_vmlinux(data: bytes, name: str) -> LinuxImage:
 
 
 # -- the initrd ----------------------------------------------------------------------------------------
-
-
-def _read_initrd(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file (--initrd)") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not an initrd") from None
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
 
 
 def _place_initrd(size: int, image: LinuxImage, header: dict, low_end: int, ram: int, name: str) -> int:

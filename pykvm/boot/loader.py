@@ -57,7 +57,7 @@ def load_image(vm: Vm, image: str | Path | bytes, *, cmdline: str = "", load_add
     """Load an image (a file, or its bytes) into the VM's RAM and set up vCPU 0 to start it.
     Raises ConfigError for anything wrong with the image."""
     path = "image" if isinstance(image, bytes) else image
-    data = image if isinstance(image, bytes) else _read_image(Path(image))
+    data = image if isinstance(image, bytes) else read_input(Path(image))
     header = f.ElfIdent.parse(data[:16]) if data.startswith(f.ELF_MAGIC) and len(data) >= 16 else None
     multiboot = _find_multiboot_header(data)
     if header is not None and header.elf_class == f.ELFCLASS64:
@@ -78,16 +78,19 @@ def load_image(vm: Vm, image: str | Path | bytes, *, cmdline: str = "", load_add
     raise ConfigError(f"{path}: not an ELF64, multiboot or flat image (give --load-addr for a flat binary)")
 
 
-def _read_image(path: Path) -> bytes:
+def read_input(path: Path, what: str = "a guest image", *, option: str = "", allow_empty: bool = False) -> bytes:
+    """A file the user named (`what` it should be, the `option` that named it), or one line of
+    ConfigError saying why it cannot be read."""
+    named = f" ({option})" if option else ""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
+        raise ConfigError(f"{path}: no such file{named}") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a guest image") from None
+        raise ConfigError(f"{path}: is a directory, not {what}") from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
-    if not data:
+    if not data and not allow_empty:
         raise ConfigError(f"{path}: file is empty")
     return data
 
