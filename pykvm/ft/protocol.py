@@ -57,6 +57,30 @@ FRAME_LIMITS = {**wire.FRAME_LIMITS, Kind.DISK_CHANGES: DISK_FRAME_BYTES}
 # -- events: each knows its frame kind and its payload ---------------------------------------------
 
 
+class _Signal:
+    """An event that is its kind alone (an empty payload)."""
+
+    def payload(self) -> bytes:
+        return b""
+
+    @classmethod
+    def parse(cls, payload: bytes):
+        return cls()
+
+
+class _Reason:
+    """An event that carries one line saying why (UTF-8)."""
+
+    reason: str
+
+    def payload(self) -> bytes:
+        return self.reason.encode()
+
+    @classmethod
+    def parse(cls, payload: bytes):
+        return cls(payload.decode(errors="replace"))
+
+
 @dataclass(frozen=True)
 class Hello:
     """The primary introduces itself: its machine (the standby must build the same), the witness
@@ -90,28 +114,14 @@ class Hello:
 
 
 @dataclass(frozen=True)
-class Ready:
+class Ready(_Signal):
     kind: ClassVar[Kind] = Kind.READY
-
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> Ready:
-        return cls()
 
 
 @dataclass(frozen=True)
-class Refused:
+class Refused(_Reason):
     kind: ClassVar[Kind] = Kind.REFUSED
     reason: str
-
-    def payload(self) -> bytes:
-        return self.reason.encode()
-
-    @classmethod
-    def parse(cls, payload: bytes) -> Refused:
-        return cls(payload.decode(errors="replace"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -226,45 +236,24 @@ class Ack:
 
 
 @dataclass(frozen=True)
-class Heartbeat:
+class Heartbeat(_Signal):
     kind: ClassVar[Kind] = Kind.HEARTBEAT
-
-    def payload(self) -> bytes:
-        return b""
-
-    @classmethod
-    def parse(cls, payload: bytes) -> Heartbeat:
-        return cls()
 
 
 @dataclass(frozen=True)
-class Goodbye:
+class Goodbye(_Reason):
     kind: ClassVar[Kind] = Kind.GOODBYE
     reason: str
 
-    def payload(self) -> bytes:
-        return self.reason.encode()
-
-    @classmethod
-    def parse(cls, payload: bytes) -> Goodbye:
-        return cls(payload.decode(errors="replace"))
-
 
 @dataclass(frozen=True)
-class StandbyFault:
+class StandbyFault(_Reason):
     """The standby cannot follow this primary (a sync that does not check out, an I/O error
     applying one, a RAM mismatch under --ft-verify). It names why, closes the connection and
     does not take over: a fault of the standby's is not a loss of the primary."""
 
     kind: ClassVar[Kind] = Kind.STANDBY_FAULT
     reason: str
-
-    def payload(self) -> bytes:
-        return self.reason.encode()
-
-    @classmethod
-    def parse(cls, payload: bytes) -> StandbyFault:
-        return cls(payload.decode(errors="replace"))
 
 
 Event = (Hello | Ready | Refused | Pages | DiskChanges | MachineStateBlob | SyncEnd | Ack | Heartbeat | Goodbye
