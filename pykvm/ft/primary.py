@@ -14,6 +14,8 @@ not yet served) and tells the gate. The FT thread then syncs:
     release the held outputs: the write reaches the disk, the frame the wire
     resume the vCPUs
 
+What a sync carries is taken by ft.capture; its figures go to ft.metrics.
+
 Between outputs, the FT thread sends heartbeats. If the standby is lost, the primary claims the
 next epoch at the witness (ft.fencing): won, it releases what it holds and goes on unprotected
 (`ft-protect` attaches a new standby with a full sync); lost, it fences itself. So does an FT
@@ -26,17 +28,13 @@ call below is one such point, and does nothing unless its fault was asked for.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import socket
 import ssl
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, TextIO
-
-import xxhash
+from typing import Callable, TextIO
 
 from pykvm.transfer import channel, wire
 from pykvm.transfer.tls import TlsCredentials
@@ -44,50 +42,18 @@ from pykvm.devices.virtio.blk import Blk
 from pykvm.devices.virtio.gate import DiskChange, GatedFunction
 from pykvm.devices.virtio.net import Net
 from pykvm.ft import faults, protocol as p
+from pykvm.ft.capture import capture
 from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
-from pykvm.hostfile import extents
+from pykvm.ft.metrics import PrimaryStats, SyncRecord
 from pykvm.machine import Machine
-from pykvm.memory import dirty_pages, populated_pages, ram_hash
 from pykvm.run_control import StopKind
 from pykvm.state import encode
-from pykvm.stats import summary
 
-DISK_CHUNK = 1 << 20  # the full sync reads the disk in pieces of this size
-PAGES_PER_BATCH = 4096  # pages framed (and, if scattered, gathered: 16 MiB) before they are sent
 CONNECT_TIMEOUT = 5.0
 
 
 class FtError(Exception):
     """Protection could not be set up (the standby is unreachable or refused)."""
-
-
-@dataclass
-class SyncRecord:
-    """One sync, as the metrics file has it (one JSON object a line, these fields)."""
-
-    sync: int
-    time: float  # wall clock (time.time()) when it ended
-    trigger: str  # "full", "blk", "net" or "timer"
-    pages: int
-    bytes: int  # sent, frame headers included
-    pause_ms: float  # guest paused: from the quiesce to its resumption
-    transfer_ms: float  # from the quiesce to the last byte handed to the socket
-    ack_ms: float  # from then to the standby's Ack
-    output_delay_ms: float  # the longest any output this sync released was held
-
-
-@dataclass
-class PrimaryStats:
-    protected: bool = False
-    standby: str = ""
-    syncs: int = 0
-    pages: int = 0
-    bytes: int = 0
-    heartbeats: int = 0
-    standby_losses: int = 0
-    pause_ms: list[float] = field(default_factory=list)
-    output_delay_ms: list[float] = field(default_factory=list)
-    pages_per_sync: list[int] = field(default_factory=list)
 
 
 class Primary:
@@ -268,11 +234,13 @@ class Primary:
             paused = time.perf_counter()
             covered = self._take_held()  # the outputs this sync's state precedes
             try:
-                batches, pages, sync = self._capture(trigger, full, copy=pipelined)
+                taken = capture(self.machine, self._protocol, trigger, self._disk_changes, self.disks,
+                                full=full, copy=pipelined, verify=self.verify)
+                sync = taken.sync
                 if pipelined:
                     quiesce.close()  # the guest runs on while the sync travels
                 resumed = time.perf_counter()
-                sent_bytes = sum(faults.sending_sync(self._sock, sync, batch) for batch in batches)
+                sent_bytes = sum(faults.sending_sync(self._sock, sync, batch) for batch in taken.batches)
                 sent = time.perf_counter()
                 _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {sync}")
                 faults.acknowledged(sync, self._sock)
@@ -284,45 +252,9 @@ class Primary:
             delays = self._release(covered)
             if not pipelined:
                 resumed = time.perf_counter()
-        record = SyncRecord(sync, time.time(), trigger, pages, sent_bytes, (resumed - paused) * 1000,
+        record = SyncRecord(sync, time.time(), trigger, taken.pages, sent_bytes, (resumed - paused) * 1000,
                             (sent - paused) * 1000, (acked - sent) * 1000, max(delays, default=0.0) * 1000)
         self._account(record, started)
-
-    def _capture(self, trigger: str, full: bool, *, copy: bool) -> tuple[Iterable[list], int, int]:
-        """The sync's frames (machine quiesced) as batches of buffers to send one after the other,
-        with its page count and number: dirty pages (all populated pages for a full sync),
-        completed disk changes (the whole disk for a full sync), the machine state, SyncEnd.
-        A full sync is read and framed a piece at a time as the batches are sent, so the primary
-        holds one piece at a time whatever the sizes of RAM and disk; any other is captured now
-        (with `copy`, its pages are copied out, so the guest may run before they are sent)."""
-        page_lists = []
-        for slot in self.machine.vm.memory.slots:
-            bitmap = self.machine.vm.dirty_bitmap(slot)  # read and reset the log
-            numbers = populated_pages(slot) if full else dirty_pages(bitmap)
-            if len(numbers):
-                page_lists.append((slot, numbers))
-        sync = self._protocol.last_sync + 1
-        batches = self._frames(trigger, sync, page_lists, full, copy)
-        if not full:
-            batches = [[buffer for batch in batches for buffer in batch]]
-        return batches, sum(len(numbers) for _, numbers in page_lists), sync
-
-    def _frames(self, trigger: str, sync: int, page_lists: list, full: bool, copy: bool) -> Iterator[list]:
-        """`_capture`'s batches, each framed when it is asked for (after the one before was sent)."""
-        protocol = self._protocol
-        for slot, numbers in page_lists:
-            for start in range(0, len(numbers), PAGES_PER_BATCH):
-                yield protocol.send_pages(slot.index, slot.view, numbers[start : start + PAGES_PER_BATCH], copy=copy)
-                if full:
-                    protocol.reuse_scratch()  # that batch is sent: its gathered pages are not needed
-        for disk_index, changes in enumerate(self._disk_changes):
-            for event in p.disk_change_frames(disk_index, _whole_disk(self.disks[disk_index]) if full else changes):
-                yield protocol.send(event)
-            changes.clear()  # a full sync covers whatever was recorded before it
-        state = encode(self.machine.save_state())
-        end = p.SyncEnd(sync, trigger, ram_hash(self.machine.vm.memory) if self.verify else None,
-                        xxhash.xxh3_64_intdigest(state))
-        yield protocol.send(p.MachineStateBlob(state)) + protocol.send(end)
 
     def _take_held(self) -> list[tuple[GatedFunction, int, float]]:
         with self._cond:
@@ -391,12 +323,7 @@ class Primary:
         self.machine.vm.stop(EXIT_FENCED, f"fenced: {reason}", kind=StopKind.FAILED)
 
     def summary(self) -> dict:
-        stats = self.stats
-        return {"protected": stats.protected, "standby": stats.standby, "syncs": stats.syncs, "pages": stats.pages,
-                "bytes": stats.bytes, "heartbeats": stats.heartbeats, "standby_losses": stats.standby_losses,
-                "pause_ms": _rounded(summary(stats.pause_ms)),
-                "output_delay_ms": _rounded(summary(stats.output_delay_ms)),
-                "pages_per_sync": _rounded(summary([float(n) for n in stats.pages_per_sync]))}
+        return self.stats.summary()
 
 
 def _expect(event_type: type, event: p.Event, what: str) -> None:
@@ -409,25 +336,3 @@ def _expect(event_type: type, event: p.Event, what: str) -> None:
 
 def _trigger(function: GatedFunction) -> str:
     return "net" if isinstance(function.device, Net) else "blk"
-
-
-def _whole_disk(disk: Blk) -> Iterator[DiskChange]:
-    """The disk's contents as changes, read a piece at a time as they are taken: holes (skipped
-    with SEEK_DATA/SEEK_HOLE, never read) and all-zero pieces as zeroed ranges, so the standby's
-    copy equals ours whatever it held before."""
-    image = disk.disk
-    for offset, length, holds_data in extents(image.fd, 0, image.size):
-        if not holds_data:
-            yield DiskChange(offset, zeroed=length)
-            continue
-        for at in range(offset, offset + length, DISK_CHUNK):
-            size = min(DISK_CHUNK, offset + length - at)
-            data = image.read(at, size)
-            if len(data) != size:
-                raise OSError(errno.EIO, f"short read of {image.spec.path} ({len(data)} of {size} bytes at {at})")
-            yield DiskChange(at, zeroed=size) if data.count(0) == size else DiskChange(at, data)
-
-
-def _rounded(figures: dict[str, float]) -> dict[str, float]:
-    return {name: round(value, 3) for name, value in figures.items()}
-

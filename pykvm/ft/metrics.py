@@ -1,0 +1,49 @@
+"""What the primary measures: one record per sync (the `--metrics` file has one JSON object a
+line with SyncRecord's fields) and the running totals behind `Primary.summary()`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pykvm.stats import summary
+
+
+@dataclass
+class SyncRecord:
+    """One sync, as the metrics file has it (one JSON object a line, these fields)."""
+
+    sync: int
+    time: float  # wall clock (time.time()) when it ended
+    trigger: str  # "full", "blk", "net" or "timer"
+    pages: int
+    bytes: int  # sent, frame headers included
+    pause_ms: float  # guest paused: from the quiesce to its resumption
+    transfer_ms: float  # from the quiesce to the last byte handed to the socket
+    ack_ms: float  # from then to the standby's Ack
+    output_delay_ms: float  # the longest any output this sync released was held
+
+
+@dataclass
+class PrimaryStats:
+    protected: bool = False
+    standby: str = ""
+    syncs: int = 0
+    pages: int = 0
+    bytes: int = 0
+    heartbeats: int = 0
+    standby_losses: int = 0
+    pause_ms: list[float] = field(default_factory=list)
+    output_delay_ms: list[float] = field(default_factory=list)
+    pages_per_sync: list[int] = field(default_factory=list)
+
+
+    def summary(self) -> dict:
+        return {"protected": self.protected, "standby": self.standby, "syncs": self.syncs, "pages": self.pages,
+                "bytes": self.bytes, "heartbeats": self.heartbeats, "standby_losses": self.standby_losses,
+                "pause_ms": _rounded(summary(self.pause_ms)),
+                "output_delay_ms": _rounded(summary(self.output_delay_ms)),
+                "pages_per_sync": _rounded(summary([float(n) for n in self.pages_per_sync]))}
+
+
+def _rounded(figures: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 3) for name, value in figures.items()}
