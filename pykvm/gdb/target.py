@@ -84,7 +84,8 @@ class DebugTarget:
         self._block_irq = True  # KVM_GUESTDBG_BLOCKIRQ while stepping, where KVM knows it
         for vcpu in vm.vcpus:
             vcpu.debugger = self._on_exit
-        threading.Thread(target=self._watch_end, name="gdb-watch", daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch_end, name="gdb-watch", daemon=True)
+        self._watcher.start()
 
     # -- stops -------------------------------------------------------------------------------------
 
@@ -154,6 +155,11 @@ class DebugTarget:
     def _report(self, vcpu: Vcpu, why: str) -> bool:
         self._post(StopEvent(vcpu.index + 1, SIGTRAP, why), self.control.request_pause("gdb stop"))
         return True
+
+    def end_posted(self) -> None:
+        """Once the VM has stopped: return when its exit event is posted."""
+        if self.control.stop_reason is not None:
+            self._watcher.join()
 
     def _watch_end(self) -> None:
         reason = self.vm.wait()
