@@ -13,7 +13,9 @@ is emulated and ring 3 runs natively; see /work/shared/notes/kvm-here.md):
 - int3 in ring 3: hardware KVM exits as above; PVM delivers #BP to the guest's own IDT whatever
   USE_SW_BP says. Its handler runs in (emulated) ring 0, where debug registers work: DR3 sits on
   the handler (the "catch"), and when it fires with an interrupt frame from ring 3 whose int3 is
-  ours, the exception is undone: RIP, RSP, RFLAGS, CS and SS are put back from the frame.
+  ours, the exception is undone: RIP, RSP, RFLAGS, CS and SS are put back from the frame. Until
+  the guest has an IDT with a #BP gate, a vCPU with breakpoints set single-steps its ring 0 code
+  watching for one (~5000 instructions, ~1-2 s, for the bundled guests' runtime).
 - Single step: KVM_GUESTDBG_SINGLESTEP where it works (ring 0: emulated, or hardware); in 64-bit
   ring 3, temporary int3s on every successor of the instruction (pykvm.gdb.stepping), since PVM's
   native ring 3 ignores the trap flag KVM sets.
@@ -64,6 +66,7 @@ class _VcpuDebug:
     temps: list[int] = field(default_factory=list)  # temporary int3s of a step
     lifted: int | None = None  # the breakpoint address this step goes over
     catch_lifted: bool = False  # stepping the guest's #BP handler past the catch
+    watch_idt: bool = False  # stepping ring 0 until the guest has a #BP handler to put the catch on
 
 
 class DebugTarget:
@@ -137,6 +140,7 @@ class DebugTarget:
             at_breakpoint = self.software.is_ours(regs.rip) or regs.rip in self.hardware.slots
             if stepping or at_breakpoint:
                 self._begin_step(vcpu, state, regs, "report" if stepping else "silent")
+            state.watch_idt = bool(self.software.inserted) and self._bp_handler(vcpu) is None
             self._apply(vcpu, state)
         self.stop = None
         held, self._held = self._held, None
@@ -193,6 +197,11 @@ class DebugTarget:
             return self._caught(vcpu, state, regs)
         if self.hardware.hit(arch.dr6) is not None:
             return self._report(vcpu, "hw-breakpoint")
+        if state.watch_idt and arch.dr6 & DR6_SINGLE_STEP:
+            if self._bp_handler(vcpu) is not None:  # the guest loaded its IDT: catch, stop stepping
+                state.watch_idt = False
+                self._apply(vcpu, state)
+            return True
         return True  # a stale trap (a step or breakpoint cancelled by a stop): run on
 
     def _int3(self, vcpu: Vcpu, state: _VcpuDebug, address: int) -> bool:
@@ -266,14 +275,15 @@ class DebugTarget:
 
     def _cancel_steps(self) -> None:
         for vcpu, state in zip(self.vm.vcpus, self._vcpus):
-            if state.step is not None or state.single_step:
+            if state.step is not None or state.single_step or state.watch_idt:
                 self._end_step(vcpu, state)
+                state.watch_idt = False
                 self._apply(vcpu, state)
 
     def _apply(self, vcpu: Vcpu, state: _VcpuDebug) -> None:
         """KVM_SET_GUEST_DEBUG for this vCPU's breakpoints, catch and step."""
         control = GUEST_DEBUG
-        if state.single_step:
+        if state.single_step or state.watch_idt:
             control |= k.KVM_GUESTDBG_SINGLESTEP | (k.KVM_GUESTDBG_BLOCKIRQ if self._block_irq else 0)
         catch = None if state.catch_lifted or not self.software.inserted else self._bp_handler(vcpu)
         debugregs = self.hardware.debugregs(skip=state.lifted, catch=catch)
