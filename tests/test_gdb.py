@@ -165,3 +165,31 @@ def test_busy_gdb_port_is_one_line_and_status_2(guest_images):
     assert errors.count("\n") == 1 and "--gdb" in errors and "Address already in use" in errors
     result = run_pykvm("run", "--gdb", "127.0.0.1:1234")
     assert result.returncode == 2 and result.stderr.decode().count("\n") == 1
+
+
+def test_restore_waits_for_gdb_at_the_snapshot_then_runs_it(tmp_path, guest_images):
+    control, snap = str(tmp_path / "vm.sock"), str(tmp_path / "vm.snap")
+    source = VmmProcess("run", "compute", "--append", "rounds=1000000", "--control", control)
+    try:
+        source.wait_for(b"compute: rounds=1000000")
+        assert run_pykvm("ctl", control, "snapshot", snap).returncode == 0
+        assert run_pykvm("ctl", control, "quit").returncode == 0
+        assert source.wait(60) == 0
+    finally:
+        source.kill()
+    port = _free_port()
+    restored = VmmProcess("restore", snap, "--gdb", f"tcp:127.0.0.1:{port}")
+    try:
+        restored.stderr.wait_for(b"waiting for gdb on")
+        gdb = RspClient(port)
+        assert gdb.ask(b"?").startswith(b"T05thread:1;")
+        rip = int.from_bytes(bytes.fromhex(gdb.ask(b"p10").decode()), "little")
+        assert gdb.ask(b"m%x,1" % rip) != b""  # the restored vCPU's code, through its page tables
+        memset = _symbol(_elf("compute"), "memset")  # each round's sieve starts with one
+        assert gdb.ask(b"Z0,%x,1" % memset) == b"OK"
+        assert gdb.ask(b"c") == b"T05thread:1;swbreak:;"
+        assert int.from_bytes(bytes.fromhex(gdb.ask(b"p10").decode()), "little") == memset
+        gdb.send(b"k")
+        assert restored.wait(60) == 0
+    finally:
+        restored.kill()
