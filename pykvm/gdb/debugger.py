@@ -50,11 +50,11 @@ class Debugger:
         self.target.resume()
         return self.target.wait(timeout)
 
-    def step(self, thread: int | None = None) -> StopEvent | None:
+    def step(self, thread: int | None = None, timeout: float | None = None) -> StopEvent | None:
         """One instruction on `thread` (vCPU index + 1; default: the one that stopped last)."""
         self._start()
         self.target.resume(step_thread=thread or self.target.current)
-        return self.target.wait()
+        return self.target.wait(timeout)
 
     def pause(self) -> StopEvent:
         """Stop the running guest where it is."""

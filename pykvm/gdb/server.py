@@ -81,14 +81,14 @@ class _Session:
         except BreakpointError:
             return rsp.error_reply(E_BREAKPOINT)
 
-    def query(self, payload: bytes) -> bytes:
+    def query(self, payload: bytes) -> bytes | None:
         target = self.target
         if payload.startswith(b"qSupported"):
             return FEATURES
         if payload == b"QStartNoAckMode":
             self.send(b"OK")  # acknowledged still; nothing after it is
             self.acks = False
-            return None  # type: ignore[return-value]
+            return None
         if payload.startswith(b"qXfer:features:read:target.xml:"):
             offset, length = rsp.parse_address_length(payload.rsplit(b":", 1)[1])
             document = registers.target_xml()
@@ -116,6 +116,8 @@ class _Session:
 
     def stop_status(self, payload: bytes) -> bytes:
         event = self.target.stop or self.target.interrupt()
+        if event.exit_status is not None:
+            return rsp.exit_reply(event.exit_status)
         return rsp.stop_reply(event.signal, event.thread or self.target.current)
 
     def set_thread(self, payload: bytes) -> bytes:
@@ -182,7 +184,7 @@ class _Session:
         change(request.address, hardware=request.type == 1)
         return b"OK"
 
-    def resume(self, payload: bytes) -> None:
+    def resume(self, payload: bytes) -> bytes | None:
         """c/s [ADDR], C/S SIG[;ADDR]: signals mean nothing to a VM and are dropped."""
         argument = payload[1:]
         if payload[:1] in (b"C", b"S"):
@@ -196,7 +198,7 @@ class _Session:
             self.target.resume(step_thread=thread if step else None)
         except (CannotStep, MemoryFault, BreakpointError):
             self.running = False
-            return rsp.error_reply(E_MEMORY)  # type: ignore[return-value]
+            return rsp.error_reply(E_MEMORY)
         return None
 
     def detach(self, payload: bytes) -> bytes:

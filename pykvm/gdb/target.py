@@ -131,7 +131,7 @@ class DebugTarget:
         """Run every vCPU; `step_thread` (1-based) stops again after one instruction."""
         with self._cond:
             if self._events:  # a stop posted during the last one: report it before running
-                os.write(self._wakeup_writer, b"!")
+                self._wake()
                 self.stop = None
                 return
         for vcpu, state in zip(self.vm.vcpus, self._vcpus):
@@ -151,10 +151,13 @@ class DebugTarget:
         with self._cond:
             self._events.append((event, hold))
             self._cond.notify_all()
+        self._wake()
+
+    def _wake(self) -> None:
         try:
             os.write(self._wakeup_writer, b"!")
         except BlockingIOError:
-            pass  # the reader has wake-ups pending already
+            pass  # the pipe is full of wake-ups already (nobody reads it when Python code waits)
 
     def _report(self, vcpu: Vcpu, why: str) -> bool:
         self._post(StopEvent(vcpu.index + 1, SIGTRAP, why), self.control.request_pause("gdb stop"))
