@@ -193,3 +193,30 @@ def test_restore_waits_for_gdb_at_the_snapshot_then_runs_it(tmp_path, guest_imag
         assert restored.wait(60) == 0
     finally:
         restored.kill()
+
+
+def test_each_vcpu_is_a_thread_that_stops_at_breakpoints(guest_images):
+    elf, port = _elf("smp"), _free_port()
+    vmm = VmmProcess("run", "smp", "--cpus", "2", "--gdb", f"tcp:127.0.0.1:{port}")
+    try:
+        vmm.stderr.wait_for(b"waiting for gdb on")
+        gdb = RspClient(port)
+        # check_in's out-of-line copy runs on the AP only (the BSP's call is inlined into guest_main)
+        check_in = _symbol(elf, "check_in")
+        assert gdb.ask(b"Z0,%x,1" % check_in) == b"OK"
+        assert gdb.ask(b"c") == b"T05thread:2;swbreak:;"
+        assert gdb.ask(b"qC") == b"QC2"
+        assert int.from_bytes(bytes.fromhex(gdb.ask(b"p10").decode()), "little") == check_in
+        assert gdb.ask(b"Hg1") == b"OK"  # the BSP, stopped with it somewhere in guest_main
+        bsp_rip = int.from_bytes(bytes.fromhex(gdb.ask(b"p10").decode()), "little")
+        assert bsp_rip != check_in and 0x100000 <= bsp_rip < check_in + 0x10000
+        assert gdb.ask(b"z0,%x,1" % check_in) == b"OK"
+        assert gdb.ask(b"Hc2") == b"OK"
+        assert gdb.ask(b"s") == b"T05thread:2;"  # a step of the AP (ring 0)
+        assert gdb.ask(b"Hg2") == b"OK"
+        assert int.from_bytes(bytes.fromhex(gdb.ask(b"p10").decode()), "little") > check_in
+        assert gdb.ask(b"c") == b"W00"
+        assert vmm.wait(60) == 0
+        assert "smp: all 2 cpus checked in" in vmm.output
+    finally:
+        vmm.kill()
