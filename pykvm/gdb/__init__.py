@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Callable
 
 from pykvm.gdb.server import GdbServer
 from pykvm.gdb.target import DebugTarget, StopEvent
-from pykvm.transfer.tcp import listen
+from pykvm.errors import ConfigError
+from pykvm.transfer.tcp import listen, parse_tcp_uri
 
 if TYPE_CHECKING:
     from pykvm.vm import Vm
@@ -29,6 +30,10 @@ __all__ = ["DebugTarget", "GdbServer", "StopEvent", "serve"]
 def serve(vm: Vm, uri: str, log: Callable[[str], None]) -> GdbServer:
     """Listen for gdb at `uri` (a busy port: ConfigError), the VM held at its first instruction
     until gdb continues it. Call before the VM starts."""
+    try:
+        parse_tcp_uri(uri)
+    except ConfigError as error:
+        raise ConfigError(f"--gdb {error}") from None
     listener = listen(uri, "--gdb")
     server = GdbServer(DebugTarget(vm), listener, log)
     server.start()
