@@ -3,14 +3,14 @@
     pykvm run [GUEST|PATH] [--kernel bzImage|vmlinux [--initrd FILE]] [--mem 64M] [--cpus N] [--append ARGS]
               [--serial stdio|file:PATH|none]
               [--load-addr ADDR] [--disk PATH[,readonly]]... [--net SPEC]... [--control PATH]
-              [--incoming tcp:HOST:PORT] [--trace] [--ft tcp:HOST:PORT [--ft-witness URI] [--ft-...]]
+              [--incoming tcp:HOST:PORT] [--trace] [--gdb tcp:HOST:PORT] [--ft tcp:HOST:PORT [--ft-witness URI] [--ft-...]]
               [--tls-creds DIR | --insecure]
     pykvm ft standby --listen tcp:HOST:PORT [--ft-witness URI] [--ft-timeout MS] [--disk ...] [--net ...]
               [--tls-creds DIR | --insecure]
-    pykvm restore FILE [--disk ...] [--net ...] [--serial ...] [--control PATH] [--verify] [--trace] [--tls-creds DIR]
+    pykvm restore FILE [--disk ...] [--net ...] [--serial ...] [--control PATH] [--verify] [--trace] [--gdb tcp:HOST:PORT] [--tls-creds DIR]
     pykvm ctl SOCKET COMMAND [ARG] [--overwrite]
     pykvm tls init DIR [--host NAME]... [--force]
-    pykvm guests list | build [NAME...] | path NAME
+    pykvm guests list | build [NAME...] | path NAME [--elf]
 
 Exit status: the guest's (its debug-exit value, 0 for a reset or power-off), 1 when the guest
 crashed or the VMM failed, 2 for bad input (one line on stderr, no traceback), 75 when an FT
@@ -25,7 +25,7 @@ import re
 import sys
 from pathlib import Path
 
-from pykvm import cli_tls, control, guestbuild
+from pykvm import cli_tls, control, gdb, guestbuild
 from pykvm.transfer import migration, snapshot
 from pykvm.ft import FtError, Primary, Standby, demo
 from pykvm.ft.standby import TakeoverImpossible
@@ -101,6 +101,9 @@ def _add_ft_options(parser: argparse.ArgumentParser, *, primary: bool) -> None:
                                    "default: only at outputs)"))
 
 
+GDB_HELP = "serve gdb's remote protocol there; the guest waits at its first instruction until gdb continues"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pykvm", description="A pure-Python hypervisor on Linux KVM.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -120,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ft", metavar="tcp:HOST:PORT", help="run fault-tolerant, protected by the standby there")
     _add_machine_options(run)
     _add_ft_options(run, primary=True)
+    run.add_argument("--gdb", metavar="tcp:HOST:PORT", help=GDB_HELP)
 
     ft = commands.add_parser("ft", help="fault tolerance: run a standby (or a primary)")
     roles = ft.add_subparsers(dest="role", required=True, metavar="ROLE")
@@ -135,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("file", metavar="FILE")
     restore.add_argument("--verify", action="store_true", help="check the RAM sections' checksums too (reads all RAM)")
     _add_machine_options(restore)
+    restore.add_argument("--gdb", metavar="tcp:HOST:PORT", help=GDB_HELP)
 
     demo = commands.add_parser("demo", help="fault tolerance end to end: kill a primary, check the standby")
     demo.add_argument("--records", type=int, default=200, help="records the client writes (default 200)")
@@ -157,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("names", nargs="*", metavar="NAME")
     path = actions.add_parser("path", help="print the path of a built guest image (building it if needed)")
     path.add_argument("name", metavar="NAME")
+    path.add_argument("--elf", action="store_true", help="the unstripped ELF with symbols, for gdb")
     return parser
 
 
@@ -321,6 +327,7 @@ def _run(machine: Machine, args: argparse.Namespace, console: SerialConsole, *,
         tracer = ExitTracer()
         for vcpu in machine.vm.vcpus:
             vcpu.trace = tracer
+    debugger = gdb.serve(machine.vm, args.gdb, _log) if getattr(args, "gdb", None) else None
     server = control.ControlServer(args.control, machine, tls=args.tls) if args.control else None
     if server is not None:
         server.register("ft-stats", lambda request: {"role": "primary", **(primary.summary() if primary else {})})
@@ -335,6 +342,8 @@ def _run(machine: Machine, args: argparse.Namespace, console: SerialConsole, *,
             primary.close()
         if server is not None:
             server.close()
+        if debugger is not None:
+            debugger.close()
     if stop.report:
         print(f"pykvm: {stop.reason}\n{stop.report}", file=sys.stderr)
     elif args.trace or stop.kind is StopKind.MIGRATED:
@@ -392,9 +401,10 @@ def cmd_guests(args: argparse.Namespace) -> int:
     elif args.name == "linux":
         from pykvm.guestbuild import linux_guest
 
-        print(linux_guest.build(log=_log).bzimage)
+        guest = linux_guest.build(log=_log)
+        print(guest.vmlinux if args.elf else guest.bzimage)
     else:
-        print(guestbuild.image_path(args.name))
+        print(guestbuild.elf_path(args.name) if args.elf else guestbuild.image_path(args.name))
     return 0
 
 

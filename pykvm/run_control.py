@@ -117,6 +117,18 @@ class RunControl:
             self._cond.wait_for(lambda: self._parked >= self._alive or self.stop_reason is not None)
         return hold
 
+    def request_pause(self, owner: str) -> Pause:
+        """Hold the VM paused for `owner` without waiting for the vCPUs to park; callable from a
+        vCPU thread (a debugger's breakpoint handler), which parks at its next KVM_RUN. Whoever
+        needs the vCPUs parked takes pause() as well."""
+        hold = Pause(owner)
+        with self._cond:
+            self._holds.append(hold)
+            if len(self._holds) == 1 and self.stop_reason is None:
+                for vcpu in self._vcpus:
+                    vcpu.kick()
+        return hold
+
     def resume(self, hold: Pause) -> None:
         """Release `hold`; the vCPUs run again if it was the last one."""
         with self._cond:

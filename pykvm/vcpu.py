@@ -80,6 +80,9 @@ class Vcpu:
         self.completed_instructions: dict[str, int] = {}  # mnemonic -> count (see internal_errors)
         # Called as trace(vcpu, kind, **fields) on every exit when set; see diagnostics.ExitTracer.
         self.trace: Callable[..., None] | None = None
+        # A debugger's hook (pykvm.gdb), called as debugger(vcpu, exit_reason) on KVM_EXIT_DEBUG and
+        # KVM_EXIT_INTERNAL_ERROR; True: the exit was its own breakpoint or step, handled.
+        self.debugger: Callable[[Vcpu, int], bool] | None = None
         self.msr_indices = msr_indices  # the MSRs saved and restored with the vCPU
         self._run_view = memoryview(fd.run_mmap)
         self._setup_cpuid(cpuid)
@@ -223,10 +226,14 @@ class Vcpu:
                 self.control.stop(StopReason(0, "guest powered off" if kind == k.KVM_SYSTEM_EVENT_SHUTDOWN else "guest reset"))
                 return
         if reason == k.KVM_EXIT_DEBUG:
+            if self.debugger is not None:
+                self.debugger(self, reason)
             return
         if reason == k.KVM_EXIT_SHUTDOWN:
             raise GuestFault("triple fault (KVM_EXIT_SHUTDOWN)", self._report())
         if reason == k.KVM_EXIT_INTERNAL_ERROR:
+            if self.debugger is not None and self.debugger(self, reason):
+                return  # a debugger's own int3 (PVM hands int3 in guest ring 0 back to the VMM)
             # Some backends (PVM) hand int3/fwait in guest ring 0 back to us; finish those here.
             completed = complete_internal_error(self)
             if completed is not None:

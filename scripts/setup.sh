@@ -7,7 +7,7 @@
 # and may come without pip at all; python3-venv is installed if venv cannot make one.
 # `bash scripts/setup.sh test` also installs what the test suite needs (kernel headers for the
 # uapi check, QEMU as the reference peer, iproute2/ping for TAP tests, iasl to disassemble the
-# DSDT, etcd as an FT witness), the test extras and the bundled Linux guest.
+# DSDT, etcd as an FT witness, gdb for the gdb stub's test), the test extras and the bundled Linux guest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="$PWD/.venv"
@@ -35,6 +35,7 @@ if [ "${1:-}" = test ]; then
     command -v ping >/dev/null || packages+=(iputils-ping)
     command -v iasl >/dev/null || packages+=(acpica-tools)
     command -v etcd >/dev/null || packages+=(etcd-server)
+    command -v gdb >/dev/null || packages+=(gdb)
 fi
 if [ ${#packages[@]} -gt 0 ]; then
     apt_install "${packages[@]}"

@@ -23,7 +23,7 @@ from pathlib import Path
 from .catalog import GUESTS
 
 CFLAGS = (
-    "-std=gnu11", "-O2", "-Wall", "-Wextra",
+    "-std=gnu11", "-O2", "-g", "-Wall", "-Wextra",  # -g: NAME.elf carries what gdb needs
     "-ffreestanding", "-nostdlib", "-static", "-fno-pic", "-fno-pie", "-no-pie",
     "-mcmodel=small",  # linked at 1 MiB: every address fits in 31 bits
     "-mno-red-zone",  # interrupts at CPL0 push onto the interrupted stack

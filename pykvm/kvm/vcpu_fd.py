@@ -26,6 +26,7 @@ from .ioctls import (
     KVM_RUN,
     KVM_SET_CPUID2,
     KVM_SET_DEBUGREGS,
+    KVM_SET_GUEST_DEBUG,
     KVM_SET_LAPIC,
     KVM_SET_MP_STATE,
     KVM_SET_MSRS,
@@ -38,6 +39,7 @@ from .ioctls import (
 )
 from .structs import (
     KvmDebugregs,
+    KvmGuestDebug,
     KvmLapicState,
     KvmMpState,
     KvmRegs,
@@ -156,6 +158,13 @@ class VcpuFd(OwnedFd):
     def get_cpuid2(self, max_entries: int = 256):
         """KVM_GET_CPUID2 as a ``cpuid2_type(nent)`` struct."""
         return get_growing(self.fd, KVM_GET_CPUID2, cpuid2_type, "nent", max_entries)
+
+    def set_guest_debug(self, control: int, debugregs: Iterable[int] = ()) -> None:
+        """KVM_SET_GUEST_DEBUG: KVM_GUESTDBG_* flags and DR0-DR7 for the debugger's breakpoints."""
+        debug = KvmGuestDebug(control=control)
+        for index, value in enumerate(debugregs):
+            debug.arch.debugreg[index] = value
+        set_struct(self.fd, KVM_SET_GUEST_DEBUG, KvmGuestDebug, debug)
 
     def translate(self, gva: int) -> KvmTranslation:
         """KVM_TRANSLATE a guest-virtual address with the vCPU's current paging."""
