@@ -1,0 +1,187 @@
+"""The client outside the `iozone` guest: it drives the workload over UDP, calibrates the guest's
+TSC against its own clock, and stamps each report's arrival.
+
+The externally observed latency of a report is its arrival here minus the moment the guest
+produced it. The guest puts its TSC in the report; the client converts it to its own clock
+(time.perf_counter) with an offset and a rate calibrated by probes before and after the workload.
+A probe's TSC is read when the guest handles it, so `TSC - send time` is the clock offset plus the
+inbound delay; the probe of each burst with the least of it fixes one point of the line, the two
+bursts the rate. Replies are outputs (a protected guest's wait for a sync), so only their send
+times are used, never the round trip's midpoint. The estimate of the offset errs by the smallest
+inbound delay of a burst, which makes every latency too long by that much (a fraction of a
+millisecond, `inbound_bound_ms` below: half the smallest round trip of an unprotected run)."""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pykvm.testing.netframes import FrameSocket, Peer, parse_frame
+
+GUEST_PORT = 9001
+CLIENT_PORT = 40001
+RESEND = 0.25  # a command unanswered this long is sent again (UDP: the guest may not be up yet)
+_U64 = struct.Struct("<Q")
+_REPORT = struct.Struct("<4sQQQQQ")  # magic, seq, tsc, writes, bytes, pages
+_PROBE = struct.Struct("<4sQQ")  # magic, tsc, cookie (the probe's number, echoed)
+
+
+class GuestSilent(Exception):
+    """The guest did not answer a command in time."""
+
+
+@dataclass
+class Report:
+    seq: int
+    tsc: int
+    writes: int
+    bytes: int
+    pages: int
+    arrival: float  # perf_counter when it arrived
+
+
+@dataclass
+class Probe:
+    sent: float
+    tsc: int
+    answered: float
+
+
+@dataclass
+class Clock:
+    """Guest TSC -> client time: t = anchor_time + (tsc - anchor_tsc) / rate."""
+
+    anchor_tsc: int
+    anchor_time: float
+    rate: float  # TSC ticks per second of the client's clock
+
+    def time_of(self, tsc: int) -> float:
+        return self.anchor_time + (tsc - self.anchor_tsc) / self.rate
+
+
+@dataclass
+class Session:
+    """What one workload run gave: the reports, the probes, and the guest's own figures."""
+
+    tsc_hz: int = 0
+    reports: list[Report] = field(default_factory=list)
+    probes: list[list[Probe]] = field(default_factory=list)  # one burst before, one after
+    totals: tuple[int, int, int] = (0, 0, 0)  # writes, bytes, fsyncs, as the guest counted at stop
+    started: float = 0.0  # wall clock (time.time), to match the metrics file's sync times
+    stopped: float = 0.0
+
+    def clock(self) -> Clock:
+        """The calibration: the least-delayed probe of each burst, a line through the two."""
+        if len(self.probes) != 2 or not all(self.probes):
+            raise GuestSilent("no probe bursts to calibrate the guest's clock with")
+        nominal = self.tsc_hz or 1e9
+        first, last = (min(burst, key=lambda p: p.tsc / nominal - p.sent) for burst in self.probes)
+        rate = (last.tsc - first.tsc) / (last.sent - first.sent) if last.sent > first.sent else nominal
+        return Clock(first.tsc, first.sent, rate)
+
+    def min_rtt_ms(self) -> float:
+        return min((p.answered - p.sent) * 1000 for burst in self.probes for p in burst)
+
+    def latencies_ms(self) -> list[float]:
+        clock = self.clock()
+        return [(r.arrival - clock.time_of(r.tsc)) * 1000 for r in self.reports]
+
+    def throughput(self) -> dict[str, float]:
+        """Writes/s and MB/s (10^6 bytes) between the first and the last report, on the guest's clock."""
+        if len(self.reports) < 2:
+            return {"writes_per_s": 0.0, "mb_per_s": 0.0}
+        first, last = self.reports[0], self.reports[-1]
+        seconds = (last.tsc - first.tsc) / self.clock().rate
+        return {"writes_per_s": (last.writes - first.writes) / seconds,
+                "mb_per_s": (last.bytes - first.bytes) / seconds / 1e6}
+
+
+class IozoneClient:
+    """Talks to the guest over the Unix-datagram link a pykvm `--net socket:` NIC is bound to."""
+
+    def __init__(self, socket_path: Path, link: Path) -> None:
+        self.link = FrameSocket(socket_path, link)
+        self.peer = Peer(self.link, timeout=RESEND)
+
+    def close(self) -> None:
+        self.link.close()
+
+    def _send(self, payload: bytes) -> None:
+        self.peer.send_udp(GUEST_PORT, payload, CLIENT_PORT)
+
+    def _receive(self, timeout: float) -> tuple[bytes, float] | None:
+        """The next datagram from the guest's port, with its arrival time (None: nothing in time)."""
+        deadline = time.perf_counter() + timeout
+        while (left := deadline - time.perf_counter()) > 0:
+            data = self.link.receive(left)
+            arrival = time.perf_counter()
+            if data is None:
+                return None
+            try:
+                frame = parse_frame(data)
+            except ValueError:
+                continue
+            if frame.udp is not None and (frame.udp.sport, frame.udp.dport) == (GUEST_PORT, CLIENT_PORT):
+                return frame.udp.payload, arrival
+        return None
+
+    def _command(self, payload: bytes, magic: bytes, deadline: float, reports: list[Report] | None = None
+                 ) -> tuple[bytes, float, float]:
+        """Send until the answer starting with `magic` comes; reports meanwhile go to `reports`.
+        Returns (answer, sent, arrival) of the try that was answered."""
+        while time.monotonic() < deadline:
+            try:
+                if self.peer.guest_mac is None:
+                    self.peer.resolve()
+                sent = time.perf_counter()
+                self._send(payload)
+            except TimeoutError:
+                continue
+            except (FileNotFoundError, ConnectionRefusedError):
+                time.sleep(RESEND / 10)  # the VMM has not bound the link yet: as with a cable being plugged in
+                continue
+            while (got := self._receive(RESEND)) is not None:
+                data, arrival = got
+                if data.startswith(magic):
+                    return data, sent, arrival
+                if reports is not None and data.startswith(b"IOZR"):
+                    reports.append(_report(data, arrival))
+        raise GuestSilent(f"the guest did not answer {payload[:5].decode()!r}")
+
+    def probes(self, count: int, deadline: float) -> list[Probe]:
+        burst = []
+        for cookie in range(count):
+            while True:
+                data, sent, arrival = self._command(b"probe" + _U64.pack(cookie), b"IOZP", deadline)
+                if len(data) >= _PROBE.size and _PROBE.unpack_from(data)[2] == cookie:
+                    break  # a late answer to an earlier try is not this one's
+            burst.append(Probe(sent, _PROBE.unpack_from(data)[1], arrival))
+        return burst
+
+    def run(self, seconds: float, *, probes: int = 20, patience: float = 60) -> Session:
+        """Calibrate, run the workload for `seconds`, calibrate again, and end the guest."""
+        session = Session()
+        session.probes.append(self.probes(probes, time.monotonic() + patience))
+        session.started = time.time()
+        data, _, _ = self._command(b"start", b"IOZS", time.monotonic() + patience)
+        session.tsc_hz = _U64.unpack_from(data, 4)[0]
+        end = time.perf_counter() + seconds
+        while (left := end - time.perf_counter()) > 0:
+            got = self._receive(left)
+            if got is not None and got[0].startswith(b"IOZR"):
+                session.reports.append(_report(*got))
+        data, _, _ = self._command(b"stop", b"IOZE", time.monotonic() + patience, session.reports)
+        session.stopped = time.time()
+        session.totals = struct.unpack_from("<QQQ", data, 4)
+        session.probes.append(self.probes(probes, time.monotonic() + patience))
+        self._command(b"quit", b"IOZQ", time.monotonic() + patience)
+        return session
+
+
+def _report(data: bytes, arrival: float) -> Report:
+    if len(data) < _REPORT.size:
+        raise GuestSilent(f"a {len(data)}-byte report")
+    _, seq, tsc, writes, nbytes, pages = _REPORT.unpack_from(data)
+    return Report(seq, tsc, writes, nbytes, pages, arrival)
