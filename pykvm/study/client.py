@@ -65,7 +65,6 @@ class Clock:
 class Session:
     """What one workload run gave: the reports, the probes, and the guest's own figures."""
 
-    tsc_hz: int = 0
     reports: list[Report] = field(default_factory=list)
     probes: list[list[Probe]] = field(default_factory=list)  # one burst before, one after
     totals: tuple[int, int, int] = (0, 0, 0)  # writes, bytes, fsyncs, as the guest counted at stop
@@ -73,13 +72,15 @@ class Session:
     stopped: float = 0.0
 
     def clock(self) -> Clock:
-        """The calibration: the least-delayed probe of each burst, a line through the two."""
-        if len(self.probes) != 2 or not all(self.probes):
-            raise GuestSilent("no probe bursts to calibrate the guest's clock with")
-        nominal = self.tsc_hz or 1e9
-        first, last = (min(burst, key=lambda p: p.tsc / nominal - p.sent) for burst in self.probes)
-        rate = (last.tsc - first.tsc) / (last.sent - first.sent) if last.sent > first.sent else nominal
-        return Clock(first.tsc, first.sent, rate)
+        """The calibration: the least-delayed probe of each burst, a line through the two. Which
+        probe was least delayed depends on the rate, so a first line through the probes of the
+        shortest round trips gives the rate that picks them."""
+        if len(self.probes) != 2 or not all(self.probes) or self.probes[1][0].sent <= self.probes[0][-1].sent:
+            raise GuestSilent("no two probe bursts to calibrate the guest's clock with")
+        first, last = (min(burst, key=lambda p: p.answered - p.sent) for burst in self.probes)
+        rate = (last.tsc - first.tsc) / (last.sent - first.sent)
+        first, last = (min(burst, key=lambda p: p.tsc / rate - p.sent) for burst in self.probes)
+        return Clock(first.tsc, first.sent, (last.tsc - first.tsc) / (last.sent - first.sent))
 
     def min_rtt_ms(self) -> float:
         return min((p.answered - p.sent) * 1000 for burst in self.probes for p in burst)
@@ -165,8 +166,7 @@ class IozoneClient:
         session = Session()
         session.probes.append(self.probes(probes, time.monotonic() + patience))
         session.started = time.time()
-        data, _, _ = self._command(b"start", b"IOZS", time.monotonic() + patience)
-        session.tsc_hz = _U64.unpack_from(data, 4)[0]
+        self._command(b"start", b"IOZS", time.monotonic() + patience)
         end = time.perf_counter() + seconds
         while (left := end - time.perf_counter()) > 0:
             got = self._receive(left)

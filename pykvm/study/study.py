@@ -8,6 +8,7 @@ to DIR/*.png, and each trial's own files (metrics, serial output, VMM logs) to D
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ def trial_figures(trial: TrialResult) -> dict:
         "report_interval_ms": round(sum(gaps) / len(gaps), 3) if gaps else None,
         "throughput": {name: round(value, 3) for name, value in session.throughput().items()},
         "guest_totals": dict(zip(("writes", "bytes", "fsyncs"), session.totals)),
-        "calibration": {"tsc_hz_guest": session.tsc_hz, "tsc_hz_measured": round(clock.rate),
+        "calibration": {"tsc_hz": round(clock.rate),
                         "min_round_trip_ms": round(session.min_rtt_ms(), 3)},
         "latencies_ms": [round(value, 4) for value in latencies],
     }
@@ -57,6 +58,7 @@ def run_study(out: Path, *, quick: bool, say: Callable[[str], None] = print) -> 
     out.mkdir(parents=True, exist_ok=True)
     seconds = QUICK_SECONDS if quick else FULL_SECONDS
     modes = offered_modes()
+    load = [round(figure, 2) for figure in os.getloadavg()]
     rows = []
     for workload in WORKLOADS:
         for mode in modes:
@@ -69,6 +71,7 @@ def run_study(out: Path, *, quick: bool, say: Callable[[str], None] = print) -> 
                 f"({time.monotonic() - started:.0f} s)")
     results = {"command": "pykvm ft study" + (" --quick" if quick else ""), "seconds_per_trial": seconds,
                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.platform(),
+               "cpus": os.cpu_count(), "load_average": {"start": load, "end": [round(f, 2) for f in os.getloadavg()]},
                "kemari": KEMARI, "modes": {mode: MODES[mode] or [] for mode in modes}, "trials": rows}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "table.md").write_text(table(results))
@@ -83,8 +86,10 @@ def _cell(*values, digits: int = 1) -> str:
 
 def table(results: dict) -> str:
     """Kemari's published figures and ours, side by side, then the question answered per run."""
+    load = results["load_average"]
     lines = [f"Measured by `{results['command']}` ({results['seconds_per_trial']:.0f} s per trial, "
-             f"{results['date']}, {results['host']}).", "",
+             f"{results['date']}, {results['host']}, {results['cpus']} CPUs, load average {load['start'][0]} "
+             f"at the start and {load['end'][0]} at the end).", "",
              "| workload | run | sync interval ms (mean) | pages per sync (mean / max) | sync time ms (p50 / p99) "
              "| guest pause ms (p50 / p99) | external latency ms (p50 / p99) | throughput (writes/s, MB/s) |",
              "|---|---|---|---|---|---|---|---|"]
