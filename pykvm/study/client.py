@@ -70,6 +70,7 @@ class Session:
     totals: tuple[int, int, int] = (0, 0, 0)  # writes, bytes, fsyncs, as the guest counted at stop
     started: float = 0.0  # wall clock (time.time), to match the metrics file's sync times
     stopped: float = 0.0
+    wall_offset: float = 0.0  # time.time() - time.perf_counter(): the client's clock to the wall clock
 
     def clock(self) -> Clock:
         """The calibration: the least-delayed probe of each burst, a line through the two. Which
@@ -88,6 +89,11 @@ class Session:
     def latencies_ms(self) -> list[float]:
         clock = self.clock()
         return [(r.arrival - clock.time_of(r.tsc)) * 1000 for r in self.reports]
+
+    def report_times(self) -> list[tuple[float, float]]:
+        """(produced, arrived) of each report on the wall clock, as the metrics file's sync times are."""
+        clock = self.clock()
+        return [(clock.time_of(r.tsc) + self.wall_offset, r.arrival + self.wall_offset) for r in self.reports]
 
     def throughput(self) -> dict[str, float]:
         """Writes/s and MB/s (10^6 bytes) between the first and the last report, on the guest's clock."""
@@ -128,37 +134,54 @@ class IozoneClient:
                 return frame.udp.payload, arrival
         return None
 
-    def _command(self, payload: bytes, magic: bytes, deadline: float, reports: list[Report] | None = None
-                 ) -> tuple[bytes, float, float]:
-        """Send until the answer starting with `magic` comes; reports meanwhile go to `reports`.
-        Returns (answer, sent, arrival) of the try that was answered."""
+    def _try(self, payload: bytes) -> float | None:
+        """Send once; the send time, or None if the guest or its link is not there yet."""
+        try:
+            if self.peer.guest_mac is None:
+                self.peer.resolve()
+            sent = time.perf_counter()
+            self._send(payload)
+            return sent
+        except TimeoutError:
+            return None
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(RESEND / 10)  # the VMM has not bound the link yet: as with a cable being plugged in
+            return None
+
+    def _command(self, payload: bytes, magic: bytes, deadline: float, reports: list[Report] | None = None) -> bytes:
+        """Send until the answer starting with `magic` comes; reports meanwhile go to `reports`."""
         while time.monotonic() < deadline:
-            try:
-                if self.peer.guest_mac is None:
-                    self.peer.resolve()
-                sent = time.perf_counter()
-                self._send(payload)
-            except TimeoutError:
-                continue
-            except (FileNotFoundError, ConnectionRefusedError):
-                time.sleep(RESEND / 10)  # the VMM has not bound the link yet: as with a cable being plugged in
+            if self._try(payload) is None:
                 continue
             while (got := self._receive(RESEND)) is not None:
                 data, arrival = got
                 if data.startswith(magic):
-                    return data, sent, arrival
+                    return data
                 if reports is not None and data.startswith(b"IOZR"):
                     reports.append(_report(data, arrival))
         raise GuestSilent(f"the guest did not answer {payload[:5].decode()!r}")
 
     def probes(self, count: int, deadline: float) -> list[Probe]:
-        burst = []
-        for cookie in range(count):
-            while True:
-                data, sent, arrival = self._command(b"probe" + _U64.pack(cookie), b"IOZP", deadline)
-                if len(data) >= _PROBE.size and _PROBE.unpack_from(data)[2] == cookie:
-                    break  # a late answer to an earlier try is not this one's
-            burst.append(Probe(sent, _PROBE.unpack_from(data)[1], arrival))
+        """`count` probes, one after the other. Every try carries a cookie of its own, so an answer
+        to a try that seemed lost is paired with that try's send time, not with a later one's."""
+        burst: list[Probe] = []
+        sent_at: dict[int, float] = {}  # cookie -> send time, of tries not answered yet
+        cookie = 0
+        while len(burst) < count:
+            if time.monotonic() > deadline:
+                raise GuestSilent("the guest did not answer 'probe'")
+            sent = self._try(b"probe" + _U64.pack(cookie))
+            if sent is None:
+                continue
+            sent_at[cookie] = sent
+            cookie += 1
+            while (got := self._receive(RESEND)) is not None:
+                data, arrival = got
+                if data.startswith(b"IOZP") and len(data) >= _PROBE.size:
+                    _, tsc, answered = _PROBE.unpack_from(data)
+                    if answered in sent_at:
+                        burst.append(Probe(sent_at.pop(answered), tsc, arrival))
+                        break
         return burst
 
     def run(self, seconds: float, *, probes: int = 20, patience: float = 60) -> Session:
@@ -166,13 +189,14 @@ class IozoneClient:
         session = Session()
         session.probes.append(self.probes(probes, time.monotonic() + patience))
         session.started = time.time()
+        session.wall_offset = session.started - time.perf_counter()
         self._command(b"start", b"IOZS", time.monotonic() + patience)
         end = time.perf_counter() + seconds
         while (left := end - time.perf_counter()) > 0:
             got = self._receive(left)
             if got is not None and got[0].startswith(b"IOZR"):
                 session.reports.append(_report(*got))
-        data, _, _ = self._command(b"stop", b"IOZE", time.monotonic() + patience, session.reports)
+        data = self._command(b"stop", b"IOZE", time.monotonic() + patience, session.reports)
         session.stopped = time.time()
         session.totals = struct.unpack_from("<QQQ", data, 4)
         session.probes.append(self.probes(probes, time.monotonic() + patience))

@@ -6,6 +6,7 @@ Sync records are read by field name and defensively: the file is an interface ot
 
 from __future__ import annotations
 
+import bisect
 import json
 import statistics
 from pathlib import Path
@@ -101,13 +102,36 @@ def latency_figures(latencies: list[float]) -> dict:
             "max": round(max(latencies), 3) if latencies else None}
 
 
-def answer(sync: dict, latency: dict) -> dict | None:
+def decompose(reports: list[tuple[float, float]], records: list[dict]) -> dict[str, list[float]]:
+    """Each report's latency in three parts, from the sync that released it (the last to end
+    before the report arrived; an output leaves when its sync's ack comes): `wait`, from the
+    report's making to that sync's quiesce (the output waiting for a sync point to start);
+    `sync`, the sync itself; `delivery`, from its end to the arrival. `reports` are (produced,
+    arrived) on the wall clock; reports no sync ended before are left out."""
+    ends = sorted((number(r, "time"), sync_ms(r)) for r in records)
+    end_times = [end for end, _ in ends]
+    parts: dict[str, list[float]] = {"wait": [], "sync": [], "delivery": []}
+    for produced, arrived in reports:
+        index = bisect.bisect_right(end_times, arrived) - 1
+        if index < 0:
+            continue
+        end, took = ends[index]
+        parts["wait"].append((end - produced) * 1000 - took)
+        parts["sync"].append(took)
+        parts["delivery"].append((arrived - end) * 1000)
+    return parts
+
+
+def answer(sync: dict, latency: dict, parts: dict[str, list[float]]) -> dict | None:
     """Avi Kivity's question for one protected run: is the externally observed latency the sync
-    time, or the sync interval plus the sync time? The median latency is set beside both."""
-    observed, sync_p50, interval = latency["p50"], sync["sync_ms"]["p50"], sync["sync_interval_ms"]["mean"]
-    if observed is None or sync_p50 is None or interval is None:
+    interval plus the sync time (an output waits for the next sync point), or the sync time (the
+    output starts its own sync)? The median latency beside both, and its measured parts."""
+    observed, interval = latency["p50"], sync["sync_interval_ms"]["mean"]
+    if observed is None or interval is None or not parts["sync"]:
         return None
-    interval_plus_sync = interval + sync_p50
-    closer = "sync time" if abs(observed - sync_p50) <= abs(observed - interval_plus_sync) else "interval + sync time"
-    return {"latency_p50_ms": observed, "sync_ms_p50": sync_p50, "interval_plus_sync_ms": round(interval_plus_sync, 3),
-            "closer_to": closer}
+    release_sync = percentile(parts["sync"], 50)
+    interval_plus_sync = interval + release_sync
+    closer = "sync time" if abs(observed - release_sync) <= abs(observed - interval_plus_sync) else "interval + sync time"
+    return {"latency_p50_ms": observed, "release_sync_ms_p50": round(release_sync, 3),
+            "wait_ms_p50": _p(parts["wait"], 50), "delivery_ms_p50": _p(parts["delivery"], 50),
+            "interval_plus_sync_ms": round(interval_plus_sync, 3), "closer_to": closer}
