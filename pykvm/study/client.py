@@ -9,7 +9,8 @@ inbound delay; the probe of each burst with the least of it fixes one point of t
 bursts the rate. Replies are outputs (a protected guest's wait for a sync), so only their send
 times are used, never the round trip's midpoint. The estimate of the offset errs by the smallest
 inbound delay of a burst, which makes every latency too long by that much (a fraction of a
-millisecond, `inbound_bound_ms` below: half the smallest round trip of an unprotected run)."""
+millisecond: less than the smallest round trip of an unprotected run, results.json's
+`min_round_trip_ms`)."""
 
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ class Session:
         """The calibration: the least-delayed probe of each burst, a line through the two. Which
         probe was least delayed depends on the rate, so a first line through the probes of the
         shortest round trips gives the rate that picks them."""
-        if len(self.probes) != 2 or not all(self.probes) or self.probes[1][0].sent <= self.probes[0][-1].sent:
+        before, after = self.probes if len(self.probes) == 2 else ([], [])
+        if not before or not after or min(p.sent for p in after) <= max(p.sent for p in before):
             raise GuestSilent("no two probe bursts to calibrate the guest's clock with")
         first, last = (min(burst, key=lambda p: p.answered - p.sent) for burst in self.probes)
         rate = (last.tsc - first.tsc) / (last.sent - first.sent)

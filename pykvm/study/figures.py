@@ -103,35 +103,38 @@ def latency_figures(latencies: list[float]) -> dict:
 
 
 def decompose(reports: list[tuple[float, float]], records: list[dict]) -> dict[str, list[float]]:
-    """Each report's latency in three parts, from the sync that released it (the last to end
-    before the report arrived; an output leaves when its sync's ack comes): `wait`, from the
-    report's making to that sync's quiesce (the output waiting for a sync point to start);
-    `sync`, the sync itself; `delivery`, from its end to the arrival. `reports` are (produced,
-    arrived) on the wall clock; reports no sync ended before are left out."""
-    ends = sorted((number(r, "time"), sync_ms(r)) for r in records)
-    end_times = [end for end, _ in ends]
+    """Each report's latency in three parts, from the sync that released it: the first sync to
+    start after the report was made (an output held while a sync is under way waits for the
+    next). `wait`: from the report's making to that sync's start (the output waiting for a sync
+    point); `sync`: quiesce to ack, after which the output goes; `delivery`: from then to the
+    arrival. A record's `time` is taken after the guest resumed, so its start is `time` less the
+    longer of its pause and its sync time. `reports` are (produced, arrived) on the wall clock;
+    a report with no sync starting after it (and before its arrival) is left out."""
+    syncs = sorted((number(r, "time") - max(pause_ms(r), sync_ms(r)) / 1000, sync_ms(r)) for r in records)
+    starts = [start for start, _ in syncs]
     parts: dict[str, list[float]] = {"wait": [], "sync": [], "delivery": []}
     for produced, arrived in reports:
-        index = bisect.bisect_right(end_times, arrived) - 1
-        if index < 0:
+        index = bisect.bisect_left(starts, produced)
+        if index == len(syncs) or starts[index] > arrived:
             continue
-        end, took = ends[index]
-        parts["wait"].append((end - produced) * 1000 - took)
+        start, took = syncs[index]
+        parts["wait"].append((start - produced) * 1000)
         parts["sync"].append(took)
-        parts["delivery"].append((arrived - end) * 1000)
+        parts["delivery"].append((arrived - start) * 1000 - took)
     return parts
 
 
-def answer(sync: dict, latency: dict, parts: dict[str, list[float]]) -> dict | None:
+def answer(sync: dict, parts: dict[str, list[float]]) -> dict | None:
     """Avi Kivity's question for one protected run: is the externally observed latency the sync
     interval plus the sync time (an output waits for the next sync point), or the sync time (the
-    output starts its own sync)? The median latency beside both, and its measured parts."""
-    observed, interval = latency["p50"], sync["sync_interval_ms"]["mean"]
-    if observed is None or interval is None or not parts["sync"]:
+    output starts its own sync)? Means, so that the parts add up to the latency: a wait near zero
+    beside the interval between syncs says the latter."""
+    interval = sync["sync_interval_ms"]["mean"]
+    if interval is None or not parts["sync"]:
         return None
-    release_sync = percentile(parts["sync"], 50)
-    interval_plus_sync = interval + release_sync
-    closer = "sync time" if abs(observed - release_sync) <= abs(observed - interval_plus_sync) else "interval + sync time"
-    return {"latency_p50_ms": observed, "release_sync_ms_p50": round(release_sync, 3),
-            "wait_ms_p50": _p(parts["wait"], 50), "delivery_ms_p50": _p(parts["delivery"], 50),
-            "interval_plus_sync_ms": round(interval_plus_sync, 3), "closer_to": closer}
+    wait, took, delivery = (statistics.fmean(parts[name]) for name in ("wait", "sync", "delivery"))
+    latency = wait + took + delivery
+    closer = "sync time" if abs(latency - took - delivery) <= abs(latency - interval - took) else "interval + sync time"
+    return {"reports": len(parts["sync"]), "latency_mean_ms": round(latency, 3), "wait_mean_ms": round(wait, 3),
+            "sync_mean_ms": round(took, 3), "delivery_mean_ms": round(delivery, 3), "wait_p50_ms": _p(parts["wait"], 50),
+            "interval_plus_sync_ms": round(interval + took, 3), "closer_to": closer}

@@ -45,11 +45,15 @@ def trial_figures(trial: TrialResult) -> dict:
         "calibration": {"tsc_hz": round(clock.rate),
                         "min_round_trip_ms": round(session.min_rtt_ms(), 3)},
         "latencies_ms": [round(value, 4) for value in latencies],
+        # (made, arrived) of each report, seconds from the workload's start on the wall clock
+        "report_times": [[round(made - session.started, 6), round(arrived - session.started, 6)]
+                         for made, arrived in session.report_times()],
     }
     if MODES[trial.mode] is not None:
         row.update(figures.sync_figures(syncs))
-        row["answer"] = figures.answer(row, row["latency_ms"], figures.decompose(session.report_times(), syncs))
-        row["sync_points"] = [[round(figures.number(r, "time") - session.started, 4), figures.number(r, "pages"),
+        row["answer"] = figures.answer(row, figures.decompose(session.report_times(), syncs))
+        # (end, pages, sync ms, pause ms) of each steady sync, the end in seconds from the workload's start
+        row["sync_points"] = [[round(figures.number(r, "time") - session.started, 6), figures.number(r, "pages"),
                                round(figures.sync_ms(r), 3), round(figures.pause_ms(r), 3)] for r in syncs]
     return row
 
@@ -109,18 +113,19 @@ def table(results: dict) -> str:
                 f"| {_cell(row['latency_ms']['p50'], row['latency_ms']['p99'])} "
                 f"| {row['throughput']['writes_per_s']:.0f}, {row['throughput']['mb_per_s']:.2f} |")
     lines += ["", "Is the externally observed latency the sync interval plus the sync time, or the sync time? "
-              "Each report's latency is split at the sync that released it: the wait from the report's making "
-              "to that sync's start, the sync, and the delivery after it (medians, ms).", "",
-              "| workload | mode | interval between reports | sync interval (mean) | external latency "
-              "| = wait for a sync + releasing sync + delivery | interval + sync | closer to |",
+              "Each report's latency is split at the sync that released it (the first to start after the report "
+              "was made): the wait for that sync to start, the sync (quiesce to ack), and the delivery after it. "
+              "Means in ms, so the parts add up.", "",
+              "| workload | mode | interval between reports | sync interval | latency "
+              "| = wait for a sync + sync + delivery | sync interval + sync | closer to |",
               "|---|---|---|---|---|---|---|---|"]
     for row in results["trials"]:
         if row.get("answer"):
             answer = row["answer"]
             lines.append(f"| {WORKLOAD_TITLES[row['workload']]} | {MODE_TITLES[row['mode']]} "
                          f"| {_cell(row['report_interval_ms'])} | {_cell(row['sync_interval_ms']['mean'])} "
-                         f"| {_cell(answer['latency_p50_ms'])} | {_cell(answer['wait_ms_p50'])} + "
-                         f"{_cell(answer['release_sync_ms_p50'])} + {_cell(answer['delivery_ms_p50'])} "
+                         f"| {_cell(answer['latency_mean_ms'])} | {_cell(answer['wait_mean_ms'])} + "
+                         f"{_cell(answer['sync_mean_ms'])} + {_cell(answer['delivery_mean_ms'])} "
                          f"| {_cell(answer['interval_plus_sync_ms'])} | {answer['closer_to']} |")
     return "\n".join(lines) + "\n"
 
