@@ -12,6 +12,7 @@ from pykvm.errors import ConfigError
 LATENCY_CDF = "latency_cdf.png"
 SYNC_VS_PAGES = "sync_time_vs_pages.png"
 PAUSE_OVER_TIME = "pause_over_time.png"
+LATENCY_SPLIT = "latency_split.png"
 
 Panels = dict[str, dict[str, list]]  # panel title -> series label -> values (or points)
 
@@ -93,4 +94,28 @@ def pause_over_time(panels: Panels, path: Path, *, xlabel: str) -> Path:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small", markerscale=3)
+    return _save(plt, figure, path)
+
+
+def latency_split(panels: dict[str, dict[str, dict[str, float]]], path: Path) -> Path:
+    """Per mode, the mean latency as stacked bars (wait for a sync, the sync, the delivery), and a
+    mark where an output that waited for the next sync point would be (sync interval + sync)."""
+    plt = _pyplot()
+    figure, axes = _figure(plt, len(panels))
+    parts = (("wait_mean_ms", "wait for a sync to start"), ("sync_mean_ms", "the releasing sync"),
+             ("delivery_mean_ms", "delivery"))
+    for ax, (title, bars) in zip(axes, panels.items()):
+        labels = list(bars)
+        left = [0.0] * len(labels)
+        for key, name in parts:
+            widths = [max(bars[label][key], 0.0) for label in labels]
+            ax.barh(labels, widths, left=left, label=name)
+            left = [a + b for a, b in zip(left, widths)]
+        ax.plot([bars[label]["interval_plus_sync_ms"] for label in labels], labels, "k|", markersize=18,
+                label="sync interval + sync")
+        ax.invert_yaxis()
+        ax.set_xlabel("mean externally observed latency (ms)")
+        ax.set_title(title)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.legend(fontsize="small")
     return _save(plt, figure, path)

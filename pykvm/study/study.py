@@ -39,6 +39,7 @@ def trial_figures(trial: TrialResult) -> dict:
     row = {
         "workload": trial.workload, "mode": trial.mode, "options": MODES[trial.mode] or [],
         "latency_ms": figures.latency_figures(latencies),
+        "reports_sent": max((report.seq for report in session.reports), default=0),  # received: latency_ms.reports
         "report_interval_ms": round(sum(gaps) / len(gaps), 3) if gaps else None,
         "throughput": {name: round(value, 3) for name, value in session.throughput().items()},
         "guest_totals": dict(zip(("writes", "bytes", "fsyncs"), session.totals)),
@@ -95,13 +96,14 @@ def table(results: dict) -> str:
              f"{results['date']}, {results['host']}, {results['cpus']} CPUs, load average {load['start'][0]} "
              f"at the start and {load['end'][0]} at the end).", "",
              "| workload | run | sync interval ms (mean) | pages per sync (mean / max) | sync time ms (p50 / p99) "
-             "| guest pause ms (p50 / p99) | external latency ms (p50 / p99) | throughput (writes/s, MB/s) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| guest pause ms (p50 / p99) | external latency ms (p50 / p99) | reports received / sent "
+             "| throughput (writes/s, MB/s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for workload in WORKLOADS:
         kemari = results["kemari"][workload.name]
         lines.append(f"| {WORKLOAD_TITLES[workload.name]} | Kemari 2009 (published) | ~{kemari['sync_interval_ms']} "
                      f"| ~{kemari['pages_per_sync']} | {_cell(kemari['sync_ms'], digits=0)} | – | "
-                     f"{_cell(kemari['latency_ms'], digits=0)} (claimed) | – |")
+                     f"{_cell(kemari['latency_ms'], digits=0)} (claimed) | – | – |")
         for row in (r for r in results["trials"] if r["workload"] == workload.name):
             protected = "syncs" in row
             lines.append(
@@ -111,6 +113,7 @@ def table(results: dict) -> str:
                 f"| {_cell(row['sync_ms']['p50'], row['sync_ms']['p99']) if protected else '–'} "
                 f"| {_cell(row['pause_ms']['p50'], row['pause_ms']['p99']) if protected else '–'} "
                 f"| {_cell(row['latency_ms']['p50'], row['latency_ms']['p99'])} "
+                f"| {row['latency_ms']['reports']} / {row['reports_sent']} "
                 f"| {row['throughput']['writes_per_s']:.0f}, {row['throughput']['mb_per_s']:.2f} |")
     lines += ["", "Is the externally observed latency the sync interval plus the sync time, or the sync time? "
               "Each report's latency is split at the sync that released it (the first to start after the report "
@@ -131,7 +134,7 @@ def table(results: dict) -> str:
 
 
 def draw(results: dict, out: Path) -> list[Path]:
-    """The three pictures, from results.json's rows (so a results file can be drawn again)."""
+    """The pictures, from results.json's rows (so a results file can be drawn again)."""
     rows = results["trials"]
     latency = {WORKLOAD_TITLES[w.name]: {MODE_TITLES[r["mode"]]: r["latencies_ms"] for r in rows if r["workload"] == w.name}
                for w in WORKLOADS}
@@ -140,7 +143,10 @@ def draw(results: dict, out: Path) -> list[Path]:
     pauses = {WORKLOAD_TITLES[w.name]: {MODE_TITLES[r["mode"]]: [(p[0], p[3]) for p in r["sync_points"]]
                                         for r in rows if r["workload"] == w.name and "sync_points" in r}
               for w in WORKLOADS}
+    split = {WORKLOAD_TITLES[w.name]: {MODE_TITLES[r["mode"]]: r["answer"] for r in rows
+                                       if r["workload"] == w.name and r.get("answer")} for w in WORKLOADS}
     return [plots.latency_cdf(latency, out / plots.LATENCY_CDF,
                               xlabel="externally observed latency (ms): report produced to report received"),
             plots.sync_vs_pages(points, out / plots.SYNC_VS_PAGES),
-            plots.pause_over_time(pauses, out / plots.PAUSE_OVER_TIME, xlabel="seconds since the workload started")]
+            plots.pause_over_time(pauses, out / plots.PAUSE_OVER_TIME, xlabel="seconds since the workload started"),
+            plots.latency_split(split, out / plots.LATENCY_SPLIT)]
