@@ -131,8 +131,9 @@ def _blank_disk(path: Path) -> None:
         disk.truncate(DISK_BYTES)
 
 
-def run_trial(workload: Workload, mode: str, seconds: float, workdir: Path) -> TrialResult:
-    """Boot the guest under `mode`, run `workload` for `seconds`, and gather what was measured."""
+def run_trial(workload: Workload, mode: str, seconds: float, workdir: Path, *, keep_disks: bool = False) -> TrialResult:
+    """Boot the guest under `mode`, run `workload` for `seconds`, and gather what was measured.
+    The disk images (WORKDIR/WORKLOAD-MODE/primary.img, standby.img) are removed unless kept."""
     root = workdir / f"{workload.name}-{mode}"
     root.mkdir(parents=True, exist_ok=True)
     image = str(guestbuild.image_path("iozone"))
@@ -172,7 +173,7 @@ def run_trial(workload: Workload, mode: str, seconds: float, workdir: Path) -> T
         primary.finish(0)
         if standby is not None:
             standby.finish(10)  # told Goodbye by an orderly primary: it ends by itself
-        for disk in ("primary.img", "standby.img"):  # 16 MiB written to each: not worth keeping
+        for disk in () if keep_disks else ("primary.img", "standby.img"):  # 16 MiB written to each
             (root / disk).unlink(missing_ok=True)
     syncs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     return TrialResult(workload.name, mode, session, syncs)
