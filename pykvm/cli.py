@@ -8,6 +8,7 @@
     pykvm ft standby --listen tcp:HOST:PORT [--ft-witness URI] [--ft-timeout MS] [--disk ...] [--net ...]
               [--tls-creds DIR | --insecure]
     pykvm restore FILE [--disk ...] [--net ...] [--serial ...] [--control PATH] [--verify] [--trace] [--gdb tcp:HOST:PORT] [--tls-creds DIR]
+    pykvm ft study [--quick] [-o DIR] | pykvm ft report METRICS.jsonl [-o DIR]
     pykvm ctl SOCKET COMMAND [ARG] [--overwrite]
     pykvm tls init DIR [--host NAME]... [--force]
     pykvm guests list | build [NAME...] | path NAME [--elf]
@@ -30,6 +31,7 @@ from pykvm.transfer import migration, snapshot
 from pykvm.ft import FtError, Primary, Standby, demo
 from pykvm.ft.standby import TakeoverImpossible
 from pykvm.ft.fencing import EXIT_FENCED, NO_WITNESS_WARNING, Fenced, Fencing
+from pykvm.study import commands as study_commands
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
 from pykvm.devices.net_backends import NetSpec
@@ -133,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     standby.add_argument("--cpus", type=int, default=1, help="vCPUs (must match the primary)")
     _add_machine_options(standby)
     _add_ft_options(standby, primary=False)
+    study_commands.add_commands(roles)
 
     restore = commands.add_parser("restore", help="resume a snapshot",
                                   description="Resume a snapshot; --disk/--net replace its backends.")
@@ -253,7 +256,9 @@ def _log(line: str) -> None:
 
 def cmd_ft(args: argparse.Namespace) -> int:
     """`pykvm ft standby`: follow a primary; on its loss, win the witness's next epoch (if it
-    has one), then take over and run the guest here."""
+    has one), then take over and run the guest here. (`ft study` and `ft report`: pykvm/study/.)"""
+    if args.role in study_commands.ROLES:
+        return study_commands.run(args)
     for option in PRIMARY_ONLY_FT_OPTIONS:
         if getattr(args, option[2:].replace("-", "_")) is not None:
             raise ConfigError(f"{option} is for `pykvm run --ft`: the standby follows the primary's choice")

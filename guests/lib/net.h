@@ -42,6 +42,11 @@ struct net {
 bool net_open(struct net *net, const char *name, void (*udp)(struct net *, const struct udp_in *));
 /* Sends the ARP request for the gateway. */
 void net_announce(struct net *net);
+/* Whether a frame has arrived that net_poll would handle without waiting. */
+static inline bool net_pending(const struct net *net)
+{
+	return net->dev.rx->used->idx != net->dev.rx->last_used;
+}
 /* Waits for one frame and handles it. */
 void net_poll(struct net *net);
 /* Sends len bytes (at most UDP_PAYLOAD_MAX) back to the sender of `to`. */

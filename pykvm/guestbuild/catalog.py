@@ -10,5 +10,6 @@ GUESTS: dict[str, str] = {
     "blk": "writes, flushes and reads back a pattern on the first virtio-blk disk (seed=N start=S sectors=N)",
     "blkbench": "timed 64 KiB sequential and 4 KiB random reads/writes on the first virtio-blk disk (bench/blk.py)",
     "net-echo": "answers ARP, ping and UDP echo (port 7) on the first virtio-net device (ip=A.B.C.D/N count=N)",
+    "iozone": "IOzone-like buffered+fsync or O_SYNC writes on virtio-blk, a UDP report after each (pykvm ft study)",
     "kv": "a durable key-value log on virtio-blk served over UDP port 9000 on virtio-net (put/get)",
 }
