@@ -258,21 +258,24 @@ static struct tcp_conn *find(uint32_t ip, uint16_t port, uint16_t local_port)
 	return NULL;
 }
 
-/* A free slot; else the oldest half-open connection's (a flood of SYNs
- * must not lock out the next real client); else none. */
+/* A free slot; else the oldest half-open connection's, if it has waited
+ * for the peer's ACK longer than a LAN's round trip could take (a flood of
+ * SYNs must not lock out the next real client, nor a burst of real clients
+ * push each other out); else none. */
 static struct tcp_conn *new_slot(void)
 {
 	struct tcp_conn *oldest = NULL;
+	uint64_t now = rdtsc();
 
 	for (unsigned i = 0; i < TCP_CONNS; i++) {
 		struct tcp_conn *c = &tcp.conns[i];
 
 		if (c->state == TCP_FREE)
 			return c;
-		if (c->state == TCP_SYN_RECEIVED && (!oldest || seq_lt(c->iss, oldest->iss)))
+		if (c->state == TCP_SYN_RECEIVED && (!oldest || now - c->born > now - oldest->born))
 			oldest = c;
 	}
-	return oldest;
+	return oldest && now - oldest->born >= ms(RTO_FIRST_MS) ? oldest : NULL;
 }
 
 /* The MSS the peer's SYN names (3.7.1), no more than ours; 536 if none. */
@@ -324,7 +327,8 @@ static void listen_in(const uint8_t *mac, uint32_t ip, const struct segment *s)
 	c->port = s->sport;
 	c->local_port = s->dport;
 	c->mss = peer_mss(s);
-	c->iss = (uint32_t)(rdtsc() >> 8);            /* any number will do: it need not be secret here */
+	c->born = rdtsc();
+	c->iss = (uint32_t)(c->born >> 8);            /* any number will do: it need not be secret here */
 	c->snd_una = c->iss;
 	c->snd_nxt = c->snd_max = c->iss + 1;
 	c->irs = s->seq;
@@ -410,9 +414,11 @@ static bool conn_in(struct tcp_conn *c, const uint8_t *mac, uint32_t ip, const s
 {
 	if (c->state == TCP_SYN_RECEIVED) {
 		if (s->flags & RST) {
-			if (s->seq == c->rcv_nxt)
-				release(c);
-			return c->state != TCP_FREE;
+			if (s->seq != c->rcv_nxt)
+				return true;
+			tcp_stats.resets_in++;
+			release(c);
+			return false;
 		}
 		if (s->flags & SYN) {                   /* our SYN-ACK was lost: again */
 			if (s->seq == c->irs)

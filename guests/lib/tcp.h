@@ -68,6 +68,7 @@ struct tcp_conn {
 	bool ack_owed;                  /* send an ACK even if no data goes out */
 	uint8_t retries;                /* timeouts since the last progress */
 	uint64_t timer_at, timer_len;   /* armed at timer_at for timer_len cycles; 0: off */
+	uint64_t born;                  /* the TSC when the SYN came */
 	uintptr_t user;                 /* the application's, zero at the start */
 	/* tx: snd_una's byte first; rx: the next byte to read first. */
 	uint32_t tx_head, tx_len, rx_head, rx_len;
