@@ -92,6 +92,26 @@ def test_a_client_faster_than_the_window(lan, guest_images):
         vmm.kill()
 
 
+def test_the_guest_closes_first(lan, guest_images):
+    """close_after: the guest's FIN follows the bytes it echoed; the client reads them, then the
+    end of the stream, and closes in turn (the guest's FIN_WAIT and TIME_WAIT)."""
+    vmm = _guest(lan, "tcp-echo", "--append", "count=3 close_after=5000")
+    try:
+        for seed in range(3):
+            with lan.connect(ECHO) as sock:
+                data = random.Random(seed).randbytes(5000)
+                sock.sendall(data)
+                echoed = bytearray()
+                while chunk := sock.recv(65536):
+                    echoed += chunk
+                assert echoed == data
+        done = _done_line(vmm)
+        assert done["connections"] == 3 and done["bytes"] == 15_000
+        assert done["resets_in"] == done["resets_out"] == 0
+    finally:
+        vmm.kill()
+
+
 def test_kv_over_tcp_beside_udp(lan, tmp_path, guest_images):
     (disk,) = _disks(tmp_path, "kv.img")
     vmm = _guest(lan, "kv", "--disk", disk)

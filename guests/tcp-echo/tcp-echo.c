@@ -1,14 +1,15 @@
 /* Echoes every byte received on TCP port 7 back on the same connection, on
  * the first virtio-net device; closes its side once the peer has closed and
  * everything is echoed.  Answers ARP and ping too.  count=N: exit 0 once N
- * connections have closed (default 0: run forever). */
+ * connections have closed (default 0: run forever).  close_after=N: close a
+ * connection first, once N bytes are echoed on it (default 0: never). */
 #include "tcp.h"
 
 #define ECHO_PORT 7
 #define CHUNK     1024
 
 static struct net net;
-static uint64_t closed, echoed;
+static uint64_t closed, echoed, close_after;
 
 /* The bytes echoed on a connection are kept in conn->user. */
 static void echo(struct tcp_conn *c)
@@ -19,14 +20,20 @@ static void echo(struct tcp_conn *c)
 	/* Only what can be written back is read: a peer that does not read its
 	 * echoes fills our send buffer, then our receive window shuts. */
 	while ((n = tcp_readable(c) < tcp_writable(c) ? tcp_readable(c) : tcp_writable(c))) {
+		if (close_after && n > close_after - c->user)
+			n = close_after - c->user;
+		if (!n)
+			break;
 		n = tcp_read(c, buf, n < CHUNK ? n : CHUNK);
 		tcp_write(c, buf, n);
 		c->user += n;
 		echoed += n;
 	}
-	if (tcp_peer_closed(c) && !tcp_readable(c) && !c->fin_queued) {
+	if (c->fin_queued)
+		return;
+	if ((close_after && c->user == close_after) || (tcp_peer_closed(c) && !tcp_readable(c))) {
 		printf("tcp-echo: connection from " IP_FMT ":%u closed after %lu bytes\n", IP_ARGS(c->ip), c->port,
-		       (uint64_t)c->user);
+		       (uint64_t)c->user);     /* by us, after the peer or first */
 		tcp_close(c);
 		closed++;
 	}
@@ -60,7 +67,8 @@ int guest_main(void)
 	const struct netdev *d = &net.dev;
 
 	count = cmdline_u64("count", 0);
-	printf("tcp-echo: count=%lu\n", count);
+	close_after = cmdline_u64("close_after", 0);
+	printf("tcp-echo: count=%lu close_after=%lu\n", count, close_after);
 	if (!net_open(&net, "tcp-echo", NULL))
 		return 2;
 	printf("tcp-echo: device %02x:%02x.%u irq=%s features=0x%lx queues=%u/%u rx_buf=%u\n",
