@@ -113,7 +113,7 @@ class EchoStream:
                     with self._cond:
                         self.closed_cleanly = self.received == self.total
                         if not self.closed_cleanly:
-                            self.error = self.error or f"closed by the guest after {self.received} of {self.total} bytes"
+                            self.error = self.error or f"closed by the guest after {self.received} of {self.total}"
                         self._cond.notify_all()
                     return
                 with self._cond:
