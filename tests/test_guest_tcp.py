@@ -112,6 +112,38 @@ def test_the_guest_closes_first(lan, guest_images):
         vmm.kill()
 
 
+def test_the_guest_sends_again_what_was_lost(lan, guest_images):
+    """For a while every frame from the guest is lost (the host's side answers to another MAC
+    than the one the guest sends to) while the client's frames still arrive: the guest's timer
+    sends its unacknowledged data again (seen on the wire: a data segment whose sequence number
+    went out before), and once frames pass again the stream completes intact."""
+    vmm = _guest(lan, "tcp-echo", "--append", "count=1")
+    wire = lan.packet_socket(promiscuous=True)
+    try:
+        sock = lan.connect(ECHO)
+        port = sock.getsockname()[1]
+        stream = EchoStream(sock, 300_000, seed=8).start()
+        assert stream.wait_received(50_000)
+        lan.set_host_mac("02:00:00:00:00:03")
+        sent_before: set[int] = set()
+
+        def sent_again(segment) -> bool:
+            if segment.dport != port or not segment.payload:
+                return False
+            again = segment.seq in sent_before
+            sent_before.add(segment.seq)
+            return again
+
+        _expect(wire, sent_again)
+        lan.set_host_mac(BRIDGE_MAC)
+        result = stream.wait()
+        assert result.intact, result
+        assert _done_line(vmm)["retransmits"] >= 1
+    finally:
+        wire.close()
+        vmm.kill()
+
+
 def test_kv_over_tcp_beside_udp(lan, tmp_path, guest_images):
     (disk,) = _disks(tmp_path, "kv.img")
     vmm = _guest(lan, "kv", "--disk", disk)

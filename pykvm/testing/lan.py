@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+import struct
 import subprocess
 import threading
 import uuid
@@ -20,6 +21,7 @@ HOST_IP, GUEST_IP, PREFIX_LEN = "10.0.2.2", "10.0.2.15", 24
 BRIDGE = "br0"
 BRIDGE_MAC = "02:00:00:00:00:02"  # fixed: a bridge otherwise takes its ports' lowest MAC, which moves
 CLONE_NEWNET = 0x40000000
+ETH_P_ALL, SOL_PACKET, PACKET_ADD_MEMBERSHIP, PACKET_MR_PROMISC = 0x0003, 263, 1, 1
 T = TypeVar("T")
 
 
@@ -85,12 +87,20 @@ class GuestLan:
             raise
         return sock
 
-    def packet_socket(self) -> socket.socket:
+    def packet_socket(self, *, promiscuous: bool = False) -> socket.socket:
         """An AF_PACKET socket on the bridge: whole Ethernet frames in and out (a test's raw
-        segments, a SYN flood)."""
-        sock = self.inside(lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)))
+        segments, a SYN flood). `promiscuous`: it also sees frames addressed to other MACs."""
+        sock = self.inside(lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)))
         sock.bind((BRIDGE, 0))
+        if promiscuous:
+            index = self.inside(lambda: socket.if_nametoindex(BRIDGE))
+            sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, struct.pack("iHH8s", index, PACKET_MR_PROMISC, 0, b""))
         return sock
+
+    def set_host_mac(self, mac: str) -> None:
+        """Give the host's side (the bridge) another MAC: frames the guest sends to the old one
+        are lost from then on, while the host's frames still reach the guest."""
+        self._ip("link", "set", BRIDGE, "address", mac)
 
     def close(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], check=False, capture_output=True)
