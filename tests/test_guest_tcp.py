@@ -83,7 +83,7 @@ def test_many_connections_at_once(lan, guest_images):
 
 
 def test_a_client_faster_than_the_window(lan, guest_images):
-    """Two MiB written at once into an 8 KiB window, read back at once: every byte, in order."""
+    """Two MiB written at once into a 16 KiB window, read back at once: every byte, in order."""
     vmm = _guest(lan, "tcp-echo", "--append", "count=1")
     try:
         _echo(lan, 2 << 20, seed=2)

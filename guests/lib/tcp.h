@@ -27,8 +27,8 @@
 #include "net.h"
 
 #define TCP_CONNS    32         /* connections at once, half-open ones included */
-#define TCP_RX_BUF   8192       /* bytes received and not yet read: the largest window */
-#define TCP_TX_BUF   8192       /* bytes written and not yet acknowledged */
+#define TCP_RX_BUF   16384      /* bytes received and not yet read: the largest window */
+#define TCP_TX_BUF   16384      /* bytes written and not yet acknowledged */
 
 enum tcp_state {
 	TCP_FREE,               /* the slot is unused */
