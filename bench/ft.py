@@ -8,6 +8,8 @@
    on and off, and the per-output sync delays from the primary's metrics.
 3. Takeover: SIGKILL of the primary -> the guest answering on the standby.
 4. Overhead: the `dirty` guest's rate and kv requests per second with FT on vs off.
+5. TCP (bench/ft_tcp.py): tcp-echo's rate and latency with FT on and off, and `tcp_stall_ms:`,
+   the longest stall a TCP client sees across a takeover.
 
     python bench/ft.py
 """
@@ -226,6 +228,16 @@ def main() -> None:
     rate_off, rate_on = dirty_rate(False), dirty_rate(True)
     print(f"dirty guest: {rate_off / 1e6:.1f} M pages/s without FT, {rate_on / 1e6:.1f} M pages/s with FT "
           f"(ratio {rate_on / rate_off:.2f}; no output, so no syncs: the cost of dirty logging)")
+    tcp_figures()
+
+
+def tcp_figures() -> None:
+    """TCP through the guest (bench/ft_tcp.py): echo rate and latency with FT on and off, and the
+    longest stall a TCP client sees across a takeover (`tcp_stall_ms:`)."""
+    from bench.ft_tcp import main as tcp_main
+
+    if tcp_main([]):
+        raise SystemExit("a TCP connection did not survive a takeover intact")
 
 
 if __name__ == "__main__":

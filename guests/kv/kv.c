@@ -1,7 +1,8 @@
 /* A toy replicated-storage server: a key-value log on the first virtio-blk
- * disk, served over UDP port 9000 on the first virtio-net device.
+ * disk, served over UDP and TCP port 9000 on the first virtio-net device.
  *
- * One request per datagram (a trailing newline is ignored):
+ * One request per datagram (a trailing newline is ignored), or per line on
+ * a TCP connection (answers one per line, in order, on the connection):
  *   put <seq> <data>   -> "ok <seq>" once the record is on disk and flushed; again
  *                         for a retry with the same data; "err <seq> exists"
  *                         with other data; "err <seq> full" when the log is full
@@ -12,11 +13,12 @@
  * to the first sector that is not a valid record naming the checksum of the
  * sector before it (see guests/README.md for the layout).  A zero-filled
  * disk is an empty store. */
-#include "net.h"
+#include "tcp.h"
 #include "virtio_blk.h"
 
 #define KV_PORT      9000
 #define DATA_MAX     400
+#define TCP_LINE_MAX 1024               /* longer lines are malformed, not "too long" */
 #define STORE_MAGIC  "PYKVMKV1"
 #define RECORD_MAGIC 0x3152564bu        /* "KVR1" as little-endian bytes */
 #define REPLAY_BATCH 64                 /* sectors per read while replaying */
@@ -326,32 +328,81 @@ static char parse(const uint8_t *p, const uint8_t *end, uint64_t *seq, const uin
 	return 'p';
 }
 
-static void request(struct net *n, const struct udp_in *in)
+/* Serves one request (without its newline) into r. */
+static void serve(const uint8_t *p, const uint8_t *end, struct reply *r)
 {
-	const uint8_t *end = in->data + in->len, *data;
-	static struct reply r;
+	const uint8_t *data;
 	uint64_t seq;
 
-	if (in->local_port != KV_PORT)
-		return;
-	r.len = 0;
-	if (end > in->data && end[-1] == '\n')
-		end--;
-	switch (parse(in->data, end, &seq, &data)) {
+	r->len = 0;
+	switch (parse(p, end, &seq, &data)) {
 	case 'g':
-		get(&r, seq);
+		get(r, seq);
 		break;
 	case 'p':
 		if (end - data > DATA_MAX)
-			answer(&r, "err", seq, " too long");
+			answer(r, "err", seq, " too long");
 		else
-			put(&r, seq, data, end - data);
+			put(r, seq, data, end - data);
 		break;
 	default:
-		add_str(&r, "err malformed");
+		add_str(r, "err malformed");
 	}
+}
+
+static void udp_request(struct net *n, const struct udp_in *in)
+{
+	const uint8_t *end = in->data + in->len;
+	static struct reply r;
+
+	if (in->local_port != KV_PORT)
+		return;
+	if (end > in->data && end[-1] == '\n')
+		end--;
+	serve(in->data, end, &r);
 	udp_reply(n, in, r.text, r.len);
 }
+
+/* TCP: requests one per line, answers one per line in the same order.  A
+ * line is served only once its answer fits in the send buffer, so a client
+ * that does not read its answers stops its own requests, nobody else's.  A
+ * line longer than TCP_LINE_MAX is answered "err malformed" and skipped up
+ * to its newline (conn->user is 1 while skipping).  The peer's last line
+ * may lack its newline. */
+static void tcp_requests(struct tcp_conn *c)
+{
+	static uint8_t line[TCP_LINE_MAX + 1];
+	static struct reply r;
+
+	while (tcp_readable(c) && tcp_writable(c) > sizeof(r.text)) {
+		uint32_t n = tcp_peek(c, line, sizeof(line)), len = 0;
+		bool ended;
+
+		while (len < n && line[len] != '\n')
+			len++;
+		ended = len < n || tcp_peer_closed(c);
+		if (!ended && n <= TCP_LINE_MAX)
+			break;                          /* the rest of the line is on its way */
+		tcp_consume(c, len + (len < n));
+		if (c->user) {                          /* the rest of an overlong line */
+			c->user = !ended;
+			continue;
+		}
+		if (len > TCP_LINE_MAX) {
+			r.len = 0;
+			add_str(&r, "err malformed");
+			c->user = !ended;
+		} else {
+			serve(line, line + len, &r);
+		}
+		r.text[r.len++] = '\n';
+		tcp_write(c, r.text, r.len);
+	}
+	if (tcp_peer_closed(c) && !tcp_readable(c) && !c->fin_queued)
+		tcp_close(c);
+}
+
+static const struct tcp_app tcp_service[] = { { KV_PORT, tcp_requests } };
 
 static int run(void *arg)
 {
@@ -362,18 +413,19 @@ static int run(void *arg)
 		printf("kv: FAIL cannot read the store\n");
 		return 3;
 	}
+	tcp_open(&net, tcp_service, 1);
 	printf("kv: ready records=%lu capacity=%lu\n", records, capacity);
 	net_announce(&net);
 	for (;;)
-		net_poll(&net);
+		tcp_poll(&net);
 }
 
 int guest_main(void)
 {
 	uint32_t index_size = 2;
 
-	printf("kv: udp port %u\n", KV_PORT);
-	if (!blk_open(&blk) || !net_open(&net, "kv", request))
+	printf("kv: udp port %u, tcp port %u\n", KV_PORT, KV_PORT);
+	if (!blk_open(&blk) || !net_open(&net, "kv", udp_request))
 		return 2;
 	if (blk_has(&blk, VIRTIO_BLK_F_RO) || blk.capacity < 2) {
 		printf("kv: FAIL the disk is read-only or smaller than two sectors\n");

@@ -1,25 +1,17 @@
 /* Ethernet, ARP, IPv4, ICMP echo and UDP: just enough to be pinged and to
- * answer datagrams. */
-#include "net.h"
+ * answer datagrams.  TCP segments go to tcp.c through net->tcp. */
+#include "net_wire.h"
 
-#define ETHERTYPE_IPV4 0x0800
 #define ETHERTYPE_ARP  0x0806
 #define ARP_HTYPE_ETHERNET 1
 #define ARP_REQUEST 1
 #define ARP_REPLY   2
-#define IP_PROTO_ICMP 1
-#define IP_PROTO_UDP  17
 #define IP_FLAG_DF    0x4000
 #define IP_FRAGMENT   0x3fff    /* more-fragments flag and offset */
 #define IP_TTL        64
 #define ICMP_ECHO_REPLY   0
 #define ICMP_ECHO_REQUEST 8
 #define ETH_FRAME_MIN 60        /* without the FCS: shorter frames are padded */
-
-struct eth_hdr {
-	uint8_t dst[ETH_ALEN], src[ETH_ALEN];
-	uint16_t type;
-} __attribute__((packed));
 
 struct arp_pkt {
 	uint16_t htype, ptype;
@@ -31,14 +23,6 @@ struct arp_pkt {
 	uint32_t tpa;
 } __attribute__((packed));
 
-struct ipv4_hdr {
-	uint8_t ver_ihl, tos;
-	uint16_t total_len, id, frag;
-	uint8_t ttl, proto;
-	uint16_t csum;
-	uint32_t src, dst;
-} __attribute__((packed));
-
 struct icmp_hdr {
 	uint8_t type, code;
 	uint16_t csum;
@@ -48,17 +32,7 @@ struct udp_hdr {
 	uint16_t sport, dport, len, csum;
 } __attribute__((packed));
 
-/* A frame being built: the headers of an IPv4 packet, then its payload. */
-struct ipv4_frame {
-	struct eth_hdr eth;
-	struct ipv4_hdr ip;
-	uint8_t payload[ETH_FRAME_MAX - sizeof(struct eth_hdr) - sizeof(struct ipv4_hdr)];
-} __attribute__((packed));
-
 static const uint8_t broadcast[ETH_ALEN] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
-
-static uint16_t be16(uint16_t v) { return __builtin_bswap16(v); }
-static uint32_t be32(uint32_t v) { return __builtin_bswap32(v); }
 
 static bool same_mac(const uint8_t *a, const uint8_t *b)
 {
@@ -66,26 +40,6 @@ static bool same_mac(const uint8_t *a, const uint8_t *b)
 		if (a[i] != b[i])
 			return false;
 	return true;
-}
-
-/* The Internet checksum: the ones' complement of the ones' complement sum
- * of big-endian 16-bit words; over data that holds its own checksum, 0. */
-static uint32_t sum16(const void *data, uint32_t len, uint32_t sum)
-{
-	const uint8_t *p = data;
-
-	for (; len > 1; len -= 2, p += 2)
-		sum += p[0] << 8 | p[1];
-	if (len)
-		sum += p[0] << 8;
-	return sum;
-}
-
-static uint16_t fold(uint32_t sum)
-{
-	while (sum >> 16)
-		sum = (sum & 0xffff) + (sum >> 16);
-	return ~sum;
 }
 
 static bool parse_ipv4(const char *s, uint32_t *ip, unsigned *prefix)
@@ -184,9 +138,8 @@ static void arp_in(struct net *net, const struct arp_pkt *a, uint32_t len)
 	}
 }
 
-/* Fills in the headers of f around a payload of len bytes and sends it. */
-static void ipv4_send(struct net *net, struct ipv4_frame *f, const uint8_t *dst_mac, uint32_t dst, uint8_t proto,
-		      uint32_t len)
+void ipv4_send(struct net *net, struct ipv4_frame *f, const uint8_t *dst_mac, uint32_t dst, uint8_t proto,
+	       uint32_t len)
 {
 	memcpy(f->eth.dst, dst_mac, ETH_ALEN);
 	memcpy(f->eth.src, net->dev.mac, ETH_ALEN);
@@ -246,8 +199,7 @@ void udp_reply(struct net *net, const struct udp_in *to, const void *data, uint3
 	*u = (struct udp_hdr){ .sport = be16(to->local_port), .dport = be16(to->port), .len = be16(ulen) };
 	memcpy(u + 1, data, len);
 	/* Over the pseudo-header (addresses, protocol, length) and the datagram. */
-	sum = sum16(u, ulen, (net->ip >> 16) + (net->ip & 0xffff) + (to->ip >> 16) + (to->ip & 0xffff) +
-		    IP_PROTO_UDP + ulen);
+	sum = sum16(u, ulen, pseudo_sum(net->ip, to->ip, IP_PROTO_UDP, ulen));
 	u->csum = be16(fold(sum) ? fold(sum) : 0xffff);         /* 0 would mean "no checksum" */
 	ipv4_send(net, &f, to->mac, to->ip, IP_PROTO_UDP, ulen);
 }
@@ -269,19 +221,29 @@ static void ipv4_in(struct net *net, const struct eth_hdr *eth, const uint8_t *p
 		icmp_in(net, eth, ip, p + hlen, total - hlen);
 	else if (ip->proto == IP_PROTO_UDP)
 		udp_in(net, eth, ip, p + hlen, total - hlen);
+	else if (ip->proto == IP_PROTO_TCP && net->tcp)
+		net->tcp(net, eth->src, be32(ip->src), p + hlen, total - hlen);
 }
 
-void net_poll(struct net *net)
+bool net_poll_for(struct net *net, uint64_t cycles)
 {
-	uint32_t len = netdev_receive(&net->dev);
+	uint32_t len = netdev_receive_for(&net->dev, cycles);
 	const struct eth_hdr *eth = (const void *)net->dev.frame;
 	const uint8_t *payload = net->dev.frame + sizeof(*eth);
 
+	if (!len)
+		return false;
 	if (len < sizeof(*eth) || !(same_mac(eth->dst, net->dev.mac) || same_mac(eth->dst, broadcast)))
-		return;
+		return true;
 	len -= sizeof(*eth);
 	if (be16(eth->type) == ETHERTYPE_ARP)
 		arp_in(net, (const void *)payload, len);
 	else if (be16(eth->type) == ETHERTYPE_IPV4)
 		ipv4_in(net, eth, payload, len);
+	return true;
+}
+
+void net_poll(struct net *net)
+{
+	net_poll_for(net, UINT64_MAX);
 }

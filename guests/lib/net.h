@@ -1,6 +1,7 @@
 /* A minimal IPv4 host over virtio-net: answers ARP requests and ICMP echo
- * requests for its address and hands UDP datagrams to the guest.  Replies
- * go back to the sender's MAC address, so no ARP cache is needed.
+ * requests for its address and hands UDP datagrams to the guest (and TCP
+ * segments to tcp.c, when a guest opens it).  Replies go back to the
+ * sender's MAC address, so no ARP cache is needed.
  *
  * Command line: ip=A.B.C.D/N (default 10.0.2.15/24), gw=A.B.C.D (default
  * 10.0.2.2; asked for with an ARP request at start, which also shows the
@@ -32,6 +33,9 @@ struct net {
 	uint32_t ip, gw;
 	unsigned prefix;
 	void (*udp)(struct net *, const struct udp_in *);
+	/* Set by tcp_open: a segment for our address from ip at mac (a pointer,
+	 * so guests without TCP do not link it). */
+	void (*tcp)(struct net *, const uint8_t *mac, uint32_t ip, const uint8_t *segment, uint32_t len);
 	bool gw_known;
 	uint16_t ip_id;
 	uint64_t arp_replies, icmp_replies, udp_datagrams;
@@ -49,6 +53,8 @@ static inline bool net_pending(const struct net *net)
 }
 /* Waits for one frame and handles it. */
 void net_poll(struct net *net);
+/* The same, waiting at most about `cycles` TSC cycles; false if no frame came. */
+bool net_poll_for(struct net *net, uint64_t cycles);
 /* Sends len bytes (at most UDP_PAYLOAD_MAX) back to the sender of `to`. */
 void udp_reply(struct net *net, const struct udp_in *to, const void *data, uint32_t len);
 

@@ -532,11 +532,18 @@ void *vq_pop(struct virtq *vq, uint32_t *len)
 	return token;
 }
 
-void vq_wait(struct virtq *vq)
+/* Time is the TSC's elapsed count since the start, compared unsigned: a TSC
+ * that jumps (a VM paused, or resumed on another host) ends a wait early
+ * rather than never. */
+bool vq_wait_for(struct virtq *vq, uint64_t cycles)
 {
+	uint64_t start = rdtsc();
+
 	while (vq->used->idx == vq->last_used) {
 		uint32_t seen = vq->irqs;
 
+		if (rdtsc() - start >= cycles)
+			return false;
 		if (vq->dev->irq == VIRTIO_IRQ_POLL) {
 			cpu_relax();
 			continue;
@@ -544,10 +551,17 @@ void vq_wait(struct virtq *vq)
 		vq_irq_on(vq);
 		/* Recheck after the fence: an entry that came before the device
 		 * could see irq_on raised no interrupt.  Otherwise only the
-		 * interrupt ends the wait, so a lost one shows as a hang. */
+		 * interrupt (or the time) ends the wait, so a lost one shows as
+		 * a hang. */
 		if (vq->used->idx == vq->last_used)
-			while (vq->irqs == seen)
+			while (vq->irqs == seen && rdtsc() - start < cycles)
 				cpu_relax();
 		vq_irq_off(vq);
 	}
+	return true;
+}
+
+void vq_wait(struct virtq *vq)
+{
+	vq_wait_for(vq, UINT64_MAX);
 }

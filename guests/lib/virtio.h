@@ -144,6 +144,8 @@ void vq_kick(struct virtq *vq);
 void *vq_pop(struct virtq *vq, uint32_t *len);
 /* Returns once vq_pop has something: waits for an interrupt, or polls. */
 void vq_wait(struct virtq *vq);
+/* The same, giving up after about `cycles` TSC cycles: false then. */
+bool vq_wait_for(struct virtq *vq, uint64_t cycles);
 /* Chains added and not yet popped. */
 static inline uint16_t vq_in_flight(const struct virtq *vq)
 {

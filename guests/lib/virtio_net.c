@@ -66,13 +66,17 @@ static uint8_t *rx_next(struct netdev *n, uint32_t *len)
 /* A frame is a header, then data in the rest of the first buffer and, with
  * MRG_RXBUF, in num_buffers - 1 more.  Each buffer goes back right after
  * its bytes are copied out. */
-uint32_t netdev_receive(struct netdev *n)
+uint32_t netdev_receive_for(struct netdev *n, uint64_t cycles)
 {
 	const uint32_t hdr_len = sizeof(struct virtio_net_hdr);
 
 	for (;;) {
 		uint32_t len, total = 0;
-		uint8_t *buf = rx_next(n, &len);
+		uint8_t *buf;
+
+		if (!vq_wait_for(n->rx, cycles))
+			return 0;
+		buf = vq_pop(n->rx, &len);
 		uint16_t nbufs = netdev_mergeable(n) ? ((struct virtio_net_hdr *)buf)->num_buffers : 1;
 		bool fits = true;
 
@@ -99,6 +103,11 @@ uint32_t netdev_receive(struct netdev *n)
 		}
 		n->rx_dropped++;
 	}
+}
+
+uint32_t netdev_receive(struct netdev *n)
+{
+	return netdev_receive_for(n, UINT64_MAX);
 }
 
 static void tx_reclaim(struct netdev *n)

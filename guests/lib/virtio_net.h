@@ -49,6 +49,8 @@ static inline bool netdev_mergeable(const struct netdev *n)
 /* Waits for the next frame and returns its length; the frame is in
  * n->frame until the next call. */
 uint32_t netdev_receive(struct netdev *n);
+/* The same, waiting at most about `cycles` TSC cycles; 0 if no frame came. */
+uint32_t netdev_receive_for(struct netdev *n, uint64_t cycles);
 /* Queues a copy of the frame; waits for room if every slot is in flight. */
 void netdev_send(struct netdev *n, const void *frame, uint32_t len);
 /* Waits until the device has taken every queued frame. */

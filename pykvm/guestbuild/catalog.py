@@ -11,5 +11,6 @@ GUESTS: dict[str, str] = {
     "blkbench": "timed 64 KiB sequential and 4 KiB random reads/writes on the first virtio-blk disk (bench/blk.py)",
     "net-echo": "answers ARP, ping and UDP echo (port 7) on the first virtio-net device (ip=A.B.C.D/N count=N)",
     "iozone": "IOzone-like buffered+fsync or O_SYNC writes on virtio-blk, a UDP report after each (pykvm ft study)",
-    "kv": "a durable key-value log on virtio-blk served over UDP port 9000 on virtio-net (put/get)",
+    "tcp-echo": "echoes every byte on TCP port 7 on the first virtio-net device (the guest library's TCP; count=N)",
+    "kv": "a durable key-value log on virtio-blk served over UDP and TCP port 9000 on virtio-net (put/get)",
 }
