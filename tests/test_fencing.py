@@ -181,7 +181,7 @@ def test_the_standby_follows_the_primarys_options_and_ft_protect_is_refused_whil
     pair = Pair(tmp_path, witness.uri, primary_options=("--ft-mode", "pipelined", "--ft-interval", "500"))
     try:
         stats = json.loads(run_pykvm("ctl", str(tmp_path / "s.ctl"), "ft-stats").stdout)
-        assert (stats["mode"], stats["interval_ms"]) == ("pipelined", 500), stats
+        assert (stats["mode"], stats["interval_ms"], stats["disk_mode"]) == ("pipelined", 500, "replicated"), stats
         result = run_pykvm("ctl", str(tmp_path / "p.ctl"), "ft-protect", f"tcp:127.0.0.1:{_free_port()}")
         reply = json.loads(result.stdout)
         assert result.returncode == 1 and not reply["ok"] and "already protected" in reply["error"], reply
@@ -269,7 +269,8 @@ def test_a_bad_witness_at_start_up_is_one_line_and_status_2(tmp_path, role, case
         assert Path(uri[5:]).read_bytes() == before  # left as found, for the operator
 
 
-@pytest.mark.parametrize("option", [("--ft-mode", "sync"), ("--ft-interval", "10"), ("--metrics", "m.jsonl")])
+@pytest.mark.parametrize("option", [("--ft-mode", "sync"), ("--ft-interval", "10"), ("--metrics", "m.jsonl"),
+                                    ("--ft-disk", "shared")])
 def test_the_standby_refuses_the_primarys_options(option):
     result = run_pykvm("ft", "standby", "--listen", f"tcp:127.0.0.1:{_free_port()}", *option)
     lines = result.stderr.decode().splitlines()

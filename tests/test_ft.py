@@ -6,6 +6,7 @@ machine."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 from pathlib import Path
@@ -229,3 +230,47 @@ def test_a_hung_primary_is_replaced_after_the_timeout(tmp_path, guest_images):
             primary.proc.send_signal(signal.SIGCONT)
             primary.kill()
         standby.kill()
+
+
+@pytest.mark.parametrize("case", ["another size", "a copy", "a hard link", "gone"])
+def test_standby_refuses_a_shared_disk_that_is_not_the_primarys(tmp_path, guest_images, case):
+    """With --ft-disk shared the standby's disk must be the primary's file: a file of another
+    size, or a copy of the same size, is refused (one line saying why, on both sides, exit 1);
+    a hard link is the same file and is accepted; a path that no longer opens is refused."""
+    primary_disk, = _disks(tmp_path, "p.img")
+    standby_disk = tmp_path / "s.img"
+    if case == "another size":
+        _disks(tmp_path, "s.img")
+        with open(standby_disk, "r+b") as f:
+            f.truncate(8 << 20)
+    elif case == "a copy":
+        standby_disk.write_bytes(Path(primary_disk).read_bytes())
+    else:
+        os.link(primary_disk, standby_disk)
+    port = _free_port()
+    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--disk", str(standby_disk),
+                         "--net", f"socket:{tmp_path / 'link.sock'}")
+    primary = None
+    try:
+        standby.stderr.wait_for(b"waiting for a primary")
+        if case == "gone":
+            standby_disk.unlink()  # the standby holds it open, but could not open it to take over
+        primary = VmmProcess("run", "kv", "--disk", primary_disk, "--net", f"socket:{tmp_path / 'link.sock'}",
+                             "--ft", f"tcp:127.0.0.1:{port}", "--ft-disk", "shared")
+        if case == "a hard link":
+            primary.wait_for(b"kv: ready")
+            assert "protected by" in primary.errors
+            return
+        reason = {"another size": "has 8388608 bytes, the primary's 4194304: not the same disk",
+                  "a copy": "is not the primary's file",
+                  "gone": "cannot open shared disk 0"}[case]
+        assert primary.wait() == 1 and standby.wait() == 1
+        refusals = [line for line in standby.errors.splitlines() if "refusing the primary" in line]
+        assert len(refusals) == 1 and reason in refusals[0], standby.errors
+        refused = next(line for line in primary.errors.splitlines() if "refused: " in line)
+        assert reason in refused and str(standby_disk) in refused, primary.errors
+        assert "took over" not in standby.errors
+    finally:
+        for vmm in (primary, standby):
+            if vmm is not None:
+                vmm.kill()
