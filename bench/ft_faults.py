@@ -107,9 +107,9 @@ def run_trial(fault: str, rng: random.Random, root: Path, logs: Path | None = No
     if fault == "standby-disk-full":
         slack = rng.randrange(16, 160) << 10  # what the records may fill after the full sync
         filler = SMALL_TMPFS - slack
-        with open(primary_disk, "r+b") as disk:  # data the full sync must copy onto the small tmpfs
-            disk.seek(DISK_SIZE - filler)
-            disk.write(os.urandom(filler))
+        with open(primary_disk, "r+b") as image:  # data the full sync must copy onto the small tmpfs
+            image.seek(DISK_SIZE - filler)
+            image.write(os.urandom(filler))
         mount = root / "small"
         mount.mkdir()
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_TMPFS}", "tmpfs", str(mount)], check=True)

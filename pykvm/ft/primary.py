@@ -190,7 +190,10 @@ class Primary:
     def _record_disk_change(self, disk_index: int, change: DiskChange) -> None:
         """A replicated disk's write, made: it goes with the next sync. A guest that writes much
         and sends nothing makes one start (trigger "disk"), so the record stays bounded."""
-        self._disk_changes[disk_index].append(change)
+        recorded = self._disk_changes
+        if disk_index >= len(recorded):
+            return  # the standby was just lost (_lose_standby): nothing is recorded any more
+        recorded[disk_index].append(change)
         self._disk_backlog += len(change.data)
         if self._disk_backlog >= DISK_BACKLOG:
             with self._cond:
