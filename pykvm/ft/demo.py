@@ -138,7 +138,8 @@ def run_demo(records: int = 200, seed: int | None = None, workdir: Path | None =
         try:
             standby.wait_for("waiting for a primary")
             primary = _Vmm(["run", str(image), "--disk", str(root / "primary.img"), *common, "--ft", uri,
-                            "--ft-mode", mode, "--ft-disk", disk, "--metrics", str(root / "metrics.jsonl"), "--serial", "stdio"], root / "primary.out")
+                            "--ft-mode", mode, "--ft-disk", disk, "--metrics", str(root / "metrics.jsonl"),
+                            "--serial", "stdio"], root / "primary.out")
             primary.wait_for("protected by")
             say(f"demo: primary (pid {primary.proc.pid}) protected by a standby (pid {standby.proc.pid}) on {uri}")
             result = _drive(primary, standby, records, rng, root, say)
