@@ -274,3 +274,31 @@ def test_standby_refuses_a_shared_disk_that_is_not_the_primarys(tmp_path, guest_
         for vmm in (primary, standby):
             if vmm is not None:
                 vmm.kill()
+
+
+def test_a_guest_that_only_writes_its_disk_starts_syncs_of_its_own(tmp_path, guest_images):
+    """Replicated disks: writes complete at once and nothing else makes a sync here (no NIC), so
+    the primary starts one whenever 2 MiB were written (trigger "disk"). Each carries what the
+    written ranges hold, once however often they were rewritten: no sync carries more than the
+    disk, and the standby follows to the end (a goodbye, not a fault)."""
+    size = 32 << 20
+    primary_disk, standby_disk = (tmp_path / "p.img", tmp_path / "s.img")
+    for path in (primary_disk, standby_disk):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    port = _free_port()
+    # A patient standby: syncs that carry MiBs of disk data take their time on a loaded host
+    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--disk", str(standby_disk),
+                         "--ft-timeout", "2000")
+    try:
+        standby.stderr.wait_for(b"waiting for a primary")
+        result = run_pykvm("run", "blkbench", "--disk", str(primary_disk), "--append", "region=24 ms=300 gap=0 depth=4",
+                           "--ft", f"tcp:127.0.0.1:{port}", "--ft-timeout", "2000", "--metrics", str(tmp_path / "m.jsonl"),
+                           timeout=300)
+        assert result.returncode == 0 and b"blkbench: ok" in result.stdout, result.stderr.decode()
+        assert standby.wait() == 0 and "said goodbye" in standby.errors, standby.errors
+    finally:
+        standby.kill()
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert records[0]["trigger"] == "full" and {r["trigger"] for r in records[1:]} == {"disk"}, records
+    assert all(r["bytes"] < size for r in records[1:]), [r["bytes"] for r in records]

@@ -19,11 +19,17 @@ for writing (it needs to once it takes over), or whose size or identity differs 
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import astuple, dataclass
+from typing import Iterable, Iterator
 
 from pykvm.devices.virtio.blk import DiskImage
+from pykvm.devices.virtio.gate import DiskChange
+from pykvm.hostfile import extents
+
+PIECE = 1 << 20  # a written range is read this much at a time
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,22 @@ class DiskIdentity:
 
     def encode(self) -> list[int]:
         return list(astuple(self))
+
+
+def contents(image: DiskImage, ranges: Iterable[tuple[int, int]]) -> Iterator[DiskChange]:
+    """What a replicated disk holds in `ranges` ((offset, length), merged), as changes: holes
+    (SEEK_DATA/SEEK_HOLE) and all-zero pieces as zeroed ranges, data a piece at a time."""
+    for start, length in ranges:
+        for offset, size, holds_data in extents(image.fd, start, start + length):
+            if not holds_data:
+                yield DiskChange(offset, zeroed=size)
+                continue
+            for at in range(offset, offset + size, PIECE):
+                piece = min(PIECE, offset + size - at)
+                data = image.read(at, piece)
+                if len(data) != piece:
+                    raise OSError(errno.EIO, f"short read of {image.spec.path} ({len(data)} of {piece} bytes at {at})")
+                yield DiskChange(at, zeroed=piece) if data.count(0) == piece else DiskChange(at, data)
 
 
 def identities(images: list[DiskImage]) -> tuple[tuple[int, int, int], ...]:

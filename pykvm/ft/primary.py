@@ -45,7 +45,8 @@ from pykvm.devices.virtio.gate import DiskChange, GatedFunction
 from pykvm.devices.virtio.net import Net
 from pykvm.ft import faults, protocol as p
 from pykvm.ft.capture import capture
-from pykvm.ft.disk_mode import identities
+from pykvm.ft.disk_mode import contents, identities
+from pykvm.ft.journal import merge_ranges
 from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
 from pykvm.ft.metrics import PrimaryStats, SyncRecord
 from pykvm.machine import Machine
@@ -53,7 +54,9 @@ from pykvm.run_control import StopKind
 from pykvm.state import encode
 
 CONNECT_TIMEOUT = 5.0
-DISK_BACKLOG = 64 << 20  # replicated disk data recorded since the last sync that makes the next one start
+DISK_BACKLOG = 2 << 20  # bytes written to replicated disks since the last sync that make the next one start
+#                         (what it carries is read and framed with the guest paused: kept well below the
+#                         standby's patience)
 
 
 class FtError(Exception):
@@ -87,8 +90,8 @@ class Primary:
         self.stats = PrimaryStats()
         self._cond = threading.Condition()
         self._held: list[tuple[GatedFunction, int, float]] = []  # (function, queue index, when held)
-        self._disk_changes: list[list[DiskChange]] = []  # per replicated disk, since the last capture
-        self._disk_backlog = 0  # bytes in them
+        self._disk_written: list[list[tuple[int, int]]] = []  # per replicated disk, ranges since the last capture
+        self._disk_backlog = 0  # their bytes
         self._sock: socket.socket | None = None
         self._protocol: p.FtConnection | None = None
         self._thread: threading.Thread | None = None
@@ -140,9 +143,9 @@ class Primary:
         self.machine.vm.set_dirty_logging(True)
         shared = self.disk_mode == "shared"
         if not shared:  # each write, once made, is recorded for the next sync (a full one reads it all)
-            self._disk_changes, self._disk_backlog = [[] for _ in self.disks], 0
+            self._disk_written, self._disk_backlog = [[] for _ in self.disks], 0
             for disk_index, disk in enumerate(self.disks):
-                disk.write_observer = lambda change, i=disk_index: self._record_disk_change(i, change)
+                disk.write_observer = lambda offset, length, i=disk_index: self._record_disk_write(i, offset, length)
         # The gate goes in before the full sync quiesces the guest: an output from here on is
         # held, the full sync's state precedes it and its Ack releases it. (Installed after the
         # sync, an output could slip out between the guest's resumption and the gate.)
@@ -187,14 +190,14 @@ class Primary:
             self._held.append((function, queue_index, time.perf_counter()))
             self._cond.notify_all()
 
-    def _record_disk_change(self, disk_index: int, change: DiskChange) -> None:
-        """A replicated disk's write, made: it goes with the next sync. A guest that writes much
-        and sends nothing makes one start (trigger "disk"), so the record stays bounded."""
-        recorded = self._disk_changes
+    def _record_disk_write(self, disk_index: int, offset: int, length: int) -> None:
+        """A replicated disk's write, made: what the range holds goes with the next sync. A guest
+        that writes much and sends nothing makes one start (trigger "disk"): the record stays short."""
+        recorded = self._disk_written
         if disk_index >= len(recorded):
             return  # the standby was just lost (_lose_standby): nothing is recorded any more
-        recorded[disk_index].append(change)
-        self._disk_backlog += len(change.data)
+        recorded[disk_index].append((offset, length))
+        self._disk_backlog += length
         if self._disk_backlog >= DISK_BACKLOG:
             with self._cond:
                 self._cond.notify_all()
@@ -259,9 +262,8 @@ class Primary:
             paused = time.perf_counter()
             covered = self._take_held()  # the outputs this sync's state precedes
             try:
-                taken = capture(self.machine, self._protocol, trigger, self._disk_changes, self.disks,
+                taken = capture(self.machine, self._protocol, trigger, self._take_disk_changes(full), self.disks,
                                 full=full, copy=pipelined, verify=self.verify)
-                self._disk_backlog = 0  # capture took (and emptied) the recorded changes
                 sync = taken.sync
                 if pipelined:
                     quiesce.close()  # the guest runs on while the sync travels
@@ -282,6 +284,15 @@ class Primary:
                             (sent - paused) * 1000, (acked - sent) * 1000, max(delays, default=0.0) * 1000,
                             disk_mode=self.disk_mode)
         self._account(record, started)
+
+    def _take_disk_changes(self, full: bool) -> list[list[DiskChange]]:
+        """(Quiesced) what the replicated disks hold now in the ranges written since the last
+        sync, read from the files: the disks as of the state this sync captures, each range once
+        however often it was rewritten. Nothing for a full sync, which sends the whole disks."""
+        written, self._disk_written = self._disk_written, [[] for _ in self._disk_written]
+        self._disk_backlog = 0
+        return [[] if full else list(contents(disk.disk, merge_ranges(ranges)))
+                for disk, ranges in zip(self.disks, written)]
 
     def _take_held(self) -> list[tuple[GatedFunction, int, float]]:
         with self._cond:
@@ -333,7 +344,7 @@ class Primary:
             function.set_output_gate(None)
         for disk in self.disks:
             disk.write_observer = None
-        self._disk_changes = []
+        self._disk_written = []
         if self._sock is not None:
             self._sock.close()
         self._sock, self._protocol = None, None

@@ -11,8 +11,8 @@ the function takes its lock and serves the oldest chain held on that queue; afte
 carries on with the queue. Held chains count as not taken in the saved state (give_back), so
 whoever restores that state serves them.
 
-A disk device also reports every change it made to its file, once made, to a DiskWriteObserver
-(FT ships the changes to the standby's copy of the disk).
+A disk device also reports every range of its file it changed, once changed, to a
+DiskWriteObserver (FT ships what those ranges hold to the standby's copy of the disk).
 """
 
 from __future__ import annotations
@@ -66,5 +66,6 @@ class DiskChange:
     zeroed: int = 0
 
 
-DiskWriteObserver = Callable[[DiskChange], None]
-"""Told of each change a disk device made to its file, after the file has it."""
+DiskWriteObserver = Callable[[int, int], None]
+"""Told of each range (offset, length) a disk device changed in its file (written, discarded or
+zeroed), after the file has it."""
