@@ -223,10 +223,12 @@ def kv_concurrent(tmp: Path, mode: str | None, disk: str = "replicated") -> dict
     try:
         if mode is not None:
             port = free_port()
+            patience = ("--ft-timeout", "1000")  # a load spike on a shared host must not cost the standby
             children.append(Child("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--disk", str(standby_image),
-                                  "--net", f"socket:{link}", "--serial", "none"))
+                                  "--net", f"socket:{link}", "--serial", "none", *patience))
             children[0].wait_line("waiting for a primary")
-            args += ["--ft", f"tcp:127.0.0.1:{port}", "--ft-mode", mode, "--ft-disk", disk, "--metrics", str(metrics)]
+            args += ["--ft", f"tcp:127.0.0.1:{port}", "--ft-mode", mode, "--ft-disk", disk, "--metrics", str(metrics),
+                     *patience]
         children.append(Child(*args))
         children[-1].wait_out(b"kv: ready")
         started = time.time()
@@ -234,6 +236,8 @@ def kv_concurrent(tmp: Path, mode: str | None, disk: str = "replicated") -> dict
         result = {"puts_per_s": puts / elapsed, "put_p50_ms": percentile(latencies, 50) * 1000,
                   "put_p99_ms": percentile(latencies, 99) * 1000}
         if mode is not None:
+            with children[-1].cond:  # unprotected for part of the run: its figures mean nothing
+                result["standby_lost"] = any("standby lost" in line for line in children[-1].lines)
             rows = [json.loads(line) for line in metrics.read_text().splitlines()]
             rows = [r for r in rows if r["trigger"] != "full" and r["time"] >= started] or [
                 {"pause_ms": 0.0, "pages": 0}]
@@ -283,11 +287,15 @@ def _kv_load(client_path: Path, link: Path) -> tuple[int, list[float], float]:
 def kv_group_commit() -> None:
     """`kv_ratio` and the table of every FT mode, for KV_CLIENTS concurrent clients."""
     with tempfile.TemporaryDirectory() as tmp:
-        off = kv_concurrent(Path(tmp), None)
+        before = kv_concurrent(Path(tmp), None)
         rows = {(mode, disk): kv_concurrent(Path(tmp), mode, disk) for disk in KV_DISKS for mode in KV_MODES}
-    best = max(KV_MODES, key=lambda mode: rows[mode, "replicated"]["puts_per_s"])
+        after = kv_concurrent(Path(tmp), None)  # FT off again: a busy host drifts; the baseline is the mean
+    off = {key: (before[key] + after[key]) / 2 for key in before}
+    best = max(KV_MODES, key=lambda mode: (not rows[mode, "replicated"]["standby_lost"],
+                                           rows[mode, "replicated"]["puts_per_s"]))
     print(f"kv_ratio: {rows[best, 'replicated']['puts_per_s'] / off['puts_per_s']:.2f}  (kv puts/s with "
-          f"{KV_CLIENTS} clients, FT on ({best}, replicated disks) / FT off, same run; goal >= 0.5)")
+          f"{KV_CLIENTS} clients, FT on ({best}, replicated disks) / FT off (mean of {before['puts_per_s']:.0f} "
+          f"before and {after['puts_per_s']:.0f} after), same run; goal >= 0.5)")
     header = (f"{'ft mode':<10} {'disks':<10} {'puts/s':>7} {'put p50 ms':>10} {'put p99 ms':>10} "
               f"{'pause p50 ms':>12} {'pause p99 ms':>12} {'pages/sync':>10} {'puts/sync':>9}")
     print(header)
@@ -297,7 +305,7 @@ def kv_group_commit() -> None:
     for (mode, disk), row in rows.items():
         print(f"{mode:<10} {disk:<10} {row['puts_per_s']:>7.0f} {row['put_p50_ms']:>10.2f} {row['put_p99_ms']:>10.2f} "
               f"{row['pause_p50_ms']:>12.2f} {row['pause_p99_ms']:>12.2f} {row['pages_per_sync']:>10.0f} "
-              f"{row['puts_per_sync']:>9.2f}")
+              f"{row['puts_per_sync']:>9.2f}" + ("  STANDBY LOST: partly unprotected" if row["standby_lost"] else ""))
 
 
 def main() -> None:
