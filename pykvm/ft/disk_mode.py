@@ -4,6 +4,9 @@ the standby follows its Hello).
 replicated (the default): the standby has a copy of each disk of its own. A disk write is not an
 output: it completes on the primary at once and travels to the standby with the next sync (as
 in Remus), which applies it under its undo journal (ft.journal). Only frames wait for a sync.
+A flush completes at once as well (Blk.durable_elsewhere): the standby's commit makes the sync
+durable before any frame that follows the flush leaves; the primary flushes its own disks
+before it goes on alone, and when it ends.
 
 shared (Kemari): both VMMs open the same file (shared storage). The standby receives no disk
 data; a disk write is an output and waits for the sync whose state precedes it, so the file

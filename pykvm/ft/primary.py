@@ -146,6 +146,7 @@ class Primary:
             self._disk_written, self._disk_backlog = [[] for _ in self.disks], 0
             for disk_index, disk in enumerate(self.disks):
                 disk.write_observer = lambda offset, length, i=disk_index: self._record_disk_write(i, offset, length)
+                disk.durable_elsewhere = True  # a guest flush is the standby's commit (ft.disk_mode)
         # The gate goes in before the full sync quiesces the guest: an output from here on is
         # held, the full sync's state precedes it and its Ack releases it. (Installed after the
         # sync, an output could slip out between the guest's resumption and the gate.)
@@ -182,6 +183,21 @@ class Primary:
             self._sock = None
         if self._thread is not None:
             self._thread.join(5)
+        if not self.fenced:
+            self._flush_own_disks("the primary ends")
+
+    def _flush_own_disks(self, why: str) -> bool:
+        """The guest's flushes, deferred to the standby's commits while it had one, made here:
+        before this primary goes on alone, or ends. False if a disk cannot be flushed."""
+        for disk in self.disks:
+            if disk.durable_elsewhere:
+                disk.durable_elsewhere = False  # first: a flush from now on is made here again
+                try:
+                    disk.disk.flush()
+                except OSError as error:
+                    self.log(f"ft primary: {why}, but flushing {disk.disk.spec.path} failed: {error.strerror}")
+                    return False
+        return True
 
     # -- the gate (called from device I/O threads with their lock held: never blocks) --------------
 
@@ -348,6 +364,9 @@ class Primary:
         if self._sock is not None:
             self._sock.close()
         self._sock, self._protocol = None, None
+        if not self._flush_own_disks("going on without a standby"):  # the guest was told its data is safe
+            self._fence("a disk the guest flushed cannot be flushed here, and the standby that held it is lost")
+            return
         self._release_all()
 
     def _fence(self, reason: str) -> None:

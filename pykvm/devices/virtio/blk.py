@@ -134,6 +134,9 @@ class Blk(v.VirtioDevice):
             self.features |= F_DISCARD | F_WRITE_ZEROES
         self.requests = 0  # served, for benchmarks and metrics
         self.write_observer: DiskWriteObserver | None = None  # FT ships the changed ranges to the standby
+        # FT with a replicated standby: a flush needs no fdatasync here, since the standby makes each
+        # sync durable before any output that could follow the flush leaves (ft.disk_mode)
+        self.durable_elsewhere = False
 
     def config_bytes(self) -> bytes:
         """virtio_blk_config up to write_zeroes_may_unmap (60 bytes)."""
@@ -183,7 +186,7 @@ class Blk(v.VirtioDevice):
                 status = self._write(sector, self._out_data(chain))
             elif kind == T_FLUSH:
                 status = S_OK
-                if not self.disk.spec.readonly:
+                if not self.disk.spec.readonly and not self.durable_elsewhere:
                     os.fdatasync(self.disk.fd)
             elif kind == T_GET_ID:
                 written = scatter(in_data, self.serial.ljust(ID_BYTES, b"\0"))
