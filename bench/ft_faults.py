@@ -10,13 +10,15 @@ trial, at a random moment, the faults taken in turn:
                        standby's patience is 200 ms: a long round trip looks like a lost primary)
 
 After the fault the client writes a few more records, then reads back every record it saw
-acknowledged from whoever runs the guest. A trial fails if one of them is not served as
-written (lost) or if both VMMs still run the guest once the loser has had time to stand down
+acknowledged from whoever runs the guest, and looks for each in the disk file that VMM runs the
+guest on. A trial fails if one of them is not served as written or not on that disk byte for
+byte (lost), or if both VMMs still run the guest once the loser has had time to stand down
 (two live copies: a live primary that has not fenced itself, and a standby that took over).
+`--ft-disk shared` runs every trial with one disk file both VMMs open (no standby-disk-full then).
 Prints a line a trial and one table; exits 1 if any record was lost or two copies ran, 2 if a
 trial could not be run (set-up failed), else 0.
 
-    python bench/ft_faults.py [--trials N | --per-fault N] [--seed S]
+    python bench/ft_faults.py [--trials N | --per-fault N] [--seed S] [--ft-disk replicated|shared]
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.ft import Child, free_port  # noqa: E402
-from pykvm.testing.kv import KvClient  # noqa: E402
+from pykvm.testing.kv import KvClient, records_on_disk  # noqa: E402
 from pykvm.testing.netframes import FrameSocket  # noqa: E402
 from pykvm.testing.relay import Relay  # noqa: E402
 
@@ -94,25 +96,27 @@ class Side:
         return f"{self.role} {named}"
 
 
-def run_trial(fault: str, rng: random.Random, root: Path, logs: Path | None = None) -> Trial:
+def run_trial(fault: str, rng: random.Random, root: Path, logs: Path | None = None,
+              disk: str = "replicated") -> Trial:
     """One trial in `root`: set up the pair, write, strike, write, verify. With `logs`, the
-    VMMs' stderr is kept there (primary.log, standby.log)."""
+    VMMs' stderr is kept there (primary.log, standby.log). `disk`: the pair's --ft-disk."""
     deadline = time.monotonic() + TRIAL_SECONDS
-    primary_disk, standby_disk = root / "p.img", root / "s.img"
+    primary_disk, standby_disk = root / "p.img", root / ("p.img" if disk == "shared" else "s.img")
     _sparse(primary_disk)
     detail, mount = "", None
     if fault == "standby-disk-full":
         slack = rng.randrange(16, 160) << 10  # what the records may fill after the full sync
         filler = SMALL_TMPFS - slack
-        with open(primary_disk, "r+b") as disk:  # data the full sync must copy onto the small tmpfs
-            disk.seek(DISK_SIZE - filler)
-            disk.write(os.urandom(filler))
+        with open(primary_disk, "r+b") as image:  # data the full sync must copy onto the small tmpfs
+            image.seek(DISK_SIZE - filler)
+            image.write(os.urandom(filler))
         mount = root / "small"
         mount.mkdir()
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_TMPFS}", "tmpfs", str(mount)], check=True)
         standby_disk = mount / "s.img"
         detail = f"{slack >> 10} KiB free"
-    _sparse(standby_disk)
+    if disk != "shared":
+        _sparse(standby_disk)
     link, witness, port = root / "link.sock", f"file:{root / 'witness'}", free_port()
     common = ["--mem", "64M", "--net", f"socket:{link}", "--ft-witness", witness, "--serial", "stdio"]
     relay = Relay(("127.0.0.1", port))
@@ -122,7 +126,8 @@ def run_trial(fault: str, rng: random.Random, root: Path, logs: Path | None = No
                                         "--disk", str(standby_disk), *common))
         sides.append(standby)
         standby.child.wait_line("waiting for a primary")
-        primary = Side("primary", Child("run", "kv", "--disk", str(primary_disk), *common, "--ft", relay.uri))
+        primary = Side("primary", Child("run", "kv", "--disk", str(primary_disk), *common, "--ft", relay.uri,
+                                        "--ft-disk", disk))
         sides.append(primary)
         primary.child.wait_line("protected by")
         with FrameSocket(root / "client.sock", link) as sock:
@@ -131,9 +136,11 @@ def run_trial(fault: str, rng: random.Random, root: Path, logs: Path | None = No
             struck = _write_through_the_fault(client, fault, rng, relay, primary, standby, trial, deadline)
             if not struck:
                 trial.error = "the fault never struck within the trial's time"
-            trial.lost = len(_unserved(client, deadline)) if struck else 0
-            trial.acked = len(client.acked)
             trial.took_over = standby.said("took over from sync")
+            on_disk = records_on_disk(standby_disk if trial.took_over else primary_disk)
+            missing = {seq for seq, value in client.acked.items() if on_disk.get(seq) != value.encode()}
+            trial.lost = len(missing | set(_unserved(client, deadline))) if struck else 0
+            trial.acked = len(client.acked)
             trial.two_copies = _two_copies(primary, standby)
             trial.outcome = ", ".join(side.describe() for side in sides)
             return trial
@@ -233,19 +240,21 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None, help="for the random moments and parameters")
     parser.add_argument("--fault", action="append", choices=FAULTS, help="only this fault (repeatable)")
     parser.add_argument("--logs", type=Path, help="keep each trial's VMM stderr in this folder")
+    parser.add_argument("--ft-disk", choices=("replicated", "shared"), default="replicated",
+                        help="the pair's disk mode (shared: one file, and no standby-disk-full trials)")
     args = parser.parse_args()
-    faults = args.fault or FAULTS
+    faults = [fault for fault in args.fault or FAULTS if args.ft_disk != "shared" or fault != "standby-disk-full"]
     count = args.per_fault * len(faults) if args.per_fault else args.trials
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     rng = random.Random(seed)
-    print(f"ft fault campaign: {count} trials, seed {seed}", flush=True)
+    print(f"ft fault campaign: {count} trials, seed {seed}, {args.ft_disk} disks", flush=True)
     trials = []
     started = time.monotonic()
     for index in range(count):
         fault = faults[index % len(faults)]
         with tempfile.TemporaryDirectory(prefix="pykvm-ft-faults-") as tmp:
             try:
-                trial = run_trial(fault, rng, Path(tmp), args.logs and args.logs / f"trial-{index + 1}")
+                trial = run_trial(fault, rng, Path(tmp), args.logs and args.logs / f"trial-{index + 1}", args.ft_disk)
             except (Exception, SystemExit) as error:  # a trial that could not run says why; the campaign goes on
                 trial = Trial(fault, "", error=f"{type(error).__name__}: {error}".splitlines()[0])
         trials.append(trial)

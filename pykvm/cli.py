@@ -32,6 +32,7 @@ from pykvm.ft import FtError, Primary, Standby, demo
 from pykvm.ft.standby import TakeoverImpossible
 from pykvm.ft.fencing import EXIT_FENCED, NO_WITNESS_WARNING, Fenced, Fencing
 from pykvm.study import commands as study_commands
+from pykvm.ft.protocol import DISK_MODES
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
 from pykvm.devices.net_backends import NetSpec
@@ -81,7 +82,7 @@ def _add_machine_options(parser: argparse.ArgumentParser) -> None:
     cli_tls.add_options(parser)
 
 
-PRIMARY_ONLY_FT_OPTIONS = ("--ft-mode", "--ft-interval", "--metrics")  # the standby follows the Hello
+PRIMARY_ONLY_FT_OPTIONS = ("--ft-mode", "--ft-interval", "--ft-disk", "--metrics")  # the standby follows the Hello
 
 
 def _add_ft_options(parser: argparse.ArgumentParser, *, primary: bool) -> None:
@@ -98,6 +99,10 @@ def _add_ft_options(parser: argparse.ArgumentParser, *, primary: bool) -> None:
     parser.add_argument("--ft-mode", choices=("sync", "pipelined"), default="sync" if primary else None,
                         help=shown("sync: the guest waits for the standby's ack (Kemari); pipelined: it runs on "
                                    "once the sync is captured and only the outputs wait (default sync)"))
+    parser.add_argument("--ft-disk", choices=DISK_MODES, default="replicated" if primary else None,
+                        help=shown("replicated: the standby has its own copy of each disk, writes complete at once "
+                                   "and travel with the next sync; shared: both open the same file, a write waits "
+                                   "for a sync (default replicated)"))
     parser.add_argument("--ft-interval", type=float, default=0 if primary else None, metavar="MS",
                         help=shown("also sync every MS milliseconds, output or not (periodic, Remus-style; "
                                    "default: only at outputs)"))
@@ -148,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--records", type=int, default=200, help="records the client writes (default 200)")
     demo.add_argument("--seed", type=int, help="seed for the kill moment and the data (default: random)")
     demo.add_argument("--ft-mode", choices=("sync", "pipelined"), default="sync", help="see `pykvm run --ft-mode`")
+    demo.add_argument("--ft-disk", choices=DISK_MODES, default="replicated", help="see `pykvm run --ft-disk`")
 
     ctl = commands.add_parser("ctl", help="send a command to a running pykvm's control socket")
     ctl.add_argument("socket", metavar="SOCKET")
@@ -245,7 +251,7 @@ def _protect(machine: Machine, args: argparse.Namespace, fencing: Fencing | None
     metrics = open(args.metrics, "a", buffering=1) if args.metrics else None
     primary = Primary(machine, timeout=args.ft_timeout / 1000, metrics=metrics, verify=args.ft_verify,
                       interval=args.ft_interval / 1000, pipelined=args.ft_mode == "pipelined", fencing=fencing,
-                      tls=args.tls, log=_log)
+                      tls=args.tls, disk_mode=args.ft_disk, log=_log)
     primary.protect(args.ft)
     return primary
 
@@ -276,6 +282,7 @@ def cmd_ft(args: argparse.Namespace) -> int:
             if control_server is not None:
                 control_server.register("ft-stats", lambda request: {
                     "role": "standby", "mode": standby.mode, "interval_ms": standby.interval_ms,
+                    "disk_mode": standby.disk_mode,
                     **standby.stats.__dict__})
             _log(f"ft standby: waiting for a primary on {args.listen}")
             try:
@@ -418,7 +425,7 @@ def _print_error(error: Exception) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return demo.main(args.records, args.seed, args.ft_mode)
+    return demo.main(args.records, args.seed, args.ft_mode, args.ft_disk)
 
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "guests": cmd_guests, "ft": cmd_ft,

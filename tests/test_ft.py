@@ -6,6 +6,7 @@ machine."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pykvm.ft.demo import run_demo
+from pykvm.testing.kv import records_on_disk
 from pykvm.testing.netframes import FrameSocket, Peer
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm
 
@@ -21,21 +23,37 @@ pytestmark = requires_kvm
 TRIALS = 20
 
 
-@pytest.mark.parametrize("trial", range(TRIALS))
-def test_kill_the_primary_at_a_random_moment(tmp_path, guest_images, trial):
-    """Each trial kills the primary somewhere else (seeded): inside a put, a sync, between."""
-    result = run_demo(records=40, seed=1000 + trial, workdir=tmp_path, say=lambda line: None)
+def _assert_on_the_standby_disk(result) -> None:
+    """The disk the standby ran the guest on (its own copy, or the one shared file) holds every
+    acknowledged record, byte for byte."""
+    on_disk = records_on_disk(result.standby_disk)
+    assert {seq: on_disk.get(seq) for seq in result.acked} == {
+        seq: value.encode() for seq, value in result.acked.items()}
+
+
+@pytest.mark.parametrize("disk", ["replicated", "shared"])
+@pytest.mark.parametrize("trial", range(TRIALS // 2))
+def test_kill_the_primary_at_a_random_moment(tmp_path, guest_images, trial, disk):
+    """Each trial kills the primary somewhere else (seeded): inside a put, a sync, between.
+    Replicated disks: a write is no output (only the reply frames cause syncs); shared: it is."""
+    result = run_demo(records=40, seed=1000 + trial, workdir=tmp_path, say=lambda line: None, disk=disk)
     assert result.lost == []
     assert result.verified == result.records == 40
     assert result.takeover_ms < 1000
-    assert any(s["trigger"] == "blk" for s in result.syncs) and any(s["trigger"] == "net" for s in result.syncs)
+    triggers = {s["trigger"] for s in result.syncs} - {"full"}
+    assert triggers == ({"blk", "net"} if disk == "shared" else {"net"})
+    assert {s["disk_mode"] for s in result.syncs} == {disk}
+    _assert_on_the_standby_disk(result)
 
 
-@pytest.mark.parametrize("trial", range(5))
-def test_kill_the_primary_in_pipelined_mode(tmp_path, guest_images, trial):
+@pytest.mark.parametrize("disk", ["replicated", "shared"])
+@pytest.mark.parametrize("trial", range(3))
+def test_kill_the_primary_in_pipelined_mode(tmp_path, guest_images, trial, disk):
     """Pipelined syncs (the guest runs on while a sync travels): outputs still wait for the ack."""
-    result = run_demo(records=40, seed=2000 + trial, workdir=tmp_path, say=lambda line: None, mode="pipelined")
+    result = run_demo(records=40, seed=2000 + trial, workdir=tmp_path, say=lambda line: None, mode="pipelined",
+                      disk=disk)
     assert result.lost == [] and result.verified == 40
+    _assert_on_the_standby_disk(result)
 
 
 def test_demo_command(guest_images):
@@ -212,3 +230,75 @@ def test_a_hung_primary_is_replaced_after_the_timeout(tmp_path, guest_images):
             primary.proc.send_signal(signal.SIGCONT)
             primary.kill()
         standby.kill()
+
+
+@pytest.mark.parametrize("case", ["another size", "a copy", "a hard link", "gone"])
+def test_standby_refuses_a_shared_disk_that_is_not_the_primarys(tmp_path, guest_images, case):
+    """With --ft-disk shared the standby's disk must be the primary's file: a file of another
+    size, or a copy of the same size, is refused (one line saying why, on both sides, exit 1);
+    a hard link is the same file and is accepted; a path that no longer opens is refused."""
+    primary_disk, = _disks(tmp_path, "p.img")
+    standby_disk = tmp_path / "s.img"
+    if case == "another size":
+        _disks(tmp_path, "s.img")
+        with open(standby_disk, "r+b") as f:
+            f.truncate(8 << 20)
+    elif case == "a copy":
+        standby_disk.write_bytes(Path(primary_disk).read_bytes())
+    else:
+        os.link(primary_disk, standby_disk)
+    port = _free_port()
+    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--disk", str(standby_disk),
+                         "--net", f"socket:{tmp_path / 'link.sock'}")
+    primary = None
+    try:
+        standby.stderr.wait_for(b"waiting for a primary")
+        if case == "gone":
+            standby_disk.unlink()  # the standby holds it open, but could not open it to take over
+        primary = VmmProcess("run", "kv", "--disk", primary_disk, "--net", f"socket:{tmp_path / 'link.sock'}",
+                             "--ft", f"tcp:127.0.0.1:{port}", "--ft-disk", "shared")
+        if case == "a hard link":
+            primary.wait_for(b"kv: ready")
+            assert "protected by" in primary.errors
+            return
+        reason = {"another size": "has 8388608 bytes, the primary's 4194304: not the same disk",
+                  "a copy": "is not the primary's file",
+                  "gone": "cannot open shared disk 0"}[case]
+        assert primary.wait() == 1 and standby.wait() == 1
+        refusals = [line for line in standby.errors.splitlines() if "refusing the primary" in line]
+        assert len(refusals) == 1 and reason in refusals[0], standby.errors
+        refused = next(line for line in primary.errors.splitlines() if "refused: " in line)
+        assert reason in refused and str(standby_disk) in refused, primary.errors
+        assert "took over" not in standby.errors
+    finally:
+        for vmm in (primary, standby):
+            if vmm is not None:
+                vmm.kill()
+
+
+def test_a_guest_that_only_writes_its_disk_starts_syncs_of_its_own(tmp_path, guest_images):
+    """Replicated disks: writes complete at once and nothing else makes a sync here (no NIC), so
+    the primary starts one whenever 2 MiB were written (trigger "disk"). Each carries what the
+    written ranges hold, once however often they were rewritten: no sync carries more than the
+    disk, and the standby follows to the end (a goodbye, not a fault)."""
+    size = 32 << 20
+    primary_disk, standby_disk = (tmp_path / "p.img", tmp_path / "s.img")
+    for path in (primary_disk, standby_disk):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    port = _free_port()
+    # A patient standby: syncs that carry MiBs of disk data take their time on a loaded host
+    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--disk", str(standby_disk),
+                         "--ft-timeout", "2000")
+    try:
+        standby.stderr.wait_for(b"waiting for a primary")
+        result = run_pykvm("run", "blkbench", "--disk", str(primary_disk), "--append", "region=24 ms=300 gap=0 depth=4",
+                           "--ft", f"tcp:127.0.0.1:{port}", "--ft-timeout", "2000", "--metrics", str(tmp_path / "m.jsonl"),
+                           timeout=300)
+        assert result.returncode == 0 and b"blkbench: ok" in result.stdout, result.stderr.decode()
+        assert standby.wait() == 0 and "said goodbye" in standby.errors, standby.errors
+    finally:
+        standby.kill()
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert records[0]["trigger"] == "full" and {r["trigger"] for r in records[1:]} == {"disk"}, records
+    assert all(r["bytes"] < size for r in records[1:]), [r["bytes"] for r in records]

@@ -47,9 +47,29 @@ def test_rollback_restores_data_and_holes(image):
     assert image.read(0, SIZE) == before
     assert _holes(image) == holes
     journal.clear()
-    assert os.path.getsize(journal.path) == 0
+    image.write(0, b"\xcc" * 512)
+    journal.rollback()  # a cleared journal puts nothing back
+    assert image.read(0, 512) == b"\xcc" * 512
     journal.close()
     assert not os.path.exists(journal.path)  # an empty journal leaves nothing behind
+
+
+def test_a_shorter_journal_over_a_longer_one_rolls_back_only_its_own(image):
+    """The file is reused without truncation: what an earlier, longer journal left beyond the
+    new one's end is not rolled back from."""
+    journal = UndoJournal(image)
+    journal.save(1, [(0, 2 << 20)])
+    journal.clear()
+    size = os.path.getsize(journal.path)
+    before = image.read(0, SIZE)
+    journal.save(2, [(5 << 20, 4096)])
+    assert os.path.getsize(journal.path) == size  # the blocks it had, overwritten
+    image.write(0, b"\xee" * 8192)  # not journaled by sync 2: stays
+    image.write(5 << 20, b"\xdd" * 4096)
+    journal.rollback()
+    assert image.read(5 << 20, 4096) == before[5 << 20 : (5 << 20) + 4096]
+    assert image.read(0, 8192) == b"\xee" * 8192
+    journal.close()
 
 
 def test_a_damaged_journal_is_not_rolled_back_from(image):

@@ -123,12 +123,16 @@ def test_reordered_duplicated_or_missing_frames_are_rejected(order):
 
 
 @pytest.mark.nokvm
-def test_hello_carries_the_witness_epoch_and_mode():
-    hello = p.Hello(b"config", "file:/tmp/w", 7, "pipelined", 25.0)
+@pytest.mark.parametrize("disks", [("replicated", ()), ("shared", ((4 << 20, 0x1234, 99), (512, 0, 7)))])
+def test_hello_carries_the_witness_epoch_and_modes(disks):
+    hello = p.Hello(b"config", "file:/tmp/w", 7, "pipelined", 25.0, disk_mode=disks[0], shared_disks=disks[1])
     data = b"".join(bytes(b) for b in p.FtConnection(p.Role.PRIMARY).send(hello))
     events, error = _feed(data)
     assert error is None and events == [hello]
-    for bad in ({"epoch": -1}, {"mode": "turbo"}, {"interval_ms": -5}, {"witness": 3}, {"epoch": "7"}):
+    for bad in ({"epoch": -1}, {"mode": "turbo"}, {"interval_ms": -5}, {"witness": 3}, {"epoch": "7"},
+                {"disk_mode": "mirrored"}, {"disk_mode": "shared", "shared_disks": [[1, 2]]},
+                {"disk_mode": "shared", "shared_disks": [[1, 2, -3]]}, {"shared_disks": [[1, 2, 3]]},
+                {"disk_mode": "shared", "shared_disks": "all"}):
         fields = {"protocol": p.PROTOCOL, "witness": "", "epoch": 0, "mode": "sync", "interval_ms": 0, **bad}
         with pytest.raises(ValueError):
             p.Hello.parse(json.dumps(fields).encode() + b"\nconfig")

@@ -45,6 +45,8 @@ class DemoResult:
     takeover_ms: float = 0.0
     client_gap_ms: float = 0.0
     syncs: list[dict] = field(default_factory=list)
+    standby_disk: Path | None = None  # the disk file the standby ran the guest on
+    acked: dict[int, str] = field(default_factory=dict)  # the records the client saw acknowledged
 
 
 class _Vmm:
@@ -112,31 +114,36 @@ def _request(peer: Peer, text: str, deadline: float) -> bytes:
 
 
 def run_demo(records: int = 200, seed: int | None = None, workdir: Path | None = None,
-             say=print, mode: str = "sync") -> DemoResult:
+             say=print, mode: str = "sync", disk: str = "replicated") -> DemoResult:
+    """`disk`: "replicated" (the standby has standby.img of its own) or "shared" (both open
+    primary.img)."""
     rng = random.Random(seed)
     image = guestbuild.image_path("kv")
     with tempfile.TemporaryDirectory(prefix="pykvm-demo-") as tmp:
         root = Path(workdir or tmp)
         root.mkdir(parents=True, exist_ok=True)
         for name in ("primary.img", "standby.img"):
-            with open(root / name, "wb") as disk:
-                disk.truncate(DISK_SIZE)
+            with open(root / name, "wb") as image_file:
+                image_file.truncate(DISK_SIZE)
         link = root / "link.sock"
         uri = f"tcp:127.0.0.1:{_free_port()}"
         make_credentials(root / "tls", force=True)  # the pair speaks mutual TLS, as it should beyond loopback
         # A file witness here: a cut link would leave one copy of the guest running, not two
         common = ["--mem", "64M", "--net", f"socket:{link}", "--ft-witness", f"file:{root / 'witness'}",
                   "--tls-creds", str(root / "tls")]
-        standby = _Vmm(["ft", "standby", "--listen", uri, "--disk", str(root / "standby.img"), *common,
+        standby_disk = root / ("primary.img" if disk == "shared" else "standby.img")
+        standby = _Vmm(["ft", "standby", "--listen", uri, "--disk", str(standby_disk), *common,
                         "--serial", f"file:{root / 'standby-serial.log'}"], root / "standby.out")
         primary = None
         try:
             standby.wait_for("waiting for a primary")
-            primary = _Vmm(["run", str(image), "--disk", str(root / "primary.img"), *common, "--ft", uri, "--ft-mode", mode,
-                            "--metrics", str(root / "metrics.jsonl"), "--serial", "stdio"], root / "primary.out")
+            primary = _Vmm(["run", str(image), "--disk", str(root / "primary.img"), *common, "--ft", uri,
+                            "--ft-mode", mode, "--ft-disk", disk, "--metrics", str(root / "metrics.jsonl"),
+                            "--serial", "stdio"], root / "primary.out")
             primary.wait_for("protected by")
             say(f"demo: primary (pid {primary.proc.pid}) protected by a standby (pid {standby.proc.pid}) on {uri}")
             result = _drive(primary, standby, records, rng, root, say)
+            result.standby_disk = standby_disk
         finally:
             if primary is not None:
                 primary.stop()
@@ -150,7 +157,7 @@ def _drive(primary: _Vmm, standby: _Vmm, records: int, rng: random.Random, root:
     result = DemoResult(records=records)
     kill_at = rng.randrange(records // 4, 3 * records // 4)
     kill_delay = rng.uniform(0, 0.02)  # somewhere inside a put, a sync, or between
-    acked: dict[int, str] = {}
+    acked = result.acked
     last_ack = time.monotonic()
     with FrameSocket(root / "client.sock", root / "link.sock") as link:
         peer = Peer(link, timeout=REQUEST_TIMEOUT)
@@ -185,9 +192,9 @@ def _summary_line(values: list[float]) -> str:
     return "  ".join(f"{name} {value:.2f}" for name, value in summary(values).items()) or "-"
 
 
-def main(records: int = 200, seed: int | None = None, mode: str = "sync") -> int:
+def main(records: int = 200, seed: int | None = None, mode: str = "sync", disk: str = "replicated") -> int:
     print("demo: building the kv guest", flush=True)
-    result = run_demo(records, seed, say=lambda line: print(line, flush=True), mode=mode)
+    result = run_demo(records, seed, say=lambda line: print(line, flush=True), mode=mode, disk=disk)
     syncs = result.syncs
     outputs = [s for s in syncs if s["trigger"] in ("blk", "net")]
     print()

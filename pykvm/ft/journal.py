@@ -2,12 +2,16 @@
 disk, the old contents of every range they overwrite go to the journal and are made durable
 (fdatasync). If applying the changes fails part-way (ENOSPC, EIO), `rollback` puts the old
 contents back, so the disk holds the last committed sync again. Once a sync is applied its
-journal is forgotten (truncated).
+journal is forgotten (marked empty).
 
-    journal = header record*
-    header  = magic "PYKVUNDO", sync u64
+    journal = header record* (then whatever an earlier, longer journal left: ignored)
+    header  = magic "PYKVUNDO", sync u64, end u64 (where the records end)
     record  = offset u64, length u64, holds data u8, xxh3-64 of (these fields + data),
               then the data (length bytes) if it holds data
+
+The file is never truncated: each sync's journal overwrites blocks the file already has, so its
+fdatasync flushes data alone, with no file-system metadata to commit (on ext4 a truncated and
+regrown file costs about ten times as much, and that was most of a small sync's commit).
 
 Holes are recorded as holes, without data: a sync that writes into a sparse region costs the
 journal a few bytes, not the region's size (on a full disk the journal must still fit). Old
@@ -30,7 +34,7 @@ from pykvm.hostfile import extents
 SUFFIX = ".ft-undo"
 MAGIC = b"PYKVUNDO"
 PIECE = 1 << 20  # old data is copied this much at a time
-_HEADER = struct.Struct("<8sQ")  # magic, sync
+_HEADER = struct.Struct("<8sQQ")  # magic, sync, end of the records
 _RECORD = struct.Struct("<QQBQ")  # offset, length, holds data, hash
 _FIELDS = struct.Struct("<QQB")  # the record's fields the hash covers
 
@@ -57,8 +61,7 @@ class UndoJournal:
         fd = self._fd
         if fd is None:
             raise OSError(errno.EBADF, f"{self.path}: the journal is closed")
-        os.ftruncate(fd, 0)
-        at = _pwrite_all(fd, _HEADER.pack(MAGIC, sync), 0)
+        at = _HEADER.size
         for offset, length in merge_ranges(ranges):
             for start, size, holds_data in extents(self.image.fd, offset, offset + length):
                 if not holds_data:
@@ -67,6 +70,7 @@ class UndoJournal:
                 for piece in range(start, start + size, PIECE):
                     piece_size = min(PIECE, start + size - piece)
                     at = _write_record(fd, at, piece, piece_size, _pread_all(self.image.fd, piece, piece_size))
+        _pwrite_all(fd, _HEADER.pack(MAGIC, sync, at), 0)
         os.fdatasync(fd)
 
     def rollback(self) -> None:
@@ -74,10 +78,7 @@ class UndoJournal:
         space that writing the old data back may need on a full file system."""
         if self._fd is None:
             raise JournalError(f"{self.path}: the journal is closed")
-        header = os.pread(self._fd, _HEADER.size, 0)
-        if len(header) != _HEADER.size or _HEADER.unpack(header)[0] != MAGIC:
-            raise JournalError(f"{self.path}: no journal header")
-        records = list(self._records())
+        records = list(self._records(self._end()))
         for offset, length, data_at, digest in sorted(records, key=lambda record: record[2] is not None):
             if data_at is None:
                 self.image.zero(offset, length)
@@ -88,24 +89,38 @@ class UndoJournal:
         self.image.flush()
 
     def clear(self) -> None:
-        """The sync is applied: its journal is no longer needed (and gives its space back)."""
+        """The sync is applied: its journal is no longer needed. It is marked empty (not made
+        durable: only a save's fdatasync matters); the file keeps its blocks for the next one."""
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            _pwrite_all(self._fd, _HEADER.pack(MAGIC, 0, _HEADER.size), 0)
 
     def close(self) -> None:
         """Close the journal; an empty one is removed (one that is not holds what a failed
         rollback could not put back)."""
         if self._fd is not None:
-            if os.fstat(self._fd).st_size == 0:
+            try:
+                empty = self._end() == _HEADER.size
+            except JournalError:
+                empty = os.fstat(self._fd).st_size == 0
+            if empty:
                 os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
 
+    def _end(self) -> int:
+        """Where the records of the journal end, from its header."""
+        header = os.pread(self._fd, _HEADER.size, 0)
+        if len(header) != _HEADER.size or _HEADER.unpack(header)[0] != MAGIC:
+            raise JournalError(f"{self.path}: no journal header")
+        end = _HEADER.unpack(header)[2]
+        if not _HEADER.size <= end <= os.fstat(self._fd).st_size:
+            raise JournalError(f"{self.path}: the header says the records end at byte {end}")
+        return end
 
-    def _records(self) -> Iterator[tuple[int, int, int | None, int]]:
-        """(offset, length, where its old data is or None for a hole, hash) of each record; a
-        hole's hash is checked here, old data's when it is read back."""
-        fd, at, end = self._fd, _HEADER.size, os.fstat(self._fd).st_size
+    def _records(self, end: int) -> Iterator[tuple[int, int, int | None, int]]:
+        """(offset, length, where its old data is or None for a hole, hash) of each record up to
+        `end`; a hole's hash is checked here, old data's when it is read back."""
+        fd, at = self._fd, _HEADER.size
         while at < end:
             raw = os.pread(fd, _RECORD.size, at)
             if len(raw) != _RECORD.size:

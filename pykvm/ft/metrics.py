@@ -14,13 +14,14 @@ class SyncRecord:
 
     sync: int
     time: float  # wall clock (time.time()) when it ended
-    trigger: str  # "full", "blk", "net" or "timer"
+    trigger: str  # "full", "blk" (a shared disk's output), "net", "timer" or "disk" (replicated disk data piling up)
     pages: int
     bytes: int  # sent, frame headers included
     pause_ms: float  # guest paused: from the quiesce to its resumption
     transfer_ms: float  # from the quiesce to the last byte handed to the socket
     ack_ms: float  # from then to the standby's Ack
     output_delay_ms: float  # the longest any output this sync released was held
+    disk_mode: str = "replicated"  # where the standby's disks come from: replicated | shared
 
 
 @dataclass

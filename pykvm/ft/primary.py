@@ -1,15 +1,17 @@
 """The FT primary: runs the guest, and before any output leaves the machine, brings the standby
 up to date and waits for its acknowledgement (event-driven sync, as in Kemari).
 
-The output gate sits above the devices: when protection is on, this primary is every virtio
-function's output gate (devices/virtio/gate.py). A device that meets an output request — a disk write,
-flush, discard or write-zeroes, or a frame to transmit — holds that chain (taken from the ring,
-not yet served) and tells the gate. The FT thread then syncs:
+The output gate sits above the devices: when protection is on, this primary is the output gate
+(devices/virtio/gate.py) of every NIC, and of every disk if the disks are shared (ft.disk_mode;
+replicated disks complete their writes at once and ship them with the next sync). A device that
+meets an output request — a frame to transmit; with shared disks a disk write, flush, discard or
+write-zeroes — holds that chain (taken from the ring, not yet served) and tells the gate; the
+outputs queued behind it are held too, so one sync releases them all. The FT thread then syncs:
 
     pause the vCPUs and hold every device between requests       (Machine.quiesced)
     send the pages dirtied since the last sync (KVM's log | the VMM's bitmap), the disk changes
-    completed since then, and the machine state (held chains are given back to their rings in
-    it, so a standby that takes over serves them itself)
+    completed since then (replicated disks), and the machine state (held chains are given back
+    to their rings in it, so a standby that takes over serves them itself)
     wait for the Ack
     release the held outputs: the write reaches the disk, the frame the wire
     resume the vCPUs
@@ -43,6 +45,8 @@ from pykvm.devices.virtio.gate import DiskChange, GatedFunction
 from pykvm.devices.virtio.net import Net
 from pykvm.ft import faults, protocol as p
 from pykvm.ft.capture import capture
+from pykvm.ft.disk_mode import contents, identities
+from pykvm.ft.journal import merge_ranges
 from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
 from pykvm.ft.metrics import PrimaryStats, SyncRecord
 from pykvm.machine import Machine
@@ -50,6 +54,9 @@ from pykvm.run_control import StopKind
 from pykvm.state import encode
 
 CONNECT_TIMEOUT = 5.0
+DISK_BACKLOG = 2 << 20  # bytes written to replicated disks since the last sync that make the next one start
+#                         (what it carries is read and framed with the guest paused: kept well below the
+#                         standby's patience)
 
 
 class FtError(Exception):
@@ -61,19 +68,21 @@ class Primary:
 
     def __init__(self, machine: Machine, *, timeout: float = 0.2, metrics: TextIO | None = None,
                  verify: bool = False, interval: float = 0.0, pipelined: bool = False,
-                 fencing: Fencing | None = None, tls: TlsCredentials | None = None,
+                 fencing: Fencing | None = None, tls: TlsCredentials | None = None, disk_mode: str = "replicated",
                  log: Callable[[str], None] = print) -> None:
         """`timeout` is the standby's patience: heartbeats go four times as often. `verify` sends
         a hash of all RAM with each sync; `interval` > 0 adds periodic syncs (trigger "timer") to
         the event-driven ones; `pipelined` resumes the guest before the sync is sent (see _sync).
         `fencing`: the witness and the epoch this primary won (None: no witness). `tls`: the
-        credentials standbys are reached with (None: in the clear)."""
+        credentials standbys are reached with (None: in the clear). `disk_mode`: "replicated" or
+        "shared" (ft.disk_mode)."""
         self.machine = machine
         self.tls = tls
         self.fencing = fencing
         self.fenced = False
         self.interval = interval
         self.pipelined = pipelined
+        self.disk_mode = disk_mode
         self.timeout = timeout
         self.metrics = metrics
         self.verify = verify
@@ -81,7 +90,8 @@ class Primary:
         self.stats = PrimaryStats()
         self._cond = threading.Condition()
         self._held: list[tuple[GatedFunction, int, float]] = []  # (function, queue index, when held)
-        self._disk_changes: list[list[DiskChange]] = []
+        self._disk_written: list[list[tuple[int, int]]] = []  # per replicated disk, ranges since the last capture
+        self._disk_backlog = 0  # their bytes
         self._sock: socket.socket | None = None
         self._protocol: p.FtConnection | None = None
         self._thread: threading.Thread | None = None
@@ -122,21 +132,27 @@ class Primary:
         """What the standby must agree to: our machine, our witness and the epoch we hold there
         (the one we won at start-up or on losing the last standby), how we sync."""
         witness, epoch = (self.fencing.uri, self.fencing.epoch.number) if self.fencing else ("", 0)
+        shared = self.disk_mode == "shared"
         return p.Hello(encode(self.machine.config), witness, epoch, "pipelined" if self.pipelined else "sync",
-                       self.interval * 1000)
+                       self.interval * 1000, disk_mode=self.disk_mode,
+                       shared_disks=identities([disk.disk for disk in self.disks]) if shared else ())
 
     def _attach(self, uri: str, sock: socket.socket, protocol: p.FtConnection) -> None:
         self._sock, self._protocol = sock, protocol
         self.stats.standby = uri
         self.machine.vm.set_dirty_logging(True)
-        for disk_index, disk in enumerate(self.disks):
-            self._disk_changes.append([])
-            disk.write_observer = lambda change, i=disk_index: self._disk_changes[i].append(change)
+        shared = self.disk_mode == "shared"
+        if not shared:  # each write, once made, is recorded for the next sync (a full one reads it all)
+            self._disk_written, self._disk_backlog = [[] for _ in self.disks], 0
+            for disk_index, disk in enumerate(self.disks):
+                disk.write_observer = lambda offset, length, i=disk_index: self._record_disk_write(i, offset, length)
+                disk.durable_elsewhere = True  # a guest flush is the standby's commit (ft.disk_mode)
         # The gate goes in before the full sync quiesces the guest: an output from here on is
         # held, the full sync's state precedes it and its Ack releases it. (Installed after the
         # sync, an output could slip out between the guest's resumption and the gate.)
         for function in self.machine.virtio:
-            function.set_output_gate(self)
+            if shared or not isinstance(function.device, Blk):
+                function.set_output_gate(self)
         self.stats.protected = True
         try:
             self._sync("full", full=True)
@@ -167,6 +183,21 @@ class Primary:
             self._sock = None
         if self._thread is not None:
             self._thread.join(5)
+        if not self.fenced:
+            self._flush_own_disks("the primary ends")
+
+    def _flush_own_disks(self, why: str) -> bool:
+        """The guest's flushes, deferred to the standby's commits while it had one, made here:
+        before this primary goes on alone, or ends. False if a disk cannot be flushed."""
+        for disk in self.disks:
+            if disk.durable_elsewhere:
+                disk.durable_elsewhere = False  # first: a flush from now on is made here again
+                try:
+                    disk.disk.flush()
+                except OSError as error:
+                    self.log(f"ft primary: {why}, but flushing {disk.disk.spec.path} failed: {error.strerror}")
+                    return False
+        return True
 
     # -- the gate (called from device I/O threads with their lock held: never blocks) --------------
 
@@ -174,6 +205,18 @@ class Primary:
         with self._cond:
             self._held.append((function, queue_index, time.perf_counter()))
             self._cond.notify_all()
+
+    def _record_disk_write(self, disk_index: int, offset: int, length: int) -> None:
+        """A replicated disk's write, made: what the range holds goes with the next sync. A guest
+        that writes much and sends nothing makes one start (trigger "disk"): the record stays short."""
+        recorded = self._disk_written
+        if disk_index >= len(recorded):
+            return  # the standby was just lost (_lose_standby): nothing is recorded any more
+        recorded[disk_index].append((offset, length))
+        self._disk_backlog += length
+        if self._disk_backlog >= DISK_BACKLOG:
+            with self._cond:
+                self._cond.notify_all()
 
     # -- the FT thread ----------------------------------------------------------------------------------
 
@@ -193,10 +236,11 @@ class Primary:
         last_sync = time.monotonic()
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._held or self._stopping, wait)
+                self._cond.wait_for(lambda: self._held or self._stopping or self._disk_backlog >= DISK_BACKLOG, wait)
                 if self._stopping:
                     return
-                trigger = _trigger(self._held[0][0]) if self._held else None
+                trigger = _trigger(self._held[0][0]) if self._held else (
+                    "disk" if self._disk_backlog >= DISK_BACKLOG else None)
             if trigger is None and self.interval and time.monotonic() - last_sync >= self.interval:
                 trigger = "timer"
             if trigger is not None:
@@ -234,7 +278,7 @@ class Primary:
             paused = time.perf_counter()
             covered = self._take_held()  # the outputs this sync's state precedes
             try:
-                taken = capture(self.machine, self._protocol, trigger, self._disk_changes, self.disks,
+                taken = capture(self.machine, self._protocol, trigger, self._take_disk_changes(full), self.disks,
                                 full=full, copy=pipelined, verify=self.verify)
                 sync = taken.sync
                 if pipelined:
@@ -253,8 +297,18 @@ class Primary:
             if not pipelined:
                 resumed = time.perf_counter()
         record = SyncRecord(sync, time.time(), trigger, taken.pages, sent_bytes, (resumed - paused) * 1000,
-                            (sent - paused) * 1000, (acked - sent) * 1000, max(delays, default=0.0) * 1000)
+                            (sent - paused) * 1000, (acked - sent) * 1000, max(delays, default=0.0) * 1000,
+                            disk_mode=self.disk_mode)
         self._account(record, started)
+
+    def _take_disk_changes(self, full: bool) -> list[list[DiskChange]]:
+        """(Quiesced) what the replicated disks hold now in the ranges written since the last
+        sync, read from the files: the disks as of the state this sync captures, each range once
+        however often it was rewritten. Nothing for a full sync, which sends the whole disks."""
+        written, self._disk_written = self._disk_written, [[] for _ in self._disk_written]
+        self._disk_backlog = 0
+        return [[] if full else list(contents(disk.disk, merge_ranges(ranges)))
+                for disk, ranges in zip(self.disks, written)]
 
     def _take_held(self) -> list[tuple[GatedFunction, int, float]]:
         with self._cond:
@@ -306,10 +360,13 @@ class Primary:
             function.set_output_gate(None)
         for disk in self.disks:
             disk.write_observer = None
-        self._disk_changes = []
+        self._disk_written = []
         if self._sock is not None:
             self._sock.close()
         self._sock, self._protocol = None, None
+        if not self._flush_own_disks("going on without a standby"):  # the guest was told its data is safe
+            self._fence("a disk the guest flushed cannot be flushed here, and the standby that held it is lost")
+            return
         self._release_all()
 
     def _fence(self, reason: str) -> None:

@@ -6,7 +6,7 @@ A primary and a standby speak it over one stream of pykvm.transfer.wire frames (
 sequenced, length-prefixed, hashed); each event travels as the frame kind of the same name:
 
     primary                               standby
-    Hello(config, witness, epoch, mode, interval)
+    Hello(config, witness, epoch, mode, interval, disk mode, shared disks)
                                   ->
                                   <-      Ready  | Refused(reason)
     -- a sync, repeated; the first carries every populated page and the whole disk, in pieces --
@@ -42,8 +42,12 @@ from pykvm.transfer import wire
 from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.wire import Kind, ProtocolError
 
-PROTOCOL = 2  # 2: Hello carries the witness, epoch and sync mode; StandbyFault; heartbeats answered
+# 2: Hello carries the witness, epoch and sync mode; StandbyFault; heartbeats answered.
+# 3: Hello carries the disk mode and the shared disks' identities (a 2 would replicate disks the
+#    standby takes for shared, or the reverse: refused by number).
+PROTOCOL = 3
 SYNC_MODES = ("sync", "pipelined")
+DISK_MODES = ("replicated", "shared")  # see ft.disk_mode
 _DISK_HEAD = struct.Struct("<II")  # disk index, count
 _CHANGE = struct.Struct("<QQB")  # offset, length, zeroed?
 DISK_FRAME_BYTES = 4 << 20  # a DiskChanges frame's payload at most: a sender splits bigger changes
@@ -84,8 +88,9 @@ class _Reason:
 @dataclass(frozen=True)
 class Hello:
     """The primary introduces itself: its machine (the standby must build the same), the witness
-    both must name and the epoch the primary holds there (see ft.witness), and how it syncs (the
-    standby follows the primary's mode and interval, it has no say in them)."""
+    both must name and the epoch the primary holds there (see ft.witness), how it syncs, and where
+    the standby's disks come from (the standby follows the primary's mode, interval and disk
+    mode, it has no say in them; it checks that it can share the disks named shared)."""
 
     kind: ClassVar[Kind] = Kind.HELLO
     config: bytes  # the primary's MachineConfig, encoded
@@ -94,21 +99,31 @@ class Hello:
     mode: str = "sync"  # sync | pipelined
     interval_ms: float = 0.0  # periodic syncs on top of the output-driven ones (0: none)
     protocol: int = PROTOCOL
+    disk_mode: str = "replicated"  # replicated | shared
+    shared_disks: tuple[tuple[int, int, int], ...] = ()  # shared: each disk's identity (ft.disk_mode)
 
     def payload(self) -> bytes:
         head = {"protocol": self.protocol, "witness": self.witness, "epoch": self.epoch, "mode": self.mode,
-                "interval_ms": self.interval_ms}
+                "interval_ms": self.interval_ms, "disk_mode": self.disk_mode,
+                "shared_disks": [list(disk) for disk in self.shared_disks]}
         return json.dumps(head).encode() + b"\n" + self.config
 
     @classmethod
     def parse(cls, payload: bytes) -> Hello:
         head, _, config = payload.partition(b"\n")
         fields = json.loads(head)
+        disks = fields.get("shared_disks", [])
+        if not (isinstance(disks, list) and len(disks) <= 64 and all(
+                isinstance(disk, list) and len(disk) == 3 and all(type(n) is int and n >= 0 for n in disk)
+                for disk in disks)):
+            raise ValueError("Hello's shared disks are not lists of three counts")
         hello = cls(config, fields.get("witness", ""), fields.get("epoch", 0), fields.get("mode", "sync"),
-                    fields.get("interval_ms", 0.0), fields["protocol"])
+                    fields.get("interval_ms", 0.0), fields["protocol"], fields.get("disk_mode", "replicated"),
+                    tuple(tuple(disk) for disk in disks))
         if not (isinstance(hello.witness, str) and type(hello.epoch) is int and hello.epoch >= 0
                 and hello.mode in SYNC_MODES and isinstance(hello.interval_ms, (int, float))
-                and 0 <= hello.interval_ms < 3_600_000 and type(hello.protocol) is int):
+                and 0 <= hello.interval_ms < 3_600_000 and type(hello.protocol) is int
+                and hello.disk_mode in DISK_MODES and (hello.disk_mode == "shared" or not disks)):
             raise ValueError("Hello fields out of range")
         return hello
 

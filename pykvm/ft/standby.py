@@ -19,6 +19,12 @@ under verification — is this standby's fault ("fault"): it tells the primary w
 and never takes over, so a standby that cannot follow never becomes a second live copy.
 Guest RAM stays hot: takeover copies nothing in bulk, it restores the committed KVM and device
 state and starts the vCPUs.
+
+With shared disks (ft.disk_mode) no disk data comes at all, and a takeover writes nothing to
+the disk before the guest runs: the file holds every write the primary released (each after
+the sync that precedes it was committed here), and a write it held but never released is in
+no committed state's past — the restored ring has it available again, and the guest's device
+serves it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from pykvm.devices.virtio.blk import Blk, DiskImage
 from pykvm.devices.virtio.gate import DiskChange
 from pykvm.errors import ConfigError
 from pykvm.ft import faults, protocol as p
+from pykvm.ft.disk_mode import shared_disk_refusal
 from pykvm.ft.fencing import Fencing, admission
 from pykvm.ft.journal import JournalError, UndoJournal
 from pykvm.machine import Machine, MachineConfig, MachineState
@@ -125,6 +132,7 @@ class Standby:
         self.tls = tls
         self.fencing = fencing
         self.mode, self.interval_ms = "", 0.0  # the primary's, from its Hello: for ft-stats only
+        self.disk_mode = ""  # the primary's, from its Hello: "shared" disks take no disk changes
         self.timeout = timeout
         self.verify = verify  # kept for the record: RAM is checked whenever the primary sends its hash
         self.log = log
@@ -226,10 +234,12 @@ class Standby:
                 refusal = admission(self.fencing, event)
             except (ConfigError, StateError) as error:
                 refusal = str(error)
+            if refusal is None and event.disk_mode == "shared":
+                refusal = shared_disk_refusal([disk.disk for disk in self.disks], event.shared_disks)
             if refusal is not None:
                 self.log(f"ft standby: refusing the primary: {refusal}")
                 return protocol.send(p.Refused(refusal))
-            self.mode, self.interval_ms = event.mode, event.interval_ms
+            self.mode, self.interval_ms, self.disk_mode = event.mode, event.interval_ms, event.disk_mode
             return protocol.send(p.Ready())
         if isinstance(event, p.DiskChanges):
             self._receive_disk_changes(event)
@@ -247,6 +257,8 @@ class Standby:
 
     def _receive_disk_changes(self, batch: p.DiskChanges) -> None:
         """Check the changes against their disk; stage them, or (first sync) write them now."""
+        if self.disk_mode == "shared":  # the primary's released writes are in the file already
+            raise wire.ProtocolError(f"changes for disk {batch.disk}, which the primary shares with us")
         if batch.disk >= len(self.disks):
             raise wire.ProtocolError(f"changes for disk {batch.disk}, this machine has {len(self.disks)}")
         image = self.disks[batch.disk].disk

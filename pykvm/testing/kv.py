@@ -4,10 +4,16 @@ resolved again after a silence (a takeover moves it to another VMM)."""
 
 from __future__ import annotations
 
+import struct
 import time
+import zlib
+from pathlib import Path
 
 from pykvm.testing.netframes import FrameSocket, Peer
 
+SECTOR = 512
+_RECORD = struct.Struct("<IIQI")  # magic, length, seq, crc of the sector before (guests/kv/kv.c)
+RECORD_MAGIC, STORE_MAGIC = 0x3152564B, b"PYKVMKV1"
 TRY = 0.2  # the client's first patience before it sends a request again (it is UDP)
 LONGEST_TRY = 3.2  # each unanswered try doubles the patience up to this (RFC 8085's backoff): on a
 #                    slow link, resending faster than the answers can come only piles up work
@@ -64,3 +70,26 @@ class KvClient:
         """Every record the client saw acknowledged is served (by whoever runs the guest now)."""
         unserved = self.unserved()
         assert not unserved, f"acknowledged records not served: {unserved}"
+
+
+def records_on_disk(path: str | Path) -> dict[int, bytes]:
+    """The records a kv disk image holds, read as the guest replays its log: from the header, each
+    sector that names the checksum of the one before, up to the first that does not."""
+    image = Path(path).read_bytes()
+    header = image[:SECTOR]
+    if header[:8] != STORE_MAGIC or _crc(header) != int.from_bytes(header[-4:], "little"):
+        return {}
+    records, last_crc = {}, _crc(header)
+    for at in range(SECTOR, len(image) - SECTOR + 1, SECTOR):
+        sector = image[at : at + SECTOR]
+        magic, length, seq, prev_crc = _RECORD.unpack_from(sector)
+        if (magic, prev_crc) != (RECORD_MAGIC, last_crc) or length > 400 or _crc(sector) != int.from_bytes(
+                sector[-4:], "little"):
+            break
+        records.setdefault(seq, sector[_RECORD.size : _RECORD.size + length])
+        last_crc = _crc(sector)
+    return records
+
+
+def _crc(sector: bytes) -> int:
+    return zlib.crc32(sector[: SECTOR - 4])

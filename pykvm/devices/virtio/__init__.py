@@ -89,33 +89,42 @@ class VirtioDevice:
     def serve_queue(self, index: int) -> None:
         """Drain queue `index` in order: serve each chain, return it, and interrupt as soon as the
         driver asked to be (with event index: once the entry it waits for is used), so that it
-        takes that completion and queues more while the rest are served. Under an output gate, an
-        output chain is held instead and the queue waits for release_held, so nothing after it
-        overtakes it (pykvm.devices.virtio.gate)."""
+        takes that completion and queues more while the rest are served. Under an output gate,
+        output chains are held instead (each told to the gate), and the first chain that is not
+        an output goes back to the ring and waits until release_held has served every held one,
+        so nothing overtakes a held output (pykvm.devices.virtio.gate)."""
         ring = self.rings[index] if index < len(self.rings) else None
-        held = self.held
-        if ring is None or index in held:
+        if ring is None:
             return
-        while index not in held:
+        held = self.held
+        while True:
             ring.set_notification(False)  # draining anyway: no notifies meanwhile
             while (chain := ring.pop()) is not None:
                 if self.hold_output is not None and self.is_output(index, chain):
-                    held[index] = chain
+                    held.setdefault(index, []).append(chain)
                     self.hold_output(index)
-                    break
-                self._serve_and_return(index, ring, chain)
+                elif index in held:  # behind held outputs: the last release serves it
+                    ring.undo_pop()
+                    return
+                else:
+                    self._serve_and_return(index, ring, chain)
             ring.set_notification(True)
-            if index in held or not ring.pending():  # nothing slipped in before notifies were back on
+            if not ring.pending():  # nothing slipped in before notifies were back on
                 break
 
     def release_held(self, index: int) -> None:
-        """The gate lets the held output of queue `index` go: serve it, then carry on."""
-        chain = self.held.pop(index, None)
+        """The gate lets the oldest output held on queue `index` go: serve it; after the last
+        held one, carry on with the queue."""
+        chains = self.held.get(index)
         ring = self.rings[index] if index < len(self.rings) else None
-        if chain is None or ring is None:
+        if not chains or ring is None:
             return  # the driver reset the device meanwhile
+        chain = chains.pop(0)
+        if not chains:
+            del self.held[index]
         self._serve_and_return(index, ring, chain)
-        self.serve_queue(index)
+        if index not in self.held:
+            self.serve_queue(index)
 
     def _serve_and_return(self, index: int, ring: SplitQueue, chain: DescriptorChain) -> None:
         """Serve a chain, mark what it wrote dirty (after writing), return it, interrupt if asked."""

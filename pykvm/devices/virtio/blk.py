@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from pykvm.devices import virtio as v
-from pykvm.devices.virtio.gate import DiskChange, DiskWriteObserver
+from pykvm.devices.virtio.gate import DiskWriteObserver
 from pykvm.devices.virtio.iovec import scatter, total_length, trim
 from pykvm.devices.virtio.virtqueue import DescriptorChain, QueueError
 from pykvm.errors import ConfigError
@@ -133,7 +133,10 @@ class Blk(v.VirtioDevice):
         if disk.can_punch:
             self.features |= F_DISCARD | F_WRITE_ZEROES
         self.requests = 0  # served, for benchmarks and metrics
-        self.write_observer: DiskWriteObserver | None = None  # FT ships the changes to the standby
+        self.write_observer: DiskWriteObserver | None = None  # FT ships the changed ranges to the standby
+        # FT with a replicated standby: a flush needs no fdatasync here, since the standby makes each
+        # sync durable before any output that could follow the flush leaves (ft.disk_mode)
+        self.durable_elsewhere = False
 
     def config_bytes(self) -> bytes:
         """virtio_blk_config up to write_zeroes_may_unmap (60 bytes)."""
@@ -183,7 +186,7 @@ class Blk(v.VirtioDevice):
                 status = self._write(sector, self._out_data(chain))
             elif kind == T_FLUSH:
                 status = S_OK
-                if not self.disk.spec.readonly:
+                if not self.disk.spec.readonly and not self.durable_elsewhere:
                     os.fdatasync(self.disk.fd)
             elif kind == T_GET_ID:
                 written = scatter(in_data, self.serial.ljust(ID_BYTES, b"\0"))
@@ -225,7 +228,7 @@ class Blk(v.VirtioDevice):
         if done != length:
             raise OSError(errno.EIO, f"short write ({done} of {length} bytes)")
         if self.write_observer is not None:
-            self.write_observer(DiskChange(sector * SECTOR, b"".join(views)))
+            self.write_observer(sector * SECTOR, length)
         return S_OK
 
     def _punch(self, kind: int, segments: bytes) -> int:
@@ -245,7 +248,7 @@ class Blk(v.VirtioDevice):
                     raise
                 fallocate(self.disk.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, sector * SECTOR, count * SECTOR)
             if self.write_observer is not None:
-                self.write_observer(DiskChange(sector * SECTOR, zeroed=count * SECTOR))
+                self.write_observer(sector * SECTOR, count * SECTOR)
         return S_OK
 
     def close(self) -> None:

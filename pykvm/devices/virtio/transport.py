@@ -290,7 +290,8 @@ class VirtioPciFunction(PciFunction):
         self.device.hold_output = functools.partial(gate.hold, self) if gate is not None else None
 
     def release_held(self, queue_index: int) -> None:
-        """The gate lets the output held on `queue_index` go: serve it, then the rest of the queue."""
+        """The gate lets the oldest output held on `queue_index` go: serve it (after the last held
+        one, the rest of the queue)."""
         with self.lock:
             self.device.release_held(queue_index)
 
