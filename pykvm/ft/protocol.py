@@ -327,7 +327,7 @@ class FtConnection:
         self.last_sync = 0  # the last sync completed (primary: acked; standby: acked by us)
         self._out_seq = 0
         self._pending_sync = 0  # the sync a SyncEnd announced and an Ack must name
-        self._scratch = PageArena()  # where send_pages gathers scattered pages
+        self._scratch = PageArena()  # where send_pages(copy=True) gathers pages
         self._decoder = wire.Decoder(page_sink or _refuse_pages, limits=FRAME_LIMITS)
 
     # -- sending ----------------------------------------------------------------------------------
@@ -339,18 +339,19 @@ class FtConnection:
         self._out_seq += 1
         return buffers
 
-    def send_pages(self, slot: int, view: memoryview, pages: np.ndarray, *, copy: bool = False) -> list:
-        """Pages of a RAM slot (the guest must be stopped: every byte is hashed). Scattered pages
-        (all pages, with `copy`) are gathered into scratch rows that stay valid until the next
-        SyncEnd is sent."""
+    def send_pages(self, slot: int, view: memoryview, pages: np.ndarray, *, copy: bool = False,
+                   data: list | None = None) -> list:
+        """Pages of a RAM slot, read from `view` (guest RAM) or, given `data`, from those buffers
+        (in page order, wherever the pages are held: guest RAM, a copy made aside; one frame's
+        worth of pages). Every byte is hashed now: the data must not change until it is sent.
+        `copy` gathers the pages into scratch rows that stay valid until the next SyncEnd is sent."""
+        if data is not None:
+            buffers, next_seq = wire.page_frame(self._out_seq, slot, pages, data), self._out_seq + 1
+        else:
+            buffers, next_seq = wire.page_frames(self._out_seq, slot, view, pages, scratch=self._scratch, copy=copy)
         self._advance(Pages(slot, pages), outgoing=True)
-        buffers, self._out_seq = wire.page_frames(self._out_seq, slot, view, pages, scratch=self._scratch, copy=copy)
+        self._out_seq = next_seq
         return buffers
-
-    def reuse_scratch(self) -> None:
-        """Every buffer `send_pages` returned so far has been sent: its scratch rows may be reused
-        before the SyncEnd (a full sync goes piece by piece, not all RAM gathered at once)."""
-        self._scratch.reset()
 
     # -- receiving -------------------------------------------------------------------------------
 

@@ -5,8 +5,9 @@ A sync is committed all or nothing. Everything of it is staged first — pages i
 rows, disk changes in a list, the machine state as it came — and checked (frames hashed against
 their bounds, the state decoded against its dataclasses, every disk change inside its disk). At
 the sync's end the old contents of what the disk changes overwrite go to an undo journal
-(ft.journal), the changes are written and flushed, and only then are the pages copied into
-guest RAM (which cannot fail) and the state kept as the committed one; then the Ack goes out.
+(ft.journal), the changes are written and flushed, and only then are the staged pages and the
+state kept as the committed ones; then the Ack goes out, and the pages are copied into guest RAM
+(which cannot fail) while the primary resumes, before anything else is read or done.
 A disk write that fails is rolled back from the journal, so the committed sync stays whole; a
 rollback that fails too leaves this standby unusable, and it says so. The first sync is the
 exception: with nothing committed yet there is nothing to protect (and no takeover possible),
@@ -59,7 +60,10 @@ class SyncFault(Exception):
 
 class PageStaging:
     """Where a sync's pages land until it commits: rows of an arena, reused from sync to sync.
-    While `direct` (the first sync: nothing committed to protect), they land in guest RAM itself."""
+    While `direct` (the first sync: nothing committed to protect), they land in guest RAM itself.
+    A committed sync's rows are scattered into guest RAM by `apply`, which the standby calls once
+    its Ack is out (the primary resumes meanwhile) and before anything else: receiving the next
+    sync, a takeover, a verification of RAM."""
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
@@ -67,6 +71,7 @@ class PageStaging:
         self._rows = PageArena()
         self._ram_pages = sum(slot.pages for slot in memory.slots)
         self.entries: list[tuple[MemorySlot, np.ndarray, np.ndarray]] = []  # slot, page numbers, rows
+        self._committed: list[tuple[MemorySlot, np.ndarray, np.ndarray]] = []  # committed, not yet in RAM
         self.page_count = 0  # received in this sync
 
     def sink(self, slot_index: int, pages: np.ndarray) -> list[memoryview]:
@@ -78,20 +83,29 @@ class PageStaging:
             raise wire.ProtocolError("a sync with more pages than guest RAM")
         self.page_count += len(pages)
         if self.direct:
-            return [slot.view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in wire.page_runs(pages)]
+            return wire.run_views(slot.view, pages)
         rows = self._rows.take(len(pages))
         self.entries.append((slot, pages.astype(np.int64), rows))
         return [memoryview(rows).cast("B")]
 
     def commit(self) -> None:
-        """Copy the staged pages into guest RAM (one numpy scatter per frame)."""
-        for slot, pages, rows in self.entries:
-            ram = np.frombuffer(slot.view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-            ram[pages] = rows
-        self.discard()
+        """The staged pages belong to the committed sync now; `apply` puts them into guest RAM."""
+        self._committed, self.entries = self.entries, []
+        self.page_count = 0
         self.direct = False
 
+    def apply(self) -> None:
+        """Copy the committed sync's pages into guest RAM (one numpy scatter per frame); cannot fail."""
+        for slot, pages, rows in self._committed:
+            ram = np.frombuffer(slot.view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+            ram[pages] = rows
+        self._committed = []
+        if not self.entries:
+            self._rows.reset()
+
     def discard(self) -> None:
+        """Drop the sync being received (what is committed still goes into RAM)."""
+        self.apply()
         self.entries.clear()
         self._rows.reset()
         self.page_count = 0
@@ -166,6 +180,7 @@ class Standby:
                     reply = self._handle(event, protocol)
                     if reply is not None:
                         wire.send_buffers(conn, reply)
+                    self.staging.apply()  # a committed sync's pages, while the primary resumes
                     if isinstance(event, p.Goodbye):
                         self.log(f"ft standby: primary said goodbye ({event.reason})")
                         return "goodbye"
@@ -286,6 +301,7 @@ class Standby:
         self.committed, self.committed_sync = state, end.sync
         self._staged_state = None
         if end.ram_hash is not None:
+            self.staging.apply()
             self._verify(end)
         self.stats.syncs += 1
         self.stats.pages += pages
@@ -361,6 +377,7 @@ class Standby:
         epoch is claimed: a standby whose state does not restore must not win the right to run
         (the primary, if alive, wins it instead)."""
         assert self.committed is not None
+        self.staging.apply()
         try:
             self.machine.restore_state(self.committed)
         except StateError as error:

@@ -96,34 +96,54 @@ def frame(kind: Kind, seq: int, payload: bytes = b"") -> list:
 def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, live: bool = False,
                 scratch: PageArena | None = None, copy: bool = False) -> tuple[list, int]:
     """Frames carrying `pages` (ascending page numbers) of a RAM slot, as buffers for sendmsg:
-    contiguous pages travel as one memoryview of guest RAM, so nothing is copied. With `scratch`
-    (the guest must be stopped), pages scattered one by one are gathered into its rows instead,
-    one buffer a frame; `copy` gathers every page, so the frames no longer depend on guest RAM.
-    `live`: the guest is running, so the data is left out of the hash (LIVE_DATA). Returns the
-    buffers and the next sequence number."""
+    each run of consecutive pages travels as one memoryview of guest RAM, so nothing is copied.
+    `copy` (with `scratch`, the guest stopped) gathers the pages into scratch rows first, so the
+    frames no longer depend on guest RAM. `live`: the guest is running, so the data is left out
+    of the hash (LIVE_DATA). Returns the buffers and the next sequence number."""
     if len(pages) and (int(pages[-1]) + 1) * PAGE_SIZE > len(view):
         raise ValueError(f"page {int(pages[-1])} is beyond the {len(view)}-byte RAM view")
     buffers: list = []
     for start in range(0, len(pages), PAGES_PER_FRAME):
-        chunk = np.ascontiguousarray(pages[start : start + PAGES_PER_FRAME], dtype="<u4")
-        runs = page_runs(chunk)
-        if scratch is not None and (copy or len(runs) * 4 > len(chunk)):  # copy, or mostly lone pages
-            data = [_gather(scratch, view, chunk)]
-        else:
-            data = [view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in runs]
-        head = PAGES_HEAD.pack(slot, len(chunk)) + chunk.tobytes()
-        length = len(head) + len(chunk) * PAGE_SIZE
-        hashed = [head] if live else [head, *data]
-        buffers += [_header(Kind.PAGES, seq, length, hashed, LIVE_DATA if live else 0), head, *data]
+        chunk = pages[start : start + PAGES_PER_FRAME]
+        data = [gather(scratch, view, chunk)] if copy and scratch is not None else run_views(view, chunk)
+        buffers += page_frame(seq, slot, chunk, data, live=live)
         seq += 1
     return buffers, seq
 
 
-def _gather(scratch: PageArena, view: memoryview, pages: np.ndarray) -> memoryview:
+def page_frame(seq: int, slot: int, pages: np.ndarray, data: list, *, live: bool = False) -> list:
+    """One PAGES frame for `pages` (ascending, at most PAGES_PER_FRAME) of a RAM slot whose
+    contents are `data`: buffers, in page order, wherever the pages are held (guest RAM, a copy
+    made aside), their lengths adding up to the pages'. Hashed here, so the data must not change
+    until it is sent (unless `live`)."""
+    if len(pages) > PAGES_PER_FRAME:
+        raise ValueError(f"{len(pages)} pages do not fit one frame")
+    if sum(len(buffer) for buffer in data) != len(pages) * PAGE_SIZE:
+        raise ValueError("the page data does not match the page count")
+    numbers = np.ascontiguousarray(pages, dtype="<u4")
+    head = PAGES_HEAD.pack(slot, len(numbers)) + numbers.tobytes()
+    length = len(head) + len(numbers) * PAGE_SIZE
+    hashed = [head] if live else [head, *data]
+    return [_header(Kind.PAGES, seq, length, hashed, LIVE_DATA if live else 0), head, *data]
+
+
+def gather(scratch: PageArena, view: memoryview, pages: np.ndarray) -> memoryview:
+    """The pages copied into consecutive scratch rows (one memcpy per page, in C)."""
     rows = scratch.take(len(pages))
-    # one memcpy per page in C: far cheaper than a Python-level slice and hash call per page
     np.take(np.frombuffer(view, dtype=PAGE_ROW), pages, out=rows.view(PAGE_ROW).reshape(-1))
     return memoryview(rows).cast("B")
+
+
+def run_views(view: memoryview, pages: np.ndarray) -> list[memoryview]:
+    """Memoryviews of `view` holding `pages` (ascending page numbers), one per run of
+    consecutive pages (the runs are found in numpy; only the slicing is Python)."""
+    if len(pages) == 0:
+        return []
+    pages = np.asarray(pages, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    firsts = pages[np.concatenate(([0], breaks))] * PAGE_SIZE
+    ends = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] * PAGE_SIZE + PAGE_SIZE
+    return [view[first:end] for first, end in zip(firsts.tolist(), ends.tolist())]
 
 
 def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
