@@ -2,8 +2,8 @@
 (every populated page for a full sync), the disk changes completed since then (the whole disk
 for a full sync), the machine state, and the SyncEnd that closes it.
 
-Everything is taken while the machine is quiesced (the dirty log, the disk changes, the state),
-but the frames are built as they are asked for, one after the other, each sent before the next is
+Everything is taken while the machine is quiesced (the dirty log, the disk changes, the state:
+only its parts that changed, see ft.state_parts), but the frames are built as they are asked for, one after the other, each sent before the next is
 built: a page frame is hashed just before it is sent, so the kernel's copy into the socket finds
 its pages in the cache the hash brought them into, and a full sync holds one piece of RAM or disk
 at a time whatever their sizes. Where each page's data is read from is the capture's PageSource:
@@ -24,10 +24,10 @@ import xxhash
 from pykvm.devices.virtio.blk import Blk
 from pykvm.devices.virtio.gate import DiskChange
 from pykvm.ft import protocol as p
+from pykvm.ft.state_parts import StateSender
 from pykvm.hostfile import extents
 from pykvm.machine import Machine
 from pykvm.memory import PAGE_SIZE, MemorySlot, dirty_pages, populated_pages, ram_hash
-from pykvm.state import encode
 from pykvm.transfer import wire
 from pykvm.transfer.page_arena import PageArena
 
@@ -92,10 +92,11 @@ def harvest(machine: Machine, *, full: bool) -> list[tuple[MemorySlot, np.ndarra
 
 
 def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_changes: list[list[DiskChange]],
-            disks: list[Blk], *, full: bool, verify: bool, copy_into: PageArena | None = None,
+            disks: list[Blk], states: StateSender, *, full: bool, verify: bool, copy_into: PageArena | None = None,
             source: PageSource | None = None) -> Capture:
     """Take the sync from the quiesced machine. `disk_changes[i]`: the changes recorded for disk i
-    since the last sync (taken, and the list emptied); `verify`: send a hash of all RAM.
+    since the last sync (taken, and the list emptied); `states`: the parts of the machine state
+    sent last (only those that changed go); `verify`: send a hash of all RAM.
     `copy_into`: copy the pages there now (the guest will run before they are sent); `source`:
     where the pages' data is read from otherwise (guest RAM by default)."""
     page_lists = harvest(machine, full=full)
@@ -110,7 +111,7 @@ def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_chang
         changes.clear()
     if copy_into is not None:
         source = CopiedPages(copy_into, page_lists)
-    state = encode(machine.save_state())
+    state = states.blob(machine.save_state(), full=full)
     end = p.SyncEnd(sync, trigger, ram_hash(machine.vm.memory) if verify else None, xxhash.xxh3_64_intdigest(state))
     batches = _frames(protocol, source or GuestRam(), page_lists, disk_events, state, end, full=full)
     return Capture(sync, page_lists, batches)
@@ -118,19 +119,21 @@ def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_chang
 
 def _frames(protocol: p.FtConnection, source: PageSource, page_lists: list, disk_events: Iterable,
             state: bytes, end: p.SyncEnd, *, full: bool) -> Iterator[list]:
-    """`capture`'s batches: a page frame each, then the disk changes (a batch each in a full sync,
-    whose disk is read as it goes), then the state and the SyncEnd."""
+    """`capture`'s batches: the machine state first (the standby decodes it while the pages come)
+    with the first page frame, a page frame each, then the disk changes (a batch each in a full
+    sync, whose disk is read as it goes) with the SyncEnd."""
+    first = protocol.send(p.MachineStateBlob(state))
     for slot, numbers in page_lists:
         for start in range(0, len(numbers), FRAME_PAGES):
             chunk = numbers[start : start + FRAME_PAGES]
-            yield protocol.send_pages(slot.index, slot.view, chunk, data=source.page_data(slot, chunk))
-    last: list = []
+            yield first + protocol.send_pages(slot.index, slot.view, chunk, data=source.page_data(slot, chunk))
+            first = []
     for event in disk_events:
-        last += protocol.send(event)
+        first += protocol.send(event)
         if full:
-            yield last
-            last = []
-    yield last + protocol.send(p.MachineStateBlob(state)) + protocol.send(end)
+            yield first
+            first = []
+    yield first + protocol.send(end)
 
 
 def whole_disk(disk: Blk) -> Iterator[DiskChange]:

@@ -46,6 +46,7 @@ from pykvm.ft import faults, protocol as p
 from pykvm.ft.capture import capture
 from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
 from pykvm.ft.metrics import PrimaryStats, SyncRecord
+from pykvm.ft.state_parts import StateSender
 from pykvm.machine import Machine
 from pykvm.run_control import StopKind
 from pykvm.state import encode
@@ -89,6 +90,7 @@ class Primary:
         self._stopping = False
         self._sync_lock = threading.Lock()  # one sync (or heartbeat) on the connection at a time
         self._copies = PageArena()  # pipelined: where a sync's pages are copied while the guest is paused
+        self._states = StateSender()  # the state's parts as last sent: a sync sends those that changed
         self.devices = [f.device for f in machine.virtio]
         self.disks = [d for d in self.devices if isinstance(d, Blk)]
 
@@ -236,8 +238,8 @@ class Primary:
             quiesce.enter_context(self.machine.quiesced("ft sync"))
             covered = self._take_held()  # the outputs this sync's state precedes
             try:
-                taken = capture(self.machine, self._protocol, trigger, self._disk_changes, self.disks, full=full,
-                                verify=self.verify, copy_into=self._copies if pipelined else None)
+                taken = capture(self.machine, self._protocol, trigger, self._disk_changes, self.disks, self._states,
+                                full=full, verify=self.verify, copy_into=self._copies if pipelined else None)
                 if pipelined:
                     quiesce.close()  # the guest runs on while the sync travels
                     resumed = time.perf_counter()

@@ -38,6 +38,7 @@ from pykvm.errors import ConfigError
 from pykvm.ft import faults, protocol as p
 from pykvm.ft.fencing import Fencing, admission
 from pykvm.ft.journal import JournalError, UndoJournal
+from pykvm.ft.state_parts import merge
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, GuestMemory, MemorySlot, ram_hash
 from pykvm.state import StateError, decode
@@ -148,7 +149,7 @@ class Standby:
         self.committed_sync = 0
         self.stats = StandbyStats()
         self._staged_disk: list[p.DiskChanges] = []
-        self._staged_state: bytes | None = None
+        self._staged_state: tuple[MachineState, int] | None = None  # decoded, and its blob's hash
         self._drain = bytearray(1 << 16)  # where a faulting standby drops what still comes
         self.lost_at = 0.0  # time.monotonic() when the primary was found gone
         self.journals = [UndoJournal(disk.disk) for disk in self.disks]
@@ -249,7 +250,7 @@ class Standby:
         if isinstance(event, p.DiskChanges):
             self._receive_disk_changes(event)
         elif isinstance(event, p.MachineStateBlob):
-            self._staged_state = event.data
+            self._staged_state = self._decoded_state(event.data, protocol.last_sync + 1)
         elif isinstance(event, p.SyncEnd):
             self._commit(event)
             faults.acking(event.sync)
@@ -308,13 +309,19 @@ class Standby:
         self.stats.last_commit = time.monotonic()
         self.stats.commit_ms.append((time.perf_counter() - started) * 1000)
 
-    def _checked_state(self, end: p.SyncEnd) -> MachineState:
-        if xxhash.xxh3_64_intdigest(self._staged_state or b"") != end.state_hash:
-            raise SyncFault(f"sync {end.sync}: state hash mismatch")
+    def _decoded_state(self, blob: bytes, sync: int) -> tuple[MachineState, int]:
+        """The state a sync's blob describes (decoded as it arrives, while its pages still come:
+        the parts that changed, on top of a copy of the committed state), and the blob's hash."""
         try:
-            return decode(MachineState, self._staged_state or b"")
+            return merge(self.committed, blob, self.machine), xxhash.xxh3_64_intdigest(blob)
         except StateError as error:
-            raise SyncFault(f"sync {end.sync} carries a state that does not decode: {error}") from None
+            raise SyncFault(f"sync {sync} carries a state that does not decode: {error}") from None
+
+    def _checked_state(self, end: p.SyncEnd) -> MachineState:
+        state, digest = self._staged_state or (None, None)
+        if state is None or digest != end.state_hash:
+            raise SyncFault(f"sync {end.sync}: state hash mismatch")
+        return state
 
     def _apply_staged_disk_changes(self, sync: int) -> None:
         """All or nothing: journal what the changes overwrite, write them and flush; on a failure,

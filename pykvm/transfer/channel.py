@@ -67,14 +67,22 @@ def describe(error: BaseException) -> str:
 
 
 def send_buffers(sock: socket.socket, buffers: list) -> int:
-    """Send every buffer, in order; returns the bytes sent."""
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    """Send every buffer, in order; returns the bytes sent. Bytes and flat byte memoryviews (what
+    the wire builds: frame headers, payloads, runs of guest RAM) go as they are; anything else
+    is viewed as bytes first."""
+    views = [buffer if type(buffer) in (bytes, bytearray)
+             or (type(buffer) is memoryview and buffer.format == "B" and buffer.ndim == 1)
+             else memoryview(buffer).cast("B") for buffer in buffers]
     if isinstance(sock, ssl.SSLSocket):
-        return _send_tls(sock, views)
+        return _send_tls(sock, [view for view in views if len(view)])
     total, i = 0, 0
     while i < len(views):
-        sent = sock.sendmsg(views[i : i + MAX_IOVECS])
+        batch = views[i : i + MAX_IOVECS]
+        sent = sock.sendmsg(batch)
         total += sent
+        if sent == sum(map(len, batch)):  # the usual case: all of it
+            i += len(batch)
+            continue
         while sent:  # resume after a partial send
             if sent >= len(views[i]):
                 sent -= len(views[i])
@@ -82,6 +90,8 @@ def send_buffers(sock: socket.socket, buffers: list) -> int:
             else:
                 views[i] = views[i][sent:]
                 sent = 0
+        while i < len(views) and not len(views[i]):
+            i += 1
     return total
 
 

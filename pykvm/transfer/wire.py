@@ -118,7 +118,7 @@ def page_frame(seq: int, slot: int, pages: np.ndarray, data: list, *, live: bool
     until it is sent (unless `live`)."""
     if len(pages) > PAGES_PER_FRAME:
         raise ValueError(f"{len(pages)} pages do not fit one frame")
-    if sum(len(buffer) for buffer in data) != len(pages) * PAGE_SIZE:
+    if sum(map(len, data)) != len(pages) * PAGE_SIZE:
         raise ValueError("the page data does not match the page count")
     numbers = np.ascontiguousarray(pages, dtype="<u4")
     head = PAGES_HEAD.pack(slot, len(numbers)) + numbers.tobytes()
