@@ -99,7 +99,12 @@ def merge(committed: MachineState | None, blob: bytes, machine: Machine) -> Mach
         raise StateError(f"parts {unknown} are not this machine's")
     if committed is None and set(parts) != set(kinds):
         raise StateError(f"the first state lacks parts {sorted(set(kinds) - set(parts))}")
-    decoded = {name: unpack(kinds[name], data) for name, data in parts.items()}
+    decoded = {}
+    for name, data in parts.items():
+        try:
+            decoded[name] = unpack(kinds[name], data)
+        except StateError as error:
+            raise StateError(f"part {name}: {error}") from None
 
     def part(name: str, committed_value: typing.Callable[[], typing.Any]) -> typing.Any:
         return decoded[name] if name in decoded else committed_value()
