@@ -3,10 +3,9 @@
 for a full sync), the machine state, and the SyncEnd that closes it.
 
 Everything is taken while the machine is quiesced (the dirty log, the disk changes, the state:
-only its parts that changed, see ft.state_parts), but the frames are built as they are asked for, one after the other, each sent before the next is
-built: a page frame is hashed just before it is sent, so the kernel's copy into the socket finds
-its pages in the cache the hash brought them into, and a full sync holds one piece of RAM or disk
-at a time whatever their sizes. Where each page's data is read from is the capture's PageSource:
+only its parts that changed, see ft.state_parts), but the frames are built (and hashed) when they
+are asked for: a sync goes as one batch of buffers, a full sync in pieces, each sent before the
+next is built, so that it holds one piece of RAM or disk at a time whatever their sizes. Where each page's data is read from is the capture's PageSource:
 guest RAM itself (GuestRam: the guest stays paused until the frames are sent), a copy made while
 the guest was paused (CopiedPages: the guest runs on meanwhile), or any other holder of the
 pages' contents as of the capture (a copy made aside when the guest writes a page still to send).
@@ -32,7 +31,8 @@ from pykvm.transfer import wire
 from pykvm.transfer.page_arena import PageArena
 
 DISK_CHUNK = 1 << 20  # the full sync reads the disk in pieces of this size
-FRAME_PAGES = 256  # pages a frame (1 MiB): hashed, then sent while still in the cache
+FRAME_PAGES = 1024  # pages a frame (4 MiB): the standby checks one while the next arrives
+FULL_BATCH_PAGES = 16384  # a full sync's pages go in batches of this many (64 MiB of guest RAM)
 
 
 class PageSource(Protocol):
@@ -40,8 +40,8 @@ class PageSource(Protocol):
 
     def page_data(self, slot: MemorySlot, pages: np.ndarray) -> list:
         """Buffers holding `pages` (ascending page numbers of `slot`, one frame's worth) as of the
-        capture, in page order. Asked just before the frame is hashed and sent; the buffers must
-        not change until the frame is sent."""
+        capture, in page order. Asked when the frame is built (and hashed), just before its batch
+        is sent; the buffers must not change until the batch is sent."""
 
 
 class GuestRam:
@@ -119,21 +119,25 @@ def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_chang
 
 def _frames(protocol: p.FtConnection, source: PageSource, page_lists: list, disk_events: Iterable,
             state: bytes, end: p.SyncEnd, *, full: bool) -> Iterator[list]:
-    """`capture`'s batches: the machine state first (the standby decodes it while the pages come)
-    with the first page frame, a page frame each, then the disk changes (a batch each in a full
-    sync, whose disk is read as it goes) with the SyncEnd."""
-    first = protocol.send(p.MachineStateBlob(state))
+    """`capture`'s batches. Any sync but the full one is one batch (sent with as few sendmsg calls
+    as the iovec limit allows: each call that blocks costs a wake-up on either side): the machine
+    state first (the standby decodes it while the pages come), the page frames, the disk changes,
+    the SyncEnd. A full sync goes in pieces: a batch every FULL_BATCH_PAGES pages, and a batch per
+    frame of disk changes (the disk is read as it goes)."""
+    batch = protocol.send(p.MachineStateBlob(state))
     for slot, numbers in page_lists:
         for start in range(0, len(numbers), FRAME_PAGES):
             chunk = numbers[start : start + FRAME_PAGES]
-            yield first + protocol.send_pages(slot.index, slot.view, chunk, data=source.page_data(slot, chunk))
-            first = []
+            batch += protocol.send_pages(slot.index, slot.view, chunk, data=source.page_data(slot, chunk))
+            if full and (start + FRAME_PAGES) % FULL_BATCH_PAGES == 0:
+                yield batch
+                batch = []
     for event in disk_events:
-        first += protocol.send(event)
+        batch += protocol.send(event)
         if full:
-            yield first
-            first = []
-    yield first + protocol.send(end)
+            yield batch
+            batch = []
+    yield batch + protocol.send(end)
 
 
 def whole_disk(disk: Blk) -> Iterator[DiskChange]:

@@ -67,32 +67,33 @@ def describe(error: BaseException) -> str:
 
 
 def send_buffers(sock: socket.socket, buffers: list) -> int:
-    """Send every buffer, in order; returns the bytes sent. Bytes and flat byte memoryviews (what
-    the wire builds: frame headers, payloads, runs of guest RAM) go as they are; anything else
-    is viewed as bytes first."""
-    views = [buffer if type(buffer) in (bytes, bytearray)
-             or (type(buffer) is memoryview and buffer.format == "B" and buffer.ndim == 1)
-             else memoryview(buffer).cast("B") for buffer in buffers]
+    """Send every buffer, in order; returns the bytes sent. The buffers are what the wire builds:
+    bytes, bytearrays, 1-D memoryviews of bytes (their len is their size). Nothing is copied,
+    and nothing done per buffer in Python unless a send stops short."""
     if isinstance(sock, ssl.SSLSocket):
-        return _send_tls(sock, [view for view in views if len(view)])
+        return _send_tls(sock, [view for view in map(_bytes_view, buffers) if len(view)])
     total, i = 0, 0
-    while i < len(views):
-        batch = views[i : i + MAX_IOVECS]
+    while i < len(buffers):
+        batch = buffers[i : i + MAX_IOVECS]
         sent = sock.sendmsg(batch)
         total += sent
         if sent == sum(map(len, batch)):  # the usual case: all of it
             i += len(batch)
             continue
-        while sent:  # resume after a partial send
+        views = [_bytes_view(buffer) for buffer in buffers[i:]]  # resume after a partial send
+        i, buffers = 0, views
+        while sent:
             if sent >= len(views[i]):
                 sent -= len(views[i])
                 i += 1
             else:
                 views[i] = views[i][sent:]
                 sent = 0
-        while i < len(views) and not len(views[i]):
-            i += 1
     return total
+
+
+def _bytes_view(buffer) -> memoryview:
+    return memoryview(buffer).cast("B")
 
 
 def _send_tls(sock: ssl.SSLSocket, views: list[memoryview]) -> int:

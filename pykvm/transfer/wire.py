@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import socket
 import struct
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -82,10 +83,8 @@ class Frame:
 
 
 def _header(kind: Kind, seq: int, length: int, parts: list, flags: int = 0) -> bytes:
-    digest = xxhash.xxh3_64()
-    digest.update(HEADER.pack(MAGIC, VERSION, kind, flags, seq, length, 0))
-    for part in parts:
-        digest.update(part)
+    digest = xxhash.xxh3_64(HEADER.pack(MAGIC, VERSION, kind, flags, seq, length, 0))
+    deque(map(digest.update, parts), maxlen=0)  # each part hashed, the loop in C (a page a part)
     return HEADER.pack(MAGIC, VERSION, kind, flags, seq, length, digest.intdigest())
 
 
@@ -143,7 +142,7 @@ def run_views(view: memoryview, pages: np.ndarray) -> list[memoryview]:
     breaks = np.flatnonzero(np.diff(pages) != 1) + 1
     firsts = pages[np.concatenate(([0], breaks))] * PAGE_SIZE
     ends = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] * PAGE_SIZE + PAGE_SIZE
-    return [view[first:end] for first, end in zip(firsts.tolist(), ends.tolist())]
+    return list(map(view.__getitem__, map(slice, firsts.tolist(), ends.tolist())))  # loops in C
 
 
 def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
