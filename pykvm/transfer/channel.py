@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+from bisect import bisect_right
+from itertools import accumulate
 from typing import Callable
 
 from pykvm.transfer.tcp import parse_tcp_uri
@@ -69,26 +71,22 @@ def describe(error: BaseException) -> str:
 def send_buffers(sock: socket.socket, buffers: list) -> int:
     """Send every buffer, in order; returns the bytes sent. The buffers are what the wire builds:
     bytes, bytearrays, 1-D memoryviews of bytes (their len is their size). Nothing is copied,
-    and nothing done per buffer in Python unless a send stops short."""
+    and the loops over buffers run in C (a socket with a timeout often sends only part of a
+    large batch: the call goes on from the first byte not sent)."""
     if isinstance(sock, ssl.SSLSocket):
         return _send_tls(sock, [view for view in map(_bytes_view, buffers) if len(view)])
+    buffers = list(buffers)
     total, i = 0, 0
     while i < len(buffers):
         batch = buffers[i : i + MAX_IOVECS]
         sent = sock.sendmsg(batch)
         total += sent
-        if sent == sum(map(len, batch)):  # the usual case: all of it
-            i += len(batch)
-            continue
-        views = [_bytes_view(buffer) for buffer in buffers[i:]]  # resume after a partial send
-        i, buffers = 0, views
-        while sent:
-            if sent >= len(views[i]):
-                sent -= len(views[i])
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
+        ends = list(accumulate(map(len, batch)))
+        whole = bisect_right(ends, sent)  # buffers sent whole
+        i += whole
+        if whole < len(batch):
+            done = sent - (ends[whole - 1] if whole else 0)  # of the buffer sent in part
+            buffers[i] = _bytes_view(buffers[i])[done:]
     return total
 
 

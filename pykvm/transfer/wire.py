@@ -186,14 +186,19 @@ class Decoder:
         return self._targets
 
     def filled(self, count: int) -> Frame | None:
+        hashing = self._stage == "page-data" and not self._live  # page data is hashed as it lands, still in cache
         while count:
             if not self._targets:
                 raise ProtocolError("more bytes than asked for")
             first = self._targets[0]
             if count >= len(first):
+                if hashing:
+                    self._hash.update(first)
                 count -= len(first)
                 self._targets.pop(0)
             else:
+                if hashing:
+                    self._hash.update(first[:count])
                 self._targets[0] = first[count:]
                 count = 0
         if self._targets:
@@ -244,10 +249,7 @@ class Decoder:
                 raise ProtocolError("page sink returned buffers of the wrong size")
             self._stage, self._targets = "page-data", list(self._data)
             return None
-        if self._stage == "page-data":
-            if not self._live:
-                for view in self._data:
-                    self._hash.update(view)
+        if self._stage == "page-data":  # hashed in filled() as it came
             return self._finish()
         # payload
         self._hash.update(self._buffer)
