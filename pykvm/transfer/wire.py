@@ -92,20 +92,17 @@ def frame(kind: Kind, seq: int, payload: bytes = b"") -> list:
     return [_header(kind, seq, len(payload), [payload]), payload]
 
 
-def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, live: bool = False,
-                scratch: PageArena | None = None, copy: bool = False) -> tuple[list, int]:
+def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, live: bool = False) -> tuple[list, int]:
     """Frames carrying `pages` (ascending page numbers) of a RAM slot, as buffers for sendmsg:
     each run of consecutive pages travels as one memoryview of guest RAM, so nothing is copied.
-    `copy` (with `scratch`, the guest stopped) gathers the pages into scratch rows first, so the
-    frames no longer depend on guest RAM. `live`: the guest is running, so the data is left out
-    of the hash (LIVE_DATA). Returns the buffers and the next sequence number."""
+    `live`: the guest is running, so the data is left out of the hash (LIVE_DATA). Returns the
+    buffers and the next sequence number."""
     if len(pages) and (int(pages[-1]) + 1) * PAGE_SIZE > len(view):
         raise ValueError(f"page {int(pages[-1])} is beyond the {len(view)}-byte RAM view")
     buffers: list = []
     for start in range(0, len(pages), PAGES_PER_FRAME):
         chunk = pages[start : start + PAGES_PER_FRAME]
-        data = [gather(scratch, view, chunk)] if copy and scratch is not None else run_views(view, chunk)
-        buffers += page_frame(seq, slot, chunk, data, live=live)
+        buffers += page_frame(seq, slot, chunk, run_views(view, chunk), live=live)
         seq += 1
     return buffers, seq
 
@@ -126,9 +123,9 @@ def page_frame(seq: int, slot: int, pages: np.ndarray, data: list, *, live: bool
     return [_header(Kind.PAGES, seq, length, hashed, LIVE_DATA if live else 0), head, *data]
 
 
-def gather(scratch: PageArena, view: memoryview, pages: np.ndarray) -> memoryview:
-    """The pages copied into consecutive scratch rows (one memcpy per page, in C)."""
-    rows = scratch.take(len(pages))
+def gather(arena: PageArena, view: memoryview, pages: np.ndarray) -> memoryview:
+    """The pages copied into consecutive rows of `arena` (one memcpy per page, in C)."""
+    rows = arena.take(len(pages))
     np.take(np.frombuffer(view, dtype=PAGE_ROW), pages, out=rows.view(PAGE_ROW).reshape(-1))
     return memoryview(rows).cast("B")
 
