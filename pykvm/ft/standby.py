@@ -40,7 +40,7 @@ from pykvm.ft.fencing import Fencing, admission
 from pykvm.ft.journal import JournalError, UndoJournal
 from pykvm.ft.state_parts import merge
 from pykvm.machine import Machine, MachineConfig, MachineState
-from pykvm.memory import PAGE_SIZE, GuestMemory, MemorySlot, ram_hash
+from pykvm.memory import GuestMemory, MemorySlot, ram_hash
 from pykvm.state import StateError, decode
 from pykvm.transfer import channel, wire
 from pykvm.transfer.page_arena import PageArena
@@ -97,9 +97,8 @@ class PageStaging:
 
     def apply(self) -> None:
         """Copy the committed sync's pages into guest RAM (one numpy scatter per frame); cannot fail."""
-        for slot, pages, rows in self._committed:
-            ram = np.frombuffer(slot.view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-            ram[pages] = rows
+        for slot, pages, rows in self._committed:  # a page is one element: one memcpy each, in C
+            np.put(np.frombuffer(slot.view, dtype=wire.PAGE_ROW), pages, rows.view(wire.PAGE_ROW).reshape(-1))
         self._committed = []
         if not self.entries:
             self._rows.reset()
