@@ -35,7 +35,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.state import loopback_limit  # noqa: E402
-from pykvm import guestbuild  # noqa: E402
 from pykvm.ft import Primary  # noqa: E402
 from pykvm.machine import Machine, MachineConfig  # noqa: E402
 from pykvm.memory import PAGE_SIZE  # noqa: E402

@@ -13,7 +13,7 @@ import pytest
 from pykvm.devices.net_backends import NetSpec
 from pykvm.devices.virtio.blk import DiskSpec
 from pykvm.ft.state_parts import StateSender, _split, full_blob, merge
-from pykvm.machine import Machine, MachineConfig, MachineState
+from pykvm.machine import Machine, MachineConfig
 from pykvm.state import StateError, pack, unpack
 from tests.conftest import SerialCapture, requires_kvm
 
