@@ -93,12 +93,14 @@ def harvest(machine: Machine, *, full: bool) -> list[tuple[MemorySlot, np.ndarra
 
 def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_changes: list[list[DiskChange]],
             disks: list[Blk], states: StateSender, *, full: bool, verify: bool, copy_into: PageArena | None = None,
-            source: PageSource | None = None) -> Capture:
+            source: PageSource | None = None, batch_pages: int = 0) -> Capture:
     """Take the sync from the quiesced machine. `disk_changes[i]`: the changes recorded for disk i
     since the last sync (taken, and the list emptied); `states`: the parts of the machine state
     sent last (only those that changed go); `verify`: send a hash of all RAM.
     `copy_into`: copy the pages there now (the guest will run before they are sent); `source`:
-    where the pages' data is read from otherwise (guest RAM by default)."""
+    where the pages' data is read from otherwise (guest RAM by default). `batch_pages`: a batch
+    ends after that many pages (a multiple of FRAME_PAGES; 0: the whole sync is one batch, a full
+    sync FULL_BATCH_PAGES), for a source that must know soon when its pages are sent."""
     page_lists = harvest(machine, full=full)
     sync = protocol.last_sync + 1
     if full:  # the whole disk, read as it is sent; it covers whatever was recorded before
@@ -113,23 +115,24 @@ def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_chang
         source = CopiedPages(copy_into, page_lists)
     state = states.blob(machine.save_state(), full=full)
     end = p.SyncEnd(sync, trigger, ram_hash(machine.vm.memory) if verify else None, xxhash.xxh3_64_intdigest(state))
-    batches = _frames(protocol, source or GuestRam(), page_lists, disk_events, state, end, full=full)
+    batches = _frames(protocol, source or GuestRam(), page_lists, disk_events, state, end, full=full,
+                      batch_pages=batch_pages or (FULL_BATCH_PAGES if full else 0))
     return Capture(sync, page_lists, batches)
 
 
 def _frames(protocol: p.FtConnection, source: PageSource, page_lists: list, disk_events: Iterable,
-            state: bytes, end: p.SyncEnd, *, full: bool) -> Iterator[list]:
-    """`capture`'s batches. Any sync but the full one is one batch (sent with as few sendmsg calls
-    as the iovec limit allows: each call that blocks costs a wake-up on either side): the machine
-    state first (the standby decodes it while the pages come), the page frames, the disk changes,
-    the SyncEnd. A full sync goes in pieces: a batch every FULL_BATCH_PAGES pages, and a batch per
-    frame of disk changes (the disk is read as it goes)."""
+            state: bytes, end: p.SyncEnd, *, full: bool, batch_pages: int) -> Iterator[list]:
+    """`capture`'s batches: the machine state first (the standby decodes it while the pages
+    come), the page frames, the disk changes, the SyncEnd. Unless `batch_pages` cuts it, a sync
+    is one batch, sent with as few sendmsg calls as the iovec limit allows (each call that blocks
+    costs a wake-up on either side). A full sync sends a batch per frame of disk changes too
+    (the disk is read as it goes)."""
     batch = protocol.send(p.MachineStateBlob(state))
     for slot, numbers in page_lists:
         for start in range(0, len(numbers), FRAME_PAGES):
             chunk = numbers[start : start + FRAME_PAGES]
             batch += protocol.send_pages(slot.index, slot.view, chunk, data=source.page_data(slot, chunk))
-            if full and (start + FRAME_PAGES) % FULL_BATCH_PAGES == 0:
+            if batch_pages and (start + FRAME_PAGES) % batch_pages == 0:
                 yield batch
                 batch = []
     for event in disk_events:
