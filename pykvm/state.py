@@ -4,8 +4,9 @@ dataclass, and this module turns such dataclasses into bytes and back, in two fo
 - `encode`/`decode`: JSON with bytes as hex (snapshots, migration, a config in a Hello);
 - `pack`/`unpack`: a compact binary form (FT syncs, where a state goes many times a second):
   fields in declaration order, bytes and strings with a u32 length, ints as a length byte and
-  that many little-endian bytes (signed), lists and dicts with a u32 count, an optional value
-  behind a 0/1 byte; a type neither form names (Any, a union of types) goes as its JSON.
+  that many little-endian bytes (signed), lists and dicts with a u32 count (a dict of u64s, as
+  a vCPU's MSRs, in one struct call), an optional value behind a 0/1 byte; a type neither form
+  names (Any, a union of types) goes as its JSON.
 
 Both are decoded against the dataclass's type hints, so a state read from a file or a socket is
 type-checked field by field and can never run code (as pickle could). Unknown or missing fields,
@@ -196,6 +197,36 @@ def _pack_bytes(value: bytes, out: bytearray) -> None:
     out += value
 
 
+def _pack_int_dict(value: dict, out: bytearray) -> None:
+    """dict[int, int] (a vCPU's MSRs): when every key and value is a u64, one struct call for
+    all of them (a 0 byte, the count, the keys, the values); else a 1 byte and each pair."""
+    if all(type(v) is int and 0 <= v < 1 << 64 for v in (*value, *value.values())):
+        out.append(0)
+        out += _U32.pack(len(value))
+        out += struct.pack(f"<{2 * len(value)}Q", *value, *value.values())
+        return
+    out.append(1)
+    out += _U32.pack(len(value))
+    for key, item in value.items():
+        _pack_int(key, out)
+        _pack_int(item, out)
+
+
+def _unpack_int_dict(data: bytes, at: int) -> tuple[dict, int]:
+    form = data[at]
+    count, at = _count(data, at + 1)
+    if form == 0:
+        words = struct.unpack_from(f"<{2 * count}Q", data, at)
+        return dict(zip(words[:count], words[count:])), at + 16 * count
+    if form != 1:
+        raise StateError(f"{form} is not a form of dict")
+    items = {}
+    for _ in range(count):
+        key, at = _unpack_int(data, at)
+        items[key], at = _unpack_int(data, at)
+    return items, at
+
+
 def _unpack_bytes(data: bytes, at: int) -> tuple[bytes, int]:
     (length,) = _U32.unpack_from(data, at)
     return _take(data, at + 4, length), at + 4 + length
@@ -249,6 +280,8 @@ def _packer(kind: Any) -> Packer:
             for item in value:
                 pack_item(item, out)
         return pack_list
+    if origin is dict and args == (int, int):
+        return _pack_int_dict
     if origin is dict:
         pack_key, pack_value = _packer(args[0]), _packer(args[1])
 
@@ -296,6 +329,8 @@ def _unpacker(kind: Any) -> Unpacker:
                 items.append(item)
             return (tuple(items) if as_tuple else items), at
         return unpack_list
+    if origin is dict and args == (int, int):
+        return _unpack_int_dict
     if origin is dict:
         unpack_key, unpack_value = _unpacker(args[0]), _unpacker(args[1])
 

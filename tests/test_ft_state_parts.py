@@ -116,3 +116,19 @@ def test_unpack_checks_counts_and_types_before_building_anything():
         unpack(Sample, data[:flag_at] + b"\x02" + data[flag_at + 1 :])
     with pytest.raises(StateError, match="after the state"):
         unpack(Sample, pack(sample) + b"\x00")
+
+
+def test_a_dict_of_ints_packs_whole_or_pair_by_pair():
+    @dataclasses.dataclass
+    class Registers:
+        msrs: dict[int, int]
+
+    small = Registers({0x10: 12345, 0xC0000080: (1 << 64) - 1})
+    big = Registers({0x10: -1, 1 << 70: 5})
+    for value in (small, big, Registers({})):
+        assert unpack(Registers, pack(value)) == value
+    assert pack(small)[0] == 0 and pack(big)[0] == 1  # u64s in one struct call; anything else pair by pair
+    with pytest.raises(StateError, match="not a form of dict"):
+        unpack(Registers, b"\x02" + pack(small)[1:])
+    with pytest.raises(StateError):
+        unpack(Registers, pack(small)[:-1])

@@ -15,6 +15,7 @@ and merges it into a copy of its committed state, which it keeps untouched until
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 import typing
 
@@ -29,8 +30,13 @@ _DATA = struct.Struct("<I")
 _VM_FIELDS = [f.name for f in dataclasses.fields(VmState) if f.name != "vcpus"]
 
 
+@functools.cache
+def _vm_hints() -> dict[str, typing.Any]:
+    return typing.get_type_hints(VmState)
+
+
 def _parts(state: MachineState) -> dict[str, bytes]:
-    hints = typing.get_type_hints(VmState)
+    hints = _vm_hints()
     parts = {f"vm.{name}": pack(getattr(state.vm, name), hints[name]) for name in _VM_FIELDS}
     parts.update((f"vcpu.{index}", pack(vcpu)) for index, vcpu in enumerate(state.vm.vcpus))
     parts.update((f"device.{name}", pack(device)) for name, device in state.devices.items())
@@ -89,7 +95,7 @@ def _split(blob: bytes) -> dict[str, bytes]:
 def merge(committed: MachineState | None, blob: bytes, machine: Machine) -> MachineState:
     """The state `blob` describes on top of `committed` (None: the first sync, which must carry
     every part), decoded against `machine`'s own types. Raises StateError."""
-    hints = typing.get_type_hints(VmState)
+    hints = _vm_hints()
     kinds: dict[str, typing.Any] = {f"vm.{name}": hints[name] for name in _VM_FIELDS}
     kinds.update((f"vcpu.{index}", VcpuState) for index in range(len(machine.vm.vcpus)))
     kinds.update((f"device.{name}", part.state_type) for name, part in machine.devices().items())
