@@ -139,7 +139,8 @@ def sync_cost(pages: int, repeats: int = 40, tls: Path | None = None, bare: bool
     """The median sync record (pause, transfer, ack; ms) for `pages` random dirty pages of random
     contents, between this process's primary and a standby VMM process, with the guest's vCPU
     running (halted in KVM_RUN); with `tls` (a credentials directory), over mutual TLS. With
-    `bare`, each sync alternates with the bare transfer of the same pages (`bare_ms`)."""
+    `bare`, each sync alternates with the bare transfer of the same pages (`bare_ms`; `ratio`: the
+    median over the pairs of sync / bare)."""
     port = free_port()
     secure = ("--tls-creds", str(tls)) if tls else ()
     standby = Child("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--mem", "1024M", "--serial", "none",
@@ -182,8 +183,9 @@ def sync_cost(pages: int, repeats: int = 40, tls: Path | None = None, bare: bool
     if pair is not None:
         pair.close()
     result = {key: statistics.median(r[key] for r in rows) for key in ("pages", "pause_ms", "transfer_ms", "ack_ms")}
-    if bare_ms:
+    if bare_ms:  # each sync against the bare transfer next to it: both saw the same load on the host
         result["bare_ms"] = statistics.median(bare_ms)
+        result["ratio"] = statistics.median(r["pause_ms"] / bare for r, bare in zip(rows, bare_ms))
     return result
 
 
@@ -283,9 +285,9 @@ def main() -> None:
     plain = rows[3000, False]
     print(f"bare transfer of the same 3000 scattered pages (sendmsg of the runs / recvmsg_into, process to "
           f"process): {plain['bare_ms']:.2f} ms")
-    print(f"sync3000_ratio: {plain['pause_ms'] / plain['bare_ms']:.2f}  (the whole 3000-page sync, from the request "
-          "to pause the vCPUs to their release with the outputs, standby's commit and ack included / the bare "
-          "transfer, same run; goal <= 1.5)")
+    print(f"sync3000_ratio: {plain['ratio']:.2f}  (the whole 3000-page sync, from the request to pause the vCPUs "
+          "to their release with the outputs, standby's commit and ack included / the bare transfer next to it, "
+          "same run, median of the pairs; goal <= 1.5)")
     print(f"tls_ratio: {rows[3000, True]['pause_ms'] / plain['pause_ms']:.2f}  (the 3000-page sync's "
           "guest pause over TLS / in the clear, same pages, same run; goal <= 2.0)")
     with tempfile.TemporaryDirectory() as tmp:
