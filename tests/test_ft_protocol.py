@@ -4,6 +4,7 @@ event; a standby fed such a stream keeps its last committed sync, RAM and disk u
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -18,6 +19,7 @@ from pykvm.devices.virtio.blk import DiskSpec
 from pykvm.devices.virtio.gate import DiskChange
 from pykvm.ft import protocol as p
 from pykvm.ft.standby import Standby, TakeoverImpossible
+from pykvm.ft.state_parts import full_blob
 from pykvm.machine import Machine, MachineConfig
 from pykvm.memory import PAGE_SIZE, ram_hash
 from pykvm.state import encode
@@ -230,7 +232,7 @@ class FakePrimary:
         self.machine = machine
         self.lines: list[str] = []
         self.standby = Standby(machine, timeout=2.0, log=self.lines.append)
-        self.state = encode(machine.save_state())
+        self.state = full_blob(machine.save_state())
         self.server = socket.create_server(("127.0.0.1", 0))
         self.outcome: list[str] = []
         self.thread = threading.Thread(target=lambda: self.outcome.append(self.standby.serve(self.server)))
@@ -291,9 +293,9 @@ def test_a_committed_state_that_does_not_restore_is_not_taken_over(standby_machi
     found when the standby puts it in, before it claims the right to run: no takeover."""
     machine, _ = standby_machine
     fake = FakePrimary(machine)
-    state = json.loads(fake.state)
-    dict(state["devices"])["cmos"]["index"] = 4096  # devices: [name, state] pairs
-    unrestorable = json.dumps(state).encode()
+    state = machine.save_state()
+    state.devices["cmos"] = dataclasses.replace(state.devices["cmos"], index=4096)
+    unrestorable = full_blob(state)
     assert fake.sync(_sync_frames(fake.primary, unrestorable, 0xAA, 1)) == p.Ack(1)  # it decodes
     assert fake.end() == "lost"
     with pytest.raises(TakeoverImpossible, match="the state of sync 1 does not restore: CMOS state"):

@@ -2,17 +2,20 @@
 (every populated page for a full sync), the disk changes completed since then (the whole disk
 for a full sync), the machine state, and the SyncEnd that closes it.
 
-The frames come as batches of buffers for sendmsg, one batch after the other. A full sync is read
-and framed a piece at a time as the batches are sent, so the primary holds one piece at a time
-whatever the sizes of RAM and disk; any other sync is captured at once (with `copy`, its pages
-are copied out of guest RAM, so the guest may run before they are sent).
+Everything is taken while the machine is quiesced (the dirty log, the disk changes, the state:
+only its parts that changed, see ft.state_parts), but the frames are built (and hashed) when they
+are asked for: a sync goes as one batch of buffers, a full sync in pieces, each sent before the
+next is built, so that it holds one piece of RAM or disk at a time whatever their sizes. Where each page's data is read from is the capture's PageSource:
+guest RAM itself (GuestRam: the guest stays paused until the frames are sent), a copy made while
+the guest was paused (CopiedPages: the guest runs on meanwhile), or any other holder of the
+pages' contents as of the capture (a copy made aside when the guest writes a page still to send).
 """
 
 from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 import xxhash
@@ -20,22 +23,60 @@ import xxhash
 from pykvm.devices.virtio.blk import Blk
 from pykvm.devices.virtio.gate import DiskChange
 from pykvm.ft import protocol as p
+from pykvm.ft.state_parts import StateSender
 from pykvm.hostfile import extents
 from pykvm.machine import Machine
-from pykvm.memory import MemorySlot, dirty_pages, populated_pages, ram_hash
-from pykvm.state import encode
+from pykvm.memory import PAGE_SIZE, MemorySlot, dirty_pages, populated_pages, ram_hash
+from pykvm.transfer import wire
+from pykvm.transfer.page_arena import PageArena
 
 DISK_CHUNK = 1 << 20  # the full sync reads the disk in pieces of this size
-PAGES_PER_BATCH = 4096  # pages framed (and, if scattered, gathered: 16 MiB) before they are sent
+FRAME_PAGES = 1024  # pages a frame (4 MiB): the standby checks one while the next arrives
+FULL_BATCH_PAGES = 16384  # a full sync's pages go in batches of this many (64 MiB of guest RAM)
+
+
+class PageSource(Protocol):
+    """Where the data of the pages a sync sends is read from."""
+
+    def page_data(self, slot: MemorySlot, pages: np.ndarray) -> list:
+        """Buffers holding `pages` (ascending page numbers of `slot`, one frame's worth) as of the
+        capture, in page order. Asked when the frame is built (and hashed), just before its batch
+        is sent; the buffers must not change until the batch is sent."""
+
+
+class GuestRam:
+    """The pages read straight from guest RAM: each run of pages is one buffer, nothing copied."""
+
+    def page_data(self, slot: MemorySlot, pages: np.ndarray) -> list:
+        return wire.run_views(slot.view, pages)
+
+
+class CopiedPages:
+    """The pages copied out of guest RAM while the guest is paused (one C copy per page into
+    `arena`'s rows), so the guest may run before they are sent."""
+
+    def __init__(self, arena: PageArena, page_lists: list[tuple[MemorySlot, np.ndarray]]) -> None:
+        arena.reset()  # the sync before this one was sent and acknowledged
+        self._copies = {slot.index: (numbers, wire.gather(arena, slot.view, numbers)) for slot, numbers in page_lists}
+
+    def page_data(self, slot: MemorySlot, pages: np.ndarray) -> list:
+        numbers, rows = self._copies[slot.index]
+        first = int(np.searchsorted(numbers, pages[0]))
+        return [rows[first * PAGE_SIZE : (first + len(pages)) * PAGE_SIZE]]
 
 
 @dataclass
 class Capture:
-    """One sync, ready to send: `batches` yields lists of buffers, in order."""
+    """One sync, ready to send: `batches` yields lists of buffers, each to be sent before the
+    next is asked for."""
 
     sync: int
-    pages: int
-    batches: Iterable[list]
+    page_lists: list[tuple[MemorySlot, np.ndarray]]  # the pages it sends, per slot
+    batches: Iterator[list]
+
+    @property
+    def pages(self) -> int:
+        return sum(len(numbers) for _, numbers in self.page_lists)
 
 
 def harvest(machine: Machine, *, full: bool) -> list[tuple[MemorySlot, np.ndarray]]:
@@ -51,34 +92,55 @@ def harvest(machine: Machine, *, full: bool) -> list[tuple[MemorySlot, np.ndarra
 
 
 def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_changes: list[list[DiskChange]],
-            disks: list[Blk], *, full: bool, copy: bool, verify: bool) -> Capture:
+            disks: list[Blk], states: StateSender, *, full: bool, verify: bool, copy_into: PageArena | None = None,
+            source: PageSource | None = None, batch_pages: int = 0) -> Capture:
     """Take the sync from the quiesced machine. `disk_changes[i]`: the changes recorded for disk i
-    since the last sync (emptied as they are framed); `verify`: send a hash of all RAM."""
+    since the last sync (taken, and the list emptied); `states`: the parts of the machine state
+    sent last (only those that changed go); `verify`: send a hash of all RAM.
+    `copy_into`: copy the pages there now (the guest will run before they are sent); `source`:
+    where the pages' data is read from otherwise (guest RAM by default). `batch_pages`: a batch
+    ends after that many pages (a multiple of FRAME_PAGES; 0: the whole sync is one batch, a full
+    sync FULL_BATCH_PAGES), for a source that must know soon when its pages are sent."""
     page_lists = harvest(machine, full=full)
     sync = protocol.last_sync + 1
-    batches: Iterable[list] = _frames(machine, protocol, trigger, sync, page_lists, disk_changes, disks,
-                                      full=full, copy=copy, verify=verify)
-    if not full:
-        batches = [[buffer for batch in batches for buffer in batch]]
-    return Capture(sync, sum(len(numbers) for _, numbers in page_lists), batches)
-
-
-def _frames(machine: Machine, protocol: p.FtConnection, trigger: str, sync: int, page_lists: list,
-            disk_changes: list[list[DiskChange]], disks: list[Blk], *, full: bool, copy: bool,
-            verify: bool) -> Iterator[list]:
-    """`capture`'s batches, each framed when it is asked for (after the one before was sent)."""
-    for slot, numbers in page_lists:
-        for start in range(0, len(numbers), PAGES_PER_BATCH):
-            yield protocol.send_pages(slot.index, slot.view, numbers[start : start + PAGES_PER_BATCH], copy=copy)
-            if full:
-                protocol.reuse_scratch()  # that batch is sent: its gathered pages are not needed
-    for disk_index, changes in enumerate(disk_changes):
-        for event in p.disk_change_frames(disk_index, whole_disk(disks[disk_index]) if full else changes):
-            yield protocol.send(event)
-        changes.clear()  # a full sync covers whatever was recorded before it
-    state = encode(machine.save_state())
+    if full:  # the whole disk, read as it is sent; it covers whatever was recorded before
+        disk_events: Iterable = (event for index, disk in enumerate(disks)
+                                 for event in p.disk_change_frames(index, whole_disk(disk)))
+    else:
+        disk_events = [event for index, changes in enumerate(disk_changes) if changes
+                       for event in p.disk_change_frames(index, list(changes))]
+    for changes in disk_changes:
+        changes.clear()
+    if copy_into is not None:
+        source = CopiedPages(copy_into, page_lists)
+    state = states.blob(machine.save_state(), full=full)
     end = p.SyncEnd(sync, trigger, ram_hash(machine.vm.memory) if verify else None, xxhash.xxh3_64_intdigest(state))
-    yield protocol.send(p.MachineStateBlob(state)) + protocol.send(end)
+    batches = _frames(protocol, source or GuestRam(), page_lists, disk_events, state, end, full=full,
+                      batch_pages=batch_pages or (FULL_BATCH_PAGES if full else 0))
+    return Capture(sync, page_lists, batches)
+
+
+def _frames(protocol: p.FtConnection, source: PageSource, page_lists: list, disk_events: Iterable,
+            state: bytes, end: p.SyncEnd, *, full: bool, batch_pages: int) -> Iterator[list]:
+    """`capture`'s batches: the machine state first (the standby decodes it while the pages
+    come), the page frames, the disk changes, the SyncEnd. Unless `batch_pages` cuts it, a sync
+    is one batch, sent with as few sendmsg calls as the iovec limit allows (each call that blocks
+    costs a wake-up on either side). A full sync sends a batch per frame of disk changes too
+    (the disk is read as it goes)."""
+    batch = protocol.send(p.MachineStateBlob(state))
+    for slot, numbers in page_lists:
+        for start in range(0, len(numbers), FRAME_PAGES):
+            chunk = numbers[start : start + FRAME_PAGES]
+            batch += protocol.send_pages(slot.index, slot.view, chunk, data=source.page_data(slot, chunk))
+            if batch_pages and (start + FRAME_PAGES) % batch_pages == 0:
+                yield batch
+                batch = []
+    for event in disk_events:
+        batch += protocol.send(event)
+        if full:
+            yield batch
+            batch = []
+    yield batch + protocol.send(end)
 
 
 def whole_disk(disk: Blk) -> Iterator[DiskChange]:

@@ -17,8 +17,8 @@ class SyncRecord:
     trigger: str  # "full", "blk" (a shared disk's output), "net", "timer" or "disk" (replicated disk data piling up)
     pages: int
     bytes: int  # sent, frame headers included
-    pause_ms: float  # guest paused: from the quiesce to its resumption
-    transfer_ms: float  # from the quiesce to the last byte handed to the socket
+    pause_ms: float  # guest paused: from the request to pause the vCPUs to their release, both included
+    transfer_ms: float  # from that request to the last byte handed to the socket
     ack_ms: float  # from then to the standby's Ack
     output_delay_ms: float  # the longest any output this sync released was held
     disk_mode: str = "replicated"  # where the standby's disks come from: replicated | shared

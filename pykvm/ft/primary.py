@@ -39,6 +39,7 @@ import traceback
 from typing import Callable, TextIO
 
 from pykvm.transfer import channel, wire
+from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.tls import TlsCredentials
 from pykvm.devices.virtio.blk import Blk
 from pykvm.devices.virtio.gate import DiskChange, GatedFunction
@@ -49,6 +50,7 @@ from pykvm.ft.disk_mode import contents, identities
 from pykvm.ft.journal import merge_ranges
 from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
 from pykvm.ft.metrics import PrimaryStats, SyncRecord
+from pykvm.ft.state_parts import StateSender
 from pykvm.machine import Machine
 from pykvm.run_control import StopKind
 from pykvm.state import encode
@@ -97,6 +99,8 @@ class Primary:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._sync_lock = threading.Lock()  # one sync (or heartbeat) on the connection at a time
+        self._copies = PageArena()  # pipelined: where a sync's pages are copied while the guest is paused
+        self._states = StateSender()  # the state's parts as last sent: a sync sends those that changed
         self.devices = [f.device for f in machine.virtio]
         self.disks = [d for d in self.devices if isinstance(d, Blk)]
 
@@ -270,36 +274,37 @@ class Primary:
     def _sync(self, trigger: str, *, full: bool = False) -> None:
         """One sync. Synchronous (Kemari): the guest stays paused until the standby's Ack.
         Pipelined: the guest resumes as soon as the sync is captured (its pages copied), and only
-        the outputs that the captured state precedes wait for the Ack."""
+        the outputs that the captured state precedes wait for the Ack. The pause is timed from
+        the request to pause the vCPUs to their release (both included)."""
         pipelined = self.pipelined and not full
-        started = time.perf_counter()
         with contextlib.ExitStack() as quiesce:
+            requested = time.perf_counter()
             quiesce.enter_context(self.machine.quiesced("ft sync"))
-            paused = time.perf_counter()
             covered = self._take_held()  # the outputs this sync's state precedes
             try:
-                taken = capture(self.machine, self._protocol, trigger, self._take_disk_changes(full), self.disks,
-                                full=full, copy=pipelined, verify=self.verify)
-                sync = taken.sync
+                replicated = self.disks if self.disk_mode == "replicated" else []  # shared: no disk data
+                taken = capture(self.machine, self._protocol, trigger, self._take_disk_changes(full), replicated,
+                                self._states, full=full, verify=self.verify,
+                                copy_into=self._copies if pipelined else None)
                 if pipelined:
                     quiesce.close()  # the guest runs on while the sync travels
-                resumed = time.perf_counter()
-                sent_bytes = sum(faults.sending_sync(self._sock, sync, batch) for batch in taken.batches)
+                    resumed = time.perf_counter()
+                sent_bytes = sum(faults.sending_sync(self._sock, taken.sync, batch) for batch in taken.batches)
                 sent = time.perf_counter()
-                _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {sync}")
-                faults.acknowledged(sync, self._sock)
+                _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {taken.sync}")
+                faults.acknowledged(taken.sync, self._sock)
             except BaseException:
                 with self._cond:  # not acknowledged: they wait again (for whoever deals with the loss)
                     self._held[:0] = covered
                 raise
             acked = time.perf_counter()
             delays = self._release(covered)
-            if not pipelined:
-                resumed = time.perf_counter()
-        record = SyncRecord(sync, time.time(), trigger, taken.pages, sent_bytes, (resumed - paused) * 1000,
-                            (sent - paused) * 1000, (acked - sent) * 1000, max(delays, default=0.0) * 1000,
-                            disk_mode=self.disk_mode)
-        self._account(record, started)
+        if not pipelined:
+            resumed = time.perf_counter()
+        self._account(SyncRecord(taken.sync, time.time(), trigger, taken.pages, sent_bytes,
+                                 (resumed - requested) * 1000, (sent - requested) * 1000, (acked - sent) * 1000,
+                                 max(delays, default=0.0) * 1000,
+                                 disk_mode=self.disk_mode))
 
     def _take_disk_changes(self, full: bool) -> list[list[DiskChange]]:
         """(Quiesced) what the replicated disks hold now in the ranges written since the last
@@ -325,7 +330,7 @@ class Primary:
     def _release_all(self) -> list[float]:
         return self._release(self._take_held())
 
-    def _account(self, record: SyncRecord, started: float) -> None:
+    def _account(self, record: SyncRecord) -> None:
         stats = self.stats
         stats.syncs += 1
         stats.pages += record.pages

@@ -10,9 +10,10 @@ sequenced, length-prefixed, hashed); each event travels as the frame kind of the
                                   ->
                                   <-      Ready  | Refused(reason)
     -- a sync, repeated; the first carries every populated page and the whole disk, in pieces --
+    MachineStateBlob(data)        ->      (one per sync, anywhere before SyncEnd; ft.capture sends
+                                          it first, so the standby decodes it while pages come)
     Pages(slot, pages)*           ->      (page data lands in the standby's staging buffers)
     DiskChanges(disk, changes)*   ->
-    MachineStateBlob(data)        ->      (one per sync)
     SyncEnd(sync, trigger, hashes)->      commit everything of the sync atomically, then
                                   <-      Ack(sync)
     Heartbeat                     ->      (between syncs, when there is no output)
@@ -39,7 +40,6 @@ import numpy as np
 
 from pykvm.devices.virtio.gate import DiskChange
 from pykvm.transfer import wire
-from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.wire import Kind, ProtocolError
 
 # 2: Hello carries the witness, epoch and sync mode; StandbyFault; heartbeats answered.
@@ -342,7 +342,6 @@ class FtConnection:
         self.last_sync = 0  # the last sync completed (primary: acked; standby: acked by us)
         self._out_seq = 0
         self._pending_sync = 0  # the sync a SyncEnd announced and an Ack must name
-        self._scratch = PageArena()  # where send_pages gathers scattered pages
         self._decoder = wire.Decoder(page_sink or _refuse_pages, limits=FRAME_LIMITS)
 
     # -- sending ----------------------------------------------------------------------------------
@@ -354,18 +353,17 @@ class FtConnection:
         self._out_seq += 1
         return buffers
 
-    def send_pages(self, slot: int, view: memoryview, pages: np.ndarray, *, copy: bool = False) -> list:
-        """Pages of a RAM slot (the guest must be stopped: every byte is hashed). Scattered pages
-        (all pages, with `copy`) are gathered into scratch rows that stay valid until the next
-        SyncEnd is sent."""
+    def send_pages(self, slot: int, view: memoryview, pages: np.ndarray, *, data: list | None = None) -> list:
+        """Pages of a RAM slot, read from `view` (guest RAM) or, given `data`, from those buffers
+        (in page order, wherever the pages are held: guest RAM, a copy made aside; one frame's
+        worth of pages). Every byte is hashed now: the data must not change until it is sent."""
+        if data is not None:
+            buffers, next_seq = wire.page_frame(self._out_seq, slot, pages, data), self._out_seq + 1
+        else:
+            buffers, next_seq = wire.page_frames(self._out_seq, slot, view, pages)
         self._advance(Pages(slot, pages), outgoing=True)
-        buffers, self._out_seq = wire.page_frames(self._out_seq, slot, view, pages, scratch=self._scratch, copy=copy)
+        self._out_seq = next_seq
         return buffers
-
-    def reuse_scratch(self) -> None:
-        """Every buffer `send_pages` returned so far has been sent: its scratch rows may be reused
-        before the SyncEnd (a full sync goes piece by piece, not all RAM gathered at once)."""
-        self._scratch.reset()
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -398,8 +396,6 @@ class FtConnection:
         self.phase = next_phase
         if isinstance(event, SyncEnd):
             self._pending_sync = event.sync
-            if outgoing:
-                self._scratch.reset()  # the sync's frames are all built: its scratch is reused next time
         elif isinstance(event, Ack):
             self.last_sync = event.sync
 

@@ -5,8 +5,9 @@ A sync is committed all or nothing. Everything of it is staged first — pages i
 rows, disk changes in a list, the machine state as it came — and checked (frames hashed against
 their bounds, the state decoded against its dataclasses, every disk change inside its disk). At
 the sync's end the old contents of what the disk changes overwrite go to an undo journal
-(ft.journal), the changes are written and flushed, and only then are the pages copied into
-guest RAM (which cannot fail) and the state kept as the committed one; then the Ack goes out.
+(ft.journal), the changes are written and flushed, and only then are the staged pages and the
+state kept as the committed ones; then the Ack goes out, and the pages are copied into guest RAM
+(which cannot fail) while the primary resumes, before anything else is read or done.
 A disk write that fails is rolled back from the journal, so the committed sync stays whole; a
 rollback that fails too leaves this standby unusable, and it says so. The first sync is the
 exception: with nothing committed yet there is nothing to protect (and no takeover possible),
@@ -44,8 +45,9 @@ from pykvm.ft import faults, protocol as p
 from pykvm.ft.disk_mode import shared_disk_refusal
 from pykvm.ft.fencing import Fencing, admission
 from pykvm.ft.journal import JournalError, UndoJournal
+from pykvm.ft.state_parts import merge
 from pykvm.machine import Machine, MachineConfig, MachineState
-from pykvm.memory import PAGE_SIZE, GuestMemory, MemorySlot, ram_hash
+from pykvm.memory import GuestMemory, MemorySlot, ram_hash
 from pykvm.state import StateError, decode
 from pykvm.transfer import channel, wire
 from pykvm.transfer.page_arena import PageArena
@@ -66,7 +68,10 @@ class SyncFault(Exception):
 
 class PageStaging:
     """Where a sync's pages land until it commits: rows of an arena, reused from sync to sync.
-    While `direct` (the first sync: nothing committed to protect), they land in guest RAM itself."""
+    While `direct` (the first sync: nothing committed to protect), they land in guest RAM itself.
+    A committed sync's rows are scattered into guest RAM by `apply`, which the standby calls once
+    its Ack is out (the primary resumes meanwhile) and before anything else: receiving the next
+    sync, a takeover, a verification of RAM."""
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
@@ -74,6 +79,7 @@ class PageStaging:
         self._rows = PageArena()
         self._ram_pages = sum(slot.pages for slot in memory.slots)
         self.entries: list[tuple[MemorySlot, np.ndarray, np.ndarray]] = []  # slot, page numbers, rows
+        self._committed: list[tuple[MemorySlot, np.ndarray, np.ndarray]] = []  # committed, not yet in RAM
         self.page_count = 0  # received in this sync
 
     def sink(self, slot_index: int, pages: np.ndarray) -> list[memoryview]:
@@ -85,20 +91,28 @@ class PageStaging:
             raise wire.ProtocolError("a sync with more pages than guest RAM")
         self.page_count += len(pages)
         if self.direct:
-            return [slot.view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in wire.page_runs(pages)]
+            return wire.run_views(slot.view, pages)
         rows = self._rows.take(len(pages))
         self.entries.append((slot, pages.astype(np.int64), rows))
         return [memoryview(rows).cast("B")]
 
     def commit(self) -> None:
-        """Copy the staged pages into guest RAM (one numpy scatter per frame)."""
-        for slot, pages, rows in self.entries:
-            ram = np.frombuffer(slot.view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-            ram[pages] = rows
-        self.discard()
+        """The staged pages belong to the committed sync now; `apply` puts them into guest RAM."""
+        self._committed, self.entries = self.entries, []
+        self.page_count = 0
         self.direct = False
 
+    def apply(self) -> None:
+        """Copy the committed sync's pages into guest RAM (one numpy scatter per frame); cannot fail."""
+        for slot, pages, rows in self._committed:  # a page is one element: one memcpy each, in C
+            np.put(np.frombuffer(slot.view, dtype=wire.PAGE_ROW), pages, rows.view(wire.PAGE_ROW).reshape(-1))
+        self._committed = []
+        if not self.entries:
+            self._rows.reset()
+
     def discard(self) -> None:
+        """Drop the sync being received (what is committed still goes into RAM)."""
+        self.apply()
         self.entries.clear()
         self._rows.reset()
         self.page_count = 0
@@ -142,7 +156,7 @@ class Standby:
         self.committed_sync = 0
         self.stats = StandbyStats()
         self._staged_disk: list[p.DiskChanges] = []
-        self._staged_state: bytes | None = None
+        self._staged_state: tuple[MachineState, int] | None = None  # decoded, and its blob's hash
         self._drain = bytearray(1 << 16)  # where a faulting standby drops what still comes
         self.lost_at = 0.0  # time.monotonic() when the primary was found gone
         self.journals = [UndoJournal(disk.disk) for disk in self.disks]
@@ -174,6 +188,7 @@ class Standby:
                     reply = self._handle(event, protocol)
                     if reply is not None:
                         wire.send_buffers(conn, reply)
+                    self.staging.apply()  # a committed sync's pages, while the primary resumes
                     if isinstance(event, p.Goodbye):
                         self.log(f"ft standby: primary said goodbye ({event.reason})")
                         return "goodbye"
@@ -244,7 +259,7 @@ class Standby:
         if isinstance(event, p.DiskChanges):
             self._receive_disk_changes(event)
         elif isinstance(event, p.MachineStateBlob):
-            self._staged_state = event.data
+            self._staged_state = self._decoded_state(event.data, protocol.last_sync + 1)
         elif isinstance(event, p.SyncEnd):
             self._commit(event)
             faults.acking(event.sync)
@@ -298,19 +313,26 @@ class Standby:
         self.committed, self.committed_sync = state, end.sync
         self._staged_state = None
         if end.ram_hash is not None:
+            self.staging.apply()
             self._verify(end)
         self.stats.syncs += 1
         self.stats.pages += pages
         self.stats.last_commit = time.monotonic()
         self.stats.commit_ms.append((time.perf_counter() - started) * 1000)
 
-    def _checked_state(self, end: p.SyncEnd) -> MachineState:
-        if xxhash.xxh3_64_intdigest(self._staged_state or b"") != end.state_hash:
-            raise SyncFault(f"sync {end.sync}: state hash mismatch")
+    def _decoded_state(self, blob: bytes, sync: int) -> tuple[MachineState, int]:
+        """The state a sync's blob describes (decoded as it arrives, while its pages still come:
+        the parts that changed, on top of a copy of the committed state), and the blob's hash."""
         try:
-            return decode(MachineState, self._staged_state or b"")
+            return merge(self.committed, blob, self.machine), xxhash.xxh3_64_intdigest(blob)
         except StateError as error:
-            raise SyncFault(f"sync {end.sync} carries a state that does not decode: {error}") from None
+            raise SyncFault(f"sync {sync} carries a state that does not decode: {error}") from None
+
+    def _checked_state(self, end: p.SyncEnd) -> MachineState:
+        state, digest = self._staged_state or (None, None)
+        if state is None or digest != end.state_hash:
+            raise SyncFault(f"sync {end.sync}: state hash mismatch")
+        return state
 
     def _apply_staged_disk_changes(self, sync: int) -> None:
         """All or nothing: journal what the changes overwrite, write them and flush; on a failure,
@@ -373,6 +395,7 @@ class Standby:
         epoch is claimed: a standby whose state does not restore must not win the right to run
         (the primary, if alive, wins it instead)."""
         assert self.committed is not None
+        self.staging.apply()
         try:
             self.machine.restore_state(self.committed)
         except StateError as error:

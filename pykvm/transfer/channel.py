@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import socket
 import ssl
+from bisect import bisect_right
+from itertools import accumulate
 from typing import Callable
 
 from pykvm.transfer.tcp import parse_tcp_uri
@@ -67,22 +69,29 @@ def describe(error: BaseException) -> str:
 
 
 def send_buffers(sock: socket.socket, buffers: list) -> int:
-    """Send every buffer, in order; returns the bytes sent."""
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    """Send every buffer, in order; returns the bytes sent. The buffers are what the wire builds:
+    bytes, bytearrays, 1-D memoryviews of bytes (their len is their size). Nothing is copied,
+    and the loops over buffers run in C (a socket with a timeout often sends only part of a
+    large batch: the call goes on from the first byte not sent)."""
     if isinstance(sock, ssl.SSLSocket):
-        return _send_tls(sock, views)
+        return _send_tls(sock, [view for view in map(_bytes_view, buffers) if len(view)])
+    buffers = list(buffers)
     total, i = 0, 0
-    while i < len(views):
-        sent = sock.sendmsg(views[i : i + MAX_IOVECS])
+    while i < len(buffers):
+        batch = buffers[i : i + MAX_IOVECS]
+        sent = sock.sendmsg(batch)
         total += sent
-        while sent:  # resume after a partial send
-            if sent >= len(views[i]):
-                sent -= len(views[i])
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
+        ends = list(accumulate(map(len, batch)))
+        whole = bisect_right(ends, sent)  # buffers sent whole
+        i += whole
+        if whole < len(batch):
+            done = sent - (ends[whole - 1] if whole else 0)  # of the buffer sent in part
+            buffers[i] = _bytes_view(buffers[i])[done:]
     return total
+
+
+def _bytes_view(buffer) -> memoryview:
+    return memoryview(buffer).cast("B")
 
 
 def _send_tls(sock: ssl.SSLSocket, views: list[memoryview]) -> int:

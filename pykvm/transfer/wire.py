@@ -21,6 +21,7 @@ from __future__ import annotations
 import enum
 import socket
 import struct
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -82,10 +83,8 @@ class Frame:
 
 
 def _header(kind: Kind, seq: int, length: int, parts: list, flags: int = 0) -> bytes:
-    digest = xxhash.xxh3_64()
-    digest.update(HEADER.pack(MAGIC, VERSION, kind, flags, seq, length, 0))
-    for part in parts:
-        digest.update(part)
+    digest = xxhash.xxh3_64(HEADER.pack(MAGIC, VERSION, kind, flags, seq, length, 0))
+    deque(map(digest.update, parts), maxlen=0)  # each part hashed, the loop in C (a page a part)
     return HEADER.pack(MAGIC, VERSION, kind, flags, seq, length, digest.intdigest())
 
 
@@ -93,37 +92,54 @@ def frame(kind: Kind, seq: int, payload: bytes = b"") -> list:
     return [_header(kind, seq, len(payload), [payload]), payload]
 
 
-def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, live: bool = False,
-                scratch: PageArena | None = None, copy: bool = False) -> tuple[list, int]:
+def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, live: bool = False) -> tuple[list, int]:
     """Frames carrying `pages` (ascending page numbers) of a RAM slot, as buffers for sendmsg:
-    contiguous pages travel as one memoryview of guest RAM, so nothing is copied. With `scratch`
-    (the guest must be stopped), pages scattered one by one are gathered into its rows instead,
-    one buffer a frame; `copy` gathers every page, so the frames no longer depend on guest RAM.
+    each run of consecutive pages travels as one memoryview of guest RAM, so nothing is copied.
     `live`: the guest is running, so the data is left out of the hash (LIVE_DATA). Returns the
     buffers and the next sequence number."""
     if len(pages) and (int(pages[-1]) + 1) * PAGE_SIZE > len(view):
         raise ValueError(f"page {int(pages[-1])} is beyond the {len(view)}-byte RAM view")
     buffers: list = []
     for start in range(0, len(pages), PAGES_PER_FRAME):
-        chunk = np.ascontiguousarray(pages[start : start + PAGES_PER_FRAME], dtype="<u4")
-        runs = page_runs(chunk)
-        if scratch is not None and (copy or len(runs) * 4 > len(chunk)):  # copy, or mostly lone pages
-            data = [_gather(scratch, view, chunk)]
-        else:
-            data = [view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in runs]
-        head = PAGES_HEAD.pack(slot, len(chunk)) + chunk.tobytes()
-        length = len(head) + len(chunk) * PAGE_SIZE
-        hashed = [head] if live else [head, *data]
-        buffers += [_header(Kind.PAGES, seq, length, hashed, LIVE_DATA if live else 0), head, *data]
+        chunk = pages[start : start + PAGES_PER_FRAME]
+        buffers += page_frame(seq, slot, chunk, run_views(view, chunk), live=live)
         seq += 1
     return buffers, seq
 
 
-def _gather(scratch: PageArena, view: memoryview, pages: np.ndarray) -> memoryview:
-    rows = scratch.take(len(pages))
-    # one memcpy per page in C: far cheaper than a Python-level slice and hash call per page
+def page_frame(seq: int, slot: int, pages: np.ndarray, data: list, *, live: bool = False) -> list:
+    """One PAGES frame for `pages` (ascending, at most PAGES_PER_FRAME) of a RAM slot whose
+    contents are `data`: buffers, in page order, wherever the pages are held (guest RAM, a copy
+    made aside), their lengths adding up to the pages'. Hashed here, so the data must not change
+    until it is sent (unless `live`)."""
+    if len(pages) > PAGES_PER_FRAME:
+        raise ValueError(f"{len(pages)} pages do not fit one frame")
+    if sum(map(len, data)) != len(pages) * PAGE_SIZE:
+        raise ValueError("the page data does not match the page count")
+    numbers = np.ascontiguousarray(pages, dtype="<u4")
+    head = PAGES_HEAD.pack(slot, len(numbers)) + numbers.tobytes()
+    length = len(head) + len(numbers) * PAGE_SIZE
+    hashed = [head] if live else [head, *data]
+    return [_header(Kind.PAGES, seq, length, hashed, LIVE_DATA if live else 0), head, *data]
+
+
+def gather(arena: PageArena, view: memoryview, pages: np.ndarray) -> memoryview:
+    """The pages copied into consecutive rows of `arena` (one memcpy per page, in C)."""
+    rows = arena.take(len(pages))
     np.take(np.frombuffer(view, dtype=PAGE_ROW), pages, out=rows.view(PAGE_ROW).reshape(-1))
     return memoryview(rows).cast("B")
+
+
+def run_views(view: memoryview, pages: np.ndarray) -> list[memoryview]:
+    """Memoryviews of `view` holding `pages` (ascending page numbers), one per run of
+    consecutive pages (the runs are found in numpy; only the slicing is Python)."""
+    if len(pages) == 0:
+        return []
+    pages = np.asarray(pages, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    firsts = pages[np.concatenate(([0], breaks))] * PAGE_SIZE
+    ends = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] * PAGE_SIZE + PAGE_SIZE
+    return list(map(view.__getitem__, map(slice, firsts.tolist(), ends.tolist())))  # loops in C
 
 
 def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
@@ -167,14 +183,19 @@ class Decoder:
         return self._targets
 
     def filled(self, count: int) -> Frame | None:
+        hashing = self._stage == "page-data" and not self._live  # page data is hashed as it lands, still in cache
         while count:
             if not self._targets:
                 raise ProtocolError("more bytes than asked for")
             first = self._targets[0]
             if count >= len(first):
+                if hashing:
+                    self._hash.update(first)
                 count -= len(first)
                 self._targets.pop(0)
             else:
+                if hashing:
+                    self._hash.update(first[:count])
                 self._targets[0] = first[count:]
                 count = 0
         if self._targets:
@@ -225,10 +246,7 @@ class Decoder:
                 raise ProtocolError("page sink returned buffers of the wrong size")
             self._stage, self._targets = "page-data", list(self._data)
             return None
-        if self._stage == "page-data":
-            if not self._live:
-                for view in self._data:
-                    self._hash.update(view)
+        if self._stage == "page-data":  # hashed in filled() as it came
             return self._finish()
         # payload
         self._hash.update(self._buffer)
