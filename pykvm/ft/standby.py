@@ -46,6 +46,7 @@ from pykvm.ft.disk_mode import shared_disk_refusal
 from pykvm.ft.fencing import Fencing, admission
 from pykvm.ft.journal import JournalError, UndoJournal
 from pykvm.ft.state_parts import merge
+from pykvm.ft.trace import OFF, FtTrace
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import GuestMemory, MemorySlot, ram_hash
 from pykvm.state import StateError, decode
@@ -139,10 +140,12 @@ class Standby:
 
     def __init__(self, machine: Machine, *, timeout: float, verify: bool = False,
                  fencing: Fencing | None = None, tls: TlsCredentials | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, trace: FtTrace = OFF) -> None:
         """`fencing`: this standby's witness (None: none); a primary must name the same one.
-        `tls`: a primary must show a certificate of this CA (None: anyone may connect)."""
+        `tls`: a primary must show a certificate of this CA (None: anyone may connect).
+        `trace`: where each sync's phases and the takeover's steps are told (--trace-ft)."""
         self.machine = machine
+        self.trace = trace
         self.tls = tls
         self.fencing = fencing
         self.mode, self.interval_ms = "", 0.0  # the primary's, from its Hello: for ft-stats only
@@ -206,6 +209,7 @@ class Standby:
         self.lost_at = time.monotonic()
         self._discard_sync()  # a sync cut off midway never counts
         self.log(f"ft standby: primary lost: {lost}")
+        self.trace.takeover(f"the primary is lost; the last committed sync is {self.committed_sync}")
         return "lost"
 
     def _await_primary(self, server: socket.socket) -> tuple[socket.socket, tuple, p.FtConnection, p.Hello]:
@@ -261,6 +265,10 @@ class Standby:
         elif isinstance(event, p.MachineStateBlob):
             self._staged_state = self._decoded_state(event.data, protocol.last_sync + 1)
         elif isinstance(event, p.SyncEnd):
+            if self.trace.on:
+                changes = sum(len(batch.changes) for batch in self._staged_disk)
+                self.trace.sync(event.sync, f"staged {self.staging.page_count} pages, {changes} disk changes, "
+                                            f"the state ({event.trigger})")
             self._commit(event)
             faults.acking(event.sync)
             return protocol.send(p.Ack(event.sync))
@@ -319,6 +327,9 @@ class Standby:
         self.stats.pages += pages
         self.stats.last_commit = time.monotonic()
         self.stats.commit_ms.append((time.perf_counter() - started) * 1000)
+        if self.trace.on:
+            self.trace.sync(end.sync, f"committed in {self.stats.commit_ms[-1]:.2f} ms (disks journaled, written "
+                                      "and flushed; pages and state kept); acknowledging")
 
     def _decoded_state(self, blob: bytes, sync: int) -> tuple[MachineState, int]:
         """The state a sync's blob describes (decoded as it arrives, while its pages still come:
@@ -395,6 +406,7 @@ class Standby:
         epoch is claimed: a standby whose state does not restore must not win the right to run
         (the primary, if alive, wins it instead)."""
         assert self.committed is not None
+        self.trace.takeover(f"restoring sync {self.committed_sync}: its pages into RAM, vCPU and device state")
         self.staging.apply()
         try:
             self.machine.restore_state(self.committed)
@@ -407,6 +419,7 @@ class Standby:
         detected_at = self.lost_at
         # A dead primary's TAP may still be closing (wait); a hung one keeps its socket (take it).
         self.machine.attach_networks(announce=True, wait=2.0, take_over=True)
+        self.trace.takeover("networks attached, the guest's MAC announced (RARP); starting the vCPUs")
         self.machine.vm.start()
         elapsed = time.monotonic() - detected_at
         self.log(f"ft standby: took over from sync {self.committed_sync} in {elapsed * 1000:.1f} ms "
