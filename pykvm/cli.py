@@ -20,14 +20,13 @@ primary or standby fenced itself (the other side won the witness's epoch; see ft
 from __future__ import annotations
 
 import argparse
-import json
-import re
+import signal
 import sys
 from pathlib import Path
 
-from pykvm import cli_tls, control, guestbuild
+from pykvm import __version__, cli_ctl, cli_tls, cli_validate as valid, control, guestbuild
 from pykvm.transfer import migration, snapshot
-from pykvm.ft import FtError, Primary, Standby, demo
+from pykvm.ft import FtError, Primary, Standby, demo as demo_module
 from pykvm.ft.standby import TakeoverImpossible
 from pykvm.ft.fencing import EXIT_FENCED, NO_WITNESS_WARNING, Fenced, Fencing
 from pykvm.boot.embedded import default_guest_image
@@ -37,44 +36,34 @@ from pykvm.devices.virtio.blk import DiskSpec
 from pykvm.diagnostics import ExitTracer
 from pykvm.errors import ConfigError
 from pykvm.kvm import KvmError, KvmUnavailable
-from pykvm.machine import DEFAULT_MEMORY, Machine, MachineConfig
+from pykvm.machine import Machine, MachineConfig
 from pykvm.memory import GuestMemory
 from pykvm.run_control import StopKind
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
-_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}  # bare number: MiB, as QEMU
-
-
-def parse_size(text: str) -> int:
-    match = _SIZE.match(text)
-    if not match:
-        raise ConfigError(f"--mem {text!r}: not a size (examples: 64M, 1G, 65536K)")
-    size = int(match.group(1)) * _UNITS[match.group(2).upper()]
-    if size < 2 << 20:
-        raise ConfigError(f"--mem {text}: at least 2 MiB of guest RAM are needed")
-    if size % 4096:
-        raise ConfigError(f"--mem {text}: must be a multiple of 4 KiB")
-    return size
+EXIT_STATUSES = ("exit status: the guest's (its debug-exit value; 0 for a reset or power-off), 1 the guest crashed "
+                 "or the VMM failed, 2 bad input (one line on stderr, nothing ran), 75 fenced (FT), 128+N ended by "
+                 "signal N (SIGTERM, SIGHUP: sockets removed)")
+_MEM_HELP = f"guest RAM: K, M, G or T suffix, a bare number is MiB; 2M up to the host's RAM (default 64M)"
+_CPUS_HELP = f"vCPUs, 1 to {valid.MAX_CPUS} (and KVM's limit) (default 1)"
 
 
-def parse_address(text: str) -> int:
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise ConfigError(f"--load-addr {text!r}: not an address (examples: 0x100000, 0x7c00)") from None
+def _example(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.epilog = f"example:\n  {example}\n\n{EXIT_STATUSES}"
 
 
 def _add_machine_options(parser: argparse.ArgumentParser) -> None:
     """Options that run and restore share: backends, console, control, tracing."""
-    parser.add_argument("--disk", action="append", default=[], metavar="PATH[,readonly]",
-                        help="a virtio-blk disk on a file (repeatable)")
-    parser.add_argument("--net", action="append", default=[], metavar="SPEC",
-                        help="a virtio-net NIC: tap:NAME or socket:PATH[,peer=PATH], each [,mac=M] (repeatable)")
-    parser.add_argument("--serial", default="stdio", help="COM1: stdio, file:PATH or none (default stdio)")
-    parser.add_argument("--control", metavar="PATH", help="serve the JSON control protocol on this Unix socket")
+    parser.add_argument("--disk", action="append", default=[], metavar="PATH[,readonly]", type=valid.disk_spec,
+                        help="a virtio-blk disk on a regular file or block device (repeatable)")
+    parser.add_argument("--net", action="append", default=[], metavar="SPEC", type=valid.net_spec,
+                        help="a virtio-net NIC: tap:NAME or socket:PATH[,peer=PATH], each [,mac=M] (repeatable; "
+                             f"disks and NICs: {valid.PCI_DEVICE_SLOTS} at most)")
+    parser.add_argument("--serial", default="stdio", type=valid.serial_spec,
+                        help="COM1: stdio, file:PATH (a regular file or a character device) or none (default stdio)")
+    parser.add_argument("--control", metavar="PATH", type=valid.socket_path,
+                        help=f"serve the JSON control protocol on this Unix socket (at most {valid.UNIX_PATH_MAX} bytes)")
     parser.add_argument("--trace", action="store_true", help="print every VM exit to stderr")
     cli_tls.add_options(parser)
 
@@ -84,73 +73,92 @@ PRIMARY_ONLY_FT_OPTIONS = ("--ft-mode", "--ft-interval", "--metrics")  # the sta
 
 def _add_ft_options(parser: argparse.ArgumentParser, *, primary: bool) -> None:
     """The FT options; the standby parses the primary's too (hidden), to refuse them in one line."""
-    parser.add_argument("--ft-timeout", type=float, default=200, metavar="MS",
-                        help="the standby takes over after this long without a word from the primary (default 200)")
+    parser.add_argument("--ft-timeout", type=valid.millis(1), default=200, metavar="MS",
+                        help="the standby takes over after this long without a word from the primary "
+                             "(milliseconds, 1 to 86400000; default 200)")
     parser.add_argument("--ft-verify", action="store_true",
                         help="check at every sync that the standby's RAM equals the primary's (slow; for tests)")
-    parser.add_argument("--ft-witness", metavar="URI",
+    parser.add_argument("--ft-witness", metavar="URI", type=valid.witness_uri,
                         help="file:PATH or etcd:HOST:PORT[/PREFIX], the same for primary and standby: when they "
                              "lose each other, only the side that wins the next epoch there runs the guest")
     shown = (lambda text: text) if primary else (lambda text: argparse.SUPPRESS)
-    parser.add_argument("--metrics", metavar="FILE", help=shown("the primary writes one JSON line per sync here"))
+    parser.add_argument("--metrics", metavar="FILE", type=valid.output_file("a metrics file"),
+                        help=shown("the primary appends one JSON line per sync here"))
     parser.add_argument("--ft-mode", choices=("sync", "pipelined"), default="sync" if primary else None,
                         help=shown("sync: the guest waits for the standby's ack (Kemari); pipelined: it runs on "
                                    "once the sync is captured and only the outputs wait (default sync)"))
-    parser.add_argument("--ft-interval", type=float, default=0 if primary else None, metavar="MS",
+    parser.add_argument("--ft-interval", type=valid.millis(0), default=0 if primary else None, metavar="MS",
                         help=shown("also sync every MS milliseconds, output or not (periodic, Remus-style; "
-                                   "default: only at outputs)"))
+                                   "0 to 86400000; default 0: only at outputs)"))
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pykvm", description="A pure-Python hypervisor on Linux KVM.")
+    parser = valid.OneLineParser(prog="pykvm", description="A pure-Python hypervisor on Linux KVM.",
+                                 epilog=EXIT_STATUSES)
+    parser.add_argument("--version", action="version", version=f"pykvm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="boot a guest", description="Boot a guest image; exit with its status.")
-    run.add_argument("image", nargs="?", metavar="GUEST|PATH",
-                     help="a guest name from `pykvm guests list`, or an ELF64, multiboot or flat image "
+    _example(run, "pykvm run kv --disk kv.img --net socket:/tmp/kv.sock --mem 128M --cpus 2")
+    run.add_argument("image", nargs="?", metavar="GUEST|PATH", type=valid.guest_or_image([*guestbuild.GUESTS, "linux"]),
+                     help="a guest name from `pykvm guests list`, or an ELF64, multiboot or flat image file "
                           "(default: the embedded greeting guest)")
-    run.add_argument("--mem", default=str(DEFAULT_MEMORY >> 20) + "M", help="guest RAM, e.g. 64M or 1G (default 64M)")
-    run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
+    run.add_argument("--mem", default="64M", type=valid.memory_size, help=_MEM_HELP)
+    run.add_argument("--cpus", type=valid.cpus, default=1, help=_CPUS_HELP)
     run.add_argument("--append", default="", metavar="ARGS", help="the guest's command line")
-    run.add_argument("--load-addr", metavar="ADDR", help="load address of a flat binary")
-    run.add_argument("--kernel", metavar="bzImage|vmlinux", help="boot a Linux kernel (x86 boot protocol)")
-    run.add_argument("--initrd", metavar="FILE", help="the initrd/initramfs for --kernel")
-    run.add_argument("--incoming", metavar="tcp:HOST:PORT",
+    run.add_argument("--load-addr", metavar="ADDR", type=valid.address,
+                     help="load address of a flat binary (required for one; not for ELF or multiboot images)")
+    run.add_argument("--kernel", metavar="bzImage|vmlinux", type=valid.input_file("a kernel"),
+                     help="boot a Linux kernel (x86 boot protocol)")
+    run.add_argument("--initrd", metavar="FILE", type=valid.input_file("an initrd"),
+                     help="the initrd/initramfs for --kernel")
+    run.add_argument("--incoming", metavar="tcp:HOST:PORT", type=valid.tcp_uri,
                      help="wait for a live migration instead of booting (same options as the source)")
-    run.add_argument("--ft", metavar="tcp:HOST:PORT", help="run fault-tolerant, protected by the standby there")
+    run.add_argument("--ft", metavar="tcp:HOST:PORT", type=valid.tcp_uri,
+                     help="run fault-tolerant, protected by the standby there")
     _add_machine_options(run)
     _add_ft_options(run, primary=True)
 
-    ft = commands.add_parser("ft", help="fault tolerance: run a standby (or a primary)")
+    ft = commands.add_parser("ft", help="fault tolerance: run a standby", description="Fault tolerance: the standby "
+                             "side (the primary is `pykvm run GUEST --ft tcp:HOST:PORT`).")
+    _example(ft, "pykvm ft standby --listen tcp:127.0.0.1:7000 --disk standby.img")
     roles = ft.add_subparsers(dest="role", required=True, metavar="ROLE")
-    standby = roles.add_parser("standby", help="hold a copy of a primary's guest; take over if it dies")
-    standby.add_argument("--listen", required=True, metavar="tcp:HOST:PORT", help="where the primary connects")
-    standby.add_argument("--mem", default=str(DEFAULT_MEMORY >> 20) + "M", help="guest RAM (must match the primary)")
-    standby.add_argument("--cpus", type=int, default=1, help="vCPUs (must match the primary)")
+    standby = roles.add_parser("standby", help="hold a copy of a primary's guest; take over if it dies",
+                               description="Hold a copy of a primary's guest; take over if it dies. The "
+                                           "primary's --ft-mode, --ft-interval and --metrics are its own.")
+    _example(standby, "pykvm ft standby --listen tcp:127.0.0.1:7000 --ft-witness file:/shared/kv.epoch "
+                      "--disk standby.img --net socket:/tmp/kv.sock")
+    standby.add_argument("--listen", required=True, metavar="tcp:HOST:PORT", type=valid.tcp_uri,
+                         help="where the primary connects")
+    standby.add_argument("--mem", default="64M", type=valid.memory_size,
+                         help=_MEM_HELP.replace("the host's RAM", "the host's available RAM") + "; must match the primary")
+    standby.add_argument("--cpus", type=valid.cpus, default=1, help=_CPUS_HELP + "; must match the primary")
     _add_machine_options(standby)
     _add_ft_options(standby, primary=False)
 
     restore = commands.add_parser("restore", help="resume a snapshot",
                                   description="Resume a snapshot; --disk/--net replace its backends.")
-    restore.add_argument("file", metavar="FILE")
+    _example(restore, "pykvm restore /tmp/vm.snap --serial file:/tmp/serial.log")
+    restore.add_argument("file", metavar="FILE", type=valid.input_file("a snapshot"), help="a regular file")
     restore.add_argument("--verify", action="store_true", help="check the RAM sections' checksums too (reads all RAM)")
     _add_machine_options(restore)
 
-    demo = commands.add_parser("demo", help="fault tolerance end to end: kill a primary, check the standby")
-    demo.add_argument("--records", type=int, default=200, help="records the client writes (default 200)")
-    demo.add_argument("--seed", type=int, help="seed for the kill moment and the data (default: random)")
+    demo = commands.add_parser("demo", help="fault tolerance end to end: kill a primary, check the standby",
+                               description="Run a standby and a kv primary, write records, kill the primary "
+                                           "(SIGKILL) among them, read every acknowledged record back.")
+    _example(demo, "pykvm demo --records 500 --seed 7 --ft-mode pipelined")
+    demo.add_argument("--records", type=valid.integer(demo_module.MIN_RECORDS, demo_module.MAX_RECORDS),
+                      default=200, help=f"records the client writes, {demo_module.MIN_RECORDS} to "
+                                        f"{demo_module.MAX_RECORDS} (default 200)")
+    demo.add_argument("--seed", type=valid.integer(-(1 << 63), (1 << 63) - 1),
+                      help="seed for the kill moment and the data (default: random)")
     demo.add_argument("--ft-mode", choices=("sync", "pipelined"), default="sync", help="see `pykvm run --ft-mode`")
 
-    ctl = commands.add_parser("ctl", help="send a command to a running pykvm's control socket")
-    ctl.add_argument("socket", metavar="SOCKET")
-    ctl.add_argument("cmd", metavar="COMMAND", help="query-status, stop, cont, snapshot FILE, query-vcpus, "
-                                                    "migrate tcp:HOST:PORT, quit")
-    ctl.add_argument("arg", nargs="?", metavar="ARG")
-    ctl.add_argument("--overwrite", action="store_true", help="snapshot: replace an existing FILE")
-
+    cli_ctl.add_command(commands, _example)
     cli_tls.add_command(commands)
 
     guest_cmd = commands.add_parser("guests", help="list, build or locate the bundled test guests")
+    _example(guest_cmd, "pykvm guests build kv")
     actions = guest_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
     actions.add_parser("list", help="list the bundled guests")
     build = actions.add_parser("build", help="build guests (all by default) into the cache")
@@ -165,23 +173,27 @@ def _resolve_image(name: str | None) -> Path | bytes:
         return default_guest_image()
     if name in guestbuild.GUESTS:
         return guestbuild.image_path(name)
-    path = Path(name)
-    if not path.exists() and "/" not in name and "." not in name:
-        raise ConfigError(f"{name!r} is neither a bundled guest ({', '.join(guestbuild.GUESTS)}) nor a file")
-    return path
+    return Path(name)  # checked as a regular file by the parser
 
 
 def _backends(args: argparse.Namespace) -> tuple[tuple[DiskSpec, ...], tuple[NetSpec, ...]]:
-    return tuple(DiskSpec.parse(text) for text in args.disk), tuple(NetSpec.parse(text) for text in args.net)
+    disks, nets = tuple(DiskSpec.parse(text) for text in args.disk), tuple(NetSpec.parse(text) for text in args.net)
+    valid.check_devices(disks, nets)
+    return disks, nets
+
+
+def _check_guest_needs(args: argparse.Namespace) -> None:
+    """A bundled guest that drives a disk or a NIC says so before it boots, not with a FAIL after."""
+    needs = guestbuild.NEEDS.get(args.image, ())
+    missing = [option for option in needs if not getattr(args, option[2:])]
+    if missing and not args.incoming:
+        raise ConfigError(f"the {args.image} guest needs {' and '.join(missing)} "
+                          f"(example: pykvm run {args.image} {guestbuild.NEEDS_EXAMPLE[args.image]})")
 
 
 def _linux_options(args: argparse.Namespace) -> None:
     """`run linux` is --kernel/--initrd/--disk of the bundled Linux guest (built on first use) with
     its default command line, the user's --append after it."""
-    if args.kernel is None and args.initrd is not None:
-        raise ConfigError("--initrd needs --kernel")
-    if args.kernel is not None and args.image is not None:
-        raise ConfigError(f"give either a guest ({args.image}) or --kernel, not both")
     if args.image != "linux" or args.incoming:
         return
     from pykvm.guestbuild import linux_guest
@@ -195,13 +207,14 @@ def _linux_options(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _check_guest_needs(args)
+    if args.load_addr is not None and args.image in guestbuild.GUESTS:
+        raise ConfigError(f"--load-addr is for flat binaries; the {args.image} guest is a multiboot image")
     _linux_options(args)
-    if args.ft_witness and not args.ft:
-        raise ConfigError("--ft-witness needs --ft")
     fencing = Fencing.open(args.ft_witness, "primary", _log) if args.ft_witness else None  # before building
     disks, nets = _backends(args)
-    config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
-    load_addr = parse_address(args.load_addr) if args.load_addr is not None else None
+    config = MachineConfig(memory=args.mem, cpus=args.cpus, disks=disks, nets=nets)
+    load_addr = args.load_addr
     image = None if args.incoming or args.kernel else _resolve_image(args.image)
     server = cli_tls.listen(args, args.incoming, "--incoming") if args.incoming else None
     console = SerialConsole(args.serial)
@@ -252,8 +265,9 @@ def cmd_ft(args: argparse.Namespace) -> int:
         if getattr(args, option[2:].replace("-", "_")) is not None:
             raise ConfigError(f"{option} is for `pykvm run --ft`: the standby follows the primary's choice")
     fencing = Fencing.open(args.ft_witness, "standby", _log) if args.ft_witness else None
+    valid.check_standby_memory(args.mem)
     disks, nets = _backends(args)
-    config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
+    config = MachineConfig(memory=args.mem, cpus=args.cpus, disks=disks, nets=nets)
     server = cli_tls.listen(args, args.listen, "--listen")
     console = SerialConsole(args.serial)
     try:
@@ -355,20 +369,6 @@ def _ft_protect(machine: Machine, args: argparse.Namespace, primary: Primary | N
     return primary.summary()
 
 
-_CTL_ARGUMENT = {"snapshot": "file", "migrate": "uri", "ft-protect": "uri"}
-
-
-def cmd_ctl(args: argparse.Namespace) -> int:
-    request = {"cmd": args.cmd}
-    if args.arg is not None:
-        request[_CTL_ARGUMENT.get(args.cmd, "arg")] = args.arg
-    if args.overwrite:
-        request["overwrite"] = True
-    reply = control.request(args.socket, request)
-    print(json.dumps(reply))
-    return 0 if reply.get("ok") else EXIT_FAILURE
-
-
 def cmd_guests(args: argparse.Namespace) -> int:
     if args.action == "list":
         width = max(map(len, guestbuild.GUESTS))
@@ -403,19 +403,40 @@ def _print_error(error: Exception) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return demo.main(args.records, args.seed, args.ft_mode)
+    return demo_module.main(args.records, args.seed, args.ft_mode)
 
 
-COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "guests": cmd_guests, "ft": cmd_ft,
-            "tls": cli_tls.cmd_tls}
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cli_ctl.cmd_ctl, "guests": cmd_guests,
+            "ft": cmd_ft, "tls": cli_tls.cmd_tls}
+
+
+class Terminated(Exception):
+    """SIGTERM or SIGHUP: unwind, so that every socket and file the VMM made is removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    for ignored in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(ignored, signal.SIG_IGN)  # the unwinding is not to be interrupted by a second one
+    raise Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    for handled in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(handled, _terminate)
     try:
+        args = _parser().parse_args(argv)
+        valid.check_relations(args)
+        valid.check_cache_dir()
         if hasattr(args, "tls_creds"):  # run, restore, ft standby
             cli_tls.load(args)
         return COMMANDS[args.command](args)
+    except Terminated as signalled:
+        _log(f"pykvm: ended by {signalled}")
+        return 128 + signalled.signum
     except (ConfigError, KvmUnavailable, guestbuild.ToolchainMissing, guestbuild.UnknownGuest) as error:
         _print_error(error)
         return EXIT_USAGE

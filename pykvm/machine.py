@@ -92,7 +92,7 @@ class Machine:
             for spec in config.disks:
                 self._add_virtio(Blk(DiskImage(spec)))
             for index, spec in enumerate(config.nets):
-                mac = parse_mac(spec.mac) if spec.mac else _default_mac(index)
+                mac = parse_mac(spec.mac) if spec.mac else default_mac(index)
                 self._add_virtio(Net(spec.open() if attach_networks else None, mac))
             self.links = LinkMemory(lambda: [function.device.backend for function in self.nics()])
         except BaseException:
@@ -218,7 +218,7 @@ def ioeventfd_for(config: MachineConfig, device_type: type) -> bool:
     return not issubclass(device_type, Blk)
 
 
-def _default_mac(index: int) -> bytes:
+def default_mac(index: int) -> bytes:
     """52:54:00:12:34:56 for the first NIC (QEMU's default), then :57, :58, ..."""
     mac = bytearray(parse_mac(DEFAULT_MAC))
     mac[5] = (mac[5] + index) & 0xFF
