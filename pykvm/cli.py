@@ -24,7 +24,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pykvm import __version__, cli_ctl, cli_tls, cli_validate as valid, control, guestbuild
+from pykvm import __version__, cli_ctl, cli_guests, cli_parser, cli_tls, cli_validate as valid, control, guestbuild
 from pykvm.transfer import migration, snapshot
 from pykvm.ft import FtError, Primary, Standby, demo as demo_module
 from pykvm.ft.standby import TakeoverImpossible
@@ -42,15 +42,18 @@ from pykvm.run_control import StopKind
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_STATUSES = ("exit status: the guest's (its debug-exit value; 0 for a reset or power-off), 1 the guest crashed "
-                 "or the VMM failed, 2 bad input (one line on stderr, nothing ran), 75 fenced (FT), 128+N ended by "
-                 "signal N (SIGTERM, SIGHUP: sockets removed)")
-_MEM_HELP = f"guest RAM: K, M, G or T suffix, a bare number is MiB; 2M up to the host's RAM (default 64M)"
+EXIT_STATUSES = """exit status:
+  N      the guest's: its debug-exit value; 0 for a reset or power-off
+  1      the guest crashed or the VMM failed (a report on stderr)
+  2      bad input: one line on stderr, nothing ran
+  75     fenced (FT): the other side won the witness's epoch
+  128+N  ended by signal N (SIGTERM, SIGHUP: its sockets removed)"""
+_MEM_HELP = "guest RAM: K, M, G or T suffix, a bare number is MiB; 2M up to the host's RAM (default 64M)"
 _CPUS_HELP = f"vCPUs, 1 to {valid.MAX_CPUS} (and KVM's limit) (default 1)"
 
 
-def _example(parser: argparse.ArgumentParser, example: str) -> None:
-    parser.epilog = f"example:\n  {example}\n\n{EXIT_STATUSES}"
+def _example(parser: argparse.ArgumentParser, example: str, statuses: str = EXIT_STATUSES) -> None:
+    parser.epilog = f"example:\n  {example}\n\n{statuses}"
 
 
 def _add_machine_options(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +63,7 @@ def _add_machine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--net", action="append", default=[], metavar="SPEC", type=valid.net_spec,
                         help="a virtio-net NIC: tap:NAME or socket:PATH[,peer=PATH], each [,mac=M] (repeatable; "
                              f"disks and NICs: {valid.PCI_DEVICE_SLOTS} at most)")
-    parser.add_argument("--serial", default="stdio", type=valid.serial_spec,
+    parser.add_argument("--serial", default="stdio", type=valid.serial_spec, metavar="stdio|file:PATH|none",
                         help="COM1: stdio, file:PATH (a regular file or a character device) or none (default stdio)")
     parser.add_argument("--control", metavar="PATH", type=valid.socket_path,
                         help=f"serve the JSON control protocol on this Unix socket (at most {valid.UNIX_PATH_MAX} bytes)")
@@ -93,7 +96,7 @@ def _add_ft_options(parser: argparse.ArgumentParser, *, primary: bool) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = valid.OneLineParser(prog="pykvm", description="A pure-Python hypervisor on Linux KVM.",
+    parser = cli_parser.OneLineParser(prog="pykvm", description="A pure-Python hypervisor on Linux KVM.",
                                  epilog=EXIT_STATUSES)
     parser.add_argument("--version", action="version", version=f"pykvm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -103,8 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("image", nargs="?", metavar="GUEST|PATH", type=valid.guest_or_image([*guestbuild.GUESTS, "linux"]),
                      help="a guest name from `pykvm guests list`, or an ELF64, multiboot or flat image file "
                           "(default: the embedded greeting guest)")
-    run.add_argument("--mem", default="64M", type=valid.memory_size, help=_MEM_HELP)
-    run.add_argument("--cpus", type=valid.cpus, default=1, help=_CPUS_HELP)
+    run.add_argument("--mem", default="64M", type=valid.memory_size, metavar="SIZE", help=_MEM_HELP)
+    run.add_argument("--cpus", type=valid.cpus, default=1, metavar="N", help=_CPUS_HELP)
     run.add_argument("--append", default="", metavar="ARGS", help="the guest's command line")
     run.add_argument("--load-addr", metavar="ADDR", type=valid.address,
                      help="load address of a flat binary (required for one; not for ELF or multiboot images)")
@@ -130,9 +133,9 @@ def _parser() -> argparse.ArgumentParser:
                       "--disk standby.img --net socket:/tmp/kv.sock")
     standby.add_argument("--listen", required=True, metavar="tcp:HOST:PORT", type=valid.tcp_uri,
                          help="where the primary connects")
-    standby.add_argument("--mem", default="64M", type=valid.memory_size,
+    standby.add_argument("--mem", default="64M", type=valid.memory_size, metavar="SIZE",
                          help=_MEM_HELP.replace("the host's RAM", "the host's available RAM") + "; must match the primary")
-    standby.add_argument("--cpus", type=valid.cpus, default=1, help=_CPUS_HELP + "; must match the primary")
+    standby.add_argument("--cpus", type=valid.cpus, default=1, metavar="N", help=_CPUS_HELP + "; must match the primary")
     _add_machine_options(standby)
     _add_ft_options(standby, primary=False)
 
@@ -146,7 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="fault tolerance end to end: kill a primary, check the standby",
                                description="Run a standby and a kv primary, write records, kill the primary "
                                            "(SIGKILL) among them, read every acknowledged record back.")
-    _example(demo, "pykvm demo --records 500 --seed 7 --ft-mode pipelined")
+    _example(demo, "pykvm demo --records 500 --seed 7 --ft-mode pipelined",
+             "exit status: 0 every acknowledged record was served, 1 one was lost or the demo failed, 2 bad input")
     demo.add_argument("--records", type=valid.integer(demo_module.MIN_RECORDS, demo_module.MAX_RECORDS),
                       default=200, help=f"records the client writes, {demo_module.MIN_RECORDS} to "
                                         f"{demo_module.MAX_RECORDS} (default 200)")
@@ -157,14 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_ctl.add_command(commands, _example)
     cli_tls.add_command(commands)
 
-    guest_cmd = commands.add_parser("guests", help="list, build or locate the bundled test guests")
-    _example(guest_cmd, "pykvm guests build kv")
-    actions = guest_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("list", help="list the bundled guests")
-    build = actions.add_parser("build", help="build guests (all by default) into the cache")
-    build.add_argument("names", nargs="*", metavar="NAME")
-    path = actions.add_parser("path", help="print the path of a built guest image (building it if needed)")
-    path.add_argument("name", metavar="NAME")
+    cli_guests.add_command(commands, _example)
     return parser
 
 
@@ -369,35 +366,6 @@ def _ft_protect(machine: Machine, args: argparse.Namespace, primary: Primary | N
     return primary.summary()
 
 
-def cmd_guests(args: argparse.Namespace) -> int:
-    if args.action == "list":
-        width = max(map(len, guestbuild.GUESTS))
-        for name, description in guestbuild.GUESTS.items():
-            print(f"{name:<{width}}  {description}")
-        print(f"{'linux':<{width}}  Linux 6.1 (tinyconfig + guests/linux/pykvm.config), busybox initramfs and ext4 "
-              "root; built on request (`guests build linux`, a few minutes)")
-    elif args.action == "build":
-        for name in args.names:
-            if name not in guestbuild.GUESTS and name != "linux":
-                raise guestbuild.UnknownGuest(name)
-        others = [name for name in args.names if name != "linux"]
-        if others or not args.names:
-            built = guestbuild.build(others or None, log=lambda line: print(line, file=sys.stderr))
-            for name, path in built.items():
-                print(f"{name}: {path}")
-        if "linux" in args.names:
-            from pykvm.guestbuild import linux_guest
-
-            print(f"linux: {linux_guest.build(log=_log).directory}")
-    elif args.name == "linux":
-        from pykvm.guestbuild import linux_guest
-
-        print(linux_guest.build(log=_log).bzimage)
-    else:
-        print(guestbuild.image_path(args.name))
-    return 0
-
-
 def _print_error(error: Exception) -> None:
     print(f"pykvm: error: {error}", file=sys.stderr)
 
@@ -406,7 +374,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_module.main(args.records, args.seed, args.ft_mode)
 
 
-COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cli_ctl.cmd_ctl, "guests": cmd_guests,
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cli_ctl.cmd_ctl, "guests": cli_guests.cmd_guests,
             "ft": cmd_ft, "tls": cli_tls.cmd_tls}
 
 
@@ -429,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(handled, _terminate)
     try:
         args = _parser().parse_args(argv)
-        valid.check_relations(args)
+        cli_parser.check_relations(args)
         valid.check_cache_dir()
         if hasattr(args, "tls_creds"):  # run, restore, ft standby
             cli_tls.load(args)

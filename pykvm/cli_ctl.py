@@ -49,9 +49,9 @@ def add_command(commands: argparse._SubParsersAction, example: Callable[[argpars
     ctl = commands.add_parser("ctl", help="send a command to a running pykvm's control socket",
                               description="Send one command to a VMM's --control socket and print its reply "
                                           "(one JSON line).\n\ncommands:\n" + listing)
-    example(ctl, "pykvm ctl /tmp/vm.sock snapshot vm.snap")
-    ctl.epilog += ("\nctl exits 0 on an ok reply, 1 on an error reply or no reply within --timeout, "
-                   "2 on bad input (no VMM there, an unknown command, a missing or extra argument)")
+    example(ctl, "pykvm ctl /tmp/vm.sock snapshot vm.snap",
+            "exit status: 0 an ok reply, 1 an error reply or none within --timeout, 2 bad input (no VMM there,\n"
+            "an unknown command, a missing or extra argument)")
     ctl.add_argument("socket", metavar="SOCKET", type=valid.existing_socket, help="the VMM's --control path")
     ctl.add_argument("cmd", metavar="COMMAND", help="one of the commands above")
     ctl.add_argument("arg", nargs="?", metavar="ARG", help="FILE for snapshot, tcp:HOST:PORT for migrate, ft-protect")

@@ -131,8 +131,10 @@ class ControlServer:
             return {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
         try:
             request = json.loads(line)
-        except (ValueError, RecursionError):
-            return {"ok": False, "error": "not a JSON object (or nested too deep)"}
+        except ValueError:
+            return {"ok": False, "error": "not a JSON object"}
+        except RecursionError:
+            return {"ok": False, "error": "not a request: JSON nested too deep"}
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
             return {"ok": False, "error": 'expected {"cmd": NAME, ...}'}
         name = request["cmd"]
