@@ -9,12 +9,11 @@ open are checked for their kind before anything opens them: a FIFO or a device n
 image would block the open or stream without end.
 
 The limits, and where they come from:
-  --cpus    MAX_CPUS: APIC IDs are one byte in the MP table's and the MADT's processor entries,
-            the CMOS holds the count less one in a byte, and KVM's xAPIC reserves ID 0xFF for
-            broadcast: vCPUs 0..254. KVM's own limit is checked when the VM is made.
+  --cpus    machine.MAX_CPUS (255: one-byte APIC IDs, 0xFF is broadcast); KVM's own limit is
+            checked when the VM is made.
   --mem     at least 2 MiB, a multiple of 4 KiB, at most the host's RAM (MemTotal); a standby,
             which keeps all of it resident, at most what is available (MemAvailable).
-  devices   PCI bus 0 has 32 slots and the host bridge takes slot 0: 31 disks and NICs together.
+  devices   machine.PCI_DEVICE_SLOTS (31 disks and NICs together).
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from pykvm.errors import ConfigError
+from pykvm.machine import MAX_CPUS, PCI_DEVICE_SLOTS
 
-MAX_CPUS = 255
-PCI_DEVICE_SLOTS = 31
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
 MAX_MS = 24 * 3600 * 1000.0  # a day: beyond it a timeout or interval is a typo
 
@@ -71,7 +69,7 @@ def millis(low: float, high: float = MAX_MS) -> Callable[[str], float]:
         except ValueError:
             raise Invalid(f"{text}: not a number of milliseconds") from None
         if not math.isfinite(value) or not low <= value <= high:
-            raise Invalid(f"{text}: must be {low:g} to {high:g} ms")
+            raise Invalid(f"{text}: must be {low:g} to {high:.0f} ms")
         return value
     return check
 

@@ -44,6 +44,10 @@ I8042_DATA_PORT, I8042_COMMAND_PORT = 0x60, 0x64
 
 MIB = 1024 * 1024
 DEFAULT_MEMORY = 64 * MIB
+# APIC IDs are one byte in the MP table's and the MADT's processor entries (and the CMOS holds the
+# count less one in a byte), and KVM's xAPIC reserves ID 0xFF for broadcast: vCPUs 0..254.
+MAX_CPUS = 255
+PCI_DEVICE_SLOTS = 31  # PCI bus 0's 32 slots less the host bridge's: disks and NICs together
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,12 @@ class Machine:
         """`attach_networks=False` builds the NICs without opening their backends (an FT standby
         must not take the primary's TAP or socket until it takes over): see attach_networks()."""
         self.config = config
+        if not 1 <= config.cpus <= MAX_CPUS:
+            raise ConfigError(f"{config.cpus} vCPUs: this machine has 1 to {MAX_CPUS} (one-byte APIC IDs, "
+                              "0xFF is broadcast)")
+        if len(config.disks) + len(config.nets) > PCI_DEVICE_SLOTS:
+            raise ConfigError(f"{len(config.disks)} disks and {len(config.nets)} NICs: PCI bus 0 has room for "
+                              f"{PCI_DEVICE_SLOTS}")
         self.vm = vm = Vm(config.memory, config.cpus, kvm=kvm, memory=memory)
         try:
             self.serial = Serial16550(serial_output, irq=lambda level: vm.irq_line(COM1_IRQ, level))

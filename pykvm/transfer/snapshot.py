@@ -28,6 +28,7 @@ import numpy as np
 from construct import Bytes, Const, Int32ul, Int64ul, Struct
 
 from pykvm.errors import ConfigError
+from pykvm.kvm import KvmError
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, GuestMemory, ram_layout
 from pykvm.state import StateError, decode, encode
@@ -83,7 +84,7 @@ class Snapshot:
         machine = Machine(config, serial_output=serial_output, memory=memory)
         try:
             machine.restore_state(self.state)
-        except StateError as error:  # well-formed, but not a state this machine can be in
+        except (StateError, KvmError) as error:  # well-formed, but not a state this machine (or KVM) takes
             machine.close()
             raise SnapshotError(f"{self.path}: the saved state does not restore: {error}") from None
         except BaseException:
