@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     roles = ft.add_subparsers(dest="role", required=True, metavar="ROLE")
     standby = roles.add_parser("standby", help="hold a copy of a primary's guest; take over if it dies",
                                description="Hold a copy of a primary's guest; take over if it dies. The "
-                                           "primary's --ft-mode, --ft-interval and --metrics are its own.")
+                                           "sync mode and interval are the primary's: the standby follows.")
     _example(standby, "pykvm ft standby --listen tcp:127.0.0.1:7000 --ft-witness file:/shared/kv.epoch "
                       "--disk standby.img --net socket:/tmp/kv.sock")
     standby.add_argument("--listen", required=True, metavar="tcp:HOST:PORT", type=valid.tcp_uri,
