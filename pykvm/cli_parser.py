@@ -113,7 +113,6 @@ REQUIRES: dict[str, dict[str, tuple[str, ...]]] = {
     "run": {"--initrd": ("--kernel",), "--load-addr": ("GUEST",), "--metrics": ("--ft",), "--ft-verify": ("--ft",),
             "--ft-witness": ("--ft",), "--ft-mode": ("--ft",), "--ft-interval": ("--ft",), "--ft-timeout": ("--ft",),
             "--insecure": ("--incoming",)},
-    "ft": {"--insecure": ("--listen",)},
 }
 # command -> pairs of options that exclude each other
 EXCLUDES: dict[str, tuple[tuple[str, str], ...]] = {
