@@ -50,8 +50,8 @@ def add_command(commands: argparse._SubParsersAction, example: Callable[[argpars
                               description="Send one command to a VMM's --control socket and print its reply "
                                           "(one JSON line).\n\ncommands:\n" + listing)
     example(ctl, "pykvm ctl /tmp/vm.sock snapshot vm.snap",
-            "exit status: 0 an ok reply, 1 an error reply or none within --timeout, 2 bad input (no VMM there,\n"
-            "an unknown command, a missing or extra argument)")
+            "exit status: 0 an ok reply, 1 an error reply (an unknown command among them) or none within\n"
+            "--timeout, 2 bad input (no VMM there, a missing or extra argument)")
     ctl.add_argument("socket", metavar="SOCKET", type=valid.existing_socket, help="the VMM's --control path")
     ctl.add_argument("cmd", metavar="COMMAND", help="one of the commands above")
     ctl.add_argument("arg", nargs="?", metavar="ARG", help="FILE for snapshot, tcp:HOST:PORT for migrate, ft-protect")
@@ -64,8 +64,8 @@ def add_command(commands: argparse._SubParsersAction, example: Callable[[argpars
 def request_of(args: argparse.Namespace) -> dict:
     """The request the command line asks for, or a ConfigError naming what is wrong with it."""
     spec = COMMANDS.get(args.cmd)
-    if spec is None:
-        raise ConfigError(f"ctl: unknown command {args.cmd!r} (known: {', '.join(COMMANDS)})")
+    if spec is None:  # sent as it is: the VMM knows the commands it serves, and says which in its error
+        spec = CtlCommand("", "arg", "ARG") if args.arg is not None else CtlCommand("")
     request: dict = {"cmd": args.cmd}
     if spec.argument is None and args.arg is not None:
         raise ConfigError(f"ctl {args.cmd} takes no argument (got {args.arg!r})")
@@ -85,7 +85,7 @@ def request_of(args: argparse.Namespace) -> dict:
 
 def cmd_ctl(args: argparse.Namespace) -> int:
     request = request_of(args)
-    timeout = args.timeout if args.timeout is not None else COMMANDS[args.cmd].timeout
+    timeout = args.timeout if args.timeout is not None else COMMANDS.get(args.cmd, CtlCommand("")).timeout
     try:
         reply = control.request(args.socket, request, timeout=timeout)
     except control.NoReply as error:
