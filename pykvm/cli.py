@@ -20,11 +20,10 @@ primary or standby fenced itself (the other side won the witness's epoch; see ft
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
-from pykvm import __version__, cli_ctl, cli_guests, cli_parser, cli_tls, cli_validate as valid, control, guestbuild
+from pykvm import __version__, cli_ctl, cli_guests, cli_parser, cli_signals, cli_tls, cli_validate as valid, control, guestbuild
 from pykvm.transfer import migration, snapshot
 from pykvm.ft import FtError, Primary, Standby, demo as demo_module
 from pykvm.ft.standby import TakeoverImpossible
@@ -338,10 +337,10 @@ def _run(machine: Machine, args: argparse.Namespace, console: SerialConsole, *,
         server.register("ft-protect", lambda request: _ft_protect(machine, args, primary, request))
     try:
         console.attach(machine.serial.feed)
-        if not started:
-            machine.vm.start()
+        cli_signals.start(machine, started=started)  # from here a SIGTERM or SIGHUP stops the guest
         stop = machine.vm.wait()
     finally:
+        cli_signals.ended()
         if primary is not None:
             primary.close()
         if server is not None:
@@ -378,23 +377,8 @@ COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cli
             "ft": cmd_ft, "tls": cli_tls.cmd_tls}
 
 
-class Terminated(Exception):
-    """SIGTERM or SIGHUP: unwind, so that every socket and file the VMM made is removed."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _terminate(signum: int, frame: object) -> None:
-    for ignored in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(ignored, signal.SIG_IGN)  # the unwinding is not to be interrupted by a second one
-    raise Terminated(signum)
-
-
 def main(argv: list[str] | None = None) -> int:
-    for handled in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(handled, _terminate)
+    cli_signals.install()
     try:
         args = _parser().parse_args(argv)
         cli_parser.check_relations(args)
@@ -402,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "tls_creds"):  # run, restore, ft standby
             cli_tls.load(args)
         return COMMANDS[args.command](args)
-    except Terminated as signalled:
+    except cli_signals.Terminated as signalled:
         _log(f"pykvm: ended by {signalled}")
         return 128 + signalled.signum
     except (ConfigError, KvmUnavailable, guestbuild.ToolchainMissing, guestbuild.UnknownGuest) as error:
