@@ -1,4 +1,4 @@
-"""SIGTERM and SIGHUP end a VMM cleanly: its sockets (control, NICs) removed, status 128+N, one
+"""SIGTERM, SIGHUP (and ^C's SIGINT) end a VMM cleanly: its sockets (control, NICs) removed, status 128+N, one
 line `pykvm: ended by SIGTERM`.
 
 Both are blocked in every thread and taken by one thread in sigwait(): delivered to whatever
@@ -26,7 +26,7 @@ from pykvm.run_control import KICK_SIGNAL
 if TYPE_CHECKING:
     from pykvm.machine import Machine
 
-ENDING = (signal.SIGTERM, signal.SIGHUP)
+ENDING = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)  # SIGINT: ^C, 130 as before
 _running: list[Machine] = []  # the machine whose guest runs, once its vCPUs are started
 _deferred: list[int] = []  # a signal that came while the vCPUs were starting
 _starting = False
@@ -46,18 +46,21 @@ def block() -> None:
 
 
 def install() -> None:
-    """In the main thread: the handler, and the thread that waits for the signals."""
-    for ending in ENDING:
+    """In the main thread: the handler, and the thread that waits for the signals. A signal
+    ignored when we started stays ignored (`nohup pykvm ...` outlives its terminal)."""
+    block()
+    taken = {ending for ending in ENDING if signal.getsignal(ending) is not signal.SIG_IGN}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(ENDING) - taken)  # ignored: discarded, never queued
+    for ending in taken:
         signal.signal(ending, _handle)
     if not callable(signal.getsignal(KICK_SIGNAL)):
         signal.signal(KICK_SIGNAL, lambda signum, frame: None)  # only to interrupt a blocking call
-    block()
-    threading.Thread(target=_wait_for_signals, args=(threading.main_thread().ident,), name="signals",
+    threading.Thread(target=_wait_for_signals, args=(threading.main_thread().ident, taken), name="signals",
                      daemon=True).start()
 
 
-def _wait_for_signals(main_thread: int) -> None:
-    signum = signal.sigwait(ENDING)
+def _wait_for_signals(main_thread: int, taken: set[int]) -> None:
+    signum = signal.sigwait(taken)
     _thread.interrupt_main(signum)
     signal.pthread_kill(main_thread, KICK_SIGNAL)
 
