@@ -204,8 +204,6 @@ def _linux_options(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _check_guest_needs(args)
-    if args.load_addr is not None and args.image in guestbuild.GUESTS:
-        raise ConfigError(f"--load-addr is for flat binaries; the {args.image} guest is a multiboot image")
     _linux_options(args)
     fencing = Fencing.open(args.ft_witness, "primary", _log) if args.ft_witness else None  # before building
     disks, nets = _backends(args)

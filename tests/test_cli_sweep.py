@@ -136,7 +136,7 @@ FINDINGS = [
     (["run", "--metrics", "m.jsonl"], "--metrics needs --ft"), (["run", "--ft-verify"], "--ft-verify needs --ft"),
     (["run", "--net", "socket:/tmp/x.sock,mac=00:00:00:00:00:00"], "all zeros"),
     (["run", "--net", "socket:/tmp/x.sock,mac=52:54:00:12:34:57", "--net", "socket:/tmp/y.sock"], "same MAC"),
-    (["run", "--load-addr", "-1", "x.bin"], "--load-addr -1"), (["run", "hello", "--load-addr", "0x100000"], "flat"),
+    (["run", "--load-addr", "-1", "x.bin"], "--load-addr -1"), (["run", "hello", "--load-addr", "0x100000"], "is a multiboot image"),
     (["run", "--net", "tap:lo"], "not a TAP"), (["run", "hello", "--mem", "64M", "--mem", "128M"], "given twice"),
     (["run", "kv"], "needs --disk and --net"), (["run", "blk"], "needs --disk"),
     (["demo", "--records", "0"], "--records 0"), (["demo", "--records", "-1"], "--records -1"),
