@@ -15,7 +15,7 @@ from pykvm import cli_validate as valid, control
 from pykvm.errors import ConfigError
 
 EXIT_FAILURE = 1
-QUICK_TIMEOUT = 5.0  # seconds: a reply that needs no more than a pause of the vCPUs
+QUICK_TIMEOUT = 15.0  # seconds: a reply that needs no more than a pause of the vCPUs (a busy VMM says so within 10)
 LONG_TIMEOUT = 600.0  # seconds: a reply that waits for all of the guest's RAM to be written or sent
 
 

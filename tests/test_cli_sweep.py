@@ -82,7 +82,7 @@ def _wait_for_socket(path: str, timeout: float = 30) -> None:
     raise TimeoutError(f"{path}: no control socket after {timeout} s")
 
 
-@SWEEP
+@settings(SWEEP, max_examples=60)  # in-process requests: cheap
 @given(data=st.data())
 def test_generated_control_requests_are_all_answered(running_vmm, data):
     control, disk, snapshots, files = running_vmm
