@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import socket
 
+from pykvm.cli_validate import directory
 from pykvm.errors import ConfigError
 from pykvm.transfer import tcp, tls
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tls-creds", metavar="DIR",
+    parser.add_argument("--tls-creds", metavar="DIR", type=directory,
                         help="mutual TLS for FT and migration, both ways (`ctl migrate` and `ctl ft-protect` "
                              "too): DIR holds ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, "
                              "client-key.pem (`pykvm tls init DIR` makes them)")

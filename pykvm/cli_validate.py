@@ -40,26 +40,26 @@ class Invalid(argparse.ArgumentTypeError):
 # -- numbers --------------------------------------------------------------------------------------------
 
 
-def integer(low: int, high: int, unit: str = "") -> Callable[[str], int]:
+def _whole(text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise Invalid(f"{text}: not a whole number") from None
+
+
+def integer(low: int, high: int) -> Callable[[str], int]:
     def check(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise Invalid(f"{text}: not a whole number") from None
+        value = _whole(text)
         if not low <= value <= high:
-            raise Invalid(f"{text}: must be {low} to {high}{unit}")
+            raise Invalid(f"{text}: must be {low} to {high}")
         return value
     return check
 
 
 def cpus(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise Invalid(f"{text}: not a whole number") from None
-    if not 1 <= value <= MAX_CPUS:
+    if not 1 <= _whole(text) <= MAX_CPUS:
         raise Invalid(f"{text}: this machine has 1 to {MAX_CPUS} vCPUs (one-byte APIC IDs, 0xFF is broadcast)")
-    return value
+    return int(text, 10)
 
 
 def millis(low: float, high: float = MAX_MS) -> Callable[[str], float]:
