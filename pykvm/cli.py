@@ -23,7 +23,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from pykvm import __version__, cli_ctl, cli_guests, cli_parser, cli_signals, cli_tls, cli_validate as valid, control, guestbuild
+from pykvm import __version__, cli_ctl, cli_guests, cli_parser, cli_signals, cli_tls, control, guestbuild, unixsock
+from pykvm import cli_validate as valid
 from pykvm.transfer import migration, snapshot
 from pykvm.ft import FtError, Primary, Standby, demo as demo_module
 from pykvm.ft.standby import TakeoverImpossible
@@ -385,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             cli_tls.load(args)
         return COMMANDS[args.command](args)
     except cli_signals.Terminated as signalled:
+        unixsock.remove_leftovers()  # the signal may have come between a bind and its owner's `try`
         _log(f"pykvm: ended by {signalled}")
         return 128 + signalled.signum
     except (ConfigError, KvmUnavailable, guestbuild.ToolchainMissing, guestbuild.UnknownGuest) as error:
