@@ -66,7 +66,8 @@ def _add_machine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serial", default="stdio", type=valid.serial_spec, metavar="stdio|file:PATH|none",
                         help="COM1: stdio, file:PATH (a regular file or a character device) or none (default stdio)")
     parser.add_argument("--control", metavar="PATH", type=valid.socket_path,
-                        help=f"serve the JSON control protocol on this Unix socket (at most {valid.UNIX_PATH_MAX} bytes)")
+                        help="serve the JSON control protocol on this Unix socket "
+                             f"(at most {valid.UNIX_PATH_MAX} bytes)")
     parser.add_argument("--trace", action="store_true", help="print every VM exit to stderr")
     cli_tls.add_options(parser)
 
@@ -134,8 +135,10 @@ def _parser() -> argparse.ArgumentParser:
     standby.add_argument("--listen", required=True, metavar="tcp:HOST:PORT", type=valid.tcp_uri,
                          help="where the primary connects")
     standby.add_argument("--mem", default="64M", type=valid.memory_size, metavar="SIZE",
-                         help=_MEM_HELP.replace("the host's RAM", "the host's available RAM") + "; must match the primary")
-    standby.add_argument("--cpus", type=valid.cpus, default=1, metavar="N", help=_CPUS_HELP + "; must match the primary")
+                         help=_MEM_HELP.replace("the host's RAM", "the host's available RAM")
+                         + "; must match the primary")
+    standby.add_argument("--cpus", type=valid.cpus, default=1, metavar="N",
+                         help=_CPUS_HELP + "; must match the primary")
     _add_machine_options(standby)
     _add_ft_options(standby, primary=False)
 
@@ -372,7 +375,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_module.main(args.records, args.seed, args.ft_mode)
 
 
-COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cli_ctl.cmd_ctl, "guests": cli_guests.cmd_guests,
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cli_ctl.cmd_ctl,
+            "guests": cli_guests.cmd_guests,
             "ft": cmd_ft, "tls": cli_tls.cmd_tls}
 
 

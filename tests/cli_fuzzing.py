@@ -65,7 +65,8 @@ def _numbers() -> st.SearchStrategy[str]:
 
 def _sizes() -> st.SearchStrategy[str]:
     return st.one_of(st.sampled_from(["64M", "2M", "1G", "100T", "-64M", "4097K", "lots", "", "0", "1M", "96M"]),
-                     st.builds(lambda n, unit: f"{n}{unit}", st.integers(-5, 1 << 66), st.sampled_from(["", "K", "M", "G", "T", "X"])))
+                     st.builds(lambda n, unit: f"{n}{unit}", st.integers(-5, 1 << 66),
+                               st.sampled_from(["", "K", "M", "G", "T", "X"])))
 
 
 def _cpus() -> st.SearchStrategy[str]:
@@ -109,7 +110,8 @@ def option_values(files: Files) -> dict[str, st.SearchStrategy[str]]:
         "--ft-timeout": _millis(),
         "--ft-interval": _millis(),
         "--ft-mode": st.sampled_from(["sync", "pipelined", "cow", ""]),
-        "--ft-witness": st.one_of(st.builds(lambda path: f"file:{path}", special), st.sampled_from(["etcd:a..b:1", "x"])),
+        "--ft-witness": st.one_of(st.builds(lambda path: f"file:{path}", special),
+                                  st.sampled_from(["etcd:a..b:1", "x"])),
         "--metrics": special,
         "--tls-creds": special,
         "--trace": st.none(),
@@ -197,7 +199,8 @@ CONTROL_COMMANDS = ["query-status", "stop", "cont", "query-vcpus", "snapshot", "
 
 def _json_values() -> st.SearchStrategy:
     return st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
-                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                        lambda inner: (st.lists(inner, max_size=3)
+                                       | st.dictionaries(st.text(max_size=5), inner, max_size=3)),
                         max_leaves=8)
 
 

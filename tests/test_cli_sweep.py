@@ -14,7 +14,6 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +21,7 @@ from hypothesis import strategies as st
 
 from tests import cli_fuzzing
 from tests.cli_fuzzing import Files, control_lines, control_problem, other_command_lines, run_cli, run_command_lines
-from tests.conftest import VmmProcess, requires_kvm, run_pykvm
+from tests.conftest import REPO, VmmProcess, requires_kvm, run_pykvm
 
 pytestmark = requires_kvm
 
@@ -136,7 +135,8 @@ FINDINGS = [
     (["run", "--metrics", "m.jsonl"], "--metrics needs --ft"), (["run", "--ft-verify"], "--ft-verify needs --ft"),
     (["run", "--net", "socket:/tmp/x.sock,mac=00:00:00:00:00:00"], "all zeros"),
     (["run", "--net", "socket:/tmp/x.sock,mac=52:54:00:12:34:57", "--net", "socket:/tmp/y.sock"], "same MAC"),
-    (["run", "--load-addr", "-1", "x.bin"], "--load-addr -1"), (["run", "hello", "--load-addr", "0x100000"], "is a multiboot image"),
+    (["run", "--load-addr", "-1", "x.bin"], "--load-addr -1"),
+    (["run", "hello", "--load-addr", "0x100000"], "is a multiboot image"),
     (["run", "--net", "tap:lo"], "not a TAP"), (["run", "hello", "--mem", "64M", "--mem", "128M"], "given twice"),
     (["run", "kv"], "needs --disk and --net"), (["run", "blk"], "needs --disk"),
     (["demo", "--records", "0"], "--records 0"), (["demo", "--records", "-1"], "--records -1"),
@@ -306,7 +306,7 @@ def test_a_short_demo_kills_its_primary_and_cleans_up(tmp_path):
 
 
 def test_a_terminated_demo_removes_its_folder(tmp_path):
-    demo = subprocess.Popen([sys.executable, "-m", "pykvm", "demo", "--records", "100000"], cwd=Path(__file__).parent.parent,
+    demo = subprocess.Popen([sys.executable, "-m", "pykvm", "demo", "--records", "100000"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         for line in demo.stdout:
