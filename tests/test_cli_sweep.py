@@ -12,8 +12,10 @@ import socket
 import subprocess
 import sys
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -319,3 +321,37 @@ def test_a_terminated_demo_removes_its_folder(tmp_path):
         if demo.poll() is None:
             demo.kill()
     assert not list(tmp_path.glob("pykvm-demo-*"))
+
+
+def _forge_config(snapshot: Path, forged: Path, old: bytes, new: bytes) -> None:
+    """A copy of `snapshot` whose CONFIG section says `new` for `old` (same length), with every
+    checksum made right again: well-formed, but not the machine its state came from."""
+    from pykvm.transfer.snapshot import Header, SectionEntry, SectionKind
+
+    data = bytearray(snapshot.read_bytes())
+    header = Header.parse(data)
+    entries = [dict(SectionEntry.parse(data[Header.sizeof() + i * SectionEntry.sizeof():]))
+               for i in range(header.sections)]
+    for entry in entries:
+        entry.pop("_io", None)
+        if entry["kind"] == SectionKind.CONFIG:
+            at, length = entry["offset"], entry["length"]
+            config = bytes(data[at:at + length]).replace(old, new, 1)
+            assert len(config) == length and new in config
+            data[at:at + length] = config
+            entry["checksum"] = zlib.crc32(config)
+    table = b"".join(SectionEntry.build(entry) for entry in entries)
+    fields = dict(version=header.version, sections=header.sections, checksum=0, reserved=header.reserved)
+    fields["checksum"] = zlib.crc32(Header.build(fields) + table)
+    data[:Header.sizeof() + len(table)] = Header.build(fields) + table
+    forged.write_bytes(data)
+
+
+@pytest.mark.parametrize("old, new, fragment", [(b'"cpus":1,', b'"cpus":9,', "state has 1 vCPUs"),
+                                                (b'"cpus":1,', b'"cpus":0,', "0 vCPUs"),
+                                                (b'"memory":16777216', b'"memory":16777217', "memory sections")])
+def test_a_snapshot_whose_state_does_not_fit_its_configuration(running_vmm, tmp_path, old, new, fragment):
+    control, snap = running_vmm[0], tmp_path / "vm.snap"
+    assert json.loads(run_pykvm("ctl", control, "snapshot", str(snap)).stdout)["ok"]
+    _forge_config(snap, tmp_path / "forged.snap", old, new)
+    _one_line_exit_2(run_pykvm("restore", str(tmp_path / "forged.snap")), fragment)
