@@ -8,13 +8,15 @@
     pykvm ft standby --listen tcp:HOST:PORT [--ft-witness URI] [--ft-timeout MS] [--disk ...] [--net ...]
               [--tls-creds DIR | --insecure]
     pykvm restore FILE [--disk ...] [--net ...] [--serial ...] [--control PATH] [--verify] [--trace] [--tls-creds DIR]
-    pykvm ctl SOCKET COMMAND [ARG] [--overwrite]
+    pykvm ctl SOCKET COMMAND [ARG] [--overwrite] [--timeout SECONDS]
     pykvm tls init DIR [--host NAME]... [--force]
     pykvm guests list | build [NAME...] | path NAME
 
 Exit status: the guest's (its debug-exit value, 0 for a reset or power-off), 1 when the guest
 crashed or the VMM failed, 2 for bad input (one line on stderr, no traceback), 75 when an FT
-primary or standby fenced itself (the other side won the witness's epoch; see ft/fencing.py).
+primary or standby fenced itself (the other side won the witness's epoch; see ft/fencing.py),
+128+N when signal N ended it (SIGTERM, SIGHUP, ^C; see cli_signals.py). Every option's value is
+checked as it is parsed (cli_validate.py), the relations between options right after (cli_parser.py).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def _add_ft_options(parser: argparse.ArgumentParser, *, primary: bool) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = cli_parser.OneLineParser(prog="pykvm", description="A pure-Python hypervisor on Linux KVM.",
-                                 epilog=EXIT_STATUSES)
+                                      epilog=EXIT_STATUSES)
     parser.add_argument("--version", action="version", version=f"pykvm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
