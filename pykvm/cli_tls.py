@@ -22,7 +22,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_command(commands: argparse._SubParsersAction) -> None:
-    command = commands.add_parser("tls", help="make credentials for --tls-creds")
+    command = commands.add_parser("tls", help="make credentials for --tls-creds",
+                                  epilog="example:\n  pykvm tls init /etc/pykvm/tls --host vmhost1 --host 10.0.0.5"
+                                         "\n\nexit status: 0 made, 2 bad input (DIR holds credentials: --force)")
     actions = command.add_subparsers(dest="action", required=True, metavar="ACTION")
     init = actions.add_parser("init", help="create DIR, a CA, and server and client certificates signed by it")
     init.add_argument("directory", metavar="DIR")
