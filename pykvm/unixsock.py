@@ -29,7 +29,7 @@ def bind(path: str, kind: int, what: str, *, take_over: bool = False) -> socket.
         info = os.stat(path)
     except OSError as error:
         sock.close()
-        raise ConfigError(f"{what}: cannot bind: {error.strerror}") from None
+        raise ConfigError(f"{what}: cannot bind: {error.strerror or error}") from None  # "path too long" has no errno
     _bound[sock] = _bound_paths[os.path.abspath(path)] = (info.st_dev, info.st_ino)
     return sock
 
