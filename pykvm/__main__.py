@@ -1,3 +1,18 @@
-from pykvm.cli import main
+"""`python -m pykvm` and the `pykvm` command's entry point. SIGTERM and SIGHUP are blocked before
+the first import that may start a thread (see cli_signals)."""
+
 import sys
-sys.exit(main())
+
+from pykvm import cli_signals
+
+cli_signals.block()
+
+
+def run() -> int:
+    from pykvm.cli import main
+
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

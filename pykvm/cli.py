@@ -9,26 +9,27 @@
               [--tls-creds DIR | --insecure]
     pykvm restore FILE [--disk ...] [--net ...] [--serial ...] [--control PATH] [--verify] [--trace] [--gdb tcp:HOST:PORT] [--tls-creds DIR]
     pykvm ft study [--quick] [-o DIR] | pykvm ft report METRICS.jsonl [-o DIR]
-    pykvm ctl SOCKET COMMAND [ARG] [--overwrite]
+    pykvm ctl SOCKET COMMAND [ARG] [--overwrite] [--timeout SECONDS]
     pykvm tls init DIR [--host NAME]... [--force]
     pykvm guests list | build [NAME...] | path NAME [--elf]
 
 Exit status: the guest's (its debug-exit value, 0 for a reset or power-off), 1 when the guest
 crashed or the VMM failed, 2 for bad input (one line on stderr, no traceback), 75 when an FT
-primary or standby fenced itself (the other side won the witness's epoch; see ft/fencing.py).
+primary or standby fenced itself (the other side won the witness's epoch; see ft/fencing.py),
+128+N when signal N ended it (SIGTERM, SIGHUP, ^C; see cli_signals.py). Every option's value is
+checked as it is parsed (cli_validate.py), the relations between options right after (cli_parser.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from pathlib import Path
 
-from pykvm import cli_tls, control, gdb, guestbuild
+from pykvm import __version__, cli_ctl, cli_guests, cli_parser, cli_signals, cli_tls, control, gdb, guestbuild, unixsock
+from pykvm import cli_validate as valid
 from pykvm.transfer import migration, snapshot
-from pykvm.ft import FtError, Primary, Standby, demo
+from pykvm.ft import FtError, Primary, Standby, demo as demo_module
 from pykvm.ft.standby import TakeoverImpossible
 from pykvm.ft.fencing import EXIT_FENCED, NO_WITNESS_WARNING, Fenced, Fencing
 from pykvm.study import commands as study_commands
@@ -40,44 +41,38 @@ from pykvm.devices.virtio.blk import DiskSpec
 from pykvm.diagnostics import ExitTracer
 from pykvm.errors import ConfigError
 from pykvm.kvm import KvmError, KvmUnavailable
-from pykvm.machine import DEFAULT_MEMORY, Machine, MachineConfig
+from pykvm.machine import Machine, MachineConfig
 from pykvm.memory import GuestMemory
 from pykvm.run_control import StopKind
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
-_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}  # bare number: MiB, as QEMU
-
-
-def parse_size(text: str) -> int:
-    match = _SIZE.match(text)
-    if not match:
-        raise ConfigError(f"--mem {text!r}: not a size (examples: 64M, 1G, 65536K)")
-    size = int(match.group(1)) * _UNITS[match.group(2).upper()]
-    if size < 2 << 20:
-        raise ConfigError(f"--mem {text}: at least 2 MiB of guest RAM are needed")
-    if size % 4096:
-        raise ConfigError(f"--mem {text}: must be a multiple of 4 KiB")
-    return size
+EXIT_STATUSES = """exit status:
+  N      the guest's: its debug-exit value; 0 for a reset or power-off
+  1      the guest crashed or the VMM failed (a report on stderr)
+  2      bad input: one line on stderr, nothing ran
+  75     fenced (FT): the other side won the witness's epoch
+  128+N  ended by signal N (SIGTERM, SIGHUP: its sockets removed)"""
+_MEM_HELP = "guest RAM: K, M, G or T suffix, a bare number is MiB; 2M up to the host's RAM (default 64M)"
+_CPUS_HELP = f"vCPUs, 1 to {valid.MAX_CPUS} (and KVM's limit) (default 1)"
 
 
-def parse_address(text: str) -> int:
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise ConfigError(f"--load-addr {text!r}: not an address (examples: 0x100000, 0x7c00)") from None
+def _example(parser: argparse.ArgumentParser, example: str, statuses: str = EXIT_STATUSES) -> None:
+    parser.epilog = f"example:\n  {example}\n\n{statuses}"
 
 
 def _add_machine_options(parser: argparse.ArgumentParser) -> None:
     """Options that run and restore share: backends, console, control, tracing."""
-    parser.add_argument("--disk", action="append", default=[], metavar="PATH[,readonly]",
-                        help="a virtio-blk disk on a file (repeatable)")
-    parser.add_argument("--net", action="append", default=[], metavar="SPEC",
-                        help="a virtio-net NIC: tap:NAME or socket:PATH[,peer=PATH], each [,mac=M] (repeatable)")
-    parser.add_argument("--serial", default="stdio", help="COM1: stdio, file:PATH or none (default stdio)")
-    parser.add_argument("--control", metavar="PATH", help="serve the JSON control protocol on this Unix socket")
+    parser.add_argument("--disk", action="append", default=[], metavar="PATH[,readonly]", type=valid.disk_spec,
+                        help="a virtio-blk disk on a regular file or block device (repeatable)")
+    parser.add_argument("--net", action="append", default=[], metavar="SPEC", type=valid.net_spec,
+                        help="a virtio-net NIC: tap:NAME or socket:PATH[,peer=PATH], each [,mac=M] (repeatable; "
+                             f"disks and NICs: {valid.PCI_DEVICE_SLOTS} at most)")
+    parser.add_argument("--serial", default="stdio", type=valid.serial_spec, metavar="stdio|file:PATH|none",
+                        help="COM1: stdio, file:PATH (a regular file or a character device) or none (default stdio)")
+    parser.add_argument("--control", metavar="PATH", type=valid.socket_path,
+                        help="serve the JSON control protocol on this Unix socket "
+                             f"(at most {valid.UNIX_PATH_MAX} bytes)")
     parser.add_argument("--trace", action="store_true", help="print every VM exit to stderr")
     cli_tls.add_options(parser)
 
@@ -87,15 +82,17 @@ PRIMARY_ONLY_FT_OPTIONS = ("--ft-mode", "--ft-interval", "--ft-disk", "--metrics
 
 def _add_ft_options(parser: argparse.ArgumentParser, *, primary: bool) -> None:
     """The FT options; the standby parses the primary's too (hidden), to refuse them in one line."""
-    parser.add_argument("--ft-timeout", type=float, default=200, metavar="MS",
-                        help="the standby takes over after this long without a word from the primary (default 200)")
+    parser.add_argument("--ft-timeout", type=valid.millis(1), default=200, metavar="MS",
+                        help="the standby takes over after this long without a word from the primary "
+                             "(milliseconds, 1 to 86400000; default 200)")
     parser.add_argument("--ft-verify", action="store_true",
                         help="check at every sync that the standby's RAM equals the primary's (slow; for tests)")
-    parser.add_argument("--ft-witness", metavar="URI",
+    parser.add_argument("--ft-witness", metavar="URI", type=valid.witness_uri,
                         help="file:PATH or etcd:HOST:PORT[/PREFIX], the same for primary and standby: when they "
                              "lose each other, only the side that wins the next epoch there runs the guest")
     shown = (lambda text: text) if primary else (lambda text: argparse.SUPPRESS)
-    parser.add_argument("--metrics", metavar="FILE", help=shown("the primary writes one JSON line per sync here"))
+    parser.add_argument("--metrics", metavar="FILE", type=valid.output_file("a metrics file"),
+                        help=shown("the primary appends one JSON line per sync here"))
     parser.add_argument("--ft-mode", choices=("sync", "pipelined"), default="sync" if primary else None,
                         help=shown("sync: the guest waits for the standby's ack (Kemari); pipelined: it runs on "
                                    "once the sync is captured and only the outputs wait (default sync)"))
@@ -103,75 +100,87 @@ def _add_ft_options(parser: argparse.ArgumentParser, *, primary: bool) -> None:
                         help=shown("replicated: the standby has its own copy of each disk, writes complete at once "
                                    "and travel with the next sync; shared: both open the same file, a write waits "
                                    "for a sync (default replicated)"))
-    parser.add_argument("--ft-interval", type=float, default=0 if primary else None, metavar="MS",
+    parser.add_argument("--ft-interval", type=valid.millis(0), default=0 if primary else None, metavar="MS",
                         help=shown("also sync every MS milliseconds, output or not (periodic, Remus-style; "
-                                   "default: only at outputs)"))
+                                   "0 to 86400000; default 0: only at outputs)"))
 
 
 GDB_HELP = "serve gdb's remote protocol there; the guest waits at its first instruction until gdb continues"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pykvm", description="A pure-Python hypervisor on Linux KVM.")
+    parser = cli_parser.OneLineParser(prog="pykvm", description="A pure-Python hypervisor on Linux KVM.",
+                                      epilog=EXIT_STATUSES)
+    parser.add_argument("--version", action="version", version=f"pykvm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="boot a guest", description="Boot a guest image; exit with its status.")
-    run.add_argument("image", nargs="?", metavar="GUEST|PATH",
-                     help="a guest name from `pykvm guests list`, or an ELF64, multiboot or flat image "
+    _example(run, "pykvm run kv --disk kv.img --net socket:/tmp/kv.sock --mem 128M --cpus 2")
+    run.add_argument("image", nargs="?", metavar="GUEST|PATH", type=valid.guest_or_image([*guestbuild.GUESTS, "linux"]),
+                     help="a guest name from `pykvm guests list`, or an ELF64, multiboot or flat image file "
                           "(default: the embedded greeting guest)")
-    run.add_argument("--mem", default=str(DEFAULT_MEMORY >> 20) + "M", help="guest RAM, e.g. 64M or 1G (default 64M)")
-    run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
+    run.add_argument("--mem", default="64M", type=valid.memory_size, metavar="SIZE", help=_MEM_HELP)
+    run.add_argument("--cpus", type=valid.cpus, default=1, metavar="N", help=_CPUS_HELP)
     run.add_argument("--append", default="", metavar="ARGS", help="the guest's command line")
-    run.add_argument("--load-addr", metavar="ADDR", help="load address of a flat binary")
-    run.add_argument("--kernel", metavar="bzImage|vmlinux", help="boot a Linux kernel (x86 boot protocol)")
-    run.add_argument("--initrd", metavar="FILE", help="the initrd/initramfs for --kernel")
-    run.add_argument("--incoming", metavar="tcp:HOST:PORT",
+    run.add_argument("--load-addr", metavar="ADDR", type=valid.address,
+                     help="load address of a flat binary (required for one; not for ELF or multiboot images)")
+    run.add_argument("--kernel", metavar="bzImage|vmlinux", type=valid.input_file("a kernel"),
+                     help="boot a Linux kernel (x86 boot protocol)")
+    run.add_argument("--initrd", metavar="FILE", type=valid.input_file("an initrd"),
+                     help="the initrd/initramfs for --kernel")
+    run.add_argument("--incoming", metavar="tcp:HOST:PORT", type=valid.tcp_uri,
                      help="wait for a live migration instead of booting (same options as the source)")
-    run.add_argument("--ft", metavar="tcp:HOST:PORT", help="run fault-tolerant, protected by the standby there")
+    run.add_argument("--ft", metavar="tcp:HOST:PORT", type=valid.tcp_uri,
+                     help="run fault-tolerant, protected by the standby there")
     _add_machine_options(run)
     _add_ft_options(run, primary=True)
     run.add_argument("--gdb", metavar="tcp:HOST:PORT", help=GDB_HELP)
 
-    ft = commands.add_parser("ft", help="fault tolerance: run a standby (or a primary)")
+    ft = commands.add_parser("ft", help="fault tolerance: run a standby", description="Fault tolerance: the standby "
+                             "side (the primary is `pykvm run GUEST --ft tcp:HOST:PORT`).")
+    _example(ft, "pykvm ft standby --listen tcp:127.0.0.1:7000 --disk standby.img")
     roles = ft.add_subparsers(dest="role", required=True, metavar="ROLE")
-    standby = roles.add_parser("standby", help="hold a copy of a primary's guest; take over if it dies")
-    standby.add_argument("--listen", required=True, metavar="tcp:HOST:PORT", help="where the primary connects")
-    standby.add_argument("--mem", default=str(DEFAULT_MEMORY >> 20) + "M", help="guest RAM (must match the primary)")
-    standby.add_argument("--cpus", type=int, default=1, help="vCPUs (must match the primary)")
+    standby = roles.add_parser("standby", help="hold a copy of a primary's guest; take over if it dies",
+                               description="Hold a copy of a primary's guest; take over if it dies. The "
+                                           "sync mode and interval are the primary's: the standby follows.")
+    _example(standby, "pykvm ft standby --listen tcp:127.0.0.1:7000 --ft-witness file:/shared/kv.epoch "
+                      "--disk standby.img --net socket:/tmp/kv.sock")
+    standby.add_argument("--listen", required=True, metavar="tcp:HOST:PORT", type=valid.tcp_uri,
+                         help="where the primary connects")
+    standby.add_argument("--mem", default="64M", type=valid.memory_size, metavar="SIZE",
+                         help=_MEM_HELP.replace("the host's RAM", "the host's available RAM")
+                         + "; must match the primary")
+    standby.add_argument("--cpus", type=valid.cpus, default=1, metavar="N",
+                         help=_CPUS_HELP + "; must match the primary")
     _add_machine_options(standby)
     _add_ft_options(standby, primary=False)
     study_commands.add_commands(roles)
 
     restore = commands.add_parser("restore", help="resume a snapshot",
                                   description="Resume a snapshot; --disk/--net replace its backends.")
-    restore.add_argument("file", metavar="FILE")
+    _example(restore, "pykvm restore /tmp/vm.snap --serial file:/tmp/serial.log")
+    restore.add_argument("file", metavar="FILE", type=valid.input_file("a snapshot"), help="a regular file")
     restore.add_argument("--verify", action="store_true", help="check the RAM sections' checksums too (reads all RAM)")
     _add_machine_options(restore)
     restore.add_argument("--gdb", metavar="tcp:HOST:PORT", help=GDB_HELP)
 
-    demo = commands.add_parser("demo", help="fault tolerance end to end: kill a primary, check the standby")
-    demo.add_argument("--records", type=int, default=200, help="records the client writes (default 200)")
-    demo.add_argument("--seed", type=int, help="seed for the kill moment and the data (default: random)")
+    demo = commands.add_parser("demo", help="fault tolerance end to end: kill a primary, check the standby",
+                               description="Run a standby and a kv primary, write records, kill the primary "
+                                           "(SIGKILL) among them, read every acknowledged record back.")
+    _example(demo, "pykvm demo --records 500 --seed 7 --ft-mode pipelined",
+             "exit status: 0 every acknowledged record was served, 1 one was lost or the demo failed, 2 bad input")
+    demo.add_argument("--records", type=valid.integer(demo_module.MIN_RECORDS, demo_module.MAX_RECORDS),
+                      default=200, help=f"records the client writes, {demo_module.MIN_RECORDS} to "
+                                        f"{demo_module.MAX_RECORDS} (default 200)")
+    demo.add_argument("--seed", type=valid.integer(-(1 << 63), (1 << 63) - 1),
+                      help="seed for the kill moment and the data (default: random)")
     demo.add_argument("--ft-mode", choices=("sync", "pipelined"), default="sync", help="see `pykvm run --ft-mode`")
     demo.add_argument("--ft-disk", choices=DISK_MODES, default="replicated", help="see `pykvm run --ft-disk`")
 
-    ctl = commands.add_parser("ctl", help="send a command to a running pykvm's control socket")
-    ctl.add_argument("socket", metavar="SOCKET")
-    ctl.add_argument("cmd", metavar="COMMAND", help="query-status, stop, cont, snapshot FILE, query-vcpus, "
-                                                    "migrate tcp:HOST:PORT, quit")
-    ctl.add_argument("arg", nargs="?", metavar="ARG")
-    ctl.add_argument("--overwrite", action="store_true", help="snapshot: replace an existing FILE")
-
+    cli_ctl.add_command(commands, _example)
     cli_tls.add_command(commands)
 
-    guest_cmd = commands.add_parser("guests", help="list, build or locate the bundled test guests")
-    actions = guest_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
-    actions.add_parser("list", help="list the bundled guests")
-    build = actions.add_parser("build", help="build guests (all by default) into the cache")
-    build.add_argument("names", nargs="*", metavar="NAME")
-    path = actions.add_parser("path", help="print the path of a built guest image (building it if needed)")
-    path.add_argument("name", metavar="NAME")
-    path.add_argument("--elf", action="store_true", help="the unstripped ELF with symbols, for gdb")
+    cli_guests.add_command(commands, _example)
     return parser
 
 
@@ -180,23 +189,27 @@ def _resolve_image(name: str | None) -> Path | bytes:
         return default_guest_image()
     if name in guestbuild.GUESTS:
         return guestbuild.image_path(name)
-    path = Path(name)
-    if not path.exists() and "/" not in name and "." not in name:
-        raise ConfigError(f"{name!r} is neither a bundled guest ({', '.join(guestbuild.GUESTS)}) nor a file")
-    return path
+    return Path(name)  # checked as a regular file by the parser
 
 
 def _backends(args: argparse.Namespace) -> tuple[tuple[DiskSpec, ...], tuple[NetSpec, ...]]:
-    return tuple(DiskSpec.parse(text) for text in args.disk), tuple(NetSpec.parse(text) for text in args.net)
+    disks, nets = tuple(DiskSpec.parse(text) for text in args.disk), tuple(NetSpec.parse(text) for text in args.net)
+    valid.check_devices(disks, nets)
+    return disks, nets
+
+
+def _check_guest_needs(args: argparse.Namespace) -> None:
+    """A bundled guest that drives a disk or a NIC says so before it boots, not with a FAIL after."""
+    needs = guestbuild.NEEDS.get(args.image, ())
+    missing = [option for option in needs if not getattr(args, option[2:])]
+    if missing and not args.incoming:
+        raise ConfigError(f"the {args.image} guest needs {' and '.join(missing)} "
+                          f"(example: pykvm run {args.image} {guestbuild.NEEDS_EXAMPLE[args.image]})")
 
 
 def _linux_options(args: argparse.Namespace) -> None:
     """`run linux` is --kernel/--initrd/--disk of the bundled Linux guest (built on first use) with
     its default command line, the user's --append after it."""
-    if args.kernel is None and args.initrd is not None:
-        raise ConfigError("--initrd needs --kernel")
-    if args.kernel is not None and args.image is not None:
-        raise ConfigError(f"give either a guest ({args.image}) or --kernel, not both")
     if args.image != "linux" or args.incoming:
         return
     from pykvm.guestbuild import linux_guest
@@ -210,13 +223,12 @@ def _linux_options(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _check_guest_needs(args)
     _linux_options(args)
-    if args.ft_witness and not args.ft:
-        raise ConfigError("--ft-witness needs --ft")
     fencing = Fencing.open(args.ft_witness, "primary", _log) if args.ft_witness else None  # before building
     disks, nets = _backends(args)
-    config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
-    load_addr = parse_address(args.load_addr) if args.load_addr is not None else None
+    config = MachineConfig(memory=args.mem, cpus=args.cpus, disks=disks, nets=nets)
+    load_addr = args.load_addr
     image = None if args.incoming or args.kernel else _resolve_image(args.image)
     server = cli_tls.listen(args, args.incoming, "--incoming") if args.incoming else None
     console = SerialConsole(args.serial)
@@ -269,8 +281,9 @@ def cmd_ft(args: argparse.Namespace) -> int:
         if getattr(args, option[2:].replace("-", "_")) is not None:
             raise ConfigError(f"{option} is for `pykvm run --ft`: the standby follows the primary's choice")
     fencing = Fencing.open(args.ft_witness, "standby", _log) if args.ft_witness else None
+    valid.check_standby_memory(args.mem)
     disks, nets = _backends(args)
-    config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
+    config = MachineConfig(memory=args.mem, cpus=args.cpus, disks=disks, nets=nets)
     server = cli_tls.listen(args, args.listen, "--listen")
     console = SerialConsole(args.serial)
     try:
@@ -346,10 +359,10 @@ def _run(machine: Machine, args: argparse.Namespace, console: SerialConsole, *,
         server.register("ft-protect", lambda request: _ft_protect(machine, args, primary, request))
     try:
         console.attach(machine.serial.feed)
-        if not started:
-            machine.vm.start()
+        cli_signals.start(machine, started=started)  # from here a SIGTERM or SIGHUP stops the guest
         stop = machine.vm.wait()
     finally:
+        cli_signals.ended()
         if primary is not None:
             primary.close()
         if server is not None:
@@ -376,68 +389,32 @@ def _ft_protect(machine: Machine, args: argparse.Namespace, primary: Primary | N
     return primary.summary()
 
 
-_CTL_ARGUMENT = {"snapshot": "file", "migrate": "uri", "ft-protect": "uri"}
-
-
-def cmd_ctl(args: argparse.Namespace) -> int:
-    request = {"cmd": args.cmd}
-    if args.arg is not None:
-        request[_CTL_ARGUMENT.get(args.cmd, "arg")] = args.arg
-    if args.overwrite:
-        request["overwrite"] = True
-    reply = control.request(args.socket, request)
-    print(json.dumps(reply))
-    return 0 if reply.get("ok") else EXIT_FAILURE
-
-
-def cmd_guests(args: argparse.Namespace) -> int:
-    if args.action == "list":
-        width = max(map(len, guestbuild.GUESTS))
-        for name, description in guestbuild.GUESTS.items():
-            print(f"{name:<{width}}  {description}")
-        print(f"{'linux':<{width}}  Linux 6.1 (tinyconfig + guests/linux/pykvm.config), busybox initramfs and ext4 "
-              "root; built on request (`guests build linux`, a few minutes)")
-    elif args.action == "build":
-        for name in args.names:
-            if name not in guestbuild.GUESTS and name != "linux":
-                raise guestbuild.UnknownGuest(name)
-        others = [name for name in args.names if name != "linux"]
-        if others or not args.names:
-            built = guestbuild.build(others or None, log=lambda line: print(line, file=sys.stderr))
-            for name, path in built.items():
-                print(f"{name}: {path}")
-        if "linux" in args.names:
-            from pykvm.guestbuild import linux_guest
-
-            print(f"linux: {linux_guest.build(log=_log).directory}")
-    elif args.name == "linux":
-        from pykvm.guestbuild import linux_guest
-
-        guest = linux_guest.build(log=_log)
-        print(guest.vmlinux if args.elf else guest.bzimage)
-    else:
-        print(guestbuild.elf_path(args.name) if args.elf else guestbuild.image_path(args.name))
-    return 0
-
-
 def _print_error(error: Exception) -> None:
     print(f"pykvm: error: {error}", file=sys.stderr)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return demo.main(args.records, args.seed, args.ft_mode, args.ft_disk)
+    return demo_module.main(args.records, args.seed, args.ft_mode, args.ft_disk)
 
 
-COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "guests": cmd_guests, "ft": cmd_ft,
-            "tls": cli_tls.cmd_tls}
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cli_ctl.cmd_ctl,
+            "guests": cli_guests.cmd_guests,
+            "ft": cmd_ft, "tls": cli_tls.cmd_tls}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    cli_signals.install()
     try:
+        args = _parser().parse_args(argv)
+        cli_parser.check_relations(args)
+        valid.check_cache_dir()
         if hasattr(args, "tls_creds"):  # run, restore, ft standby
             cli_tls.load(args)
         return COMMANDS[args.command](args)
+    except cli_signals.Terminated as signalled:
+        unixsock.remove_leftovers()  # the signal may have come between a bind and its owner's `try`
+        _log(f"pykvm: ended by {signalled}")
+        return 128 + signalled.signum
     except (ConfigError, KvmUnavailable, guestbuild.ToolchainMissing, guestbuild.UnknownGuest) as error:
         _print_error(error)
         return EXIT_USAGE

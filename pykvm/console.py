@@ -14,10 +14,7 @@ from pykvm.errors import ConfigError
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        try:
-            written = os.write(fd, view)
-        except BrokenPipeError:
-            return  # the reader went away; the guest keeps running, as with a closed terminal
+        written = os.write(fd, view)
         view = view[written:]
 
 
@@ -28,10 +25,11 @@ class SerialConsole:
         self.spec = spec
         self._out_fd: int | None = None
         self._own_fd = False
+        self._failed = False  # writing failed once: output is dropped from then on
         self._input = False
         self._saved_tty: list | None = None
         if spec == "stdio":
-            self._out_fd = sys.stdout.fileno()
+            self._out_fd = sys.stdout.fileno() if sys.stdout is not None else None  # None: stdout closed
             self._input = True
         elif spec.startswith("file:") and len(spec) > 5:
             path = spec[5:]
@@ -44,8 +42,16 @@ class SerialConsole:
             raise ConfigError(f"--serial {spec!r}: expected stdio, file:PATH or none")
 
     def output(self, data: bytes) -> None:
-        if self._out_fd is not None:
-            _write_all(self._out_fd, data)
+        if self._out_fd is not None and not self._failed:
+            try:
+                _write_all(self._out_fd, data)
+            except BrokenPipeError:
+                self._failed = True  # the reader went away; the guest keeps running, as with a closed terminal
+            except OSError as error:  # a full disk, a closed descriptor: said once, the guest runs on
+                self._failed = True
+                where = "stdout" if self.spec == "stdio" else self.spec[5:]
+                print(f"pykvm: serial output to {where} failed ({error.strerror}); "
+                      "the guest's COM1 output is dropped from here on", file=sys.stderr, flush=True)
 
     def attach(self, feed: Callable[[bytes], None]) -> None:
         """Start forwarding stdin to the guest (for `stdio`). Keys reach the guest one by one:

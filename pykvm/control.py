@@ -10,7 +10,12 @@ one reply, in the spirit of QMP.
     {"cmd": "quit"}                                stop the VM; the VMM exits 0
 
 Errors are replies too ({"ok": false, "error": "..."}); the VMM keeps running whatever a client
-sends. Commands run one at a time.
+sends, and every request gets its reply: a line that is not JSON, nests too deep, runs over 64 KiB,
+names an unknown command or field, or holds a value of the wrong type is answered with an error.
+Commands run one at a time, except query-status and ft-stats, which never wait: a command that
+finds another still running (a migration, a snapshot) waits up to BUSY_WAIT, then is answered
+"busy". A snapshot is written only to a new or regular file, by an absolute path (`pykvm ctl`
+resolves a relative one), never onto the VMM's own sockets or disks; a failed one leaves nothing.
 
 The user's `stop` is one pause among others (a snapshot's, an FT sync's, a migration's; see
 RunControl): a second `stop` changes nothing, and `cont` releases only the user's pause, so the
@@ -28,7 +33,9 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import struct
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -41,11 +48,21 @@ from pykvm.machine import Machine
 from pykvm.run_control import Pause, RunState
 
 MAX_REQUEST = 64 * 1024
+MAX_REPLY = 16 << 20
+BUSY_WAIT = 10.0  # seconds a command waits for the one running before it
+LOCK_FREE = frozenset({"query-status", "ft-stats"})  # read-only: answered even while another command runs
+# The fields a request may carry besides "cmd" (a command not listed takes none).
+FIELDS: dict[str, frozenset[str]] = {"snapshot": frozenset({"file", "overwrite"}), "migrate": frozenset({"uri"}),
+                                     "ft-protect": frozenset({"uri"})}
 _PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class CommandError(Exception):
     """A request that cannot be carried out; its message goes back to the client."""
+
+
+class NoReply(Exception):
+    """`request`: the VMM did not answer in time, or answered something that is not a reply."""
 
 
 class ControlServer:
@@ -56,6 +73,7 @@ class ControlServer:
         os.chmod(path, 0o600)  # before listen(): nobody can connect while the mode is the umask's
         self.sock.listen(4)
         self._command_lock = threading.Lock()
+        self._running: str | None = None  # the command holding the lock, for a "busy" reply
         self._user_pause: Pause | None = None  # held from `stop` to `cont`
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "query-status": self._query_status,
@@ -90,34 +108,59 @@ class ControlServer:
             threading.Thread(target=self._serve, args=(conn,), name="control-client", daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rb") as reader:
+        with conn, contextlib.suppress(OSError), conn.makefile("rb") as reader:
             while True:
                 line = reader.readline(MAX_REQUEST + 1)
                 if not line:
                     return
-                reply = self.handle_line(line)
-                try:
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
-                except OSError:
-                    return
+                if len(line) > MAX_REQUEST and not line.endswith(b"\n"):
+                    while (rest := reader.readline(MAX_REQUEST)) and not rest.endswith(b"\n"):
+                        pass  # the rest of an oversized line is not a request of its own
+                conn.sendall(json.dumps(self.handle_line(line)).encode() + b"\n")
 
     def handle_line(self, line: bytes) -> dict[str, Any]:
+        """The reply to one request line; whatever the line holds, a reply."""
+        try:
+            return self._handle(line)
+        except Exception as error:  # a bug must not cost the client its reply nor the VMM this thread
+            print(f"pykvm: control: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            return {"ok": False, "error": f"internal error: {type(error).__name__}: {error}"}
+
+    def _handle(self, line: bytes) -> dict[str, Any]:
         if len(line) > MAX_REQUEST:
             return {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
         try:
             request = json.loads(line)
         except ValueError:
             return {"ok": False, "error": "not a JSON object"}
+        except RecursionError:
+            return {"ok": False, "error": "not a request: JSON nested too deep"}
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
             return {"ok": False, "error": 'expected {"cmd": NAME, ...}'}
-        handler = self.handlers.get(request["cmd"])
+        name = request["cmd"]
+        handler = self.handlers.get(name)
         if handler is None:
-            return {"ok": False, "error": f"unknown command {request['cmd']!r} (known: {', '.join(self.handlers)})"}
-        with self._command_lock:
-            try:
-                return {"ok": True, **handler(request)}
-            except (CommandError, ConfigError, OSError, migration.MigrationError) as error:
-                return {"ok": False, "error": str(error)}
+            return {"ok": False, "error": f"unknown command {name!r} (known: {', '.join(self.handlers)})"}
+        extra = sorted(set(request) - {"cmd"} - FIELDS.get(name, frozenset()))
+        if extra:
+            return {"ok": False, "error": f"{name} takes no {', '.join(map(repr, extra))}"}
+        if name in LOCK_FREE:
+            return self._call(handler, request)
+        if not self._command_lock.acquire(timeout=BUSY_WAIT):
+            return {"ok": False, "error": f"busy: {self._running} is still running (ask again when it is done)"}
+        try:
+            self._running = name
+            return self._call(handler, request)
+        finally:
+            self._running = None
+            self._command_lock.release()
+
+    @staticmethod
+    def _call(handler: Callable[[dict[str, Any]], dict[str, Any]], request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return {"ok": True, **handler(request)}
+        except (CommandError, ConfigError, OSError, migration.MigrationError) as error:
+            return {"ok": False, "error": str(error)}
 
     # -- commands ----------------------------------------------------------------------------------
 
@@ -143,14 +186,36 @@ class ControlServer:
 
     def _snapshot(self, request: dict[str, Any]) -> dict[str, Any]:
         path = _string(request, "file")
-        overwrite = request.get("overwrite", False) is True
+        overwrite = request.get("overwrite", False)
+        if not isinstance(overwrite, bool):
+            raise CommandError("snapshot: 'overwrite' is true or false")
         self._require_live()
+        self._check_snapshot_path(path)
         if not overwrite and os.path.lexists(path):  # checked again, atomically, by save
             raise CommandError(f"{path} exists (say \"overwrite\": true to replace it)")
         started = time.perf_counter()
         with self.machine.quiesced("snapshot"):
             size = snapshot.save(self.machine, path, overwrite=overwrite)
         return {"file": path, "bytes": size, "pause_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+    def _check_snapshot_path(self, path: str) -> None:
+        """A snapshot goes to a new or regular file in an existing directory, by an absolute path,
+        and never onto what the VMM itself uses (its sockets, its disks)."""
+        if "\0" in path or not os.path.isabs(path):
+            raise CommandError(f"snapshot {path!r}: needs an absolute path without NUL bytes "
+                               "(`pykvm ctl` makes a relative one absolute)")
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            info = None
+        if info is not None and not stat.S_ISREG(info.st_mode):
+            raise CommandError(f"snapshot {path}: exists and is not a regular file")
+        if info is None and not os.path.isdir(os.path.dirname(path)):
+            raise CommandError(f"snapshot {path}: directory {os.path.dirname(path)} does not exist")
+        own = [self.path, *(disk.path for disk in self.machine.config.disks),
+               *(net.target for net in self.machine.config.nets if net.kind == "socket")]
+        if info is not None and any(_same_file(path, used) for used in own):
+            raise CommandError(f"snapshot {path}: this VMM uses that file (a socket or a disk of its own)")
 
     def _query_vcpus(self, request: dict[str, Any]) -> dict[str, Any]:
         self._require_live()
@@ -200,17 +265,41 @@ def _string(request: dict[str, Any], key: str) -> str:
     return value
 
 
+def _same_file(path: str, other: str) -> bool:
+    try:
+        return os.path.samefile(path, other)
+    except OSError:
+        return False
+
+
 def request(path: str, command: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """Client side: send one request, return the reply (used by `pykvm ctl`)."""
+    """Client side: send one request, return the reply (used by `pykvm ctl`). ConfigError when
+    nobody listens at `path`, NoReply when the reply does not come within `timeout` seconds or is
+    not a JSON object."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
             raise ConfigError(f"{path}: no pykvm is listening there") from None
-        sock.sendall(json.dumps(command).encode() + b"\n")
-        with sock.makefile("rb") as reader:
-            line = reader.readline()
+        except TimeoutError:
+            raise NoReply(f"{path}: the VMM did not accept the connection within {timeout:g} s") from None
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot connect: {error.strerror}") from None
+        try:
+            sock.sendall(json.dumps(command).encode() + b"\n")
+            with sock.makefile("rb") as reader:
+                line = reader.readline(MAX_REPLY + 1)
+        except TimeoutError:
+            raise NoReply(f"{path}: no reply to {command['cmd']!r} within {timeout:g} s (ctl --timeout)") from None
+        except OSError as error:
+            raise NoReply(f"{path}: the connection failed: {error.strerror}") from None
     if not line:
-        raise ConfigError(f"{path}: the VMM closed the connection without a reply")
-    return json.loads(line)
+        raise NoReply(f"{path}: the VMM closed the connection without a reply")
+    try:
+        reply = json.loads(line)
+    except (ValueError, RecursionError):
+        reply = None
+    if not isinstance(reply, dict):
+        raise NoReply(f"{path}: the reply is not a JSON object (is this a pykvm control socket?)")
+    return reply

@@ -44,6 +44,10 @@ I8042_DATA_PORT, I8042_COMMAND_PORT = 0x60, 0x64
 
 MIB = 1024 * 1024
 DEFAULT_MEMORY = 64 * MIB
+# APIC IDs are one byte in the MP table's and the MADT's processor entries (and the CMOS holds the
+# count less one in a byte), and KVM's xAPIC reserves ID 0xFF for broadcast: vCPUs 0..254.
+MAX_CPUS = 255
+PCI_DEVICE_SLOTS = 31  # PCI bus 0's 32 slots less the host bridge's: disks and NICs together
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,12 @@ class Machine:
         """`attach_networks=False` builds the NICs without opening their backends (an FT standby
         must not take the primary's TAP or socket until it takes over): see attach_networks()."""
         self.config = config
+        if not 1 <= config.cpus <= MAX_CPUS:
+            raise ConfigError(f"{config.cpus} vCPUs: this machine has 1 to {MAX_CPUS} (one-byte APIC IDs, "
+                              "0xFF is broadcast)")
+        if len(config.disks) + len(config.nets) > PCI_DEVICE_SLOTS:
+            raise ConfigError(f"{len(config.disks)} disks and {len(config.nets)} NICs: PCI bus 0 has room for "
+                              f"{PCI_DEVICE_SLOTS}")
         self.vm = vm = Vm(config.memory, config.cpus, kvm=kvm, memory=memory)
         try:
             self.serial = Serial16550(serial_output, irq=lambda level: vm.irq_line(COM1_IRQ, level))
@@ -92,7 +102,7 @@ class Machine:
             for spec in config.disks:
                 self._add_virtio(Blk(DiskImage(spec)))
             for index, spec in enumerate(config.nets):
-                mac = parse_mac(spec.mac) if spec.mac else _default_mac(index)
+                mac = parse_mac(spec.mac) if spec.mac else default_mac(index)
                 self._add_virtio(Net(spec.open() if attach_networks else None, mac))
             self.links = LinkMemory(lambda: [function.device.backend for function in self.nics()])
         except BaseException:
@@ -218,7 +228,7 @@ def ioeventfd_for(config: MachineConfig, device_type: type) -> bool:
     return not issubclass(device_type, Blk)
 
 
-def _default_mac(index: int) -> bytes:
+def default_mac(index: int) -> bytes:
     """52:54:00:12:34:56 for the first NIC (QEMU's default), then :57, :58, ..."""
     mac = bytearray(parse_mac(DEFAULT_MAC))
     mac[5] = (mac[5] + index) & 0xFF

@@ -29,12 +29,27 @@ def bind(path: str, kind: int, what: str, *, take_over: bool = False) -> socket.
         info = os.stat(path)
     except OSError as error:
         sock.close()
-        raise ConfigError(f"{what}: cannot bind: {error.strerror}") from None
-    _bound[sock] = (info.st_dev, info.st_ino)
+        raise ConfigError(f"{what}: cannot bind: {error.strerror or error}") from None  # "path too long" has no errno
+    _bound[sock] = _bound_paths[os.path.abspath(path)] = (info.st_dev, info.st_ino)
     return sock
 
 
 _bound: weakref.WeakKeyDictionary[socket.socket, tuple[int, int]] = weakref.WeakKeyDictionary()
+_bound_paths: dict[str, tuple[int, int]] = {}  # every path this process bound, and the file it made
+
+
+def remove_leftovers() -> None:
+    """Remove the socket files this process made that are still there (the same file, not one
+    another process has bound since): for an end that interrupted the code that would close them
+    (a SIGTERM while a control socket was being set up)."""
+    for path, made in list(_bound_paths.items()):
+        try:
+            info = os.stat(path)
+            if (info.st_dev, info.st_ino) == made:
+                os.unlink(path)
+        except OSError:
+            pass
+        _bound_paths.pop(path, None)
 
 
 def _in_use(path: str, kind: int) -> bool:

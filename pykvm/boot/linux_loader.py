@@ -178,6 +178,9 @@ def _parse_vmlinux(data: bytes, name: str) -> LinuxImage:
         raise ConfigError(f"{name}: truncated ELF header") from None
     if elf.ident.elf_class != f.ELFCLASS64 or elf.machine != f.EM_X86_64:
         raise ConfigError(f"{name}: an ELF vmlinux must be x86-64 (class {elf.ident.elf_class}, machine {elf.machine})")
+    if elf.type != f.ET_EXEC:
+        raise ConfigError(f"{name}: not a Linux kernel: an ELF of type {elf.type} (a vmlinux is an executable, "
+                          f"type {f.ET_EXEC}; a program or shared library is not)")
     segments = elf_segments(data, elf, f.Elf64ProgramHeader, f"{name}: ")
     end = max(address + size for address, _, size in segments)
     # A vmlinux carries no setup header: make up the one a boot loader would have copied.
@@ -197,7 +200,9 @@ def _place_initrd(size: int, image: LinuxImage, header: dict, low_end: int, ram:
     top = min(low_end, header["initrd_addr_max"] + 1)
     address = (top - size) & ~(INITRD_ALIGN - 1)
     floor = (image.end + INITRD_ALIGN - 1) & ~(INITRD_ALIGN - 1)
-    if size == 0 or address < floor:
+    if size == 0:
+        raise ConfigError(f"{name}: initrd is empty")
+    if address < floor:
         room = max(top - floor, 0)
         raise ConfigError(f"{name}: initrd of {size / ONE_MIB:.1f} MiB does not fit: {room / ONE_MIB:.1f} MiB free "
                           f"between the kernel and the top of {ram // ONE_MIB} MiB of guest RAM (raise --mem)")

@@ -60,6 +60,10 @@ def load_image(vm: Vm, image: str | Path | bytes, *, cmdline: str = "", load_add
     data = image if isinstance(image, bytes) else read_input(Path(image))
     header = f.ElfIdent.parse(data[:16]) if data.startswith(f.ELF_MAGIC) and len(data) >= 16 else None
     multiboot = _find_multiboot_header(data)
+    if load_addr is not None and (header is not None or multiboot is not None):
+        kind = "an ELF" if header is not None else "a multiboot image"
+        raise ConfigError(f"--load-addr {load_addr:#x}: {path} is {kind}, which says where it loads "
+                          "(--load-addr is for flat binaries)")
     if header is not None and header.elf_class == f.ELFCLASS64:
         image = _load_elf(vm, data, bits=64)
         _write_boot_data(vm, cmdline)

@@ -119,6 +119,9 @@ class TapBackend(NetBackend):
                 raise ConfigError(f"--net tap:{name}: creating or attaching a TAP needs root (CAP_NET_ADMIN)") from None
             if error.errno == errno.EBUSY:
                 raise ConfigError(f"--net tap:{name}: the TAP is in use by another process", in_use=True) from None
+            if error.errno == errno.EINVAL and os.path.exists(f"/sys/class/net/{name}"):
+                raise ConfigError(f"--net tap:{name}: {name} is a network interface of another kind, not a TAP "
+                                  "(name a new TAP, or an existing one)") from None
             raise ConfigError(f"--net tap:{name}: {error.strerror}") from None
         self._header = bytearray(len(VNET_HEADER))
 

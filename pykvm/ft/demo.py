@@ -33,6 +33,8 @@ from pykvm.testing.netframes import FrameSocket, Peer
 from pykvm.transfer.tls import make_credentials
 
 DISK_SIZE = 4 << 20
+MIN_RECORDS = 1  # the kill falls on one of the records, so one is enough
+MAX_RECORDS = 100_000  # each takes a few milliseconds; kv's log holds far more
 REQUEST_TIMEOUT = 0.1  # a client's patience before it resends
 
 
@@ -155,7 +157,7 @@ def run_demo(records: int = 200, seed: int | None = None, workdir: Path | None =
 
 def _drive(primary: _Vmm, standby: _Vmm, records: int, rng: random.Random, root: Path, say) -> DemoResult:
     result = DemoResult(records=records)
-    kill_at = rng.randrange(records // 4, 3 * records // 4)
+    kill_at = rng.randint(max(1, records // 4), max(1, 3 * records // 4))  # always one of 1..records
     kill_delay = rng.uniform(0, 0.02)  # somewhere inside a put, a sync, or between
     acked = result.acked
     last_ack = time.monotonic()
@@ -193,8 +195,14 @@ def _summary_line(values: list[float]) -> str:
 
 
 def main(records: int = 200, seed: int | None = None, mode: str = "sync", disk: str = "replicated") -> int:
+    if not MIN_RECORDS <= records <= MAX_RECORDS:
+        raise ValueError(f"records: {records} is not {MIN_RECORDS} to {MAX_RECORDS}")
     print("demo: building the kv guest", flush=True)
-    result = run_demo(records, seed, say=lambda line: print(line, flush=True), mode=mode, disk=disk)
+    try:
+        result = run_demo(records, seed, say=lambda line: print(line, flush=True), mode=mode, disk=disk)
+    except (RuntimeError, TimeoutError, OSError) as error:  # its VMMs are stopped and its folder removed
+        print(f"demo: FAILED: {error}", file=sys.stderr, flush=True)
+        return 1
     syncs = result.syncs
     outputs = [s for s in syncs if s["trigger"] in ("blk", "net")]
     print()

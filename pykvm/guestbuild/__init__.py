@@ -10,10 +10,12 @@ from .build import (
     image_path,
     source_dir,
 )
-from .catalog import GUESTS
+from .catalog import GUESTS, NEEDS, NEEDS_EXAMPLE
 
 __all__ = [
     "GUESTS",
+    "NEEDS",
+    "NEEDS_EXAMPLE",
     "BuildError",
     "ToolchainMissing",
     "UnknownGuest",

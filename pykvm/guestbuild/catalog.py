@@ -14,3 +14,18 @@ GUESTS: dict[str, str] = {
     "tcp-echo": "echoes every byte on TCP port 7 on the first virtio-net device (the guest library's TCP; count=N)",
     "kv": "a durable key-value log on virtio-blk served over UDP and TCP port 9000 on virtio-net (put/get)",
 }
+
+# The options a guest cannot run without (it would boot only to report a missing device), and a
+# command line that gives them.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "blk": ("--disk",),
+    "blkbench": ("--disk",),
+    "net-echo": ("--net",),
+    "kv": ("--disk", "--net"),
+}
+NEEDS_EXAMPLE: dict[str, str] = {
+    "blk": "--disk disk.img",
+    "blkbench": "--disk disk.img",
+    "net-echo": "--net tap:tap0",
+    "kv": "--disk kv.img --net socket:/tmp/kv.sock",
+}

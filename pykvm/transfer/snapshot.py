@@ -14,9 +14,11 @@ The small sections are always checked against their CRC; the memory sections' CR
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import mmap
 import os
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ import numpy as np
 from construct import Bytes, Const, Int32ul, Int64ul, Struct
 
 from pykvm.errors import ConfigError
+from pykvm.kvm import KvmError
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, GuestMemory, ram_layout
 from pykvm.state import StateError, decode, encode
@@ -81,7 +84,7 @@ class Snapshot:
         machine = Machine(config, serial_output=serial_output, memory=memory)
         try:
             machine.restore_state(self.state)
-        except StateError as error:  # well-formed, but not a state this machine can be in
+        except (StateError, KvmError) as error:  # well-formed, but not a state this machine (or KVM) takes
             machine.close()
             raise SnapshotError(f"{self.path}: the saved state does not restore: {error}") from None
         except BaseException:
@@ -116,24 +119,28 @@ def save(machine: Machine, path: str | Path, *, overwrite: bool = True) -> int:
     header = dict(version=VERSION, sections=len(entries), checksum=0, reserved=bytes(12))
     header["checksum"] = zlib.crc32(Header.build(header) + table)
 
-    tmp = Path(f"{path}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    path = Path(path)
+    # A new file of our own beside the target (O_EXCL: never a FIFO or a device someone put there),
+    # removed whatever goes wrong: a failed snapshot leaves nothing behind.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.ftruncate(fd, offset)  # RAM that is all zeros stays a hole
-        _write_all(fd, Header.build(header) + table, 0)
-        for at, blob in blobs:
-            _write_all(fd, blob, at)
-        for entry, slot in zip(entries[2:], slots):
-            _write_memory(fd, slot.view, entry["offset"])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if overwrite:
-        os.replace(tmp, path)  # a snapshot appears whole or not at all
-    else:
         try:
-            os.link(tmp, path)  # whole, and only where nothing is (atomic, unlike a check first)
+            os.fchmod(fd, 0o644)
+            os.ftruncate(fd, offset)  # RAM that is all zeros stays a hole
+            _write_all(fd, Header.build(header) + table, 0)
+            for at, blob in blobs:
+                _write_all(fd, blob, at)
+            for entry, slot in zip(entries[2:], slots):
+                _write_memory(fd, slot.view, entry["offset"])
+            os.fsync(fd)
         finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, path)  # a snapshot appears whole or not at all
+        else:
+            os.link(tmp, path)  # whole, and only where nothing is (atomic, unlike a check first)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return offset
 
