@@ -34,6 +34,7 @@ from pykvm.ft.standby import TakeoverImpossible
 from pykvm.ft.fencing import EXIT_FENCED, NO_WITNESS_WARNING, Fenced, Fencing
 from pykvm.study import commands as study_commands
 from pykvm.ft.protocol import DISK_MODES
+from pykvm.ft.trace import OFF, FtTrace
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
 from pykvm.devices.net_backends import NetSpec
@@ -90,6 +91,9 @@ def _add_ft_options(parser: argparse.ArgumentParser, *, primary: bool) -> None:
     parser.add_argument("--ft-witness", metavar="URI", type=valid.witness_uri,
                         help="file:PATH or etcd:HOST:PORT[/PREFIX], the same for primary and standby: when they "
                              "lose each other, only the side that wins the next epoch there runs the guest")
+    parser.add_argument("--trace-ft", action="store_true",
+                        help="print each sync's phases as they happen, one line each (primary: paused, harvested, "
+                             "sent, acknowledged, released, resumed; standby: staged, committed, takeover steps)")
     shown = (lambda text: text) if primary else (lambda text: argparse.SUPPRESS)
     parser.add_argument("--metrics", metavar="FILE", type=valid.output_file("a metrics file"),
                         help=shown("the primary appends one JSON line per sync here"))
@@ -263,13 +267,17 @@ def _protect(machine: Machine, args: argparse.Namespace, fencing: Fencing | None
     metrics = open(args.metrics, "a", buffering=1) if args.metrics else None
     primary = Primary(machine, timeout=args.ft_timeout / 1000, metrics=metrics, verify=args.ft_verify,
                       interval=args.ft_interval / 1000, pipelined=args.ft_mode == "pipelined", fencing=fencing,
-                      tls=args.tls, disk_mode=args.ft_disk, log=_log)
+                      tls=args.tls, disk_mode=args.ft_disk, log=_log, trace=_trace(args))
     primary.protect(args.ft)
     return primary
 
 
 def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def _trace(args: argparse.Namespace) -> FtTrace:
+    return FtTrace(_log) if args.trace_ft else OFF
 
 
 def cmd_ft(args: argparse.Namespace) -> int:
@@ -290,7 +298,7 @@ def cmd_ft(args: argparse.Namespace) -> int:
         memory = GuestMemory(config.memory, populate=True)  # hot: commits never wait for page faults
         with Machine(config, serial_output=console.output, attach_networks=False, memory=memory) as machine:
             standby = Standby(machine, timeout=args.ft_timeout / 1000, verify=args.ft_verify, fencing=fencing,
-                              tls=args.tls, log=_log)
+                              tls=args.tls, log=_log, trace=_trace(args))
             control_server = control.ControlServer(args.control, machine, tls=args.tls) if args.control else None
             if control_server is not None:
                 control_server.register("ft-stats", lambda request: {

@@ -111,7 +111,8 @@ def given(args: argparse.Namespace, dest: str) -> bool:
 # command -> option -> the options it needs (any one of them); "GUEST" is the positional image.
 REQUIRES: dict[str, dict[str, tuple[str, ...]]] = {
     "run": {"--initrd": ("--kernel",), "--load-addr": ("GUEST",), "--metrics": ("--ft",), "--ft-verify": ("--ft",),
-            "--ft-witness": ("--ft",), "--ft-mode": ("--ft",), "--ft-interval": ("--ft",), "--ft-timeout": ("--ft",),
+            "--ft-witness": ("--ft",), "--ft-mode": ("--ft",), "--ft-disk": ("--ft",),
+            "--ft-interval": ("--ft",), "--trace-ft": ("--ft",), "--ft-timeout": ("--ft",),
             "--insecure": ("--incoming",)},
 }
 # command -> pairs of options that exclude each other

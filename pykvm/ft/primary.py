@@ -51,6 +51,7 @@ from pykvm.ft.journal import merge_ranges
 from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
 from pykvm.ft.metrics import PrimaryStats, SyncRecord
 from pykvm.ft.state_parts import StateSender
+from pykvm.ft.trace import OFF, FtTrace
 from pykvm.machine import Machine
 from pykvm.run_control import StopKind
 from pykvm.state import encode
@@ -71,14 +72,15 @@ class Primary:
     def __init__(self, machine: Machine, *, timeout: float = 0.2, metrics: TextIO | None = None,
                  verify: bool = False, interval: float = 0.0, pipelined: bool = False,
                  fencing: Fencing | None = None, tls: TlsCredentials | None = None, disk_mode: str = "replicated",
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, trace: FtTrace = OFF) -> None:
         """`timeout` is the standby's patience: heartbeats go four times as often. `verify` sends
         a hash of all RAM with each sync; `interval` > 0 adds periodic syncs (trigger "timer") to
         the event-driven ones; `pipelined` resumes the guest before the sync is sent (see _sync).
         `fencing`: the witness and the epoch this primary won (None: no witness). `tls`: the
         credentials standbys are reached with (None: in the clear). `disk_mode`: "replicated" or
-        "shared" (ft.disk_mode)."""
+        "shared" (ft.disk_mode). `trace`: where each sync's phases are told (--trace-ft)."""
         self.machine = machine
+        self.trace = trace
         self.tls = tls
         self.fencing = fencing
         self.fenced = False
@@ -277,20 +279,29 @@ class Primary:
         the outputs that the captured state precedes wait for the Ack. The pause is timed from
         the request to pause the vCPUs to their release (both included)."""
         pipelined = self.pipelined and not full
+        trace, number = self.trace, self._protocol.last_sync + 1
         with contextlib.ExitStack() as quiesce:
             requested = time.perf_counter()
             quiesce.enter_context(self.machine.quiesced("ft sync"))
             covered = self._take_held()  # the outputs this sync's state precedes
+            if trace.on:
+                trace.sync(number, f"paused in {(time.perf_counter() - requested) * 1000:.2f} ms ({trigger}); "
+                                   f"{len(covered)} outputs held")
             try:
                 replicated = self.disks if self.disk_mode == "replicated" else []  # shared: no disk data
                 taken = capture(self.machine, self._protocol, trigger, self._take_disk_changes(full), replicated,
                                 self._states, full=full, verify=self.verify,
                                 copy_into=self._copies if pipelined else None)
+                if trace.on:
+                    trace.sync(number, f"harvested {taken.pages} dirty pages, the disk changes and the state"
+                                       + (" (copied: the guest resumes now)" if pipelined else ""))
                 if pipelined:
                     quiesce.close()  # the guest runs on while the sync travels
                     resumed = time.perf_counter()
                 sent_bytes = sum(faults.sending_sync(self._sock, taken.sync, batch) for batch in taken.batches)
                 sent = time.perf_counter()
+                if trace.on:
+                    trace.sync(number, f"sent {sent_bytes} bytes in {(sent - requested) * 1000:.2f} ms from the pause")
                 _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {taken.sync}")
                 faults.acknowledged(taken.sync, self._sock)
             except BaseException:
@@ -299,8 +310,12 @@ class Primary:
                 raise
             acked = time.perf_counter()
             delays = self._release(covered)
+            if trace.on:
+                trace.sync(number, f"ack after {(acked - sent) * 1000:.2f} ms; released {len(covered)} outputs")
         if not pipelined:
             resumed = time.perf_counter()
+        if trace.on:
+            trace.sync(number, f"resumed: the guest was paused {(resumed - requested) * 1000:.2f} ms")
         self._account(SyncRecord(taken.sync, time.time(), trigger, taken.pages, sent_bytes,
                                  (resumed - requested) * 1000, (sent - requested) * 1000, (acked - sent) * 1000,
                                  max(delays, default=0.0) * 1000,
