@@ -30,6 +30,7 @@ from pykvm.transfer import migration, snapshot
 from pykvm.ft import FtError, Primary, Standby, demo
 from pykvm.ft.standby import TakeoverImpossible
 from pykvm.ft.fencing import EXIT_FENCED, NO_WITNESS_WARNING, Fenced, Fencing
+from pykvm.ft.protocol import SYNC_MODES
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
 from pykvm.devices.net_backends import NetSpec
@@ -93,9 +94,11 @@ def _add_ft_options(parser: argparse.ArgumentParser, *, primary: bool) -> None:
                              "lose each other, only the side that wins the next epoch there runs the guest")
     shown = (lambda text: text) if primary else (lambda text: argparse.SUPPRESS)
     parser.add_argument("--metrics", metavar="FILE", help=shown("the primary writes one JSON line per sync here"))
-    parser.add_argument("--ft-mode", choices=("sync", "pipelined"), default="sync" if primary else None,
+    parser.add_argument("--ft-mode", choices=SYNC_MODES, default="sync" if primary else None,
                         help=shown("sync: the guest waits for the standby's ack (Kemari); pipelined: it runs on "
-                                   "once the sync is captured and only the outputs wait (default sync)"))
+                                   "once the sync is captured and only the outputs wait; cow: it pauses only to "
+                                   "capture state, its pages are copied out under write-protection (root; "
+                                   "userfaultfd) (default sync)"))
     parser.add_argument("--ft-interval", type=float, default=0 if primary else None, metavar="MS",
                         help=shown("also sync every MS milliseconds, output or not (periodic, Remus-style; "
                                    "default: only at outputs)"))
@@ -139,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="fault tolerance end to end: kill a primary, check the standby")
     demo.add_argument("--records", type=int, default=200, help="records the client writes (default 200)")
     demo.add_argument("--seed", type=int, help="seed for the kill moment and the data (default: random)")
-    demo.add_argument("--ft-mode", choices=("sync", "pipelined"), default="sync", help="see `pykvm run --ft-mode`")
+    demo.add_argument("--ft-mode", choices=SYNC_MODES, default="sync", help="see `pykvm run --ft-mode`")
 
     ctl = commands.add_parser("ctl", help="send a command to a running pykvm's control socket")
     ctl.add_argument("socket", metavar="SOCKET")
@@ -235,7 +238,7 @@ def _protect(machine: Machine, args: argparse.Namespace, fencing: Fencing | None
         _log(NO_WITNESS_WARNING)
     metrics = open(args.metrics, "a", buffering=1) if args.metrics else None
     primary = Primary(machine, timeout=args.ft_timeout / 1000, metrics=metrics, verify=args.ft_verify,
-                      interval=args.ft_interval / 1000, pipelined=args.ft_mode == "pipelined", fencing=fencing,
+                      interval=args.ft_interval / 1000, mode=args.ft_mode, fencing=fencing,
                       tls=args.tls, log=_log)
     primary.protect(args.ft)
     return primary

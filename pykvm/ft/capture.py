@@ -20,6 +20,7 @@ import xxhash
 from pykvm.devices.virtio.blk import Blk
 from pykvm.devices.virtio.gate import DiskChange
 from pykvm.ft import protocol as p
+from pykvm.ft.cow import CowMemory
 from pykvm.hostfile import extents
 from pykvm.machine import Machine
 from pykvm.memory import MemorySlot, dirty_pages, populated_pages, ram_hash
@@ -51,11 +52,21 @@ def harvest(machine: Machine, *, full: bool) -> list[tuple[MemorySlot, np.ndarra
 
 
 def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_changes: list[list[DiskChange]],
-            disks: list[Blk], *, full: bool, copy: bool, verify: bool) -> Capture:
+            disks: list[Blk], *, full: bool, copy: bool, verify: bool, cow: CowMemory | None = None) -> Capture:
     """Take the sync from the quiesced machine. `disk_changes[i]`: the changes recorded for disk i
-    since the last sync (emptied as they are framed); `verify`: send a hash of all RAM."""
+    since the last sync (emptied as they are framed); `verify`: send a hash of all RAM. `cow`
+    (armed: see ft.cow): only the page numbers and the state are taken now; the batches, asked
+    for once the guest runs again, copy the pages out and then frame everything."""
     page_lists = harvest(machine, full=full)
-    sync = protocol.last_sync + 1
+    sync = protocol.next_sync
+    if cow is not None:
+        cow.capture(page_lists)
+        changes = [list(recorded) for recorded in disk_changes]
+        for recorded in disk_changes:
+            recorded.clear()
+        state, ram = encode(machine.save_state()), ram_hash(machine.vm.memory) if verify else None
+        return Capture(sync, sum(len(numbers) for _, numbers in page_lists),
+                       _cow_frames(cow, protocol, trigger, sync, page_lists, changes, state, ram))
     batches: Iterable[list] = _frames(machine, protocol, trigger, sync, page_lists, disk_changes, disks,
                                       full=full, copy=copy, verify=verify)
     if not full:
@@ -79,6 +90,22 @@ def _frames(machine: Machine, protocol: p.FtConnection, trigger: str, sync: int,
     state = encode(machine.save_state())
     end = p.SyncEnd(sync, trigger, ram_hash(machine.vm.memory) if verify else None, xxhash.xxh3_64_intdigest(state))
     yield protocol.send(p.MachineStateBlob(state)) + protocol.send(end)
+
+
+def _cow_frames(cow: CowMemory, protocol: p.FtConnection, trigger: str, sync: int, page_lists: list,
+               disk_changes: list[list[DiskChange]], state: bytes, ram: int | None) -> Iterator[list]:
+    """A copy-on-write sync's one batch: its pages copied out (the guest running, writes to pages
+    not yet copied copying them aside), RAM unprotected, then everything framed."""
+    copied = [(slot, numbers, cow.gather(slot, numbers)) for slot, numbers in page_lists]
+    cow.disarm()
+    batch = []
+    for slot, numbers, data in copied:
+        batch += protocol.send_pages(slot.index, slot.view, numbers, data=data)
+    for disk_index, changes in enumerate(disk_changes):
+        for event in p.disk_change_frames(disk_index, changes):
+            batch += protocol.send(event)
+    yield batch + protocol.send(p.MachineStateBlob(state)) + protocol.send(
+        p.SyncEnd(sync, trigger, ram, xxhash.xxh3_64_intdigest(state)))
 
 
 def whole_disk(disk: Blk) -> Iterator[DiskChange]:

@@ -21,6 +21,7 @@ class SyncRecord:
     transfer_ms: float  # from the quiesce to the last byte handed to the socket
     ack_ms: float  # from then to the standby's Ack
     output_delay_ms: float  # the longest any output this sync released was held
+    mode: str = "sync"  # the primary's --ft-mode (in cow mode, pause_ms runs from the request to pause)
 
 
 @dataclass

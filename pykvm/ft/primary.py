@@ -14,7 +14,9 @@ not yet served) and tells the gate. The FT thread then syncs:
     release the held outputs: the write reaches the disk, the frame the wire
     resume the vCPUs
 
-What a sync carries is taken by ft.capture; its figures go to ft.metrics.
+What a sync carries is taken by ft.capture; its figures go to ft.metrics. In cow mode (ft.cow)
+the guest runs while the pages are copied out under write-protection, and a sync may start
+before the last one's Ack: that sync's outputs go at its Ack, read between the next one's steps.
 
 Between outputs, the FT thread sends heartbeats. If the standby is lost, the primary claims the
 next epoch at the witness (ft.fencing): won, it releases what it holds and goes on unprotected
@@ -29,11 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import select
 import socket
 import ssl
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Callable, TextIO
 
 from pykvm.transfer import channel, wire
@@ -43,11 +48,13 @@ from pykvm.devices.virtio.gate import DiskChange, GatedFunction
 from pykvm.devices.virtio.net import Net
 from pykvm.ft import faults, protocol as p
 from pykvm.ft.capture import capture
+from pykvm.ft.cow import CowMemory
 from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
 from pykvm.ft.metrics import PrimaryStats, SyncRecord
 from pykvm.machine import Machine
 from pykvm.run_control import StopKind
 from pykvm.state import encode
+from pykvm.userfaultfd import UserfaultfdUnavailable
 
 CONNECT_TIMEOUT = 5.0
 
@@ -60,12 +67,12 @@ class Primary:
     """The output gate (`hold`) and the FT thread that syncs the standby and releases outputs."""
 
     def __init__(self, machine: Machine, *, timeout: float = 0.2, metrics: TextIO | None = None,
-                 verify: bool = False, interval: float = 0.0, pipelined: bool = False,
+                 verify: bool = False, interval: float = 0.0, mode: str = "sync",
                  fencing: Fencing | None = None, tls: TlsCredentials | None = None,
                  log: Callable[[str], None] = print) -> None:
         """`timeout` is the standby's patience: heartbeats go four times as often. `verify` sends
         a hash of all RAM with each sync; `interval` > 0 adds periodic syncs (trigger "timer") to
-        the event-driven ones; `pipelined` resumes the guest before the sync is sent (see _sync).
+        the event-driven ones; `mode` (protocol.SYNC_MODES): when the guest resumes (see _sync).
         `fencing`: the witness and the epoch this primary won (None: no witness). `tls`: the
         credentials standbys are reached with (None: in the clear)."""
         self.machine = machine
@@ -73,7 +80,10 @@ class Primary:
         self.fencing = fencing
         self.fenced = False
         self.interval = interval
-        self.pipelined = pipelined
+        self.mode = mode
+        self._cow: CowMemory | None = None  # cow mode: the write-protection of guest RAM, while protected
+        self._in_flight: list[_InFlight] = []  # cow mode: syncs sent, awaiting their Ack, oldest first
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # hold() wakes an ack wait
         self.timeout = timeout
         self.metrics = metrics
         self.verify = verify
@@ -98,6 +108,11 @@ class Primary:
         if self.fenced or self.stats.protected:
             raise FtError("this primary has stood down (fenced)" if self.fenced else
                           f"already protected by {self.stats.standby}")
+        if self.mode == "cow" and self._cow is None:
+            try:
+                self._cow = CowMemory(self.machine.vm.memory)
+            except UserfaultfdUnavailable as error:
+                raise FtError(f"--ft-mode cow needs userfaultfd write-protection: {error}") from None
         try:
             sock = channel.connect(uri, self.tls, CONNECT_TIMEOUT)
         except ssl.SSLError as error:
@@ -122,8 +137,7 @@ class Primary:
         """What the standby must agree to: our machine, our witness and the epoch we hold there
         (the one we won at start-up or on losing the last standby), how we sync."""
         witness, epoch = (self.fencing.uri, self.fencing.epoch.number) if self.fencing else ("", 0)
-        return p.Hello(encode(self.machine.config), witness, epoch, "pipelined" if self.pipelined else "sync",
-                       self.interval * 1000)
+        return p.Hello(encode(self.machine.config), witness, epoch, self.mode, self.interval * 1000)
 
     def _attach(self, uri: str, sock: socket.socket, protocol: p.FtConnection) -> None:
         self._sock, self._protocol = sock, protocol
@@ -167,6 +181,9 @@ class Primary:
             self._sock = None
         if self._thread is not None:
             self._thread.join(5)
+        if self._cow is not None:
+            self._cow.close()
+            self._cow = None
 
     # -- the gate (called from device I/O threads with their lock held: never blocks) --------------
 
@@ -174,6 +191,9 @@ class Primary:
         with self._cond:
             self._held.append((function, queue_index, time.perf_counter()))
             self._cond.notify_all()
+        if self._in_flight:  # the FT thread may be waiting for an Ack rather than on the condition
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"\0")
 
     # -- the FT thread ----------------------------------------------------------------------------------
 
@@ -192,8 +212,8 @@ class Primary:
         wait = min(heartbeat, self.interval) if self.interval else heartbeat
         last_sync = time.monotonic()
         while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._held or self._stopping, wait)
+            with self._cond:  # (with syncs awaiting their Ack, _await_acks waits instead)
+                self._cond.wait_for(lambda: self._held or self._stopping, 0 if self._in_flight else wait)
                 if self._stopping:
                     return
                 trigger = _trigger(self._held[0][0]) if self._held else None
@@ -209,10 +229,12 @@ class Primary:
                     self._release_all()  # unprotected: outputs go at once
                     continue
                 try:
-                    if trigger is None:
-                        self._heartbeat()
-                    else:
+                    if trigger is not None:
                         self._sync(trigger)
+                    elif self._in_flight:
+                        self._await_acks(wait)
+                    else:
+                        self._heartbeat()
                 except (OSError, wire.ProtocolError) as error:
                     self._lose_standby(str(error))
 
@@ -226,22 +248,38 @@ class Primary:
     def _sync(self, trigger: str, *, full: bool = False) -> None:
         """One sync. Synchronous (Kemari): the guest stays paused until the standby's Ack.
         Pipelined: the guest resumes as soon as the sync is captured (its pages copied), and only
-        the outputs that the captured state precedes wait for the Ack."""
-        pipelined = self.pipelined and not full
+        the outputs that the captured state precedes wait for the Ack. Cow: the guest resumes once
+        the state is captured and RAM write-protected (ft.cow); the Ack is read later (_collect_acks)."""
+        cow = self._cow if not full else None
+        runs_on = (self.mode == "pipelined" or cow is not None) and not full
         started = time.perf_counter()
-        with contextlib.ExitStack() as quiesce:
+        if cow is not None:
+            if len(self._in_flight) >= p.MAX_IN_FLIGHT:
+                self._collect_acks(block=True)
+            self._collect_acks(block=False)  # outputs acknowledged meanwhile go before this sync
+            cow.arm([function.lock for function in self.machine.virtio])
+        with contextlib.ExitStack() as armed, contextlib.ExitStack() as quiesce:
+            if cow is not None:
+                armed.callback(cow.disarm)  # done once the pages are copied; here if the sync fails
+            pausing = time.perf_counter()
             quiesce.enter_context(self.machine.quiesced("ft sync"))
             paused = time.perf_counter()
             covered = self._take_held()  # the outputs this sync's state precedes
             try:
                 taken = capture(self.machine, self._protocol, trigger, self._disk_changes, self.disks,
-                                full=full, copy=pipelined, verify=self.verify)
+                                full=full, copy=runs_on and cow is None, verify=self.verify, cow=cow)
                 sync = taken.sync
-                if pipelined:
+                if runs_on:
                     quiesce.close()  # the guest runs on while the sync travels
                 resumed = time.perf_counter()
                 sent_bytes = sum(faults.sending_sync(self._sock, sync, batch) for batch in taken.batches)
                 sent = time.perf_counter()
+                if cow is not None:
+                    self._in_flight.append(_InFlight(sync, trigger, taken.pages, sent_bytes, covered,
+                                                     pausing, resumed, sent))
+                    covered = []
+                    self._collect_acks(block=False)
+                    return
                 _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {sync}")
                 faults.acknowledged(sync, self._sock)
             except BaseException:
@@ -250,11 +288,39 @@ class Primary:
                 raise
             acked = time.perf_counter()
             delays = self._release(covered)
-            if not pipelined:
+            if not runs_on:
                 resumed = time.perf_counter()
         record = SyncRecord(sync, time.time(), trigger, taken.pages, sent_bytes, (resumed - paused) * 1000,
-                            (sent - paused) * 1000, (acked - sent) * 1000, max(delays, default=0.0) * 1000)
+                            (sent - paused) * 1000, (acked - sent) * 1000, max(delays, default=0.0) * 1000,
+                            self.mode)
         self._account(record, started)
+
+    def _collect_acks(self, *, block: bool) -> None:
+        """Cow mode: read the Acks that have come (`block`: wait for the oldest's), release each
+        acknowledged sync's outputs, in order, and record it."""
+        while self._in_flight and (block or _readable(self._sock)):
+            block = False
+            oldest = self._in_flight[0]
+            _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {oldest.sync}")
+            faults.acknowledged(oldest.sync, self._sock)
+            acked = time.perf_counter()
+            self._in_flight.pop(0)
+            delays = self._release(oldest.covered)
+            self._account(SyncRecord(oldest.sync, time.time(), oldest.trigger, oldest.pages, oldest.bytes,
+                                     (oldest.resumed - oldest.pausing) * 1000, (oldest.sent - oldest.pausing) * 1000,
+                                     (acked - oldest.sent) * 1000, max(delays, default=0.0) * 1000, self.mode),
+                          oldest.pausing)
+
+    def _await_acks(self, wait: float) -> None:
+        """Cow mode, no output to sync: wait up to `wait` for an Ack or a new output. An Ack
+        later than the socket's timeout loses the standby, as a synchronous sync's would."""
+        ready, _, _ = select.select([self._sock, self._wake_r], [], [], 0 if _readable(self._sock) else wait)
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+        if self._sock in ready or _readable(self._sock):
+            self._collect_acks(block=True)
+        elif self._in_flight and time.perf_counter() - self._in_flight[0].sent > self._sock.gettimeout():
+            raise TimeoutError(f"no Ack for sync {self._in_flight[0].sync}")
 
     def _take_held(self) -> list[tuple[GatedFunction, int, float]]:
         with self._cond:
@@ -287,6 +353,9 @@ class Primary:
     def _lose_standby(self, reason: str) -> None:
         """Claim the next epoch with the socket still open (a standby that sees it close has
         lost); won: go on unprotected, releasing what is held; lost: fence, releasing nothing."""
+        with self._cond:  # syncs sent but not acknowledged: their outputs are held again, first
+            self._held[:0] = [output for done in self._in_flight for output in done.covered]
+            self._in_flight = []
         if self.fencing is not None:
             self.log(f"ft primary: standby lost ({reason}); claiming epoch {self.fencing.epoch.number + 1} "
                      f"at {self.fencing.uri}")
@@ -323,7 +392,31 @@ class Primary:
         self.machine.vm.stop(EXIT_FENCED, f"fenced: {reason}", kind=StopKind.FAILED)
 
     def summary(self) -> dict:
-        return self.stats.summary()
+        """The running totals (ft-stats), with the mode; in cow mode, the write-protect faults the
+        guest's writes met during syncs, and how many of them copied a page aside."""
+        cow = {"wp_faults": self._cow.faults, "copied_aside": self._cow.copied_aside} if self._cow else {}
+        return {**self.stats.summary(), "mode": self.mode, **cow}
+
+
+@dataclass
+class _InFlight:
+    """A cow-mode sync sent and not yet acknowledged, and the outputs its Ack releases."""
+
+    sync: int
+    trigger: str
+    pages: int
+    bytes: int
+    covered: list
+    pausing: float  # perf_counter() times: the pause asked for, the guest resumed, the last byte sent
+    resumed: float
+    sent: float
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Bytes are waiting (TLS may hold a decrypted record the kernel no longer shows)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _expect(event_type: type, event: p.Event, what: str) -> None:

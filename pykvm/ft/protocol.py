@@ -43,7 +43,8 @@ from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.wire import Kind, ProtocolError
 
 PROTOCOL = 2  # 2: Hello carries the witness, epoch and sync mode; StandbyFault; heartbeats answered
-SYNC_MODES = ("sync", "pipelined")
+SYNC_MODES = ("sync", "pipelined", "cow")
+MAX_IN_FLIGHT = 2  # syncs the primary may have sent and not yet had acknowledged (cow mode overlaps two)
 _DISK_HEAD = struct.Struct("<II")  # disk index, count
 _CHANGE = struct.Struct("<QQB")  # offset, length, zeroed?
 DISK_FRAME_BYTES = 4 << 20  # a DiskChanges frame's payload at most: a sender splits bigger changes
@@ -91,7 +92,7 @@ class Hello:
     config: bytes  # the primary's MachineConfig, encoded
     witness: str = ""  # the witness URI; "" when the pair runs without one
     epoch: int = 0  # the epoch the primary won at the witness
-    mode: str = "sync"  # sync | pipelined
+    mode: str = "sync"  # sync | pipelined | cow
     interval_ms: float = 0.0  # periodic syncs on top of the output-driven ones (0: none)
     protocol: int = PROTOCOL
 
@@ -298,13 +299,16 @@ TRANSITIONS: dict[Role, dict[Phase, dict[type, Phase]]] = {
                      Heartbeat: Phase.IDLE},
         Phase.IN_SYNC: {Pages: Phase.IN_SYNC, DiskChanges: Phase.IN_SYNC, MachineStateBlob: Phase.STATE_SENT},
         Phase.STATE_SENT: {Pages: Phase.STATE_SENT, DiskChanges: Phase.STATE_SENT, SyncEnd: Phase.AWAIT_ACK},
-        Phase.AWAIT_ACK: {Heartbeat: Phase.AWAIT_ACK},
+        # The next sync may start before the last one's Ack (at most MAX_IN_FLIGHT unacknowledged)
+        Phase.AWAIT_ACK: {Heartbeat: Phase.AWAIT_ACK, Pages: Phase.IN_SYNC, DiskChanges: Phase.IN_SYNC,
+                          MachineStateBlob: Phase.STATE_SENT},
     }),
     Role.STANDBY: _goodbye_anywhere({
         Phase.AWAIT_READY: {Ready: Phase.IDLE, Refused: Phase.CLOSED},
         Phase.IDLE: {Heartbeat: Phase.IDLE, StandbyFault: Phase.CLOSED},
-        Phase.IN_SYNC: {StandbyFault: Phase.CLOSED},
-        Phase.STATE_SENT: {StandbyFault: Phase.CLOSED},
+        # An Ack for the sync before the one in progress (the phase stays: see FtConnection._advance)
+        Phase.IN_SYNC: {Ack: Phase.IN_SYNC, StandbyFault: Phase.CLOSED},
+        Phase.STATE_SENT: {Ack: Phase.STATE_SENT, StandbyFault: Phase.CLOSED},
         Phase.AWAIT_ACK: {Ack: Phase.IDLE, StandbyFault: Phase.CLOSED},
     }),
 }
@@ -326,7 +330,7 @@ class FtConnection:
         self.phase = Phase.HELLO
         self.last_sync = 0  # the last sync completed (primary: acked; standby: acked by us)
         self._out_seq = 0
-        self._pending_sync = 0  # the sync a SyncEnd announced and an Ack must name
+        self._unacked: list[int] = []  # syncs whose SyncEnd went and whose Ack has not come, oldest first
         self._scratch = PageArena()  # where send_pages gathers scattered pages
         self._decoder = wire.Decoder(page_sink or _refuse_pages, limits=FRAME_LIMITS)
 
@@ -339,12 +343,14 @@ class FtConnection:
         self._out_seq += 1
         return buffers
 
-    def send_pages(self, slot: int, view: memoryview, pages: np.ndarray, *, copy: bool = False) -> list:
+    def send_pages(self, slot: int, view: memoryview, pages: np.ndarray, *, copy: bool = False,
+                   data: memoryview | None = None) -> list:
         """Pages of a RAM slot (the guest must be stopped: every byte is hashed). Scattered pages
         (all pages, with `copy`) are gathered into scratch rows that stay valid until the next
-        SyncEnd is sent."""
+        SyncEnd is sent. `data`: their contents, copied out already (a copy-on-write sync)."""
         self._advance(Pages(slot, pages), outgoing=True)
-        buffers, self._out_seq = wire.page_frames(self._out_seq, slot, view, pages, scratch=self._scratch, copy=copy)
+        buffers, self._out_seq = wire.page_frames(self._out_seq, slot, view, pages, scratch=self._scratch, copy=copy,
+                                                  data=data)
         return buffers
 
     def reuse_scratch(self) -> None:
@@ -380,21 +386,36 @@ class FtConnection:
             what = _MISPLACED.get((self.phase, event_type), name)
             raise ProtocolError(f"{what} not allowed in phase {self.phase.value} ({self.role.value} side)")
         self._check_numbers(event)
+        if event_type in (Pages, DiskChanges, MachineStateBlob) and self.phase is Phase.AWAIT_ACK \
+                and len(self._unacked) >= MAX_IN_FLIGHT:
+            raise ProtocolError(f"a sync begun with {len(self._unacked)} unacknowledged ({self.role.value} side)")
         self.phase = next_phase
         if isinstance(event, SyncEnd):
-            self._pending_sync = event.sync
+            self._unacked.append(event.sync)
             if outgoing:
                 self._scratch.reset()  # the sync's frames are all built: its scratch is reused next time
         elif isinstance(event, Ack):
-            self.last_sync = event.sync
+            self.last_sync = self._unacked.pop(0)
+            if self._unacked and self.phase is Phase.IDLE:
+                self.phase = Phase.AWAIT_ACK  # the later sync still awaits its own
+
+    @property
+    def next_sync(self) -> int:
+        """The number the next SyncEnd carries: one past the last sent, acknowledged or not."""
+        return self._unacked[-1] + 1 if self._unacked else self.last_sync + 1
+
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._unacked)
 
     def _check_numbers(self, event: Event) -> None:
         if isinstance(event, Hello) and event.protocol != PROTOCOL:
             raise ProtocolError(f"protocol {event.protocol}, this pykvm speaks {PROTOCOL}")
-        if isinstance(event, SyncEnd) and event.sync != self.last_sync + 1:
-            raise ProtocolError(f"sync {event.sync} out of order (expected {self.last_sync + 1})")
-        if isinstance(event, Ack) and event.sync != self._pending_sync:
-            raise ProtocolError(f"Ack({event.sync}) for a sync not awaiting one (sync {self._pending_sync} is)")
+        if isinstance(event, SyncEnd) and event.sync != self.next_sync:
+            raise ProtocolError(f"sync {event.sync} out of order (expected {self.next_sync})")
+        if isinstance(event, Ack) and (not self._unacked or event.sync != self._unacked[0]):
+            awaiting = f"sync {self._unacked[0]} is" if self._unacked else "none is"
+            raise ProtocolError(f"Ack({event.sync}) for a sync not awaiting one ({awaiting})")
 
 
 def _decode(frame: wire.Frame) -> Event:

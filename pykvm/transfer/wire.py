@@ -94,27 +94,33 @@ def frame(kind: Kind, seq: int, payload: bytes = b"") -> list:
 
 
 def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, live: bool = False,
-                scratch: PageArena | None = None, copy: bool = False) -> tuple[list, int]:
+                scratch: PageArena | None = None, copy: bool = False,
+                data: memoryview | None = None) -> tuple[list, int]:
     """Frames carrying `pages` (ascending page numbers) of a RAM slot, as buffers for sendmsg:
     contiguous pages travel as one memoryview of guest RAM, so nothing is copied. With `scratch`
     (the guest must be stopped), pages scattered one by one are gathered into its rows instead,
     one buffer a frame; `copy` gathers every page, so the frames no longer depend on guest RAM.
-    `live`: the guest is running, so the data is left out of the hash (LIVE_DATA). Returns the
-    buffers and the next sequence number."""
+    `live`: the guest is running, so the data is left out of the hash (LIVE_DATA). `data`: the
+    pages' contents gathered already, in order (a copy-on-write sync's copies): sent from there.
+    Returns the buffers and the next sequence number."""
+    if data is not None and len(data) != len(pages) * PAGE_SIZE:
+        raise ValueError(f"{len(data)} bytes of data for {len(pages)} pages")
     if len(pages) and (int(pages[-1]) + 1) * PAGE_SIZE > len(view):
         raise ValueError(f"page {int(pages[-1])} is beyond the {len(view)}-byte RAM view")
     buffers: list = []
     for start in range(0, len(pages), PAGES_PER_FRAME):
         chunk = np.ascontiguousarray(pages[start : start + PAGES_PER_FRAME], dtype="<u4")
         runs = page_runs(chunk)
-        if scratch is not None and (copy or len(runs) * 4 > len(chunk)):  # copy, or mostly lone pages
-            data = [_gather(scratch, view, chunk)]
+        if data is not None:
+            contents = [data[start * PAGE_SIZE : (start + len(chunk)) * PAGE_SIZE]]
+        elif scratch is not None and (copy or len(runs) * 4 > len(chunk)):  # copy, or mostly lone pages
+            contents = [_gather(scratch, view, chunk)]
         else:
-            data = [view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in runs]
+            contents = [view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in runs]
         head = PAGES_HEAD.pack(slot, len(chunk)) + chunk.tobytes()
         length = len(head) + len(chunk) * PAGE_SIZE
-        hashed = [head] if live else [head, *data]
-        buffers += [_header(Kind.PAGES, seq, length, hashed, LIVE_DATA if live else 0), head, *data]
+        hashed = [head] if live else [head, *contents]
+        buffers += [_header(Kind.PAGES, seq, length, hashed, LIVE_DATA if live else 0), head, *contents]
         seq += 1
     return buffers, seq
 
