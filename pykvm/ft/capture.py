@@ -22,7 +22,7 @@ from pykvm.devices.virtio.gate import DiskChange
 from pykvm.ft import protocol as p
 from pykvm.ft.cow import CowMemory
 from pykvm.hostfile import extents
-from pykvm.machine import Machine
+from pykvm.machine import Machine, MachineState
 from pykvm.memory import MemorySlot, dirty_pages, populated_pages, ram_hash
 from pykvm.state import encode
 
@@ -64,7 +64,9 @@ def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_chang
         changes = [list(recorded) for recorded in disk_changes]
         for recorded in disk_changes:
             recorded.clear()
-        state, ram = encode(machine.save_state()), ram_hash(machine.vm.memory) if verify else None
+        # Encoded once the guest runs again: the saved parts are values (bytes, numbers, fresh
+        # lists), not views of the live devices, as a snapshot needs them to be.
+        state, ram = machine.save_state(), ram_hash(machine.vm.memory) if verify else None
         return Capture(sync, sum(len(numbers) for _, numbers in page_lists),
                        _cow_frames(cow, protocol, trigger, sync, page_lists, changes, state, ram))
     batches: Iterable[list] = _frames(machine, protocol, trigger, sync, page_lists, disk_changes, disks,
@@ -93,7 +95,7 @@ def _frames(machine: Machine, protocol: p.FtConnection, trigger: str, sync: int,
 
 
 def _cow_frames(cow: CowMemory, protocol: p.FtConnection, trigger: str, sync: int, page_lists: list,
-               disk_changes: list[list[DiskChange]], state: bytes, ram: int | None) -> Iterator[list]:
+               disk_changes: list[list[DiskChange]], state: MachineState, ram: int | None) -> Iterator[list]:
     """A copy-on-write sync's one batch: its pages copied out (the guest running, writes to pages
     not yet copied copying them aside), RAM unprotected, then everything framed."""
     copied = [(slot, numbers, cow.gather(slot, numbers)) for slot, numbers in page_lists]
@@ -104,8 +106,9 @@ def _cow_frames(cow: CowMemory, protocol: p.FtConnection, trigger: str, sync: in
     for disk_index, changes in enumerate(disk_changes):
         for event in p.disk_change_frames(disk_index, changes):
             batch += protocol.send(event)
-    yield batch + protocol.send(p.MachineStateBlob(state)) + protocol.send(
-        p.SyncEnd(sync, trigger, ram, xxhash.xxh3_64_intdigest(state)))
+    blob = encode(state)
+    yield batch + protocol.send(p.MachineStateBlob(blob)) + protocol.send(
+        p.SyncEnd(sync, trigger, ram, xxhash.xxh3_64_intdigest(blob)))
 
 
 def whole_disk(disk: Blk) -> Iterator[DiskChange]:

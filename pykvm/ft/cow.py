@@ -43,7 +43,6 @@ from pykvm.transfer.page_arena import PageArena
 from pykvm.userfaultfd import WriteProtector
 
 FREE, PROTECTED, PENDING = 0, 1, 2  # a page: writable; protected but not needed; protected, still to copy
-PROTECT_CHUNK = 32 << 20  # bytes (un)protected per ioctl, the lock held: a faulting writer waits that long at most
 GATHER_PAGES = 1024  # pages copied per lock hold while gathering
 _PAGE_ROW = np.dtype((np.void, PAGE_SIZE))
 
@@ -89,13 +88,12 @@ class CowMemory:
             for lock in device_locks:
                 held.enter_context(lock)
             for slot in self.memory.slots:
-                states = self._states[slot.index]
-                for start in range(0, slot.size, PROTECT_CHUNK):
-                    length = min(PROTECT_CHUNK, slot.size - start)
-                    with self._lock:
-                        states[start >> PAGE_SHIFT : (start + length) >> PAGE_SHIFT] = bytes([PROTECTED]) * (
-                            length >> PAGE_SHIFT)
-                        self.wp.protect(slot.host_addr + start, length)
+                with self._lock:
+                    self._states[slot.index][:] = bytes([PROTECTED]) * slot.pages
+                # One ioctl per slot, without the lock: each ioctl costs KVM an invalidation of
+                # its range (many small ones cost far more), and the fault handler must serve the
+                # pages protected already meanwhile. Devices are held, so no barrier runs now.
+                self.wp.protect(slot.host_addr, slot.size)
 
     def capture(self, page_lists: list[tuple[MemorySlot, np.ndarray]]) -> None:
         """The guest is paused: these pages are the sync's. The ones still protected become
@@ -136,12 +134,9 @@ class CowMemory:
             return
         self.armed = False
         for slot in self.memory.slots:
-            states = self._states[slot.index]
-            for start in range(0, slot.size, PROTECT_CHUNK):
-                length = min(PROTECT_CHUNK, slot.size - start)
-                with self._lock:
-                    self.wp.unprotect(slot.host_addr + start, length)
-                    states[start >> PAGE_SHIFT : (start + length) >> PAGE_SHIFT] = bytes(length >> PAGE_SHIFT)
+            self.wp.unprotect(slot.host_addr, slot.size)  # pages still marked protected meanwhile
+            with self._lock:  # are unprotected twice (by a fault or a barrier): harmless
+                self._states[slot.index][:] = bytes(slot.pages)
 
     # -- writes that meet a protected page ----------------------------------------------------------
 
