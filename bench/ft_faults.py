@@ -16,7 +16,7 @@ written (lost) or if both VMMs still run the guest once the loser has had time t
 Prints a line a trial and one table; exits 1 if any record was lost or two copies ran, 2 if a
 trial could not be run (set-up failed), else 0.
 
-    python bench/ft_faults.py [--trials N | --per-fault N] [--seed S]
+    python bench/ft_faults.py [--trials N | --per-fault N] [--seed S] [--ft-mode sync|pipelined|cow]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.ft import Child, free_port  # noqa: E402
+from pykvm.ft.protocol import SYNC_MODES  # noqa: E402
 from pykvm.testing.kv import KvClient  # noqa: E402
 from pykvm.testing.netframes import FrameSocket  # noqa: E402
 from pykvm.testing.relay import Relay  # noqa: E402
@@ -94,7 +95,7 @@ class Side:
         return f"{self.role} {named}"
 
 
-def run_trial(fault: str, rng: random.Random, root: Path, logs: Path | None = None) -> Trial:
+def run_trial(fault: str, rng: random.Random, root: Path, logs: Path | None = None, mode: str = "sync") -> Trial:
     """One trial in `root`: set up the pair, write, strike, write, verify. With `logs`, the
     VMMs' stderr is kept there (primary.log, standby.log)."""
     deadline = time.monotonic() + TRIAL_SECONDS
@@ -122,7 +123,8 @@ def run_trial(fault: str, rng: random.Random, root: Path, logs: Path | None = No
                                         "--disk", str(standby_disk), *common))
         sides.append(standby)
         standby.child.wait_line("waiting for a primary")
-        primary = Side("primary", Child("run", "kv", "--disk", str(primary_disk), *common, "--ft", relay.uri))
+        primary = Side("primary", Child("run", "kv", "--disk", str(primary_disk), *common, "--ft", relay.uri,
+                                        "--ft-mode", mode))
         sides.append(primary)
         primary.child.wait_line("protected by")
         with FrameSocket(root / "client.sock", link) as sock:
@@ -232,6 +234,7 @@ def main() -> int:
     parser.add_argument("--per-fault", type=int, metavar="N", help="N trials of each fault (instead of --trials)")
     parser.add_argument("--seed", type=int, default=None, help="for the random moments and parameters")
     parser.add_argument("--fault", action="append", choices=FAULTS, help="only this fault (repeatable)")
+    parser.add_argument("--ft-mode", choices=SYNC_MODES, default="sync", help="the primary's sync mode (default sync)")
     parser.add_argument("--logs", type=Path, help="keep each trial's VMM stderr in this folder")
     args = parser.parse_args()
     faults = args.fault or FAULTS
@@ -245,7 +248,7 @@ def main() -> int:
         fault = faults[index % len(faults)]
         with tempfile.TemporaryDirectory(prefix="pykvm-ft-faults-") as tmp:
             try:
-                trial = run_trial(fault, rng, Path(tmp), args.logs and args.logs / f"trial-{index + 1}")
+                trial = run_trial(fault, rng, Path(tmp), args.logs and args.logs / f"trial-{index + 1}", args.ft_mode)
             except (Exception, SystemExit) as error:  # a trial that could not run says why; the campaign goes on
                 trial = Trial(fault, "", error=f"{type(error).__name__}: {error}".splitlines()[0])
         trials.append(trial)

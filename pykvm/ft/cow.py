@@ -33,7 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
+import socket
+import ssl
 import threading
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -199,6 +203,27 @@ class CowMemory:
             except OSError:
                 pass  # the mapping went first (the VM closed): nothing is registered any more
         self._registered = []
+
+
+@dataclass
+class InFlight:
+    """A cow-mode sync sent and not yet acknowledged, and the outputs its Ack releases."""
+
+    sync: int
+    trigger: str
+    pages: int
+    bytes: int
+    covered: list
+    pausing: float  # perf_counter() times: the pause asked for, the guest resumed, the last byte sent
+    resumed: float
+    sent: float
+
+
+def readable(sock: socket.socket) -> bool:
+    """Bytes are waiting (TLS may hold a decrypted record the kernel no longer shows)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _ram_rows(slot: MemorySlot) -> np.ndarray:

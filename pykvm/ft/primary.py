@@ -38,7 +38,6 @@ import ssl
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Callable, TextIO
 
 from pykvm.transfer import channel, wire
@@ -48,7 +47,7 @@ from pykvm.devices.virtio.gate import DiskChange, GatedFunction
 from pykvm.devices.virtio.net import Net
 from pykvm.ft import faults, protocol as p
 from pykvm.ft.capture import capture
-from pykvm.ft.cow import CowMemory
+from pykvm.ft.cow import CowMemory, InFlight, readable
 from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
 from pykvm.ft.metrics import PrimaryStats, SyncRecord
 from pykvm.machine import Machine
@@ -82,7 +81,7 @@ class Primary:
         self.interval = interval
         self.mode = mode
         self._cow: CowMemory | None = None  # cow mode: the write-protection of guest RAM, while protected
-        self._in_flight: list[_InFlight] = []  # cow mode: syncs sent, awaiting their Ack, oldest first
+        self._in_flight: list[InFlight] = []  # cow mode: syncs sent, awaiting their Ack, oldest first
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # hold() wakes an ack wait
         self.timeout = timeout
         self.metrics = metrics
@@ -275,7 +274,7 @@ class Primary:
                 sent_bytes = sum(faults.sending_sync(self._sock, sync, batch) for batch in taken.batches)
                 sent = time.perf_counter()
                 if cow is not None:
-                    self._in_flight.append(_InFlight(sync, trigger, taken.pages, sent_bytes, covered,
+                    self._in_flight.append(InFlight(sync, trigger, taken.pages, sent_bytes, covered,
                                                      pausing, resumed, sent))
                     covered = []
                     self._collect_acks(block=False)
@@ -298,7 +297,7 @@ class Primary:
     def _collect_acks(self, *, block: bool) -> None:
         """Cow mode: read the Acks that have come (`block`: wait for the oldest's), release each
         acknowledged sync's outputs, in order, and record it."""
-        while self._in_flight and (block or _readable(self._sock)):
+        while self._in_flight and (block or readable(self._sock)):
             block = False
             oldest = self._in_flight[0]
             _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {oldest.sync}")
@@ -314,10 +313,10 @@ class Primary:
     def _await_acks(self, wait: float) -> None:
         """Cow mode, no output to sync: wait up to `wait` for an Ack or a new output. An Ack
         later than the socket's timeout loses the standby, as a synchronous sync's would."""
-        ready, _, _ = select.select([self._sock, self._wake_r], [], [], 0 if _readable(self._sock) else wait)
+        ready, _, _ = select.select([self._sock, self._wake_r], [], [], 0 if readable(self._sock) else wait)
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 4096)
-        if self._sock in ready or _readable(self._sock):
+        if self._sock in ready or readable(self._sock):
             self._collect_acks(block=True)
         elif self._in_flight and time.perf_counter() - self._in_flight[0].sent > self._sock.gettimeout():
             raise TimeoutError(f"no Ack for sync {self._in_flight[0].sync}")
@@ -396,27 +395,6 @@ class Primary:
         guest's writes met during syncs, and how many of them copied a page aside."""
         cow = {"wp_faults": self._cow.faults, "copied_aside": self._cow.copied_aside} if self._cow else {}
         return {**self.stats.summary(), "mode": self.mode, **cow}
-
-
-@dataclass
-class _InFlight:
-    """A cow-mode sync sent and not yet acknowledged, and the outputs its Ack releases."""
-
-    sync: int
-    trigger: str
-    pages: int
-    bytes: int
-    covered: list
-    pausing: float  # perf_counter() times: the pause asked for, the guest resumed, the last byte sent
-    resumed: float
-    sent: float
-
-
-def _readable(sock: socket.socket) -> bool:
-    """Bytes are waiting (TLS may hold a decrypted record the kernel no longer shows)."""
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True
-    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _expect(event_type: type, event: p.Event, what: str) -> None:
