@@ -96,8 +96,12 @@ def _frames(machine: Machine, protocol: p.FtConnection, trigger: str, sync: int,
 
 def _cow_frames(cow: CowMemory, protocol: p.FtConnection, trigger: str, sync: int, page_lists: list,
                disk_changes: list[list[DiskChange]], state: MachineState, ram: int | None) -> Iterator[list]:
-    """A copy-on-write sync's one batch: its pages copied out (the guest running, writes to pages
-    not yet copied copying them aside), RAM unprotected, then everything framed."""
+    """A copy-on-write sync's batches: the state first (the standby hears from us at once, as
+    after a synchronous capture, although the pages take a while), then the pages, copied out
+    while the guest runs (writes to pages not yet copied copying them aside), RAM unprotected,
+    and then the pages, the disk changes and the SyncEnd framed."""
+    blob = encode(state)
+    yield protocol.send(p.MachineStateBlob(blob))
     copied = [(slot, numbers, cow.gather(slot, numbers)) for slot, numbers in page_lists]
     cow.disarm()
     batch = []
@@ -106,9 +110,7 @@ def _cow_frames(cow: CowMemory, protocol: p.FtConnection, trigger: str, sync: in
     for disk_index, changes in enumerate(disk_changes):
         for event in p.disk_change_frames(disk_index, changes):
             batch += protocol.send(event)
-    blob = encode(state)
-    yield batch + protocol.send(p.MachineStateBlob(blob)) + protocol.send(
-        p.SyncEnd(sync, trigger, ram, xxhash.xxh3_64_intdigest(blob)))
+    yield batch + protocol.send(p.SyncEnd(sync, trigger, ram, xxhash.xxh3_64_intdigest(blob)))
 
 
 def whole_disk(disk: Blk) -> Iterator[DiskChange]:

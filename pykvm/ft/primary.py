@@ -256,13 +256,16 @@ class Primary:
             if len(self._in_flight) >= p.MAX_IN_FLIGHT:
                 self._collect_acks(block=True)
             self._collect_acks(block=False)  # outputs acknowledged meanwhile go before this sync
-            cow.arm([function.lock for function in self.machine.virtio])
+            if not cow.arm_in_pause:
+                cow.arm([function.lock for function in self.machine.virtio])
         with contextlib.ExitStack() as armed, contextlib.ExitStack() as quiesce:
             if cow is not None:
                 armed.callback(cow.disarm)  # done once the pages are copied; here if the sync fails
             pausing = time.perf_counter()
             quiesce.enter_context(self.machine.quiesced("ft sync"))
             paused = time.perf_counter()
+            if cow is not None and cow.arm_in_pause:
+                cow.arm([function.lock for function in self.machine.virtio])  # held already: re-entered
             covered = self._take_held()  # the outputs this sync's state precedes
             try:
                 taken = capture(self.machine, self._protocol, trigger, self._disk_changes, self.disks,
