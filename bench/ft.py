@@ -129,9 +129,18 @@ def cow_pause(pages: int = 3000, repeats: int = 40) -> dict:
                     "--ft-timeout", "5000")  # we drive the syncs: no heartbeats
     standby.wait_line("waiting for a primary")
     with tempfile.NamedTemporaryFile("w+") as metrics_file:
-        with Machine(MachineConfig(memory=1 << 30), serial_output=lambda data: None) as machine:
+        output, running = bytearray(), threading.Event()
+
+        def serial(data: bytes) -> None:
+            output.extend(data)
+            if b"pages/s" in output:
+                running.set()
+
+        with Machine(MachineConfig(memory=1 << 30), serial_output=serial) as machine:
             machine.load(guestbuild.image_path("dirty"), cmdline="pages=64")
             machine.vm.start()
+            if not running.wait(60):  # calibrated and writing (a pause during its calibration could fail it)
+                raise SystemExit(f"the dirty guest did not start: {output.decode(errors='replace')}")
             primary = Primary(machine, metrics=metrics_file, log=lambda line: None, mode="cow")
             primary.protect(f"tcp:127.0.0.1:{port}")
             with primary._cond:
@@ -144,16 +153,20 @@ def cow_pause(pages: int = 3000, repeats: int = 40) -> dict:
             empty = []
             above_guest = np.arange(GUEST_PAGES_BELOW, memory.size // PAGE_SIZE)  # the guest's own pages stay its own
             for _ in range(repeats):
-                for page in rng.choice(above_guest, pages, replace=False):
-                    memory.write(int(page) * PAGE_SIZE, payload)
-                primary._sync("bench")
+                while primary._in_flight:  # both pauses find the standby idle and the guest running
+                    primary._collect_acks(block=True)
                 started = time.perf_counter()
                 with machine.vm.paused("bench"):
                     pass
                 empty.append((time.perf_counter() - started) * 1000)
+                for page in rng.choice(above_guest, pages, replace=False):
+                    memory.write(int(page) * PAGE_SIZE, payload)
+                primary._sync("bench")
             while primary._in_flight:
                 primary._collect_acks(block=True)
             summary = primary.summary()
+            if b"FAIL" in output or b"does not count" in output:
+                raise SystemExit(f"the dirty guest failed: {output[-300:].decode(errors='replace')}")
             machine.vm.stop(0, "bench done")
             primary.close()
         metrics_file.seek(0)
