@@ -68,7 +68,7 @@ def test_cow_mode_standby_memory_equals_primary_at_every_sync(tmp_path, guest_im
     RAM after each commit, although `dirty` rewrites pages while each sync's pages are copied."""
     port = _free_port()
     standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--ft-verify",
-                         "--control", str(tmp_path / "sb.ctl"))
+                         "--ft-timeout", "2000", "--control", str(tmp_path / "sb.ctl"))  # hashing 64 MiB takes a while
     primary = None
     try:
         standby.stderr.wait_for(b"waiting for a primary")

@@ -183,6 +183,10 @@ class Primary:
         if self._cow is not None:
             self._cow.close()
             self._cow = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     # -- the gate (called from device I/O threads with their lock held: never blocks) --------------
 
@@ -191,7 +195,7 @@ class Primary:
             self._held.append((function, queue_index, time.perf_counter()))
             self._cond.notify_all()
         if self._in_flight:  # the FT thread may be waiting for an Ack rather than on the condition
-            with contextlib.suppress(BlockingIOError):
+            with contextlib.suppress(OSError):  # full: it is woken already; closed: it is gone
                 os.write(self._wake_w, b"\0")
 
     # -- the FT thread ----------------------------------------------------------------------------------
