@@ -126,7 +126,7 @@ def cow_pause(pages: int = 3000, repeats: int = 40) -> dict:
     `copied_aside` count its writes that met a protected page, and those that copied one aside."""
     port = free_port()
     standby = Child("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--mem", "1024M", "--serial", "none",
-                    "--ft-timeout", "5000")  # we drive the syncs: no heartbeats
+                    "--ft-timeout", "60000")  # we drive the syncs: no heartbeats
     standby.wait_line("waiting for a primary")
     with tempfile.NamedTemporaryFile("w+") as metrics_file:
         output, running = bytearray(), threading.Event()
@@ -152,15 +152,21 @@ def cow_pause(pages: int = 3000, repeats: int = 40) -> dict:
             payload = bytes(range(256)) * (PAGE_SIZE // 256)
             empty = []
             above_guest = np.arange(GUEST_PAGES_BELOW, memory.size // PAGE_SIZE)  # the guest's own pages stay its own
+            # The floor first, before any cow sync: each protection makes KVM drop its mappings of
+            # guest RAM, so a pause soon after one waits for the guest to fault them back.
             for _ in range(repeats):
-                while primary._in_flight:  # both pauses find the standby idle and the guest running
-                    primary._collect_acks(block=True)
+                for page in rng.choice(above_guest, pages, replace=False):
+                    memory.write(int(page) * PAGE_SIZE, payload)
                 started = time.perf_counter()
                 with machine.vm.paused("bench"):
                     pass
                 empty.append((time.perf_counter() - started) * 1000)
+            primary._sync("warm-up")  # what the loop above wrote
+            for _ in range(repeats):
                 for page in rng.choice(above_guest, pages, replace=False):
                     memory.write(int(page) * PAGE_SIZE, payload)
+                while primary._in_flight:  # each sync finds the standby idle
+                    primary._collect_acks(block=True)
                 primary._sync("bench")
             while primary._in_flight:
                 primary._collect_acks(block=True)
