@@ -119,7 +119,7 @@ def sync_breakdown(pages: int, repeats: int = 40, tls: Path | None = None) -> di
     return {key: statistics.median(r[key] for r in rows) for key in ("pages", "pause_ms", "transfer_ms", "ack_ms")}
 
 
-def cow_pause(pages: int = 3000, repeats: int = 40) -> dict:
+def cow_pause(pages: int = 3000, repeats: int = 30) -> dict:
     """Cow mode (--ft-mode cow): the guest pause of a sync of `pages` random dirty pages, and an
     empty pause and resume of the same running vCPUs, in the same run (medians, ms). The guest
     (`dirty`, 64 pages) keeps writing while each sync's pages are copied out; `wp_faults` and
