@@ -75,7 +75,7 @@ def test_cow_mode_standby_memory_equals_primary_at_every_sync(tmp_path, guest_im
         primary = VmmProcess("run", "dirty", "--append", "pages=2048", "--ft", f"tcp:127.0.0.1:{port}",
                              "--ft-mode", "cow", "--ft-verify", "--ft-interval", "20",
                              "--metrics", str(tmp_path / "m.jsonl"), "--control", str(tmp_path / "p.ctl"))
-        primary.wait_for(b"\n", count=4)
+        primary.wait_for(b"\n", count=4, timeout=90)  # each sync hashes all RAM in the pause: the guest crawls
         stats = json.loads(run_pykvm("ctl", str(tmp_path / "sb.ctl"), "ft-stats").stdout)
         assert stats["verified"] >= 20 and stats["mismatches"] == 0 and stats["mode"] == "cow", stats
         mine = json.loads(run_pykvm("ctl", str(tmp_path / "p.ctl"), "ft-stats").stdout)
