@@ -102,6 +102,8 @@ class WriteProtector:
         # The API handshake may be done once per descriptor: open it again, asking for the features.
         os.close(fd)
         self.fd = _libc.syscall(SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
+        if self.fd < 0:
+            raise UserfaultfdUnavailable(f"userfaultfd: {os.strerror(ctypes.get_errno())}")
         self.features = wanted | (api.features & UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
         fcntl.ioctl(self.fd, UFFDIO_API, UffdioApi(UFFD_API, self.features, 0))
         self._message = bytearray(UFFD_MSG_SIZE * 64)

@@ -5,15 +5,17 @@ first (userfaultfd write-protection, pykvm.userfaultfd, as QEMU's background sna
 
 One sync, as CowMemory sees it:
 
-    arm       guest running, every device held between requests for the moment: all of RAM is
-              write-protected (a few ioctls whatever the pages; a write that meets it is let go,
-              the page just unprotected: its contents are still to come)
+    arm       every device held between requests: all of RAM is write-protected (an ioctl a slot,
+              whatever the pages), inside the pause for small RAM, just before it for large RAM
+              (ARM_IN_PAUSE_BYTES); a write that meets it before the pause is let go, the page
+              just unprotected: its contents are still to come
     capture   guest paused: the dirty pages become PENDING (still protected, not yet copied);
               those written since the arm (unprotected already) are copied now
     gather    guest running again: the pending pages are copied, a chunk at a time, into rows
               that the frames are sent from; a write to a page still pending copies it aside
               first (the fault handler, or the writing VMM thread itself: see below)
-    disarm    all of RAM unprotected; the frames go out from the copies
+    disarm    all of RAM unprotected; the page frames go out from the copies (the state went
+              out already, right after the resume: see ft.capture)
 
 The vCPUs wait for neither the copy nor the network: only a write that meets a protected page
 waits, for one page copy and an ioctl (tens of µs). The dirty log is untouched by all this (KVM's
