@@ -4,6 +4,8 @@
    primary and a standby VMM process over loopback, with the loopback limit measured in the same
    run. (The Kemari prototype needed ~150 ms for 3000 pages; the goal here is <= 4 ms.) The
    3000-page sync again over mutual TLS, and `tls_ratio`: TLS pause / plaintext pause (goal <= 2).
+   Cow mode (--ft-mode cow): the guest pause of a 3000-page sync while the guest writes, and
+   `cow_pause_ratio`: it over an empty pause and resume of the same running vCPUs (goal <= 5).
 2. Output latency added by FT: kv puts (a disk write, a flush and a reply frame each) with FT
    on and off, and the per-output sync delays from the primary's metrics.
 3. Takeover: SIGKILL of the primary -> the guest answering on the standby.
