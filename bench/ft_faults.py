@@ -19,6 +19,7 @@ Prints a line a trial and one table; exits 1 if any record was lost or two copie
 trial could not be run (set-up failed), else 0.
 
     python bench/ft_faults.py [--trials N | --per-fault N] [--seed S] [--ft-disk replicated|shared]
+                              [--ft-mode sync|pipelined|cow]
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.ft import Child, free_port  # noqa: E402
+from pykvm.ft.protocol import SYNC_MODES  # noqa: E402
 from pykvm.testing.kv import KvClient, records_on_disk  # noqa: E402
 from pykvm.testing.netframes import FrameSocket  # noqa: E402
 from pykvm.testing.relay import Relay  # noqa: E402
@@ -97,7 +99,7 @@ class Side:
 
 
 def run_trial(fault: str, rng: random.Random, root: Path, logs: Path | None = None,
-              disk: str = "replicated") -> Trial:
+              disk: str = "replicated", mode: str = "sync") -> Trial:
     """One trial in `root`: set up the pair, write, strike, write, verify. With `logs`, the
     VMMs' stderr is kept there (primary.log, standby.log). `disk`: the pair's --ft-disk."""
     deadline = time.monotonic() + TRIAL_SECONDS
@@ -127,7 +129,7 @@ def run_trial(fault: str, rng: random.Random, root: Path, logs: Path | None = No
         sides.append(standby)
         standby.child.wait_line("waiting for a primary")
         primary = Side("primary", Child("run", "kv", "--disk", str(primary_disk), *common, "--ft", relay.uri,
-                                        "--ft-disk", disk))
+                                        "--ft-disk", disk, "--ft-mode", mode))
         sides.append(primary)
         primary.child.wait_line("protected by")
         with FrameSocket(root / "client.sock", link) as sock:
@@ -239,6 +241,7 @@ def main() -> int:
     parser.add_argument("--per-fault", type=int, metavar="N", help="N trials of each fault (instead of --trials)")
     parser.add_argument("--seed", type=int, default=None, help="for the random moments and parameters")
     parser.add_argument("--fault", action="append", choices=FAULTS, help="only this fault (repeatable)")
+    parser.add_argument("--ft-mode", choices=SYNC_MODES, default="sync", help="the primary's sync mode (default sync)")
     parser.add_argument("--logs", type=Path, help="keep each trial's VMM stderr in this folder")
     parser.add_argument("--ft-disk", choices=("replicated", "shared"), default="replicated",
                         help="the pair's disk mode (shared: one file, and no standby-disk-full trials)")
@@ -254,7 +257,8 @@ def main() -> int:
         fault = faults[index % len(faults)]
         with tempfile.TemporaryDirectory(prefix="pykvm-ft-faults-") as tmp:
             try:
-                trial = run_trial(fault, rng, Path(tmp), args.logs and args.logs / f"trial-{index + 1}", args.ft_disk)
+                trial = run_trial(fault, rng, Path(tmp), args.logs and args.logs / f"trial-{index + 1}", args.ft_disk,
+                                  args.ft_mode)
             except (Exception, SystemExit) as error:  # a trial that could not run says why; the campaign goes on
                 trial = Trial(fault, "", error=f"{type(error).__name__}: {error}".splitlines()[0])
         trials.append(trial)

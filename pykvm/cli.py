@@ -33,7 +33,7 @@ from pykvm.ft import FtError, Primary, Standby, demo as demo_module
 from pykvm.ft.standby import TakeoverImpossible
 from pykvm.ft.fencing import EXIT_FENCED, NO_WITNESS_WARNING, Fenced, Fencing
 from pykvm.study import commands as study_commands
-from pykvm.ft.protocol import DISK_MODES
+from pykvm.ft.protocol import DISK_MODES, SYNC_MODES
 from pykvm.ft.trace import OFF, FtTrace
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
@@ -97,9 +97,11 @@ def _add_ft_options(parser: argparse.ArgumentParser, *, primary: bool) -> None:
     shown = (lambda text: text) if primary else (lambda text: argparse.SUPPRESS)
     parser.add_argument("--metrics", metavar="FILE", type=valid.output_file("a metrics file"),
                         help=shown("the primary appends one JSON line per sync here"))
-    parser.add_argument("--ft-mode", choices=("sync", "pipelined"), default="sync" if primary else None,
+    parser.add_argument("--ft-mode", choices=SYNC_MODES, default="sync" if primary else None,
                         help=shown("sync: the guest waits for the standby's ack (Kemari); pipelined: it runs on "
-                                   "once the sync is captured and only the outputs wait (default sync)"))
+                                   "once the sync is captured and only the outputs wait; cow: it pauses only to "
+                                   "capture state, its pages are copied out under write-protection (root; "
+                                   "userfaultfd) (default sync)"))
     parser.add_argument("--ft-disk", choices=DISK_MODES, default="replicated" if primary else None,
                         help=shown("replicated: the standby has its own copy of each disk, writes complete at once "
                                    "and travel with the next sync; shared: both open the same file, a write waits "
@@ -178,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
                                         f"{demo_module.MAX_RECORDS} (default 200)")
     demo.add_argument("--seed", type=valid.integer(-(1 << 63), (1 << 63) - 1),
                       help="seed for the kill moment and the data (default: random)")
-    demo.add_argument("--ft-mode", choices=("sync", "pipelined"), default="sync", help="see `pykvm run --ft-mode`")
+    demo.add_argument("--ft-mode", choices=SYNC_MODES, default="sync", help="see `pykvm run --ft-mode`")
     demo.add_argument("--ft-disk", choices=DISK_MODES, default="replicated", help="see `pykvm run --ft-disk`")
 
     cli_ctl.add_command(commands, _example)
@@ -266,7 +268,7 @@ def _protect(machine: Machine, args: argparse.Namespace, fencing: Fencing | None
         _log(NO_WITNESS_WARNING)
     metrics = open(args.metrics, "a", buffering=1) if args.metrics else None
     primary = Primary(machine, timeout=args.ft_timeout / 1000, metrics=metrics, verify=args.ft_verify,
-                      interval=args.ft_interval / 1000, pipelined=args.ft_mode == "pipelined", fencing=fencing,
+                      interval=args.ft_interval / 1000, mode=args.ft_mode, fencing=fencing,
                       tls=args.tls, disk_mode=args.ft_disk, log=_log, trace=_trace(args))
     primary.protect(args.ft)
     return primary

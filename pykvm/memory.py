@@ -6,6 +6,13 @@ touching host memory. Writes the VMM makes into guest RAM are recorded in a per-
 because KVM's dirty log only sees writes made by the guest's vCPUs; migration and FT merge both.
 write() and its kin mark what they wrote; a write through a view() is marked by the writer, after
 the write (mark_dirty).
+
+While FT's copy-on-write sync has pages write-protected (pykvm.ft.cow over pykvm.userfaultfd), a
+VMM thread that wrote a protected page while holding the GIL would wait for the fault handler,
+a Python thread that needs the GIL: the process would hang. So every write the VMM makes itself
+goes through `write_barrier` first (write() and its kin, writable_view(), prepare_write() for
+views kept across requests such as the rings), which makes the pages writable in the writing
+thread. Syscalls that write guest RAM (preadv, readv) release the GIL and need nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import xxhash
@@ -35,6 +43,10 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+
+
+WriteBarrier = Callable[["MemorySlot", int, int], None]
+"""(slot, offset, length): make those bytes writable by the calling thread (copy-on-write)."""
 
 
 class GuestMemoryError(Exception):
@@ -96,6 +108,9 @@ class GuestMemory:
         self.size = size
         self.slots: list[MemorySlot] = []
         self._dirty_lock = threading.Lock()
+        # Set while pages may be write-protected (ft.cow); runtime writers are device models under
+        # their function's lock, which the protecting side takes before it protects anything.
+        self.write_barrier: WriteBarrier | None = None
         for index, (guest_addr, length) in enumerate(ram_layout(size)):
             if image is not None:
                 fd, offsets = image
@@ -157,6 +172,19 @@ class GuestMemory:
         slot, offset = self.locate(addr, length)
         return slot.view[offset : offset + length]
 
+    def writable_view(self, addr: int, length: int) -> memoryview:
+        """view() for the VMM to write through (device-writable buffers): the pages are made
+        writable first (see write_barrier). Mark the range dirty after writing, as for view()."""
+        slot, offset = self.locate(addr, length)
+        if self.write_barrier is not None:
+            self.write_barrier(slot, offset, length)
+        return slot.view[offset : offset + length]
+
+    def prepare_write(self, slot: MemorySlot, offset: int, length: int) -> None:
+        """Before writing a range already located through a view kept from earlier (a ring)."""
+        if self.write_barrier is not None:
+            self.write_barrier(slot, offset, length)
+
     def read(self, addr: int, length: int) -> bytes:
         slot, offset = self.locate(addr, length)
         return slot.mapping[offset : offset + length]
@@ -164,11 +192,15 @@ class GuestMemory:
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         length = len(data)
         slot, offset = self.locate(addr, length)
+        if self.write_barrier is not None:
+            self.write_barrier(slot, offset, length)
         slot.view[offset : offset + length] = data
         self.mark(slot, offset, length)
 
     def fill(self, addr: int, length: int, byte: int = 0) -> None:
         slot, offset = self.locate(addr, length)
+        if self.write_barrier is not None:
+            self.write_barrier(slot, offset, length)
         np.frombuffer(slot.view, dtype=np.uint8, count=length, offset=offset)[:] = byte
         self.mark(slot, offset, length)
 
@@ -195,6 +227,8 @@ class GuestMemory:
 
     def _write_struct(self, fmt: struct.Struct, addr: int, value: int) -> None:
         slot, offset = self.locate(addr, fmt.size)
+        if self.write_barrier is not None:
+            self.write_barrier(slot, offset, fmt.size)
         fmt.pack_into(slot.view, offset, value)
         self.mark(slot, offset, fmt.size)
 

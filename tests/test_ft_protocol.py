@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pykvm.ft.capture import disk_change_frames
 from pykvm.transfer import wire
 from pykvm.devices.virtio.blk import DiskSpec
 from pykvm.devices.virtio.gate import DiskChange
@@ -218,7 +219,7 @@ def _sync_frames(primary: p.FtConnection, machine_state: bytes, fill: int, sync:
     ram = bytearray(272 * PAGE_SIZE)  # the primary's RAM up to the pages sent: 256..271 filled
     ram[256 * PAGE_SIZE :] = bytes([fill]) * (16 * PAGE_SIZE)
     out = primary.send_pages(0, memoryview(ram), np.arange(256, 272, dtype="<u4"))
-    for event in p.disk_change_frames(0, changes or (DiskChange(0, bytes([fill]) * 4096),)):
+    for event in disk_change_frames(0, changes or (DiskChange(0, bytes([fill]) * 4096),)):
         out += primary.send(event)
     out += primary.send(p.MachineStateBlob(machine_state))
     out += primary.send(p.SyncEnd(sync, "blk", ram_hash_, xxhash.xxh3_64_intdigest(machine_state)))

@@ -9,6 +9,9 @@ next is built, so that it holds one piece of RAM or disk at a time whatever thei
 guest RAM itself (GuestRam: the guest stays paused until the frames are sent), a copy made while
 the guest was paused (CopiedPages: the guest runs on meanwhile), or any other holder of the
 pages' contents as of the capture (a copy made aside when the guest writes a page still to send).
+In cow mode (ft.cow) that is CowPages: the pages are copied out once the guest runs again, under
+write-protection, and the state goes first in a batch of its own, so the standby hears from us at
+once while the copy goes on.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import xxhash
 from pykvm.devices.virtio.blk import Blk
 from pykvm.devices.virtio.gate import DiskChange
 from pykvm.ft import protocol as p
+from pykvm.ft.cow import CowMemory
 from pykvm.ft.state_parts import StateSender
 from pykvm.hostfile import extents
 from pykvm.machine import Machine
@@ -65,6 +69,24 @@ class CopiedPages:
         return [rows[first * PAGE_SIZE : (first + len(pages)) * PAGE_SIZE]]
 
 
+class CowPages:
+    """Cow mode: the pages copied out of write-protected guest RAM while the guest runs (a write
+    to a page not yet copied copies it aside first); once all are copied, RAM is unprotected."""
+
+    def __init__(self, cow: CowMemory, page_lists: list[tuple[MemorySlot, np.ndarray]]) -> None:
+        cow.capture(page_lists)  # (paused) these pages are the sync's
+        self._cow, self._page_lists = cow, page_lists
+        self._copies: dict[int, tuple[np.ndarray, memoryview]] | None = None
+
+    def page_data(self, slot: MemorySlot, pages: np.ndarray) -> list:
+        if self._copies is None:  # the first frame: the guest runs again, copy them all out
+            self._copies = {s.index: (numbers, self._cow.gather(s, numbers)) for s, numbers in self._page_lists}
+            self._cow.disarm()
+        numbers, rows = self._copies[slot.index]
+        first = int(np.searchsorted(numbers, pages[0]))
+        return [rows[first * PAGE_SIZE : (first + len(pages)) * PAGE_SIZE]]
+
+
 @dataclass
 class Capture:
     """One sync, ready to send: `batches` yields lists of buffers, each to be sent before the
@@ -93,41 +115,47 @@ def harvest(machine: Machine, *, full: bool) -> list[tuple[MemorySlot, np.ndarra
 
 def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_changes: list[list[DiskChange]],
             disks: list[Blk], states: StateSender, *, full: bool, verify: bool, copy_into: PageArena | None = None,
-            source: PageSource | None = None, batch_pages: int = 0) -> Capture:
+            source: PageSource | None = None, batch_pages: int = 0, cow: CowMemory | None = None) -> Capture:
     """Take the sync from the quiesced machine. `disk_changes[i]`: the changes recorded for disk i
     since the last sync (taken, and the list emptied); `states`: the parts of the machine state
     sent last (only those that changed go); `verify`: send a hash of all RAM.
     `copy_into`: copy the pages there now (the guest will run before they are sent); `source`:
     where the pages' data is read from otherwise (guest RAM by default). `batch_pages`: a batch
     ends after that many pages (a multiple of FRAME_PAGES; 0: the whole sync is one batch, a full
-    sync FULL_BATCH_PAGES), for a source that must know soon when its pages are sent."""
+    sync FULL_BATCH_PAGES), for a source that must know soon when its pages are sent. `cow`
+    (armed, see ft.cow): the pages are read through CowPages, and the state goes first alone."""
     page_lists = harvest(machine, full=full)
-    sync = protocol.last_sync + 1
+    sync = protocol.next_sync
     if full:  # the whole disk, read as it is sent; it covers whatever was recorded before
         disk_events: Iterable = (event for index, disk in enumerate(disks)
-                                 for event in p.disk_change_frames(index, whole_disk(disk)))
+                                 for event in disk_change_frames(index, whole_disk(disk)))
     else:
         disk_events = [event for index, changes in enumerate(disk_changes) if changes
-                       for event in p.disk_change_frames(index, list(changes))]
+                       for event in disk_change_frames(index, list(changes))]
     for changes in disk_changes:
         changes.clear()
     if copy_into is not None:
         source = CopiedPages(copy_into, page_lists)
+    elif cow is not None:
+        source = CowPages(cow, page_lists)
     state = states.blob(machine.save_state(), full=full)
     end = p.SyncEnd(sync, trigger, ram_hash(machine.vm.memory) if verify else None, xxhash.xxh3_64_intdigest(state))
     batches = _frames(protocol, source or GuestRam(), page_lists, disk_events, state, end, full=full,
-                      batch_pages=batch_pages or (FULL_BATCH_PAGES if full else 0))
+                      batch_pages=batch_pages or (FULL_BATCH_PAGES if full else 0), state_alone=cow is not None)
     return Capture(sync, page_lists, batches)
 
 
 def _frames(protocol: p.FtConnection, source: PageSource, page_lists: list, disk_events: Iterable,
-            state: bytes, end: p.SyncEnd, *, full: bool, batch_pages: int) -> Iterator[list]:
+            state: bytes, end: p.SyncEnd, *, full: bool, batch_pages: int, state_alone: bool = False) -> Iterator[list]:
     """`capture`'s batches: the machine state first (the standby decodes it while the pages
     come), the page frames, the disk changes, the SyncEnd. Unless `batch_pages` cuts it, a sync
     is one batch, sent with as few sendmsg calls as the iovec limit allows (each call that blocks
     costs a wake-up on either side). A full sync sends a batch per frame of disk changes too
-    (the disk is read as it goes)."""
+    (the disk is read as it goes). `state_alone`: the state is a batch of its own."""
     batch = protocol.send(p.MachineStateBlob(state))
+    if state_alone:
+        yield batch
+        batch = []
     for slot, numbers in page_lists:
         for start in range(0, len(numbers), FRAME_PAGES):
             chunk = numbers[start : start + FRAME_PAGES]
@@ -141,6 +169,27 @@ def _frames(protocol: p.FtConnection, source: PageSource, page_lists: list, disk
             yield batch
             batch = []
     yield batch + protocol.send(end)
+
+
+def disk_change_frames(disk: int, changes: Iterable[DiskChange]) -> Iterator[p.DiskChanges]:
+    """`changes` as DiskChanges events whose payloads stay within p.DISK_FRAME_BYTES (a change with
+    more data is split), taken from the iterable only as they are needed: a sender holds one
+    frame's worth at a time."""
+    batch: list[DiskChange] = []
+    size = p.DISK_FRAME_HEAD
+    for change in changes:
+        pieces = [change] if len(change.data) <= p.MAX_CHANGE_DATA else [
+            DiskChange(change.offset + at, change.data[at : at + p.MAX_CHANGE_DATA])
+            for at in range(0, len(change.data), p.MAX_CHANGE_DATA)]
+        for piece in pieces:
+            cost = p.DISK_CHANGE_HEAD + len(piece.data)
+            if batch and size + cost > p.DISK_FRAME_BYTES:
+                yield p.DiskChanges(disk, tuple(batch))
+                batch, size = [], p.DISK_FRAME_HEAD
+            batch.append(piece)
+            size += cost
+    if batch:
+        yield p.DiskChanges(disk, tuple(batch))
 
 
 def whole_disk(disk: Blk) -> Iterator[DiskChange]:

@@ -26,10 +26,11 @@ import errno
 import os
 import stat
 from dataclasses import astuple, dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from pykvm.devices.virtio.blk import DiskImage
+from pykvm.devices.virtio.blk import Blk, DiskImage
 from pykvm.devices.virtio.gate import DiskChange
+from pykvm.ft.journal import merge_ranges
 from pykvm.hostfile import extents
 
 PIECE = 1 << 20  # a written range is read this much at a time
@@ -98,3 +99,59 @@ def shared_disk_refusal(images: list[DiskImage], theirs: tuple[tuple[int, int, i
         if DiskIdentity.of(image.fd) != ours:
             return f"shared disk {index} ({path}) names another file than the one this standby opened at start"
     return None
+
+
+class ReplicatedDisks:
+    """The primary's record of its replicated disks' writes since the last sync (the ranges; the
+    data is read back at the capture), and the deferred flushes it owes them. Writes are recorded
+    from device threads; `backlog` tells the FT thread when enough piled up to start a sync."""
+
+    def __init__(self, disks: list[Blk], on_backlog: Callable[[], None], backlog_limit: int) -> None:
+        self.disks = disks
+        self._on_backlog = on_backlog
+        self.backlog_limit = backlog_limit
+        self._written: list[list[tuple[int, int]]] = []  # per disk, ranges since the last capture
+        self.backlog = 0  # their bytes
+
+    def attach(self) -> None:
+        """From now on each write is recorded, and a guest flush is the standby's commit."""
+        self._written, self.backlog = [[] for _ in self.disks], 0
+        for index, disk in enumerate(self.disks):
+            disk.write_observer = lambda offset, length, i=index: self._record(i, offset, length)
+            disk.durable_elsewhere = True
+
+    def detach(self) -> None:
+        for disk in self.disks:
+            disk.write_observer = None
+        self._written = []
+
+    def _record(self, index: int, offset: int, length: int) -> None:
+        written = self._written
+        if index >= len(written):
+            return  # detached meanwhile (the standby was just lost): nothing is recorded any more
+        written[index].append((offset, length))
+        self.backlog += length
+        if self.backlog >= self.backlog_limit:
+            self._on_backlog()
+
+    def take(self, full: bool) -> list[list[DiskChange]]:
+        """(Quiesced) what the disks hold now in the ranges written since the last sync, read from
+        the files: the disks as of the state this sync captures, each range once however often it
+        was rewritten. Nothing for a full sync, which sends the whole disks."""
+        written, self._written = self._written, [[] for _ in self._written]
+        self.backlog = 0
+        return [[] if full else list(contents(disk.disk, merge_ranges(ranges)))
+                for disk, ranges in zip(self.disks, written)]
+
+    def flush_own(self, why: str, log: Callable[[str], None]) -> bool:
+        """The guest's flushes, deferred to the standby's commits while it had one, made here:
+        before the primary goes on alone, or ends. False if a disk cannot be flushed."""
+        for disk in self.disks:
+            if disk.durable_elsewhere:
+                disk.durable_elsewhere = False  # first: a flush from now on is made here again
+                try:
+                    disk.disk.flush()
+                except OSError as error:
+                    log(f"ft primary: {why}, but flushing {disk.disk.spec.path} failed: {error.strerror}")
+                    return False
+        return True

@@ -3,7 +3,9 @@ line with SyncRecord's fields) and the running totals behind `Primary.summary()`
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import TextIO
 
 from pykvm.stats import summary
 
@@ -22,6 +24,7 @@ class SyncRecord:
     ack_ms: float  # from then to the standby's Ack
     output_delay_ms: float  # the longest any output this sync released was held
     disk_mode: str = "replicated"  # where the standby's disks come from: replicated | shared
+    mode: str = "sync"  # the primary's --ft-mode (in cow mode, pause_ms runs from the request to pause)
 
 
 @dataclass
@@ -37,6 +40,18 @@ class PrimaryStats:
     output_delay_ms: list[float] = field(default_factory=list)
     pages_per_sync: list[int] = field(default_factory=list)
 
+    def add(self, record: SyncRecord, metrics: TextIO | None) -> None:
+        """Count one sync, and append its record to the metrics file (if any)."""
+        self.syncs += 1
+        self.pages += record.pages
+        self.bytes += record.bytes
+        self.pause_ms.append(record.pause_ms)
+        self.pages_per_sync.append(record.pages)
+        if record.trigger in ("blk", "net"):
+            self.output_delay_ms.append(record.output_delay_ms)
+        if metrics is not None:
+            metrics.write(json.dumps(record.__dict__) + "\n")
+            metrics.flush()
 
     def summary(self) -> dict:
         return {"protected": self.protected, "standby": self.standby, "syncs": self.syncs, "pages": self.pages,

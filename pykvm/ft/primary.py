@@ -16,7 +16,9 @@ outputs queued behind it are held too, so one sync releases them all. The FT thr
     release the held outputs: the write reaches the disk, the frame the wire
     resume the vCPUs
 
-What a sync carries is taken by ft.capture; its figures go to ft.metrics.
+What a sync carries is taken by ft.capture; its figures go to ft.metrics. In cow mode (ft.cow)
+the guest runs while the pages are copied out under write-protection, and a sync may start
+before the last one's Ack: that sync's outputs go at its Ack, read between the next one's steps.
 
 Between outputs, the FT thread sends heartbeats. If the standby is lost, the primary claims the
 next epoch at the witness (ft.fencing): won, it releases what it holds and goes on unprotected
@@ -30,7 +32,8 @@ call below is one such point, and does nothing unless its fault was asked for.
 from __future__ import annotations
 
 import contextlib
-import json
+import os
+import select
 import socket
 import ssl
 import threading
@@ -42,12 +45,12 @@ from pykvm.transfer import channel, wire
 from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.tls import TlsCredentials
 from pykvm.devices.virtio.blk import Blk
-from pykvm.devices.virtio.gate import DiskChange, GatedFunction
+from pykvm.devices.virtio.gate import GatedFunction
 from pykvm.devices.virtio.net import Net
 from pykvm.ft import faults, protocol as p
 from pykvm.ft.capture import capture
-from pykvm.ft.disk_mode import contents, identities
-from pykvm.ft.journal import merge_ranges
+from pykvm.ft.disk_mode import ReplicatedDisks, identities
+from pykvm.ft.cow import CowMemory, InFlight, readable
 from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
 from pykvm.ft.metrics import PrimaryStats, SyncRecord
 from pykvm.ft.state_parts import StateSender
@@ -55,11 +58,12 @@ from pykvm.ft.trace import OFF, FtTrace
 from pykvm.machine import Machine
 from pykvm.run_control import StopKind
 from pykvm.state import encode
+from pykvm.userfaultfd import UserfaultfdUnavailable
 
 CONNECT_TIMEOUT = 5.0
-DISK_BACKLOG = 2 << 20  # bytes written to replicated disks since the last sync that make the next one start
-#                         (what it carries is read and framed with the guest paused: kept well below the
-#                         standby's patience)
+# Bytes written to replicated disks since the last sync that make the next one start (it reads them
+# with the guest paused: kept well below the standby's patience)
+DISK_BACKLOG = 2 << 20
 
 
 class FtError(Exception):
@@ -70,12 +74,12 @@ class Primary:
     """The output gate (`hold`) and the FT thread that syncs the standby and releases outputs."""
 
     def __init__(self, machine: Machine, *, timeout: float = 0.2, metrics: TextIO | None = None,
-                 verify: bool = False, interval: float = 0.0, pipelined: bool = False,
+                 verify: bool = False, interval: float = 0.0, mode: str = "sync",
                  fencing: Fencing | None = None, tls: TlsCredentials | None = None, disk_mode: str = "replicated",
                  log: Callable[[str], None] = print, trace: FtTrace = OFF) -> None:
         """`timeout` is the standby's patience: heartbeats go four times as often. `verify` sends
         a hash of all RAM with each sync; `interval` > 0 adds periodic syncs (trigger "timer") to
-        the event-driven ones; `pipelined` resumes the guest before the sync is sent (see _sync).
+        the event-driven ones; `mode` (protocol.SYNC_MODES): when the guest resumes (see _sync).
         `fencing`: the witness and the epoch this primary won (None: no witness). `tls`: the
         credentials standbys are reached with (None: in the clear). `disk_mode`: "replicated" or
         "shared" (ft.disk_mode). `trace`: where each sync's phases are told (--trace-ft)."""
@@ -85,8 +89,11 @@ class Primary:
         self.fencing = fencing
         self.fenced = False
         self.interval = interval
-        self.pipelined = pipelined
         self.disk_mode = disk_mode
+        self.mode = mode
+        self._cow: CowMemory | None = None  # cow mode: the write-protection of guest RAM, while protected
+        self._in_flight: list[InFlight] = []  # cow mode: syncs sent, awaiting their Ack, oldest first
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # hold() wakes an ack wait
         self.timeout = timeout
         self.metrics = metrics
         self.verify = verify
@@ -94,8 +101,6 @@ class Primary:
         self.stats = PrimaryStats()
         self._cond = threading.Condition()
         self._held: list[tuple[GatedFunction, int, float]] = []  # (function, queue index, when held)
-        self._disk_written: list[list[tuple[int, int]]] = []  # per replicated disk, ranges since the last capture
-        self._disk_backlog = 0  # their bytes
         self._sock: socket.socket | None = None
         self._protocol: p.FtConnection | None = None
         self._thread: threading.Thread | None = None
@@ -105,6 +110,8 @@ class Primary:
         self._states = StateSender()  # the state's parts as last sent: a sync sends those that changed
         self.devices = [f.device for f in machine.virtio]
         self.disks = [d for d in self.devices if isinstance(d, Blk)]
+        self._replicated = ReplicatedDisks(self.disks if disk_mode == "replicated" else [], self._wake_for_disk,
+                                           DISK_BACKLOG)
 
     # -- protection ------------------------------------------------------------------------------
 
@@ -114,6 +121,11 @@ class Primary:
         if self.fenced or self.stats.protected:
             raise FtError("this primary has stood down (fenced)" if self.fenced else
                           f"already protected by {self.stats.standby}")
+        if self.mode == "cow" and self._cow is None:
+            try:
+                self._cow = CowMemory(self.machine.vm.memory)
+            except UserfaultfdUnavailable as error:
+                raise FtError(f"--ft-mode cow needs userfaultfd write-protection: {error}") from None
         try:
             sock = channel.connect(uri, self.tls, CONNECT_TIMEOUT)
         except ssl.SSLError as error:
@@ -139,7 +151,7 @@ class Primary:
         (the one we won at start-up or on losing the last standby), how we sync."""
         witness, epoch = (self.fencing.uri, self.fencing.epoch.number) if self.fencing else ("", 0)
         shared = self.disk_mode == "shared"
-        return p.Hello(encode(self.machine.config), witness, epoch, "pipelined" if self.pipelined else "sync",
+        return p.Hello(encode(self.machine.config), witness, epoch, self.mode,
                        self.interval * 1000, disk_mode=self.disk_mode,
                        shared_disks=identities([disk.disk for disk in self.disks]) if shared else ())
 
@@ -148,11 +160,7 @@ class Primary:
         self.stats.standby = uri
         self.machine.vm.set_dirty_logging(True)
         shared = self.disk_mode == "shared"
-        if not shared:  # each write, once made, is recorded for the next sync (a full one reads it all)
-            self._disk_written, self._disk_backlog = [[] for _ in self.disks], 0
-            for disk_index, disk in enumerate(self.disks):
-                disk.write_observer = lambda offset, length, i=disk_index: self._record_disk_write(i, offset, length)
-                disk.durable_elsewhere = True  # a guest flush is the standby's commit (ft.disk_mode)
+        self._replicated.attach()  # each write, once made, is recorded for the next sync (a full one reads it all)
         # The gate goes in before the full sync quiesces the guest: an output from here on is
         # held, the full sync's state precedes it and its Ack releases it. (Installed after the
         # sync, an output could slip out between the guest's resumption and the gate.)
@@ -189,21 +197,15 @@ class Primary:
             self._sock = None
         if self._thread is not None:
             self._thread.join(5)
+        if self._cow is not None:
+            self._cow.close()
+            self._cow = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
         if not self.fenced:
-            self._flush_own_disks("the primary ends")
-
-    def _flush_own_disks(self, why: str) -> bool:
-        """The guest's flushes, deferred to the standby's commits while it had one, made here:
-        before this primary goes on alone, or ends. False if a disk cannot be flushed."""
-        for disk in self.disks:
-            if disk.durable_elsewhere:
-                disk.durable_elsewhere = False  # first: a flush from now on is made here again
-                try:
-                    disk.disk.flush()
-                except OSError as error:
-                    self.log(f"ft primary: {why}, but flushing {disk.disk.spec.path} failed: {error.strerror}")
-                    return False
-        return True
+            self._replicated.flush_own("the primary ends", self.log)
 
     # -- the gate (called from device I/O threads with their lock held: never blocks) --------------
 
@@ -211,18 +213,14 @@ class Primary:
         with self._cond:
             self._held.append((function, queue_index, time.perf_counter()))
             self._cond.notify_all()
+        if self._in_flight:  # the FT thread may be waiting for an Ack rather than on the condition
+            with contextlib.suppress(OSError):  # full: it is woken already; closed: it is gone
+                os.write(self._wake_w, b"\0")
 
-    def _record_disk_write(self, disk_index: int, offset: int, length: int) -> None:
-        """A replicated disk's write, made: what the range holds goes with the next sync. A guest
-        that writes much and sends nothing makes one start (trigger "disk"): the record stays short."""
-        recorded = self._disk_written
-        if disk_index >= len(recorded):
-            return  # the standby was just lost (_lose_standby): nothing is recorded any more
-        recorded[disk_index].append((offset, length))
-        self._disk_backlog += length
-        if self._disk_backlog >= DISK_BACKLOG:
-            with self._cond:
-                self._cond.notify_all()
+    def _wake_for_disk(self) -> None:
+        """Replicated disk data piled up (ReplicatedDisks): a sync starts (trigger "disk")."""
+        with self._cond:
+            self._cond.notify_all()
 
     # -- the FT thread ----------------------------------------------------------------------------------
 
@@ -241,12 +239,13 @@ class Primary:
         wait = min(heartbeat, self.interval) if self.interval else heartbeat
         last_sync = time.monotonic()
         while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._held or self._stopping or self._disk_backlog >= DISK_BACKLOG, wait)
+            with self._cond:  # (with syncs awaiting their Ack, _await_acks waits instead)
+                self._cond.wait_for(lambda: self._held or self._stopping or self._replicated.backlog >= DISK_BACKLOG,
+                                    0 if self._in_flight else wait)
                 if self._stopping:
                     return
                 trigger = _trigger(self._held[0][0]) if self._held else (
-                    "disk" if self._disk_backlog >= DISK_BACKLOG else None)
+                    "disk" if self._replicated.backlog >= DISK_BACKLOG else None)
             if trigger is None and self.interval and time.monotonic() - last_sync >= self.interval:
                 trigger = "timer"
             if trigger is not None:
@@ -259,10 +258,12 @@ class Primary:
                     self._release_all()  # unprotected: outputs go at once
                     continue
                 try:
-                    if trigger is None:
-                        self._heartbeat()
-                    else:
+                    if trigger is not None:
                         self._sync(trigger)
+                    elif self._in_flight:
+                        self._await_acks(wait)
+                    else:
+                        self._heartbeat()
                 except (OSError, wire.ProtocolError) as error:
                     self._lose_standby(str(error))
 
@@ -276,32 +277,51 @@ class Primary:
     def _sync(self, trigger: str, *, full: bool = False) -> None:
         """One sync. Synchronous (Kemari): the guest stays paused until the standby's Ack.
         Pipelined: the guest resumes as soon as the sync is captured (its pages copied), and only
-        the outputs that the captured state precedes wait for the Ack. The pause is timed from
-        the request to pause the vCPUs to their release (both included)."""
-        pipelined = self.pipelined and not full
-        trace, number = self.trace, self._protocol.last_sync + 1
-        with contextlib.ExitStack() as quiesce:
+        the outputs that the captured state precedes wait for the Ack. Cow: the guest resumes once
+        the state is captured and RAM write-protected (ft.cow); the Ack is read later (_collect_acks).
+        The pause is timed from the request to pause the vCPUs to their release (both included)."""
+        cow = self._cow if not full else None
+        pipelined = self.mode == "pipelined" and not full
+        if cow is not None:
+            if len(self._in_flight) >= p.MAX_IN_FLIGHT:
+                self._collect_acks(block=True)
+            self._collect_acks(block=False)  # outputs acknowledged meanwhile go before this sync
+            if not cow.arm_in_pause:
+                cow.arm([function.lock for function in self.machine.virtio])
+        trace, number = self.trace, self._protocol.next_sync
+        with contextlib.ExitStack() as armed, contextlib.ExitStack() as quiesce:
+            if cow is not None:
+                armed.callback(cow.disarm)  # done once the pages are copied; here if the sync fails
             requested = time.perf_counter()
             quiesce.enter_context(self.machine.quiesced("ft sync"))
+            if cow is not None and cow.arm_in_pause:
+                cow.arm([function.lock for function in self.machine.virtio])  # held already: re-entered
             covered = self._take_held()  # the outputs this sync's state precedes
             if trace.on:
                 trace.sync(number, f"paused in {(time.perf_counter() - requested) * 1000:.2f} ms ({trigger}); "
                                    f"{len(covered)} outputs held")
             try:
-                replicated = self.disks if self.disk_mode == "replicated" else []  # shared: no disk data
-                taken = capture(self.machine, self._protocol, trigger, self._take_disk_changes(full), replicated,
+                taken = capture(self.machine, self._protocol, trigger, self._replicated.take(full), self._replicated.disks,
                                 self._states, full=full, verify=self.verify,
-                                copy_into=self._copies if pipelined else None)
+                                copy_into=self._copies if pipelined else None, cow=cow)
                 if trace.on:
                     trace.sync(number, f"harvested {taken.pages} dirty pages, the disk changes and the state"
-                                       + (" (copied: the guest resumes now)" if pipelined else ""))
-                if pipelined:
+                                       + (" (the guest resumes now)" if pipelined or cow else ""))
+                if pipelined or cow is not None:
                     quiesce.close()  # the guest runs on while the sync travels
                     resumed = time.perf_counter()
+                    if trace.on:
+                        trace.sync(number, f"resumed: the guest was paused {(resumed - requested) * 1000:.2f} ms")
                 sent_bytes = sum(faults.sending_sync(self._sock, taken.sync, batch) for batch in taken.batches)
                 sent = time.perf_counter()
                 if trace.on:
                     trace.sync(number, f"sent {sent_bytes} bytes in {(sent - requested) * 1000:.2f} ms from the pause")
+                if cow is not None:
+                    self._in_flight.append(InFlight(taken.sync, trigger, taken.pages, sent_bytes, covered,
+                                                    requested, resumed, sent))
+                    covered = []
+                    self._collect_acks(block=False)
+                    return
                 _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {taken.sync}")
                 faults.acknowledged(taken.sync, self._sock)
             except BaseException:
@@ -314,21 +334,39 @@ class Primary:
                 trace.sync(number, f"ack after {(acked - sent) * 1000:.2f} ms; released {len(covered)} outputs")
         if not pipelined:
             resumed = time.perf_counter()
-        if trace.on:
-            trace.sync(number, f"resumed: the guest was paused {(resumed - requested) * 1000:.2f} ms")
-        self._account(SyncRecord(taken.sync, time.time(), trigger, taken.pages, sent_bytes,
+            if trace.on:
+                trace.sync(number, f"resumed: the guest was paused {(resumed - requested) * 1000:.2f} ms")
+        self.stats.add(SyncRecord(taken.sync, time.time(), trigger, taken.pages, sent_bytes,
                                  (resumed - requested) * 1000, (sent - requested) * 1000, (acked - sent) * 1000,
-                                 max(delays, default=0.0) * 1000,
-                                 disk_mode=self.disk_mode))
+                                 max(delays, default=0.0) * 1000, disk_mode=self.disk_mode, mode=self.mode),
+                       self.metrics)
 
-    def _take_disk_changes(self, full: bool) -> list[list[DiskChange]]:
-        """(Quiesced) what the replicated disks hold now in the ranges written since the last
-        sync, read from the files: the disks as of the state this sync captures, each range once
-        however often it was rewritten. Nothing for a full sync, which sends the whole disks."""
-        written, self._disk_written = self._disk_written, [[] for _ in self._disk_written]
-        self._disk_backlog = 0
-        return [[] if full else list(contents(disk.disk, merge_ranges(ranges)))
-                for disk, ranges in zip(self.disks, written)]
+    def _collect_acks(self, *, block: bool) -> None:
+        """Cow mode: read the Acks that have come (`block`: wait for the oldest's), release each
+        acknowledged sync's outputs, in order, and record it."""
+        while self._in_flight and (block or readable(self._sock)):
+            block = False
+            oldest = self._in_flight[0]
+            _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {oldest.sync}")
+            faults.acknowledged(oldest.sync, self._sock)
+            acked = time.perf_counter()
+            self._in_flight.pop(0)
+            delays = self._release(oldest.covered)
+            self.stats.add(SyncRecord(oldest.sync, time.time(), oldest.trigger, oldest.pages, oldest.bytes,
+                                     (oldest.resumed - oldest.pausing) * 1000, (oldest.sent - oldest.pausing) * 1000,
+                                     (acked - oldest.sent) * 1000, max(delays, default=0.0) * 1000,
+                                     disk_mode=self.disk_mode, mode=self.mode), self.metrics)
+
+    def _await_acks(self, wait: float) -> None:
+        """Cow mode, no output to sync: wait up to `wait` for an Ack or a new output. An Ack
+        later than the socket's timeout loses the standby, as a synchronous sync's would."""
+        ready, _, _ = select.select([self._sock, self._wake_r], [], [], 0 if readable(self._sock) else wait)
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+        if self._sock in ready or readable(self._sock):
+            self._collect_acks(block=True)
+        elif self._in_flight and time.perf_counter() - self._in_flight[0].sent > self._sock.gettimeout():
+            raise TimeoutError(f"no Ack for sync {self._in_flight[0].sync}")
 
     def _take_held(self) -> list[tuple[GatedFunction, int, float]]:
         with self._cond:
@@ -345,22 +383,12 @@ class Primary:
     def _release_all(self) -> list[float]:
         return self._release(self._take_held())
 
-    def _account(self, record: SyncRecord) -> None:
-        stats = self.stats
-        stats.syncs += 1
-        stats.pages += record.pages
-        stats.bytes += record.bytes
-        stats.pause_ms.append(record.pause_ms)
-        stats.pages_per_sync.append(record.pages)
-        if record.trigger in ("blk", "net"):
-            stats.output_delay_ms.append(record.output_delay_ms)
-        if self.metrics is not None:
-            self.metrics.write(json.dumps(record.__dict__) + "\n")
-            self.metrics.flush()
-
     def _lose_standby(self, reason: str) -> None:
         """Claim the next epoch with the socket still open (a standby that sees it close has
         lost); won: go on unprotected, releasing what is held; lost: fence, releasing nothing."""
+        with self._cond:  # syncs sent but not acknowledged: their outputs are held again, first
+            self._held[:0] = [output for done in self._in_flight for output in done.covered]
+            self._in_flight = []
         if self.fencing is not None:
             self.log(f"ft primary: standby lost ({reason}); claiming epoch {self.fencing.epoch.number + 1} "
                      f"at {self.fencing.uri}")
@@ -378,13 +406,11 @@ class Primary:
         self.stats.protected = False
         for function in self.machine.virtio:
             function.set_output_gate(None)
-        for disk in self.disks:
-            disk.write_observer = None
-        self._disk_written = []
+        self._replicated.detach()
         if self._sock is not None:
             self._sock.close()
         self._sock, self._protocol = None, None
-        if not self._flush_own_disks("going on without a standby"):  # the guest was told its data is safe
+        if not self._replicated.flush_own("going on without a standby", self.log):  # the guest was told its data is safe
             self._fence("a disk the guest flushed cannot be flushed here, and the standby that held it is lost")
             return
         self._release_all()
@@ -400,7 +426,10 @@ class Primary:
         self.machine.vm.stop(EXIT_FENCED, f"fenced: {reason}", kind=StopKind.FAILED)
 
     def summary(self) -> dict:
-        return self.stats.summary()
+        """The running totals (ft-stats), with the mode; in cow mode, the write-protect faults the
+        guest's writes met during syncs, and how many of them copied a page aside."""
+        cow = {"wp_faults": self._cow.faults, "copied_aside": self._cow.copied_aside} if self._cow else {}
+        return {**self.stats.summary(), "mode": self.mode, **cow}
 
 
 def _expect(event_type: type, event: p.Event, what: str) -> None:

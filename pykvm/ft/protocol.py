@@ -15,7 +15,7 @@ sequenced, length-prefixed, hashed); each event travels as the frame kind of the
     Pages(slot, pages)*           ->      (page data lands in the standby's staging buffers)
     DiskChanges(disk, changes)*   ->
     SyncEnd(sync, trigger, hashes)->      commit everything of the sync atomically, then
-                                  <-      Ack(sync)
+                                  <-      Ack(sync)  (cow mode: the next sync may begin before it)
     Heartbeat                     ->      (between syncs, when there is no output)
                                   <-      Heartbeat (the answer: the primary hears its standby too)
                                   <-      StandbyFault(reason): the standby cannot follow (a damaged
@@ -34,7 +34,7 @@ import json
 import socket
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, Iterable, Iterator, get_args
+from typing import ClassVar, get_args
 
 import numpy as np
 
@@ -42,16 +42,17 @@ from pykvm.devices.virtio.gate import DiskChange
 from pykvm.transfer import wire
 from pykvm.transfer.wire import Kind, ProtocolError
 
-# 2: Hello carries the witness, epoch and sync mode; StandbyFault; heartbeats answered.
-# 3: Hello carries the disk mode and the shared disks' identities (a 2 would replicate disks the
-#    standby takes for shared, or the reverse: refused by number).
+# 2: Hello carries the witness, epoch and sync mode; StandbyFault; heartbeats answered. 3: Hello
+# carries the disk mode and shared disks' identities; state in binary parts; two syncs in flight.
 PROTOCOL = 3
-SYNC_MODES = ("sync", "pipelined")
+SYNC_MODES = ("sync", "pipelined", "cow")
+MAX_IN_FLIGHT = 2  # syncs the primary may have sent and not yet had acknowledged (cow mode overlaps two)
 DISK_MODES = ("replicated", "shared")  # see ft.disk_mode
 _DISK_HEAD = struct.Struct("<II")  # disk index, count
 _CHANGE = struct.Struct("<QQB")  # offset, length, zeroed?
 DISK_FRAME_BYTES = 4 << 20  # a DiskChanges frame's payload at most: a sender splits bigger changes
-_MAX_CHANGE_DATA = DISK_FRAME_BYTES - _DISK_HEAD.size - _CHANGE.size  # the most one change can carry
+MAX_CHANGE_DATA = DISK_FRAME_BYTES - _DISK_HEAD.size - _CHANGE.size  # the most one change can carry
+DISK_FRAME_HEAD, DISK_CHANGE_HEAD = _DISK_HEAD.size, _CHANGE.size  # what a frame and each change add
 
 # What a frame of each kind may carry at most, checked on its header before anything is allocated
 # (wire.FRAME_LIMITS, with the disk changes' own cap).
@@ -96,7 +97,7 @@ class Hello:
     config: bytes  # the primary's MachineConfig, encoded
     witness: str = ""  # the witness URI; "" when the pair runs without one
     epoch: int = 0  # the epoch the primary won at the witness
-    mode: str = "sync"  # sync | pipelined
+    mode: str = "sync"  # sync | pipelined | cow
     interval_ms: float = 0.0  # periodic syncs on top of the output-driven ones (0: none)
     protocol: int = PROTOCOL
     disk_mode: str = "replicated"  # replicated | shared
@@ -113,9 +114,7 @@ class Hello:
         head, _, config = payload.partition(b"\n")
         fields = json.loads(head)
         disks = fields.get("shared_disks", [])
-        if not (isinstance(disks, list) and len(disks) <= 64 and all(
-                isinstance(disk, list) and len(disk) == 3 and all(type(n) is int and n >= 0 for n in disk)
-                for disk in disks)):
+        if not (isinstance(disks, list) and len(disks) <= 64 and all(_is_identity(disk) for disk in disks)):
             raise ValueError("Hello's shared disks are not lists of three counts")
         hello = cls(config, fields.get("witness", ""), fields.get("epoch", 0), fields.get("mode", "sync"),
                     fields.get("interval_ms", 0.0), fields["protocol"], fields.get("disk_mode", "replicated"),
@@ -182,28 +181,6 @@ class DiskChanges:
         if at != len(payload):
             raise ValueError("trailing bytes after the disk changes")
         return cls(disk, tuple(changes))
-
-
-def disk_change_frames(disk: int, changes: Iterable[DiskChange]) -> Iterator[DiskChanges]:
-    """`changes` as DiskChanges events whose payloads stay within DISK_FRAME_BYTES (a change with
-    more data is split), taken from the iterable only as they are needed: a sender holds one
-    frame's worth at a time."""
-    batch: list[DiskChange] = []
-    size = _DISK_HEAD.size
-    for change in changes:
-        pieces = [change] if len(change.data) <= _MAX_CHANGE_DATA else [
-            DiskChange(change.offset + at, change.data[at : at + _MAX_CHANGE_DATA])
-            for at in range(0, len(change.data), _MAX_CHANGE_DATA)]
-        for piece in pieces:
-            cost = _CHANGE.size + len(piece.data)
-            if batch and size + cost > DISK_FRAME_BYTES:
-                yield DiskChanges(disk, tuple(batch))
-                batch, size = [], _DISK_HEAD.size
-            batch.append(piece)
-            size += cost
-    if batch:
-        yield DiskChanges(disk, tuple(batch))
-
 
 
 @dataclass(frozen=True)
@@ -313,13 +290,16 @@ TRANSITIONS: dict[Role, dict[Phase, dict[type, Phase]]] = {
                      Heartbeat: Phase.IDLE},
         Phase.IN_SYNC: {Pages: Phase.IN_SYNC, DiskChanges: Phase.IN_SYNC, MachineStateBlob: Phase.STATE_SENT},
         Phase.STATE_SENT: {Pages: Phase.STATE_SENT, DiskChanges: Phase.STATE_SENT, SyncEnd: Phase.AWAIT_ACK},
-        Phase.AWAIT_ACK: {Heartbeat: Phase.AWAIT_ACK},
+        # The next sync may start before the last one's Ack (at most MAX_IN_FLIGHT unacknowledged)
+        Phase.AWAIT_ACK: {Heartbeat: Phase.AWAIT_ACK, Pages: Phase.IN_SYNC, DiskChanges: Phase.IN_SYNC,
+                          MachineStateBlob: Phase.STATE_SENT},
     }),
     Role.STANDBY: _goodbye_anywhere({
         Phase.AWAIT_READY: {Ready: Phase.IDLE, Refused: Phase.CLOSED},
         Phase.IDLE: {Heartbeat: Phase.IDLE, StandbyFault: Phase.CLOSED},
-        Phase.IN_SYNC: {StandbyFault: Phase.CLOSED},
-        Phase.STATE_SENT: {StandbyFault: Phase.CLOSED},
+        # An Ack for the sync before the one in progress (the phase stays: see FtConnection._advance)
+        Phase.IN_SYNC: {Ack: Phase.IN_SYNC, StandbyFault: Phase.CLOSED},
+        Phase.STATE_SENT: {Ack: Phase.STATE_SENT, StandbyFault: Phase.CLOSED},
         Phase.AWAIT_ACK: {Ack: Phase.IDLE, StandbyFault: Phase.CLOSED},
     }),
 }
@@ -341,7 +321,7 @@ class FtConnection:
         self.phase = Phase.HELLO
         self.last_sync = 0  # the last sync completed (primary: acked; standby: acked by us)
         self._out_seq = 0
-        self._pending_sync = 0  # the sync a SyncEnd announced and an Ack must name
+        self._unacked: list[int] = []  # syncs whose SyncEnd went and whose Ack has not come, oldest first
         self._decoder = wire.Decoder(page_sink or _refuse_pages, limits=FRAME_LIMITS)
 
     # -- sending ----------------------------------------------------------------------------------
@@ -393,19 +373,34 @@ class FtConnection:
             what = _MISPLACED.get((self.phase, event_type), name)
             raise ProtocolError(f"{what} not allowed in phase {self.phase.value} ({self.role.value} side)")
         self._check_numbers(event)
+        if event_type in (Pages, DiskChanges, MachineStateBlob) and self.phase is Phase.AWAIT_ACK \
+                and len(self._unacked) >= MAX_IN_FLIGHT:
+            raise ProtocolError(f"a sync begun with {len(self._unacked)} unacknowledged ({self.role.value} side)")
         self.phase = next_phase
         if isinstance(event, SyncEnd):
-            self._pending_sync = event.sync
+            self._unacked.append(event.sync)
         elif isinstance(event, Ack):
-            self.last_sync = event.sync
+            self.last_sync = self._unacked.pop(0)
+            if self._unacked and self.phase is Phase.IDLE:
+                self.phase = Phase.AWAIT_ACK  # the later sync still awaits its own
+
+    @property
+    def next_sync(self) -> int:
+        """The number the next SyncEnd carries: one past the last sent, acknowledged or not."""
+        return self._unacked[-1] + 1 if self._unacked else self.last_sync + 1
+
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._unacked)
 
     def _check_numbers(self, event: Event) -> None:
         if isinstance(event, Hello) and event.protocol != PROTOCOL:
             raise ProtocolError(f"protocol {event.protocol}, this pykvm speaks {PROTOCOL}")
-        if isinstance(event, SyncEnd) and event.sync != self.last_sync + 1:
-            raise ProtocolError(f"sync {event.sync} out of order (expected {self.last_sync + 1})")
-        if isinstance(event, Ack) and event.sync != self._pending_sync:
-            raise ProtocolError(f"Ack({event.sync}) for a sync not awaiting one (sync {self._pending_sync} is)")
+        if isinstance(event, SyncEnd) and event.sync != self.next_sync:
+            raise ProtocolError(f"sync {event.sync} out of order (expected {self.next_sync})")
+        if isinstance(event, Ack) and (not self._unacked or event.sync != self._unacked[0]):
+            awaiting = f"sync {self._unacked[0]} is" if self._unacked else "none is"
+            raise ProtocolError(f"Ack({event.sync}) for a sync not awaiting one ({awaiting})")
 
 
 def _decode(frame: wire.Frame) -> Event:
@@ -430,6 +425,10 @@ def receive_event(sock: socket.socket, connection: FtConnection) -> Event:
         event = connection.filled(count)
         if event is not None:
             return event
+
+
+def _is_identity(disk: object) -> bool:
+    return isinstance(disk, list) and len(disk) == 3 and all(type(n) is int and n >= 0 for n in disk)
 
 
 def _refuse_pages(slot: int, pages: np.ndarray) -> list[memoryview]:

@@ -54,8 +54,9 @@ class DescriptorChain:
         return [memory.view(addr, length) for addr, length in self.readable]
 
     def writable_views(self, memory: GuestMemory) -> list[memoryview]:
-        """Views for the device to write through. Call written() once the writes are done."""
-        return [memory.view(addr, length) for addr, length in self.writable]
+        """Views for the device to write through (made writable now: see GuestMemory.write_barrier).
+        Call written() once the writes are done."""
+        return [memory.writable_view(addr, length) for addr, length in self.writable]
 
     def written(self, memory: GuestMemory) -> None:
         """Mark the device-writable buffers dirty for migration/FT, after the device wrote them:
@@ -223,6 +224,7 @@ class SplitQueue:
         stored before the index, so the driver never sees the index before the entry (x86 keeps
         stores in order)."""
         element = self.next_used % self.size
+        self.memory.prepare_write(self._used_slot, self._used_off, 4 + USED_ELEM_SIZE * (element + 1))
         used32 = self._used32
         used32[1 + 2 * element] = head
         used32[2 + 2 * element] = written
@@ -252,8 +254,10 @@ class SplitQueue:
         slot, off = self._used_slot, self._used_off
         if self.event_idx:
             if enabled:
+                self.memory.prepare_write(slot, off + 4 + USED_ELEM_SIZE * self.size, 2)
                 self._used16[2 + 4 * self.size] = self.next_avail
                 self.memory.mark(slot, off + 4 + USED_ELEM_SIZE * self.size, 2)
         else:
+            self.memory.prepare_write(slot, off, 2)
             self._used16[0] = 0 if enabled else USED_F_NO_NOTIFY
             self.memory.mark(slot, off, 2)
