@@ -24,12 +24,9 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pykvm import cli_tls, control, guestbuild
-from pykvm.transfer import migration, snapshot
-from pykvm.ft import FtError, Primary, Standby, demo
-from pykvm.ft.standby import TakeoverImpossible
-from pykvm.ft.fencing import EXIT_FENCED, NO_WITNESS_WARNING, Fenced, Fencing
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
 from pykvm.devices.net_backends import NetSpec
@@ -40,6 +37,10 @@ from pykvm.kvm import KvmError, KvmUnavailable
 from pykvm.machine import DEFAULT_MEMORY, Machine, MachineConfig
 from pykvm.memory import GuestMemory
 from pykvm.run_control import StopKind
+
+if TYPE_CHECKING:  # migration, snapshots and FT (numpy, the wire) are imported by the commands that use them
+    from pykvm.ft import Primary
+    from pykvm.ft.fencing import Fencing
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -198,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _linux_options(args)
     if args.ft_witness and not args.ft:
         raise ConfigError("--ft-witness needs --ft")
-    fencing = Fencing.open(args.ft_witness, "primary", _log) if args.ft_witness else None  # before building
+    fencing = _open_witness(args.ft_witness, "primary")  # before building
     disks, nets = _backends(args)
     config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
     load_addr = parse_address(args.load_addr) if args.load_addr is not None else None
@@ -210,6 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         with Machine(config, serial_output=console.output, attach_networks=server is None) as machine:
             if server is not None:
                 print(f"pykvm: waiting for a migration on {args.incoming}", file=sys.stderr, flush=True)
+                from pykvm.transfer import migration
+
                 migration.migrate_in(machine, server, tls=args.tls)
                 machine.attach_networks(wait=10.0)
             else:
@@ -229,6 +232,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _protect(machine: Machine, args: argparse.Namespace, fencing: Fencing | None) -> Primary:
     """Before the guest runs: win the next epoch at the witness (or warn there is none), then
     connect to the standby and give it everything."""
+    from pykvm.ft import Primary
+    from pykvm.ft.fencing import NO_WITNESS_WARNING
+
     if fencing is not None:
         fencing.claim_start()
     else:
@@ -245,13 +251,25 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _open_witness(uri: str | None, role: str) -> Fencing | None:
+    if not uri:
+        return None
+    from pykvm.ft.fencing import Fencing
+
+    return Fencing.open(uri, role, _log)
+
+
 def cmd_ft(args: argparse.Namespace) -> int:
     """`pykvm ft standby`: follow a primary; on its loss, win the witness's next epoch (if it
     has one), then take over and run the guest here."""
     for option in PRIMARY_ONLY_FT_OPTIONS:
         if getattr(args, option[2:].replace("-", "_")) is not None:
             raise ConfigError(f"{option} is for `pykvm run --ft`: the standby follows the primary's choice")
-    fencing = Fencing.open(args.ft_witness, "standby", _log) if args.ft_witness else None
+    from pykvm.ft import Standby
+    from pykvm.ft.fencing import EXIT_FENCED, Fenced
+    from pykvm.ft.standby import TakeoverImpossible
+
+    fencing = _open_witness(args.ft_witness, "standby")
     disks, nets = _backends(args)
     config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
     server = cli_tls.listen(args, args.listen, "--listen")
@@ -299,6 +317,8 @@ def cmd_ft(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from pykvm.transfer import snapshot
+
     snap = snapshot.open_snapshot(args.file, verify_memory=args.verify)
     console = SerialConsole(args.serial)
     try:
@@ -348,6 +368,9 @@ def _ft_protect(machine: Machine, args: argparse.Namespace, primary: Primary | N
         raise control.CommandError("ft-protect needs a 'uri' string")
     if primary is None:
         raise control.CommandError("this VMM was not started with --ft")
+    from pykvm.ft import FtError
+    from pykvm.ft.fencing import Fenced
+
     try:
         primary.protect(uri)
     except (FtError, Fenced) as error:
@@ -403,6 +426,8 @@ def _print_error(error: Exception) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from pykvm.ft import demo
+
     return demo.main(args.records, args.seed, args.ft_mode)
 
 
@@ -419,13 +444,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, KvmUnavailable, guestbuild.ToolchainMissing, guestbuild.UnknownGuest) as error:
         _print_error(error)
         return EXIT_USAGE
-    except (KvmError, guestbuild.BuildError, migration.MigrationError, FtError) as error:
+    except (KvmError, guestbuild.BuildError, *_loaded("pykvm.transfer.migration", "MigrationError"),
+            *_loaded("pykvm.ft.primary", "FtError")) as error:
         _print_error(error)
         return EXIT_FAILURE
-    except Fenced:
+    except _loaded("pykvm.ft.fencing", "Fenced"):
+        from pykvm.ft.fencing import EXIT_FENCED
+
         return EXIT_FENCED  # its `fenced: ` line is out already
     except KeyboardInterrupt:
         return 130
+
+
+def _loaded(module: str, name: str) -> tuple[type[BaseException], ...]:
+    """The exception class `name` of `module` if a command imported it: a module never loaded
+    raised nothing."""
+    loaded = sys.modules.get(module)
+    return (getattr(loaded, name),) if loaded is not None else ()
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ import contextlib
 import signal
 import threading
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from pykvm.bus import IoBus
 from pykvm.devices.platform import IoeventfdUnavailable
@@ -25,6 +24,9 @@ from pykvm.state import StateError
 from pykvm.run_control import KICK_SIGNAL, Pause, RunControl, RunState, StopKind, StopReason
 from pykvm.vcpu import Vcpu
 from pykvm.vcpu_state import VcpuState, uapi_struct
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # KVM needs three pages for the real-mode TSS and one for the EPT identity map on Intel; both sit
 # just below the BIOS area at the top of the 4 GiB space, inside the MMIO hole (as in QEMU).
@@ -105,6 +107,8 @@ class Vm:
     def dirty_bitmap(self, slot: MemorySlot) -> np.ndarray:
         """Pages written since the last call (by vCPUs or the VMM), as a u64 bitmap; KVM
         re-protects the pages as it reports them, so each write is reported once."""
+        import numpy as np  # only migration and FT ask: a plain run never loads numpy
+
         bitmap = np.zeros_like(slot.dirty)
         self.fd.get_dirty_log(slot.index, bitmap)
         bitmap |= self.memory.take_dirty(slot)
