@@ -207,8 +207,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = cli_tls.listen(args, args.incoming, "--incoming") if args.incoming else None
     console = SerialConsole(args.serial)
     try:
-        # An incoming VM takes its NICs' backends only once the source has let go of them.
-        with Machine(config, serial_output=console.output, attach_networks=server is None) as machine:
+        # An incoming VM takes its NICs' backends only once the source has let go of them. Its RAM
+        # is faulted in before it waits (as an FT standby's): receiving into fresh pages would take
+        # a page fault for each, the dominant cost of a migration where faults are expensive (PVM).
+        memory = GuestMemory(config.memory, populate=True) if server is not None else None
+        with Machine(config, serial_output=console.output, attach_networks=server is None, memory=memory) as machine:
             if server is not None:
                 print(f"pykvm: waiting for a migration on {args.incoming}", file=sys.stderr, flush=True)
                 from pykvm.transfer import migration

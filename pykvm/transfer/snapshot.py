@@ -110,21 +110,21 @@ def save(machine: Machine, path: str | Path, *, overwrite: bool = True) -> int:
     for slot in slots:
         offset = -(-offset // PAGE_SIZE) * PAGE_SIZE
         entries.append(dict(kind=SectionKind.MEMORY, index=slot.index, offset=offset, length=slot.size,
-                            checksum=zlib.crc32(slot.view), reserved=bytes(4)))
+                            checksum=0, reserved=bytes(4)))  # the checksum is taken as RAM is written
         offset += slot.size
-    table = b"".join(SectionEntry.build(entry) for entry in entries)
-    header = dict(version=VERSION, sections=len(entries), checksum=0, reserved=bytes(12))
-    header["checksum"] = zlib.crc32(Header.build(header) + table)
 
     tmp = Path(f"{path}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.ftruncate(fd, offset)  # RAM that is all zeros stays a hole
-        _write_all(fd, Header.build(header) + table, 0)
         for at, blob in blobs:
             _write_all(fd, blob, at)
         for entry, slot in zip(entries[2:], slots):
-            _write_memory(fd, slot.view, entry["offset"])
+            entry["checksum"] = _write_memory(fd, slot.view, entry["offset"])
+        table = b"".join(SectionEntry.build(entry) for entry in entries)
+        header = dict(version=VERSION, sections=len(entries), checksum=0, reserved=bytes(12))
+        header["checksum"] = zlib.crc32(Header.build(header) + table)
+        _write_all(fd, Header.build(header) + table, 0)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -145,12 +145,18 @@ def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _write_memory(fd: int, ram: memoryview, offset: int) -> None:
+def _write_memory(fd: int, ram: memoryview, offset: int) -> int:
+    """Write a RAM slot at `offset`, all-zero MiBs left as holes; returns its CRC-32. One pass a
+    MiB: the zero test, the CRC and the copy into the page cache read it while it is in cache."""
     words = np.frombuffer(ram, dtype=np.uint64)
     per_chunk = SKIP_ZERO_CHUNK // 8
+    crc = 0
     for start in range(0, len(ram), SKIP_ZERO_CHUNK):
+        chunk = ram[start : start + SKIP_ZERO_CHUNK]
+        crc = zlib.crc32(chunk, crc)
         if words[start // 8 : start // 8 + per_chunk].any():
-            _write_all(fd, ram[start : start + SKIP_ZERO_CHUNK], offset + start)
+            _write_all(fd, chunk, offset + start)
+    return crc
 
 
 def open_snapshot(path: str | Path, *, verify_memory: bool = False) -> Snapshot:
