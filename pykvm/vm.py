@@ -61,6 +61,7 @@ class Vm:
         # guests use to calibrate the TSC); without it those accesses would exit to us.
         self.fd.create_pit2(k.KVM_PIT_SPEAKER_DUMMY)
         self.memory = memory if memory is not None else GuestMemory(memory_size, shared=shared_memory)
+        self.memory.tracking = False  # until set_dirty_logging: no dirty log is kept, nobody harvests it
         for slot in self.memory.slots:
             self.fd.set_user_memory_region(slot.index, slot.guest_addr, slot.size, slot.host_addr)
         self.bus = IoBus()
@@ -96,11 +97,12 @@ class Vm:
     # -- dirty page tracking ------------------------------------------------------------------------
 
     def set_dirty_logging(self, enabled: bool) -> None:
-        """Have KVM track guest writes per page (migration, FT). The VMM's own writes are tracked
-        by GuestMemory regardless; dirty_bitmap() merges both."""
+        """Have KVM track guest writes per page (migration, FT), and GuestMemory the VMM's own
+        writes (only while a log is kept); dirty_bitmap() merges both."""
         flags = k.KVM_MEM_LOG_DIRTY_PAGES if enabled else 0
         for slot in self.memory.slots:
             self.fd.set_user_memory_region(slot.index, slot.guest_addr, slot.size, slot.host_addr, flags)
+        self.memory.tracking = enabled  # before the bitmap is cleared: a write marked after it counts
         for slot in self.memory.slots:
             self.memory.take_dirty(slot)  # what happened before now is not "since the last look"
 
