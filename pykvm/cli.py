@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pykvm import cli_tls, control, guestbuild
+from pykvm.cli_lazy import loaded_errors, open_witness
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
 from pykvm.devices.net_backends import NetSpec
@@ -38,7 +39,7 @@ from pykvm.machine import DEFAULT_MEMORY, Machine, MachineConfig
 from pykvm.memory import GuestMemory
 from pykvm.run_control import StopKind
 
-if TYPE_CHECKING:  # migration, snapshots and FT (numpy, the wire) are imported by the commands that use them
+if TYPE_CHECKING:  # migration, snapshots and FT are imported by the commands that use them (cli_lazy)
     from pykvm.ft import Primary
     from pykvm.ft.fencing import Fencing
 
@@ -199,7 +200,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _linux_options(args)
     if args.ft_witness and not args.ft:
         raise ConfigError("--ft-witness needs --ft")
-    fencing = _open_witness(args.ft_witness, "primary")  # before building
+    fencing = open_witness(args.ft_witness, "primary", _log)  # before building
     disks, nets = _backends(args)
     config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
     load_addr = parse_address(args.load_addr) if args.load_addr is not None else None
@@ -207,15 +208,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = cli_tls.listen(args, args.incoming, "--incoming") if args.incoming else None
     console = SerialConsole(args.serial)
     try:
-        # An incoming VM takes its NICs' backends only once the source has let go of them. Its RAM
-        # is faulted in before it waits (as an FT standby's): receiving into fresh pages would take
-        # a page fault for each, the dominant cost of a migration where faults are expensive (PVM).
+        # An incoming VM takes its NICs' backends only once the source has let go of them, and
+        # faults its RAM in before it waits: a page fault a page received costs more (ARCHITECTURE.md).
         memory = GuestMemory(config.memory, populate=True) if server is not None else None
         with Machine(config, serial_output=console.output, attach_networks=server is None, memory=memory) as machine:
             if server is not None:
                 print(f"pykvm: waiting for a migration on {args.incoming}", file=sys.stderr, flush=True)
                 from pykvm.transfer import migration
-
                 migration.migrate_in(machine, server, tls=args.tls)
                 machine.attach_networks(wait=10.0)
             else:
@@ -237,7 +236,6 @@ def _protect(machine: Machine, args: argparse.Namespace, fencing: Fencing | None
     connect to the standby and give it everything."""
     from pykvm.ft import Primary
     from pykvm.ft.fencing import NO_WITNESS_WARNING
-
     if fencing is not None:
         fencing.claim_start()
     else:
@@ -254,25 +252,15 @@ def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _open_witness(uri: str | None, role: str) -> Fencing | None:
-    if not uri:
-        return None
-    from pykvm.ft.fencing import Fencing
-
-    return Fencing.open(uri, role, _log)
-
-
 def cmd_ft(args: argparse.Namespace) -> int:
     """`pykvm ft standby`: follow a primary; on its loss, win the witness's next epoch (if it
     has one), then take over and run the guest here."""
     for option in PRIMARY_ONLY_FT_OPTIONS:
         if getattr(args, option[2:].replace("-", "_")) is not None:
             raise ConfigError(f"{option} is for `pykvm run --ft`: the standby follows the primary's choice")
-    from pykvm.ft import Standby
     from pykvm.ft.fencing import EXIT_FENCED, Fenced
-    from pykvm.ft.standby import TakeoverImpossible
-
-    fencing = _open_witness(args.ft_witness, "standby")
+    from pykvm.ft.standby import Standby, TakeoverImpossible
+    fencing = open_witness(args.ft_witness, "standby", _log)
     disks, nets = _backends(args)
     config = MachineConfig(memory=parse_size(args.mem), cpus=args.cpus, disks=disks, nets=nets)
     server = cli_tls.listen(args, args.listen, "--listen")
@@ -321,7 +309,6 @@ def cmd_ft(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     from pykvm.transfer import snapshot
-
     snap = snapshot.open_snapshot(args.file, verify_memory=args.verify)
     console = SerialConsole(args.serial)
     try:
@@ -371,12 +358,9 @@ def _ft_protect(machine: Machine, args: argparse.Namespace, primary: Primary | N
         raise control.CommandError("ft-protect needs a 'uri' string")
     if primary is None:
         raise control.CommandError("this VMM was not started with --ft")
-    from pykvm.ft import FtError
-    from pykvm.ft.fencing import Fenced
-
     try:
         primary.protect(uri)
-    except (FtError, Fenced) as error:
+    except loaded_errors(("pykvm.ft.primary", "FtError"), ("pykvm.ft.fencing", "Fenced")) as error:
         raise control.CommandError(str(error)) from None
     return primary.summary()
 
@@ -430,7 +414,6 @@ def _print_error(error: Exception) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pykvm.ft import demo
-
     return demo.main(args.records, args.seed, args.ft_mode)
 
 
@@ -447,23 +430,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, KvmUnavailable, guestbuild.ToolchainMissing, guestbuild.UnknownGuest) as error:
         _print_error(error)
         return EXIT_USAGE
-    except (KvmError, guestbuild.BuildError, *_loaded("pykvm.transfer.migration", "MigrationError"),
-            *_loaded("pykvm.ft.primary", "FtError")) as error:
+    except (KvmError, guestbuild.BuildError,
+            *loaded_errors(("pykvm.transfer.migration", "MigrationError"), ("pykvm.ft.primary", "FtError"))) as error:
         _print_error(error)
         return EXIT_FAILURE
-    except _loaded("pykvm.ft.fencing", "Fenced"):
+    except loaded_errors(("pykvm.ft.fencing", "Fenced")):
         from pykvm.ft.fencing import EXIT_FENCED
-
         return EXIT_FENCED  # its `fenced: ` line is out already
     except KeyboardInterrupt:
         return 130
-
-
-def _loaded(module: str, name: str) -> tuple[type[BaseException], ...]:
-    """The exception class `name` of `module` if a command imported it: a module never loaded
-    raised nothing."""
-    loaded = sys.modules.get(module)
-    return (getattr(loaded, name),) if loaded is not None else ()
 
 
 if __name__ == "__main__":
