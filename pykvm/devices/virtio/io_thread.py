@@ -125,9 +125,9 @@ class IoThread:
             for fd in queue_fds:
                 poller.register(fd, select.EPOLLIN | select.EPOLLET)
             watched: tuple[int, ...] = ()
+            with function.lock:
+                wanted = self._wanted()
             while not self._stopping:
-                with function.lock:
-                    wanted = tuple(fd for fd in device.backend_fds() if device.wants_backend(fd))
                 if wanted != watched:
                     for fd in set(watched) - set(wanted):
                         try:
@@ -141,22 +141,28 @@ class IoThread:
                 if self._stopping:
                     return
                 with function.lock:
-                    if not function.serving:
+                    if function.serving:
+                        for fd, _ in events:
+                            try:
+                                if fd in queue_fds:
+                                    device.queue_notified(queue_fds[fd])
+                                elif fd == self._wake:
+                                    _drain(fd)
+                                else:
+                                    device.backend_ready(fd)
+                            except QueueError as error:
+                                function.needs_reset(str(error))
+                                break
+                    else:
                         _drain(self._wake)
-                        continue
-                    for fd, _ in events:
-                        try:
-                            if fd in queue_fds:
-                                device.queue_notified(queue_fds[fd])
-                            elif fd == self._wake:
-                                _drain(fd)
-                            else:
-                                device.backend_ready(fd)
-                        except QueueError as error:
-                            function.needs_reset(str(error))
-                            break
+                    wanted = self._wanted()  # what the model wants watched now, under the same hold
         finally:
             poller.close()
+
+    def _wanted(self) -> tuple[int, ...]:
+        """The backend fds the model wants watched (call with the function lock held)."""
+        device = self.function.device
+        return tuple(fd for fd in device.backend_fds() if device.wants_backend(fd))
 
 
 def _join_releasing(thread: threading.Thread, lock: threading.RLock) -> None:
