@@ -42,14 +42,11 @@ def guest_ram_kib(pid: int, ram_kib: int) -> int:
     return resident
 
 
-def import_cost_kib(module: str) -> int:
-    code = ("import sys\n"
-            "def rss():\n"
-            "    return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])\n"
-            "before = rss()\n"
-            f"import {module}\n" if module else "before = 0\n")
-    code += "print(rss() - before)" if module else \
-        "print(int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]))"
+def import_cost_kib(module: str | None) -> int:
+    """KiB that importing `module` adds to a fresh interpreter's resident set (None: the bare
+    interpreter's whole resident set)."""
+    code = ("def rss():\n    return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])\n"
+            + (f"before = rss()\nimport {module}\nprint(rss() - before)" if module else "print(rss())"))
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
@@ -85,7 +82,7 @@ def main() -> None:
             vmm.terminate()
             vmm.wait(10)
     print(f"pykvm run net-echo --mem {args.mem}: RSS {total / 1024:.1f} MiB, guest RAM resident {guest / 1024:.1f} MiB")
-    print(f"bare interpreter: {import_cost_kib('') / 1024:.1f} MiB")
+    print(f"bare interpreter: {import_cost_kib(None) / 1024:.1f} MiB")
     for lib in LIBRARIES:
         state = "loaded in the VMM" if lib in loaded else "not loaded in the VMM"
         if lib == "construct":  # pure Python, so not in the maps: the image loader imports it
