@@ -1,9 +1,14 @@
 """Cost of one VM exit: pykvm's Python exit loop against a minimal C KVM_RUN loop.
 
-Both run the `pio` guest (port 0x80 writes at CPL3, one exit each) from the same initial state:
-pykvm loads the guest, and the C loop receives pykvm's RAM image and vCPU registers, so the two
-differ only in who handles the exits. Each side runs the guest with N and 2N exits; the
-difference cancels boot time, so cost per exit = (t(2N) - t(N)) / (exits(2N) - exits(N)).
+Both run the `pio` guest (port I/O at CPL3, one exit each) from the same initial state: pykvm
+loads the guest, and the C loop receives pykvm's RAM image and vCPU registers, so the two differ
+only in who handles the exits. Each side runs the guest with N and 2N exits; the difference
+cancels boot time, so cost per exit = (t(2N) - t(N)) / (exits(2N) - exits(N)).
+
+Two ports: reads of the debug-exit port (0xF4), which has a device, so pykvm takes its fast path
+(the `ratio:` line: one index into the port table, the device's pio_read); and writes to port
+0x80, which has none, so pykvm leaves the fast path for `_port_io_slow` and the bus's lookup
+(the `fallback path` line). The C loop answers both as cheaply as it can (a read: all-ones).
 
 Also measures pause/resume latency of all vCPUs while the `compute` guest runs: request →
 every vCPU parked with its I/O completed → resumed.
@@ -24,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pykvm import guestbuild  # noqa: E402
+from pykvm.devices.debug_exit import DEFAULT_PORT as DEBUG_EXIT_PORT  # noqa: E402
 from pykvm.machine import Machine, MachineConfig  # noqa: E402
 from pykvm.stats import percentile  # noqa: E402
 
@@ -112,11 +118,15 @@ int main(int argc, char **argv) {
 """
 
 
-def python_run(image: Path, count: int) -> tuple[int, float]:
+DEVICE_PORT = f"mode=in port={DEBUG_EXIT_PORT:#x}"  # a read of the debug-exit port: a device's pio_read
+NO_DEVICE_PORT = "mode=out port=0x80"  # nothing there: the fallback path
+
+
+def python_run(image: Path, count: int, how: str) -> tuple[int, float]:
     """(exits, seconds) for one run of the pio guest under pykvm."""
     output = bytearray()
     with Machine(MachineConfig(memory=MEMORY), serial_output=output.extend) as machine:
-        machine.load(image, cmdline=f"count={count}")
+        machine.load(image, cmdline=f"count={count} {how}")
         start = time.perf_counter()
         stop = machine.run()
         elapsed = time.perf_counter() - start
@@ -125,10 +135,10 @@ def python_run(image: Path, count: int) -> tuple[int, float]:
         return machine.vm.vcpus[0].exit_count, elapsed
 
 
-def c_run(loop: Path, workdir: Path, image: Path, count: int) -> tuple[int, float]:
+def c_run(loop: Path, workdir: Path, image: Path, count: int, how: str) -> tuple[int, float]:
     """(exits, seconds) for the same guest, same initial state, under the C loop."""
     with Machine(MachineConfig(memory=MEMORY), serial_output=lambda data: None) as machine:
-        machine.load(image, cmdline=f"count={count}")
+        machine.load(image, cmdline=f"count={count} {how}")
         vcpu = machine.vm.vcpus[0].fd
         (workdir / "ram").write_bytes(machine.vm.memory.read(0, MEMORY))
         (workdir / "regs").write_bytes(bytes(vcpu.get_regs()))
@@ -187,12 +197,18 @@ def main() -> None:
         source.write_text(C_LOOP)
         loop = workdir / "loop"
         subprocess.run(["gcc", "-O2", "-o", str(loop), str(source)], check=True)
-        c_cost = per_exit(lambda n: c_run(loop, workdir, pio, n), args.count)
-    py_cost = per_exit(lambda n: python_run(pio, n), args.count)
+        costs = {}
+        for how in (DEVICE_PORT, NO_DEVICE_PORT):
+            costs[how] = (per_exit(lambda n: c_run(loop, workdir, pio, n, how), args.count),
+                          per_exit(lambda n: python_run(pio, n, how), args.count))
 
-    print(f"exit cost, C loop:      {c_cost * 1e6:7.2f} us/exit")
+    c_cost, py_cost = costs[DEVICE_PORT]
+    print(f"exit cost, C loop:      {c_cost * 1e6:7.2f} us/exit (in from port {DEBUG_EXIT_PORT:#x}, the debug-exit device)")
     print(f"exit cost, pykvm loop:  {py_cost * 1e6:7.2f} us/exit")
     print(f"ratio: {py_cost / c_cost:.2f}")
+    c_slow, py_slow = costs[NO_DEVICE_PORT]
+    print(f"fallback path (out to port 0x80, no device): C loop {c_slow * 1e6:.2f} us/exit, pykvm {py_slow * 1e6:.2f}"
+          f" us/exit, {py_slow / c_slow:.2f}x")
 
     for cpus in (1, 2):
         pauses, cycles = pause_latency(compute, args.pauses, cpus)

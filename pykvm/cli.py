@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pykvm import __version__, cli_ctl, cli_guests, cli_parser, cli_signals, cli_tls, control, gdb, guestbuild, unixsock
+from pykvm import __version__, cli_ctl, cli_guests, cli_parser, cli_signals, cli_tls, control, guestbuild, unixsock
 from pykvm import cli_validate as valid
-from pykvm.transfer import migration, snapshot
-from pykvm.ft import FtError, Primary, Standby, demo as demo_module
-from pykvm.ft.standby import TakeoverImpossible
-from pykvm.ft.fencing import EXIT_FENCED, NO_WITNESS_WARNING, Fenced, Fencing
-from pykvm.study import commands as study_commands
-from pykvm.ft.protocol import DISK_MODES, SYNC_MODES
+from pykvm.cli_lazy import loaded_errors, open_witness
+from pykvm.ft.choices import DISK_MODES, EXIT_FENCED, MAX_RECORDS, MIN_RECORDS, SYNC_MODES
 from pykvm.ft.trace import OFF, FtTrace
+from pykvm.study import commands as study_commands
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
 from pykvm.devices.net_backends import NetSpec
@@ -45,6 +43,10 @@ from pykvm.kvm import KvmError, KvmUnavailable
 from pykvm.machine import Machine, MachineConfig
 from pykvm.memory import GuestMemory
 from pykvm.run_control import StopKind
+
+if TYPE_CHECKING:  # migration, snapshots, FT and gdb are imported by the commands that use them (cli_lazy)
+    from pykvm.ft import Primary
+    from pykvm.ft.fencing import Fencing
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -175,9 +177,9 @@ def _parser() -> argparse.ArgumentParser:
                                            "(SIGKILL) among them, read every acknowledged record back.")
     _example(demo, "pykvm demo --records 500 --seed 7 --ft-mode pipelined",
              "exit status: 0 every acknowledged record was served, 1 one was lost or the demo failed, 2 bad input")
-    demo.add_argument("--records", type=valid.integer(demo_module.MIN_RECORDS, demo_module.MAX_RECORDS),
-                      default=200, help=f"records the client writes, {demo_module.MIN_RECORDS} to "
-                                        f"{demo_module.MAX_RECORDS} (default 200)")
+    demo.add_argument("--records", type=valid.integer(MIN_RECORDS, MAX_RECORDS),
+                      default=200, help=f"records the client writes, {MIN_RECORDS} to "
+                                        f"{MAX_RECORDS} (default 200)")
     demo.add_argument("--seed", type=valid.integer(-(1 << 63), (1 << 63) - 1),
                       help="seed for the kill moment and the data (default: random)")
     demo.add_argument("--ft-mode", choices=SYNC_MODES, default="sync", help="see `pykvm run --ft-mode`")
@@ -231,7 +233,7 @@ def _linux_options(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     _check_guest_needs(args)
     _linux_options(args)
-    fencing = Fencing.open(args.ft_witness, "primary", _log) if args.ft_witness else None  # before building
+    fencing = open_witness(args.ft_witness, "primary", _log)  # before building
     disks, nets = _backends(args)
     config = MachineConfig(memory=args.mem, cpus=args.cpus, disks=disks, nets=nets)
     load_addr = args.load_addr
@@ -239,9 +241,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = cli_tls.listen(args, args.incoming, "--incoming") if args.incoming else None
     console = SerialConsole(args.serial)
     try:
-        # An incoming VM takes its NICs' backends only once the source has let go of them.
-        with Machine(config, serial_output=console.output, attach_networks=server is None) as machine:
+        # An incoming VM takes its NICs' backends only once the source has let go of them, and
+        # faults its RAM in before it waits: a page fault a page received costs more (ARCHITECTURE.md).
+        memory = GuestMemory(config.memory, populate=True) if server is not None else None
+        with Machine(config, serial_output=console.output, attach_networks=server is None, memory=memory) as machine:
             if server is not None:
+                from pykvm.transfer import migration
+
                 print(f"pykvm: waiting for a migration on {args.incoming}", file=sys.stderr, flush=True)
                 migration.migrate_in(machine, server, tls=args.tls)
                 machine.attach_networks(wait=10.0)
@@ -262,6 +268,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _protect(machine: Machine, args: argparse.Namespace, fencing: Fencing | None) -> Primary:
     """Before the guest runs: win the next epoch at the witness (or warn there is none), then
     connect to the standby and give it everything."""
+    from pykvm.ft import Primary
+    from pykvm.ft.fencing import NO_WITNESS_WARNING
+
     if fencing is not None:
         fencing.claim_start()
     else:
@@ -290,7 +299,10 @@ def cmd_ft(args: argparse.Namespace) -> int:
     for option in PRIMARY_ONLY_FT_OPTIONS:
         if getattr(args, option[2:].replace("-", "_")) is not None:
             raise ConfigError(f"{option} is for `pykvm run --ft`: the standby follows the primary's choice")
-    fencing = Fencing.open(args.ft_witness, "standby", _log) if args.ft_witness else None
+    from pykvm.ft.fencing import Fenced
+    from pykvm.ft.standby import Standby, TakeoverImpossible
+
+    fencing = open_witness(args.ft_witness, "standby", _log)
     valid.check_standby_memory(args.mem)
     disks, nets = _backends(args)
     config = MachineConfig(memory=args.mem, cpus=args.cpus, disks=disks, nets=nets)
@@ -340,6 +352,8 @@ def cmd_ft(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from pykvm.transfer import snapshot
+
     snap = snapshot.open_snapshot(args.file, verify_memory=args.verify)
     console = SerialConsole(args.serial)
     try:
@@ -362,7 +376,11 @@ def _run(machine: Machine, args: argparse.Namespace, console: SerialConsole, *,
         tracer = ExitTracer()
         for vcpu in machine.vm.vcpus:
             vcpu.trace = tracer
-    debugger = gdb.serve(machine.vm, args.gdb, _log) if getattr(args, "gdb", None) else None
+    debugger = None
+    if getattr(args, "gdb", None):
+        from pykvm import gdb
+
+        debugger = gdb.serve(machine.vm, args.gdb, _log)
     server = control.ControlServer(args.control, machine, tls=args.tls) if args.control else None
     if server is not None:
         server.register("ft-stats", lambda request: {"role": "primary", **(primary.summary() if primary else {})})
@@ -394,7 +412,7 @@ def _ft_protect(machine: Machine, args: argparse.Namespace, primary: Primary | N
         raise control.CommandError("this VMM was not started with --ft")
     try:
         primary.protect(uri)
-    except (FtError, Fenced) as error:
+    except loaded_errors(("pykvm.ft.primary", "FtError"), ("pykvm.ft.fencing", "Fenced")) as error:
         raise control.CommandError(str(error)) from None
     return primary.summary()
 
@@ -404,7 +422,9 @@ def _print_error(error: Exception) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return demo_module.main(args.records, args.seed, args.ft_mode, args.ft_disk)
+    from pykvm.ft import demo
+
+    return demo.main(args.records, args.seed, args.ft_mode, args.ft_disk)
 
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "restore": cmd_restore, "ctl": cli_ctl.cmd_ctl,
@@ -428,10 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, KvmUnavailable, guestbuild.ToolchainMissing, guestbuild.UnknownGuest) as error:
         _print_error(error)
         return EXIT_USAGE
-    except (KvmError, guestbuild.BuildError, migration.MigrationError, FtError) as error:
+    except (KvmError, guestbuild.BuildError,
+            *loaded_errors(("pykvm.transfer.migration", "MigrationError"), ("pykvm.ft.primary", "FtError"))) as error:
         _print_error(error)
         return EXIT_FAILURE
-    except Fenced:
+    except loaded_errors(("pykvm.ft.fencing", "Fenced")):
         return EXIT_FENCED  # its `fenced: ` line is out already
     except KeyboardInterrupt:
         return 130

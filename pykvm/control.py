@@ -40,7 +40,6 @@ import threading
 import time
 from typing import Any, Callable
 
-from pykvm.transfer import migration, snapshot
 from pykvm.transfer.tls import TlsCredentials
 from pykvm import unixsock
 from pykvm.errors import ConfigError
@@ -159,7 +158,7 @@ class ControlServer:
     def _call(handler: Callable[[dict[str, Any]], dict[str, Any]], request: dict[str, Any]) -> dict[str, Any]:
         try:
             return {"ok": True, **handler(request)}
-        except (CommandError, ConfigError, OSError, migration.MigrationError) as error:
+        except (CommandError, ConfigError, OSError) as error:  # (a migration's error is a CommandError)
             return {"ok": False, "error": str(error)}
 
     # -- commands ----------------------------------------------------------------------------------
@@ -193,6 +192,8 @@ class ControlServer:
         self._check_snapshot_path(path)
         if not overwrite and os.path.lexists(path):  # checked again, atomically, by save
             raise CommandError(f"{path} exists (say \"overwrite\": true to replace it)")
+        from pykvm.transfer import snapshot  # here: what only this command needs loads with it
+
         started = time.perf_counter()
         with self.machine.quiesced("snapshot"):
             size = snapshot.save(self.machine, path, overwrite=overwrite)
@@ -227,7 +228,12 @@ class ControlServer:
     def _migrate(self, request: dict[str, Any]) -> dict[str, Any]:
         uri = _string(request, "uri")
         self._require_live()
-        return migration.migrate_out(self.machine, uri, tls=self.tls)
+        from pykvm.transfer import migration  # numpy and the wire load for a migration, not for every run
+
+        try:
+            return migration.migrate_out(self.machine, uri, tls=self.tls)
+        except migration.MigrationError as error:
+            raise CommandError(str(error)) from None
 
     def _quit(self, request: dict[str, Any]) -> dict[str, Any]:
         self.machine.vm.stop(0, "quit through the control socket")

@@ -7,8 +7,6 @@ import sys
 import threading
 from typing import TYPE_CHECKING, TextIO
 
-import capstone
-
 from pykvm.kvm import KvmError
 from pykvm.kvm.constants import EXIT_REASON_NAMES
 from pykvm.memory import GuestMemoryError
@@ -18,25 +16,29 @@ if TYPE_CHECKING:
 
 CODE_BYTES = 48  # enough for several x86 instructions (at most 15 bytes each)
 INSTRUCTIONS_SHOWN = 6
+# capstone's CS_MODE_* values: capstone (~9 MiB resident) is imported only to decode something
+CS_MODE_16, CS_MODE_32, CS_MODE_64 = 1 << 1, 1 << 2, 1 << 3
 
 
 def cpu_mode(cs_l: int, cs_db: int, cr0: int) -> tuple[int, str]:
     """The capstone mode and a name for the vCPU's current code size."""
     if not cr0 & 1:
-        return capstone.CS_MODE_16, "real mode"
+        return CS_MODE_16, "real mode"
     if cs_l:
-        return capstone.CS_MODE_64, "64-bit"
+        return CS_MODE_64, "64-bit"
     if cs_db:
-        return capstone.CS_MODE_32, "32-bit protected mode"
-    return capstone.CS_MODE_16, "16-bit protected mode"
+        return CS_MODE_32, "32-bit protected mode"
+    return CS_MODE_16, "16-bit protected mode"
 
 
 def linear_rip(rip: int, cs_base: int, mode: int) -> int:
     """The linear address of RIP: 64-bit mode ignores the CS base, other modes wrap at 4 GiB."""
-    return rip if mode == capstone.CS_MODE_64 else (cs_base + rip) & 0xFFFF_FFFF
+    return rip if mode == CS_MODE_64 else (cs_base + rip) & 0xFFFF_FFFF
 
 
 def disassemble(code: bytes, address: int, mode: int, limit: int = INSTRUCTIONS_SHOWN) -> list[str]:
+    import capstone
+
     md = capstone.Cs(capstone.CS_ARCH_X86, mode)
     lines = []
     for insn in md.disasm(code, address):

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import capstone
-
 from pykvm.diagnostics import cpu_mode, linear_rip
 from pykvm.kvm import KvmError
 from pykvm.kvm import constants as k
 from pykvm.memory import GuestMemoryError
 
 if TYPE_CHECKING:
+    import capstone
+
     from pykvm.vcpu import Vcpu
 
 BP_VECTOR = 3
@@ -37,6 +37,8 @@ _decoders: dict[int, capstone.Cs] = {}
 
 
 def _decoder(mode: int) -> capstone.Cs:
+    import capstone  # here, not at the top: most runs never hand an instruction back
+
     if mode not in _decoders:
         _decoders[mode] = capstone.Cs(capstone.CS_ARCH_X86, mode)
     return _decoders[mode]
@@ -86,12 +88,14 @@ def complete_internal_error(vcpu: Vcpu) -> str | None:
     instruction = next(_decoder(mode).disasm(code, regs.rip, 1), None)
     if instruction is None:
         return None
-    if instruction.id == capstone.x86.X86_INS_INT3:
+    from capstone import x86
+
+    if instruction.id == x86.X86_INS_INT3:
         regs.rip += instruction.size
         vcpu.fd.set_regs(regs)
         _inject_exception(vcpu, BP_VECTOR)
         return "int3"
-    if instruction.id == capstone.x86.X86_INS_WAIT:
+    if instruction.id == x86.X86_INS_WAIT:
         regs.rip += instruction.size
         vcpu.fd.set_regs(regs)
         if _x87_exception_pending(vcpu):

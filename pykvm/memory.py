@@ -24,10 +24,12 @@ import os
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import xxhash
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where bitmaps are scanned (migration, FT): a plain run never loads it
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -66,8 +68,8 @@ class MemorySlot:
     view: memoryview = field(init=False, repr=False)
     host_addr: int = field(init=False)
     # One bit per page, in the layout KVM_GET_DIRTY_LOG uses, so the two can be OR-ed directly.
-    # Cleared in place, never replaced: `dirty_words` (the same memory as Python ints) stays valid.
-    dirty: np.ndarray = field(init=False, repr=False)
+    # Cleared in place, never replaced: `dirty_words` (u64 items as Python ints) and `dirty` (the
+    # same memory as a numpy array, made when first asked for) stay valid.
     dirty_words: memoryview = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -75,8 +77,17 @@ class MemorySlot:
         anchor = ctypes.c_char.from_buffer(self.mapping)
         self.host_addr = ctypes.addressof(anchor)
         del anchor  # release the buffer export so the mapping can be closed later
-        self.dirty = np.zeros(self.pages // 64 + (self.pages % 64 != 0), dtype=np.uint64)
-        self.dirty_words = memoryview(self.dirty)  # u64 items: a store is ~10x cheaper than numpy's
+        words = self.pages // 64 + (self.pages % 64 != 0)
+        self.dirty_words = memoryview(bytearray(8 * words)).cast("Q")  # a store is ~10x cheaper than numpy's
+        self._dirty_array: np.ndarray | None = None
+
+    @property
+    def dirty(self) -> np.ndarray:
+        if self._dirty_array is None:
+            import numpy as np
+
+            self._dirty_array = np.frombuffer(self.dirty_words, dtype=np.uint64)
+        return self._dirty_array
 
     @property
     def pages(self) -> int:
@@ -111,6 +122,10 @@ class GuestMemory:
         # Set while pages may be write-protected (ft.cow); runtime writers are device models under
         # their function's lock, which the protecting side takes before it protects anything.
         self.write_barrier: WriteBarrier | None = None
+        # Whether anyone harvests the VMM-side bitmap (the VM turns it off while no dirty log is
+        # kept, and back on before one starts): marks nobody will read cost ~1.5 us each on every
+        # request a device serves.
+        self.tracking = True
         for index, (guest_addr, length) in enumerate(ram_layout(size)):
             if image is not None:
                 fd, offsets = image
@@ -201,7 +216,7 @@ class GuestMemory:
         slot, offset = self.locate(addr, length)
         if self.write_barrier is not None:
             self.write_barrier(slot, offset, length)
-        np.frombuffer(slot.view, dtype=np.uint8, count=length, offset=offset)[:] = byte
+        ctypes.memset(slot.host_addr + offset, byte, length)  # inside the slot: locate checked it
         self.mark(slot, offset, length)
 
     def read_u16(self, addr: int) -> int:
@@ -236,12 +251,14 @@ class GuestMemory:
 
     def mark_dirty(self, addr: int, length: int) -> None:
         """Record a write the VMM made behind the guest's back (e.g. through a view), after it."""
+        if not self.tracking:
+            return
         slot, offset = self.locate(addr, length)
         self.mark(slot, offset, length)
 
     def mark(self, slot: MemorySlot, offset: int, length: int) -> None:
         """mark_dirty for a range already located (hot paths keep their (slot, offset))."""
-        if length <= 0:
+        if length <= 0 or not self.tracking:
             return
         first = offset >> PAGE_SHIFT
         last = (offset + length - 1) >> PAGE_SHIFT
@@ -249,7 +266,7 @@ class GuestMemory:
             if first >> 6 == last >> 6:  # the common case: a ring entry, buffers up to 64 pages
                 slot.dirty_words[first >> 6] |= ((2 << (last - first)) - 1) << (first & 63)
             else:
-                _set_bit_range(slot.dirty, first, last + 1)
+                _set_bit_range(slot.dirty_words, first, last + 1)
 
     def take_dirty(self, slot: MemorySlot) -> np.ndarray:
         """Return a copy of the slot's VMM dirty bitmap and clear it (atomic w.r.t. writers)."""
@@ -259,21 +276,25 @@ class GuestMemory:
         return taken
 
 
-def _set_bit_range(words: np.ndarray, start: int, stop: int) -> None:
-    """Set bits [start, stop) of a little-endian u64 bitmap."""
+_ALL_ONES = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _set_bit_range(words: memoryview, start: int, stop: int) -> None:
+    """Set bits [start, stop) of a little-endian u64 bitmap (a memoryview of u64 items)."""
     first_word, last_word = start >> 6, (stop - 1) >> 6
-    head = np.uint64((~0 << (start & 63)) & 0xFFFF_FFFF_FFFF_FFFF)
-    tail = np.uint64(0xFFFF_FFFF_FFFF_FFFF >> (63 - ((stop - 1) & 63)))
+    head = (_ALL_ONES << (start & 63)) & _ALL_ONES
+    tail = _ALL_ONES >> (63 - ((stop - 1) & 63))
     if first_word == last_word:
         words[first_word] |= head & tail
         return
     words[first_word] |= head
-    words[first_word + 1 : last_word] = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+    if last_word > first_word + 1:
+        words[first_word + 1 : last_word] = memoryview(b"\xff" * (8 * (last_word - first_word - 1))).cast("Q")
     words[last_word] |= tail
 
 
 SEEK_DATA, SEEK_HOLE = getattr(os, "SEEK_DATA", 3), getattr(os, "SEEK_HOLE", 4)
-_PAGEMAP_PRESENT, _PAGEMAP_SWAPPED = np.uint64(1 << 63), np.uint64(1 << 62)
+_PAGEMAP_PRESENT, _PAGEMAP_SWAPPED = 1 << 63, 1 << 62
 
 
 def populated_pages(slot: MemorySlot) -> np.ndarray:
@@ -285,6 +306,8 @@ def populated_pages(slot: MemorySlot) -> np.ndarray:
       extents, swapped-out shmem pages included; pagemap would show those as never allocated);
     - anonymous RAM: /proc/self/pagemap, present or swapped;
     - RAM mapped from a snapshot file: scanned for zeros (a page of the file may be zeros)."""
+    import numpy as np
+
     if slot.from_image:
         words = np.frombuffer(slot.view, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
         return np.flatnonzero(words.any(axis=1))
@@ -295,6 +318,8 @@ def populated_pages(slot: MemorySlot) -> np.ndarray:
 
 def _data_pages(fd: int, size: int) -> np.ndarray:
     """Pages of a file that hold data, from its extents (one lseek pair per extent)."""
+    import numpy as np
+
     runs, offset = [], 0
     while offset < size:
         try:
@@ -312,14 +337,18 @@ def _data_pages(fd: int, size: int) -> np.ndarray:
 def _mapped_pages(host_addr: int, pages: int) -> np.ndarray:
     """Pages of an anonymous mapping that are present or swapped out (pagemap: one u64 per page;
     the flags are readable without privileges, only the frame numbers are hidden)."""
+    import numpy as np
+
     with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
         entries = np.frombuffer(os.pread(pagemap.fileno(), pages * 8, (host_addr >> PAGE_SHIFT) * 8), dtype=np.uint64)
-    return np.flatnonzero(entries & (_PAGEMAP_PRESENT | _PAGEMAP_SWAPPED))
+    return np.flatnonzero(entries & np.uint64(_PAGEMAP_PRESENT | _PAGEMAP_SWAPPED))
 
 
 def dirty_pages(bitmap: np.ndarray) -> np.ndarray:
     """Page indices of the set bits of a u64 dirty bitmap, ascending (numpy, no Python loop):
     find the non-zero words, then unpack only those."""
+    import numpy as np
+
     words = np.flatnonzero(bitmap)
     if words.size == 0:
         return np.empty(0, dtype=np.int64)

@@ -11,8 +11,7 @@ import contextlib
 import signal
 import threading
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from pykvm.bus import IoBus
 from pykvm.devices.platform import IoeventfdUnavailable
@@ -25,6 +24,9 @@ from pykvm.state import StateError
 from pykvm.run_control import KICK_SIGNAL, Pause, RunControl, RunState, StopKind, StopReason
 from pykvm.vcpu import Vcpu
 from pykvm.vcpu_state import VcpuState, uapi_struct
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # KVM needs three pages for the real-mode TSS and one for the EPT identity map on Intel; both sit
 # just below the BIOS area at the top of the 4 GiB space, inside the MMIO hole (as in QEMU).
@@ -59,6 +61,7 @@ class Vm:
         # guests use to calibrate the TSC); without it those accesses would exit to us.
         self.fd.create_pit2(k.KVM_PIT_SPEAKER_DUMMY)
         self.memory = memory if memory is not None else GuestMemory(memory_size, shared=shared_memory)
+        self.memory.tracking = False  # until set_dirty_logging: no dirty log is kept, nobody harvests it
         for slot in self.memory.slots:
             self.fd.set_user_memory_region(slot.index, slot.guest_addr, slot.size, slot.host_addr)
         self.bus = IoBus()
@@ -94,17 +97,20 @@ class Vm:
     # -- dirty page tracking ------------------------------------------------------------------------
 
     def set_dirty_logging(self, enabled: bool) -> None:
-        """Have KVM track guest writes per page (migration, FT). The VMM's own writes are tracked
-        by GuestMemory regardless; dirty_bitmap() merges both."""
+        """Have KVM track guest writes per page (migration, FT), and GuestMemory the VMM's own
+        writes (only while a log is kept); dirty_bitmap() merges both."""
         flags = k.KVM_MEM_LOG_DIRTY_PAGES if enabled else 0
         for slot in self.memory.slots:
             self.fd.set_user_memory_region(slot.index, slot.guest_addr, slot.size, slot.host_addr, flags)
+        self.memory.tracking = enabled  # before the bitmap is cleared: a write marked after it counts
         for slot in self.memory.slots:
             self.memory.take_dirty(slot)  # what happened before now is not "since the last look"
 
     def dirty_bitmap(self, slot: MemorySlot) -> np.ndarray:
         """Pages written since the last call (by vCPUs or the VMM), as a u64 bitmap; KVM
         re-protects the pages as it reports them, so each write is reported once."""
+        import numpy as np  # only migration and FT ask: a plain run never loads numpy
+
         bitmap = np.zeros_like(slot.dirty)
         self.fd.get_dirty_log(slot.index, bitmap)
         bitmap |= self.memory.take_dirty(slot)

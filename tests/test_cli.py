@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -121,6 +122,15 @@ def test_triple_fault_is_reported_with_registers_and_disassembly(tmp_path):
     assert "triple fault" in err
     assert "vcpu0 registers (32-bit protected mode)" in err and "rip=0x0000000000100002" in err
     assert "div eax" in err  # the faulting instruction, disassembled by capstone
+
+
+def test_a_plain_run_loads_neither_numpy_nor_capstone_nor_ssl():
+    """They cost ~27 MiB resident together; only migration, FT, snapshots, crash reports and TLS
+    need them (bench/footprint.py)."""
+    code = ("import sys\nfrom pykvm import cli\nstatus = cli.main(['run', '--serial', 'none'])\n"
+            "print(status, *[m for m in ('numpy', 'capstone', 'ssl', 'pykvm.ft') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)
+    assert result.stdout.decode().splitlines()[-1] == "0", result.stdout + result.stderr
 
 
 # -- bad input: one line on stderr, exit status 2, no traceback ---------------------------------

@@ -15,12 +15,13 @@ Boot data the VMM writes below 1 MiB (where images usually load at or above 1 Mi
 
 from __future__ import annotations
 
+import array
 import dataclasses
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import construct
-import numpy as np
 
 from pykvm.boot import formats as f
 from pykvm.errors import ConfigError
@@ -262,9 +263,9 @@ def _write_long_mode_tables(vm: Vm) -> None:
     pml4, pdpt, pds = PAGE_TABLES, PAGE_TABLES + 0x1000, PAGE_TABLES + 0x2000
     flags = 0x7  # present | writable | user
     vm.memory.write_u64(pml4, pdpt | flags)
-    vm.memory.write(pdpt, np.array([pds + i * 0x1000 | flags for i in range(4)], dtype="<u8").tobytes())
-    entries = (np.arange(4 * 512, dtype="<u8") << np.uint64(21)) | np.uint64(flags | 0x80)  # 0x80: 2 MiB page
-    vm.memory.write(pds, entries.tobytes())
+    vm.memory.write(pdpt, struct.pack("<4Q", *(pds + i * 0x1000 | flags for i in range(4))))
+    entries = array.array("Q", (i << 21 | flags | 0x80 for i in range(4 * 512)))  # 0x80: 2 MiB page
+    vm.memory.write(pds, entries.tobytes())  # x86 is little-endian, as the host
 
 
 # -- flat binaries -----------------------------------------------------------------------------------

@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pykvm import guestbuild
+from pykvm.ft.choices import MAX_RECORDS, MIN_RECORDS
 from pykvm.stats import summary
 from pykvm.testing.netframes import FrameSocket, Peer
 from pykvm.transfer.tls import make_credentials
 
 DISK_SIZE = 4 << 20
-MIN_RECORDS = 1  # the kill falls on one of the records, so one is enough
-MAX_RECORDS = 100_000  # each takes a few milliseconds; kv's log holds far more
 REQUEST_TIMEOUT = 0.1  # a client's patience before it resends
 
 

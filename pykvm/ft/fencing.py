@@ -31,11 +31,11 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
+from pykvm.ft.choices import EXIT_FENCED  # noqa: F401 (the status a fenced side exits with)
 from pykvm.errors import ConfigError
 from pykvm.ft.protocol import Hello
 from pykvm.ft.witness import Epoch, Witness, WitnessUnavailable, open_witness, side_name
 
-EXIT_FENCED = 75  # sysexits' EX_TEMPFAIL: this side stood down; the other one runs the guest
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0  # seconds between asks of an unreachable witness, doubling
 NO_WITNESS_WARNING = ("ft primary: warning: no --ft-witness: a cut link between primary and standby can "
                       "leave two live copies of the guest")

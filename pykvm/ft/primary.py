@@ -35,7 +35,6 @@ import contextlib
 import os
 import select
 import socket
-import ssl
 import threading
 import time
 import traceback
@@ -128,9 +127,9 @@ class Primary:
                 raise FtError(f"--ft-mode cow needs userfaultfd write-protection: {error}") from None
         try:
             sock = channel.connect(uri, self.tls, CONNECT_TIMEOUT)
-        except ssl.SSLError as error:
-            raise FtError(f"the standby at {uri} failed the TLS handshake: {channel.describe(error)}") from None
         except OSError as error:
+            if channel.is_tls_error(error):
+                raise FtError(f"the standby at {uri} failed the TLS handshake: {channel.describe(error)}") from None
             raise FtError(f"cannot reach the standby at {uri}: {error.strerror or error}") from None
         sock.settimeout(max(self.timeout * 10, 2.0))
         protocol = p.FtConnection(p.Role.PRIMARY)

@@ -39,15 +39,14 @@ from typing import ClassVar, get_args
 import numpy as np
 
 from pykvm.devices.virtio.gate import DiskChange
+from pykvm.ft.choices import DISK_MODES, SYNC_MODES  # noqa: F401 (part of the protocol's vocabulary)
 from pykvm.transfer import wire
 from pykvm.transfer.wire import Kind, ProtocolError
 
 # 2: Hello carries the witness, epoch and sync mode; StandbyFault; heartbeats answered. 3: Hello
 # carries the disk mode and shared disks' identities; state in binary parts; two syncs in flight.
 PROTOCOL = 3
-SYNC_MODES = ("sync", "pipelined", "cow")
 MAX_IN_FLIGHT = 2  # syncs the primary may have sent and not yet had acknowledged (cow mode overlaps two)
-DISK_MODES = ("replicated", "shared")  # see ft.disk_mode
 _DISK_HEAD = struct.Struct("<II")  # disk index, count
 _CHANGE = struct.Struct("<QQB")  # offset, length, zeroed?
 DISK_FRAME_BYTES = 4 << 20  # a DiskChanges frame's payload at most: a sender splits bigger changes

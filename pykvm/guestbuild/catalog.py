@@ -6,7 +6,7 @@ GUESTS: dict[str, str] = {
     "timer": "checks PIT and LAPIC timer interrupt rates against the TSC",
     "dirty": "dirties pages=N pages at CPL3 and checks none lost a write (seconds=S, stride=K)",
     "smp": "starts every AP with INIT-SIPI-SIPI and waits for all to check in (cpus=N)",
-    "pio": "count=N port 0x80 writes (mode=in: reads) at CPL3: one VM exit each",
+    "pio": "count=N writes (mode=in: reads) at CPL3 on port=P (default 0x80, which has no device): one VM exit each",
     "blk": "writes, flushes and reads back a pattern on the first virtio-blk disk (seed=N start=S sectors=N)",
     "blkbench": "timed 64 KiB sequential and 4 KiB random reads/writes on the first virtio-blk disk (bench/blk.py)",
     "net-echo": "answers ARP, ping and UDP echo (port 7) on the first virtio-net device (ip=A.B.C.D/N count=N)",

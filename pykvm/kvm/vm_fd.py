@@ -42,6 +42,8 @@ from .structs import (
 )
 from .vcpu_fd import VcpuFd
 
+MSI_MESSAGES_KEPT = 256  # built KVM_SIGNAL_MSI arguments kept (a guest reprogramming vectors makes new ones)
+
 __all__ = ["VmFd"]
 
 _PAGE_SIZE = 4096  # x86 guest page: the unit of dirty bitmaps
@@ -54,6 +56,7 @@ class VmFd(OwnedFd):
     def __init__(self, fd: int, vcpu_mmap_size: int | None = None):
         self.fd = fd
         self.vcpu_mmap_size = vcpu_mmap_size
+        self._msi_messages: dict[tuple[int, int, int, int], KvmMsi] = {}  # read-only for the kernel
         # slot -> size in bytes of the regions set through this object, to
         # refuse dirty bitmaps too small for what KVM will write into them.
         self._slot_sizes: dict[int, int] = {}
@@ -169,9 +172,14 @@ class VmFd(OwnedFd):
 
     def signal_msi(self, address: int, data: int, flags: int = 0, devid: int = 0) -> int:
         """KVM_SIGNAL_MSI: >0 delivered, 0 blocked by the guest."""
-        msi = KvmMsi(
-            address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data, flags=flags, devid=devid
-        )
+        key = (address, data, flags, devid)
+        msi = self._msi_messages.get(key)
+        if msi is None:  # a device sends the same few messages over and over: build each once
+            if len(self._msi_messages) >= MSI_MESSAGES_KEPT:
+                self._msi_messages.clear()
+            msi = self._msi_messages[key] = KvmMsi(
+                address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data, flags=flags, devid=devid
+            )
         return ioctl(self.fd, KVM_SIGNAL_MSI, msi)
 
 

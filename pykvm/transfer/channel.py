@@ -14,13 +14,16 @@ certificate, another CA, a name mismatch), says so in one line and waits for the
 from __future__ import annotations
 
 import socket
-import ssl
+import sys
 from bisect import bisect_right
 from itertools import accumulate
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pykvm.transfer.tcp import parse_tcp_uri
 from pykvm.transfer.tls import TlsCredentials
+
+if TYPE_CHECKING:
+    import ssl
 
 MAX_IOVECS = 1024  # per sendmsg call (the kernel's UIO_MAXIOV)
 COALESCE = 64 << 10  # TLS: buffers smaller than this are gathered into one write
@@ -59,8 +62,27 @@ def accept(server: socket.socket, tls: TlsCredentials | None, log: Callable[[str
             log(f"{what}: refused a connection from {peer[0]}: TLS handshake failed: {describe(error)}")
 
 
+def _ssl():
+    """The ssl module if anything has loaded it (TlsCredentials.load does): without it, no socket
+    or error here can be a TLS one, and a run without TLS does not load it."""
+    return sys.modules.get("ssl")
+
+
+def is_tls(sock: socket.socket) -> bool:
+    ssl = _ssl()
+    return ssl is not None and isinstance(sock, ssl.SSLSocket)
+
+
+def is_tls_error(error: BaseException) -> bool:
+    ssl = _ssl()
+    return ssl is not None and isinstance(error, ssl.SSLError)
+
+
 def describe(error: BaseException) -> str:
     """An error in a few words: ssl's reason ("CERTIFICATE_VERIFY_FAILED: ...") when it has one."""
+    ssl = _ssl()
+    if ssl is None:
+        return str(error) or type(error).__name__
     if isinstance(error, ssl.SSLCertVerificationError):
         return error.verify_message or str(error)
     if isinstance(error, ssl.SSLError) and error.reason:
@@ -73,7 +95,7 @@ def send_buffers(sock: socket.socket, buffers: list) -> int:
     bytes, bytearrays, 1-D memoryviews of bytes (their len is their size). Nothing is copied,
     and the loops over buffers run in C (a socket with a timeout often sends only part of a
     large batch: the call goes on from the first byte not sent)."""
-    if isinstance(sock, ssl.SSLSocket):
+    if is_tls(sock):
         return _send_tls(sock, [view for view in map(_bytes_view, buffers) if len(view)])
     buffers = list(buffers)
     total, i = 0, 0
@@ -115,8 +137,10 @@ def receive_into(sock: socket.socket, targets: list[memoryview]) -> int:
     """Receive into `targets` in order, as much as one read yields; 0 at the end of the stream.
     A TLS peer that vanishes without closing the session reads as an end too (as a plain TCP
     one does): only a record that fails its check is an error (ssl.SSLError)."""
-    if not isinstance(sock, ssl.SSLSocket):
+    if not is_tls(sock):
         return sock.recvmsg_into(targets[:MAX_IOVECS])[0]
+    import ssl
+
     try:
         return sock.recv_into(targets[0])
     except (ssl.SSLEOFError, ssl.SSLZeroReturnError):

@@ -18,11 +18,14 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pykvm.errors import ConfigError
+
+if TYPE_CHECKING:
+    import ssl  # imported when credentials are loaded: a run without TLS never pays its ~5 MiB
 
 CA_CERT, SERVER_CERT, SERVER_KEY, CLIENT_CERT, CLIENT_KEY = (
     "ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem")
@@ -45,6 +48,8 @@ class TlsCredentials:
         missing = [name for name in CREDENTIAL_FILES if not (path / name).is_file()]
         if missing:
             raise ConfigError(f"{option} {path}: missing {', '.join(missing)} (make them with `pykvm tls init {path}`)")
+        import ssl
+
         try:
             return cls(path, _context(ssl.PROTOCOL_TLS_SERVER, path, SERVER_CERT, SERVER_KEY),
                        _context(ssl.PROTOCOL_TLS_CLIENT, path, CLIENT_CERT, CLIENT_KEY))
@@ -53,6 +58,8 @@ class TlsCredentials:
 
 
 def _context(protocol: int, directory: Path, cert: str, key: str) -> ssl.SSLContext:
+    import ssl
+
     context = ssl.SSLContext(protocol)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.load_cert_chain(directory / cert, directory / key)

@@ -113,6 +113,9 @@ class IoThread:
             os.close(fd)
 
     def _loop(self) -> None:
+        """Each wake-up serves everything that is ready, under one hold of the lock. The queue
+        eventfds are edge-triggered: every notify is an edge, and the counter is never read back
+        (a read per notify is a system call that tells nothing the edge did not)."""
         function = self.function
         device = function.device
         queue_fds = {fd: i for i, fd in enumerate(self.queue_eventfds)}
@@ -120,40 +123,46 @@ class IoThread:
         try:
             poller.register(self._wake, select.EPOLLIN)
             for fd in queue_fds:
-                poller.register(fd, select.EPOLLIN)
-            watched: set[int] = set()
+                poller.register(fd, select.EPOLLIN | select.EPOLLET)
+            watched: tuple[int, ...] = ()
+            with function.lock:
+                wanted = self._wanted()
             while not self._stopping:
-                with function.lock:
-                    wanted = {fd for fd in device.backend_fds() if device.wants_backend(fd)}
-                for fd in watched - wanted:
-                    try:
-                        poller.unregister(fd)
-                    except OSError:
-                        pass  # the backend was closed (detached): epoll already forgot it
-                for fd in wanted - watched:
-                    poller.register(fd, select.EPOLLIN)
-                watched = wanted
-                for fd, _ in poller.poll():
-                    if self._stopping:
-                        return
-                    if fd == self._wake:
-                        _drain(fd)
-                        continue
-                    with function.lock:
-                        if not function.serving:
-                            if fd in queue_fds:
-                                _drain(fd)
-                            continue
+                if wanted != watched:
+                    for fd in set(watched) - set(wanted):
                         try:
-                            if fd in queue_fds:
-                                _drain(fd)
-                                device.queue_notified(queue_fds[fd])
-                            else:
-                                device.backend_ready(fd)
-                        except QueueError as error:
-                            function.needs_reset(str(error))
+                            poller.unregister(fd)
+                        except OSError:
+                            pass  # the backend was closed (detached): epoll already forgot it
+                    for fd in set(wanted) - set(watched):
+                        poller.register(fd, select.EPOLLIN)
+                    watched = wanted
+                events = poller.poll()
+                if self._stopping:
+                    return
+                with function.lock:
+                    if function.serving:
+                        for fd, _ in events:
+                            try:
+                                if fd in queue_fds:
+                                    device.queue_notified(queue_fds[fd])
+                                elif fd == self._wake:
+                                    _drain(fd)
+                                else:
+                                    device.backend_ready(fd)
+                            except QueueError as error:
+                                function.needs_reset(str(error))
+                                break
+                    else:
+                        _drain(self._wake)
+                    wanted = self._wanted()  # what the model wants watched now, under the same hold
         finally:
             poller.close()
+
+    def _wanted(self) -> tuple[int, ...]:
+        """The backend fds the model wants watched (call with the function lock held)."""
+        device = self.function.device
+        return tuple(fd for fd in device.backend_fds() if device.wants_backend(fd))
 
 
 def _join_releasing(thread: threading.Thread, lock: threading.RLock) -> None:

@@ -62,6 +62,8 @@ class DescriptorChain:
         """Mark the device-writable buffers dirty for migration/FT, after the device wrote them:
         a mark made before the write could be harvested by a pre-copy round in between, and
         the page sent without the data."""
+        if not memory.tracking:  # no dirty log kept: nobody would read the marks
+            return
         for addr, length in self.writable:
             memory.mark_dirty(addr, length)
 
