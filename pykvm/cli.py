@@ -27,11 +27,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pykvm import __version__, cli_ctl, cli_guests, cli_parser, cli_signals, cli_tls, control, guestbuild, unixsock
+from pykvm import __version__, cli_ctl, cli_ft, cli_guests, cli_parser, cli_signals, cli_tls, control, guestbuild, unixsock
 from pykvm import cli_validate as valid
 from pykvm.cli_lazy import loaded_errors, open_witness
 from pykvm.ft.choices import DISK_MODES, EXIT_FENCED, MAX_RECORDS, MIN_RECORDS, SYNC_MODES
-from pykvm.ft.trace import OFF, FtTrace
 from pykvm.study import commands as study_commands
 from pykvm.boot.embedded import default_guest_image
 from pykvm.console import SerialConsole
@@ -46,7 +45,6 @@ from pykvm.run_control import StopKind
 
 if TYPE_CHECKING:  # migration, snapshots, FT and gdb are imported by the commands that use them (cli_lazy)
     from pykvm.ft import Primary
-    from pykvm.ft.fencing import Fencing
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -80,39 +78,6 @@ def _add_machine_options(parser: argparse.ArgumentParser) -> None:
     cli_tls.add_options(parser)
 
 
-PRIMARY_ONLY_FT_OPTIONS = ("--ft-mode", "--ft-interval", "--ft-disk", "--metrics")  # the standby follows the Hello
-
-
-def _add_ft_options(parser: argparse.ArgumentParser, *, primary: bool) -> None:
-    """The FT options; the standby parses the primary's too (hidden), to refuse them in one line."""
-    parser.add_argument("--ft-timeout", type=valid.millis(1), default=200, metavar="MS",
-                        help="the standby takes over after this long without a word from the primary "
-                             "(milliseconds, 1 to 86400000; default 200)")
-    parser.add_argument("--ft-verify", action="store_true",
-                        help="check at every sync that the standby's RAM equals the primary's (slow; for tests)")
-    parser.add_argument("--ft-witness", metavar="URI", type=valid.witness_uri,
-                        help="file:PATH or etcd:HOST:PORT[/PREFIX], the same for primary and standby: when they "
-                             "lose each other, only the side that wins the next epoch there runs the guest")
-    parser.add_argument("--trace-ft", action="store_true",
-                        help="print each sync's phases as they happen, one line each (primary: paused, harvested, "
-                             "sent, acknowledged, released, resumed; standby: staged, committed, takeover steps)")
-    shown = (lambda text: text) if primary else (lambda text: argparse.SUPPRESS)
-    parser.add_argument("--metrics", metavar="FILE", type=valid.output_file("a metrics file"),
-                        help=shown("the primary appends one JSON line per sync here"))
-    parser.add_argument("--ft-mode", choices=SYNC_MODES, default="sync" if primary else None,
-                        help=shown("sync: the guest waits for the standby's ack (Kemari); pipelined: it runs on "
-                                   "once the sync is captured and only the outputs wait; cow: it pauses only to "
-                                   "capture state, its pages are copied out under write-protection (root; "
-                                   "userfaultfd) (default sync)"))
-    parser.add_argument("--ft-disk", choices=DISK_MODES, default="replicated" if primary else None,
-                        help=shown("replicated: the standby has its own copy of each disk, writes complete at once "
-                                   "and travel with the next sync; shared: both open the same file, a write waits "
-                                   "for a sync (default replicated)"))
-    parser.add_argument("--ft-interval", type=valid.millis(0), default=0 if primary else None, metavar="MS",
-                        help=shown("also sync every MS milliseconds, output or not (periodic, Remus-style; "
-                                   "0 to 86400000; default 0: only at outputs)"))
-
-
 GDB_HELP = "serve gdb's remote protocol there; the guest waits at its first instruction until gdb continues"
 
 
@@ -141,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ft", metavar="tcp:HOST:PORT", type=valid.tcp_uri,
                      help="run fault-tolerant, protected by the standby there")
     _add_machine_options(run)
-    _add_ft_options(run, primary=True)
+    cli_ft.add_options(run, primary=True)
     run.add_argument("--gdb", metavar="tcp:HOST:PORT", help=GDB_HELP)
 
     ft = commands.add_parser("ft", help="fault tolerance: run a standby", description="Fault tolerance: the standby "
@@ -161,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     standby.add_argument("--cpus", type=valid.cpus, default=1, metavar="N",
                          help=_CPUS_HELP + "; must match the primary")
     _add_machine_options(standby)
-    _add_ft_options(standby, primary=False)
+    cli_ft.add_options(standby, primary=False)
     study_commands.add_commands(roles)
 
     restore = commands.add_parser("restore", help="resume a snapshot",
@@ -259,36 +224,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if args.trace:
                     print(f"pykvm: loaded {loaded.format} image [{loaded.start:#x}, {loaded.end:#x}), "
                           f"entry {loaded.entry:#x}", file=sys.stderr)
-            primary = _protect(machine, args, fencing) if args.ft else None
+            primary = cli_ft.protect(machine, args, fencing, _log) if args.ft else None
             return _run(machine, args, console, primary=primary)
     finally:
         console.close()
 
 
-def _protect(machine: Machine, args: argparse.Namespace, fencing: Fencing | None) -> Primary:
-    """Before the guest runs: win the next epoch at the witness (or warn there is none), then
-    connect to the standby and give it everything."""
-    from pykvm.ft import Primary
-    from pykvm.ft.fencing import NO_WITNESS_WARNING
-
-    if fencing is not None:
-        fencing.claim_start()
-    else:
-        _log(NO_WITNESS_WARNING)
-    metrics = open(args.metrics, "a", buffering=1) if args.metrics else None
-    primary = Primary(machine, timeout=args.ft_timeout / 1000, metrics=metrics, verify=args.ft_verify,
-                      interval=args.ft_interval / 1000, mode=args.ft_mode, fencing=fencing,
-                      tls=args.tls, disk_mode=args.ft_disk, log=_log, trace=_trace(args))
-    primary.protect(args.ft)
-    return primary
-
-
 def _log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def _trace(args: argparse.Namespace) -> FtTrace:
-    return FtTrace(_log) if args.trace_ft else OFF
 
 
 def cmd_ft(args: argparse.Namespace) -> int:
@@ -296,7 +239,7 @@ def cmd_ft(args: argparse.Namespace) -> int:
     has one), then take over and run the guest here. (`ft study` and `ft report`: pykvm/study/.)"""
     if args.role in study_commands.ROLES:
         return study_commands.run(args)
-    for option in PRIMARY_ONLY_FT_OPTIONS:
+    for option in cli_ft.PRIMARY_ONLY_FT_OPTIONS:
         if getattr(args, option[2:].replace("-", "_")) is not None:
             raise ConfigError(f"{option} is for `pykvm run --ft`: the standby follows the primary's choice")
     from pykvm.ft.fencing import Fenced
@@ -312,7 +255,7 @@ def cmd_ft(args: argparse.Namespace) -> int:
         memory = GuestMemory(config.memory, populate=True)  # hot: commits never wait for page faults
         with Machine(config, serial_output=console.output, attach_networks=False, memory=memory) as machine:
             standby = Standby(machine, timeout=args.ft_timeout / 1000, verify=args.ft_verify, fencing=fencing,
-                              tls=args.tls, log=_log, trace=_trace(args))
+                              tls=args.tls, log=_log, trace=cli_ft.trace(args, _log))
             control_server = control.ControlServer(args.control, machine, tls=args.tls) if args.control else None
             if control_server is not None:
                 control_server.register("ft-stats", lambda request: {
@@ -384,7 +327,7 @@ def _run(machine: Machine, args: argparse.Namespace, console: SerialConsole, *,
     server = control.ControlServer(args.control, machine, tls=args.tls) if args.control else None
     if server is not None:
         server.register("ft-stats", lambda request: {"role": "primary", **(primary.summary() if primary else {})})
-        server.register("ft-protect", lambda request: _ft_protect(machine, args, primary, request))
+        server.register("ft-protect", lambda request: cli_ft.ft_protect(primary, request))
     try:
         console.attach(machine.serial.feed)
         cli_signals.start(machine, started=started)  # from here a SIGTERM or SIGHUP stops the guest
@@ -402,19 +345,6 @@ def _run(machine: Machine, args: argparse.Namespace, console: SerialConsole, *,
     elif args.trace or stop.kind is StopKind.MIGRATED:
         print(f"pykvm: {stop.reason}", file=sys.stderr)
     return stop.status
-
-
-def _ft_protect(machine: Machine, args: argparse.Namespace, primary: Primary | None, request: dict) -> dict:
-    uri = request.get("uri")
-    if not isinstance(uri, str):
-        raise control.CommandError("ft-protect needs a 'uri' string")
-    if primary is None:
-        raise control.CommandError("this VMM was not started with --ft")
-    try:
-        primary.protect(uri)
-    except loaded_errors(("pykvm.ft.primary", "FtError"), ("pykvm.ft.fencing", "Fenced")) as error:
-        raise control.CommandError(str(error)) from None
-    return primary.summary()
 
 
 def _print_error(error: Exception) -> None:
