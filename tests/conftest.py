@@ -56,7 +56,8 @@ def run_pykvm(*args: str, timeout: float = 60, input: bytes | None = None, env: 
     return subprocess.run(
         [*prefix, sys.executable, "-m", "pykvm", *args],
         cwd=REPO, capture_output=True, timeout=timeout, input=input if input is not None else b"",
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
+             **(env or {})},  # this checkout's pykvm, also from another working directory (`env -C`)
     )
 
 

@@ -58,7 +58,7 @@ def test_a_socket_link_broadcasts_to_its_recent_senders(tmp_path):
     try:
         for peer in [*peers, peers[0]]:  # peer0 first and last: the most recent of all
             peer.send(b"x" * 60)
-            assert link.receive_frame(buffer) == 60
+            assert link.receive_into([buffer]) == 60
         recent = [peers[0], *peers[-(RECENT_SENDERS - 1):]]
         assert sorted(link.senders()) == sorted(p.path for p in recent) and link.senders()[-1] == peers[0].path
         link.broadcast([memoryview(b"hello, everyone")])

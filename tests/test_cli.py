@@ -128,7 +128,7 @@ def test_a_plain_run_loads_neither_numpy_nor_capstone_nor_ssl():
     """They cost ~27 MiB resident together; only migration, FT, snapshots, crash reports and TLS
     need them (bench/footprint.py)."""
     code = ("import sys\nfrom pykvm import cli\nstatus = cli.main(['run', '--serial', 'none'])\n"
-            "print(status, *[m for m in ('numpy', 'capstone', 'ssl', 'pykvm.ft') if m in sys.modules])")
+            "print(status, *[m for m in ('numpy', 'capstone', 'ssl', 'pykvm.ft.primary', 'pykvm.transfer.wire') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=60)
     assert result.stdout.decode().splitlines()[-1] == "0", result.stdout + result.stderr
 

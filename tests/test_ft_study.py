@@ -61,9 +61,10 @@ def test_report_on_the_demos_metrics(tmp_path, guest_images):
     assert result.returncode == 0, result.stderr.decode()
     assert {path.name for path in _pngs(out)} == set(PLOTS)
     steady = [r for r in records if r["trigger"] != "full"]
-    row = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| run |"))
-    assert row.split("|")[2].strip() == str(len(steady))
-    assert f"blk {sum(r['trigger'] == 'blk' for r in steady)}" in row
+    lines = (out / "summary.md").read_text().splitlines()
+    row = lines[lines.index(next(line for line in lines if line.startswith("|---"))) + 1]  # one group: sync/replicated
+    assert row.startswith("| sync/replicated |") and row.split("|")[2].strip() == str(len(steady))
+    assert f"net {sum(r['trigger'] == 'net' for r in steady)}" in row
 
 
 @pytest.mark.nokvm

@@ -165,7 +165,7 @@ def test_busy_gdb_port_is_one_line_and_status_2(guest_images):
     assert errors.count("\n") == 1 and "--gdb" in errors and "Address already in use" in errors
     result = run_pykvm("run", "--gdb", "127.0.0.1:1234")
     assert result.returncode == 2 and result.stderr.decode() == \
-        "pykvm: error: --gdb '127.0.0.1:1234': expected tcp:HOST:PORT\n"
+        "pykvm: error: --gdb '127.0.0.1:1234': expected tcp:HOST:PORT (port 1-65535)\n"
 
 
 def test_restore_waits_for_gdb_at_the_snapshot_then_runs_it(tmp_path, guest_images):

@@ -161,7 +161,7 @@ def test_kv_records_survive_a_killed_vmm(tmp_path, guest_images):
     ("tap:", "expected tap:NAME or socket:PATH"),
     ("tap:" + "x" * 20, "at most 15 characters"),
     ("socket:/tmp/x.sock,colour=red", "unknown option 'colour=red'"),
-    ("socket:/tmp/x.sock,mac=zz:00:00:00:00:00", "expected six hex bytes"),
+    ("socket:/tmp/x.sock,mac=zz:00:00:00:00:00", "is not six hex bytes"),
 ])
 def test_bad_net_spec(spec, message):
     result = run_pykvm("run", "--net", spec)

@@ -6,25 +6,22 @@
                                            the last frame (so a test or another VMM can wire
                                            itself in; QEMU's `-netdev dgram` speaks the same)
 
-A backend moves frames with one call each on the caller's memoryviews: `send(views)` (vectored),
-and `receive_frame(buffer)`, which reads the next frame into `buffer` and returns its length (more
-than `len(buffer)` if it did not fit: then it is dropped), or None when nothing is waiting; the
-device copies it from there into just the rx chains it needs. `more_waiting()` says cheaply
-whether another frame may be waiting (a failed read costs several microseconds on a socket).
-`broadcast(views)` sends a frame to everyone on the link: on a socket
+A backend moves frames with vectored I/O on the caller's memoryviews: `send(views)` and
+`receive_into(views)`, which returns the frame length, None when nothing is waiting, or -1 for a
+frame that did not fit (dropped). `next_length()` tells, without reading it, how long the frame
+waiting is (None: none is; -1: the backend cannot tell), so the device takes only the receive
+buffers that frame needs. `broadcast(views)` sends a frame to everyone on the link: on a socket
 link without PEER, to each of the last few addresses that sent to it (`senders()`), which travel
 with the guest (LinkMemory) so the next VMM to run it can announce the guest's MAC to them.
 """
 
 from __future__ import annotations
 
-import array
 import errno
 import fcntl
 import os
 import socket
 import struct
-import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +38,7 @@ IFNAMSIZ = 16
 VNET_HEADER = bytes(12)  # virtio_net_hdr_v1 with no offload: all zeros
 # Plain ints: the socket module's flags are enum members, whose | and & cost microseconds a frame
 _MSG_TRUNC = int(socket.MSG_TRUNC)
+_PEEK_LENGTH = int(socket.MSG_PEEK | socket.MSG_TRUNC)
 RECENT_SENDERS = 8  # a socket link remembers this many of the addresses that sent to it
 
 
@@ -51,12 +49,11 @@ class NetBackend:
     def send(self, views: list[memoryview]) -> None:
         raise NotImplementedError
 
-    def receive_frame(self, buffer: memoryview) -> int | None:
+    def receive_into(self, views: list[memoryview]) -> int | None:
         raise NotImplementedError
 
-    def more_waiting(self) -> bool:
-        """False if no frame is waiting (True may be wrong: receive_frame then returns None)."""
-        return True
+    def next_length(self) -> int | None:
+        return -1
 
     def broadcast(self, views: list[memoryview]) -> None:
         """A frame for everyone on the link (a TAP's host side sees every frame anyway)."""
@@ -144,9 +141,9 @@ class TapBackend(NetBackend):
         except BlockingIOError:
             pass  # the host side is not draining: drop, as a full wire would
 
-    def receive_frame(self, buffer: memoryview) -> int | None:
+    def receive_into(self, views: list[memoryview]) -> int | None:
         try:
-            length = os.readv(self.fd, [self._header, buffer])  # a longer frame fills it: too long anyway
+            length = os.readv(self.fd, [self._header, *views])
         except BlockingIOError:
             return None
         return length - len(VNET_HEADER)
@@ -162,8 +159,7 @@ class SocketBackend(NetBackend):
         self._senders: dict[str, None] = {}  # the recent senders, oldest first (a bounded ordered set)
         self.sock = unixsock.bind(path, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK, f"--net socket:{path}",
                                   take_over=take_over)
-        self._fd = self.sock.fileno()
-        self._inq = array.array("i", [0])
+        self._peek = bytearray(1)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -176,19 +172,16 @@ class SocketBackend(NetBackend):
         except (BlockingIOError, ConnectionRefusedError, FileNotFoundError):
             pass  # peer gone or not draining: the frame is lost, as on a wire
 
-    def receive_frame(self, buffer: memoryview) -> int | None:
-        try:  # with MSG_TRUNC the call returns the datagram's whole length, however much fitted
-            length, sender = self.sock.recvfrom_into(buffer, 0, _MSG_TRUNC)
+    def receive_into(self, views: list[memoryview]) -> int | None:
+        try:
+            length, _, flags, sender = self.sock.recvmsg_into(views)
         except BlockingIOError:
             return None
         if sender and sender != self.peer and not self.fixed_peer:  # the usual case costs one compare
             self._remember(sender)
+        if flags & _MSG_TRUNC:
+            return -1
         return length
-
-    def more_waiting(self) -> bool:
-        # SIOCINQ: the next datagram's length, 0 if none. A zero-length datagram reads as none
-        # here, but the I/O thread's next wake-up reads it (its first read asks no question).
-        return fcntl.ioctl(self._fd, termios.FIONREAD, self._inq, True) == 0 and self._inq[0] > 0
 
     def broadcast(self, views: list[memoryview]) -> None:
         if self.fixed_peer:
@@ -221,6 +214,12 @@ class SocketBackend(NetBackend):
         self._senders[sender] = None
         if len(self._senders) > RECENT_SENDERS:
             del self._senders[next(iter(self._senders))]
+
+    def next_length(self) -> int | None:
+        try:  # with MSG_TRUNC the call returns the datagram's whole length
+            return self.sock.recv_into(self._peek, 1, _PEEK_LENGTH)
+        except BlockingIOError:
+            return None
 
     def close(self) -> None:
         unixsock.close(self.sock, self.path)

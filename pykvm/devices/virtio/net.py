@@ -1,12 +1,11 @@
 """virtio-net (virtio 1.x, 5.1): a receive and a transmit queue, MAC in config space, mergeable
 receive buffers, on a backend that carries Ethernet frames (pykvm.devices.net_backends).
 
-A transmitted frame is `writev`/`sendmsg` of the chain's views without its virtio-net header. A
-received frame is read with one call into a reused frame buffer, behind a header slot, and then
-header and frame are copied into just the rx chains they need: one system call a frame (knowing
-the length first would take another, a peek) and a copy of at most 1.5 KiB, which costs less
-than the call it saves. No offloads are offered, so the header carries no checksum or
-segmentation work.
+Frames move between the backend and guest RAM by vectored I/O straight on the buffers' views: a
+transmitted frame is `writev`/`sendmsg` of the chain without its virtio-net header; a received
+frame is `readv`/`recvmsg_into` into the rx chains just after the header slot, and the header
+(with num_buffers) is then written in front. No offloads are offered, so the header carries no
+checksum or segmentation work.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 
 from pykvm.devices import virtio as v
 from pykvm.devices.net_backends import NetBackend
-from pykvm.devices.virtio.iovec import trim
+from pykvm.devices.virtio.iovec import scatter, trim
 from pykvm.devices.virtio.virtqueue import DescriptorChain, QueueError, SplitQueue
 from pykvm.errors import ConfigError
 
@@ -71,11 +70,6 @@ class Net(v.VirtioDevice):
         self.mac = mac
         self.stats = NetStats()
         self._rx_starved = False  # no rx buffers: stop reading the backend until the guest adds some
-        # The receive buffer: header slot, then the frame (one byte more than the largest, so a
-        # longer frame shows as too long); the header's fields other than num_buffers stay zero.
-        self._rx_buffer = memoryview(bytearray(HEADER_SIZE + MAX_FRAME + 1))
-        self._rx_frame = self._rx_buffer[HEADER_SIZE:]
-        self._rx_waiting: int | None = None  # length of a frame read while there were no buffers for it
 
     def config_bytes(self) -> bytes:
         return self.mac + struct.pack("<HH", STATUS_LINK_UP, 1)
@@ -89,7 +83,6 @@ class Net(v.VirtioDevice):
     def reset(self) -> None:
         super().reset()
         self._rx_starved = False
-        self._rx_waiting = None
 
     # -- the I/O thread's entry points -------------------------------------------------------------
 
@@ -98,8 +91,6 @@ class Net(v.VirtioDevice):
             self.serve_queue(TX)
         elif index == RX and self._rx_starved:
             self._rx_starved = False  # buffers arrived: the I/O thread watches the backend again
-            if self._rx_waiting is not None:
-                self._receive()  # the frame that was waiting for them first
 
     def attach_backend(self, backend: NetBackend) -> None:
         self.backend = backend
@@ -139,53 +130,43 @@ class Net(v.VirtioDevice):
     # -- receive -----------------------------------------------------------------------------------
 
     def _receive(self) -> None:
-        """Move every frame waiting in the backend into rx chains; one interrupt for the batch,
-        if the driver asked for it."""
         queue = self.rings[RX] if self.rings else None
-        if queue is None or self.backend is None:
+        if queue is None:
             return
         header = self.header_size
         mergeable = bool(self.driver_features & F_MRG_RXBUF)
-        backend, frame_buffer = self.backend, self._rx_frame
-        received = read_any = False
+        received = False
         while True:
-            length = self._rx_waiting
-            if length is None:
-                if read_any and not backend.more_waiting():  # the first read is why we were woken
-                    break
-                read_any = True
-                length = backend.receive_frame(frame_buffer)
-                if length is None:  # nothing more to read
-                    break
-                if length > MAX_FRAME:  # longer than any frame at our MTU: dropped
-                    self.stats.rx_dropped += 1
-                    continue
-            total = header + length
-            chains = self._take_buffers(queue, total, mergeable)
-            room = sum(chain.writable_length for chain in chains)
-            if room < total and (mergeable or not chains):  # the ring ran out: wait for buffers
-                queue.undo_pop(len(chains))
-                self._rx_waiting = length
+            waiting = self.backend.next_length()
+            if waiting is None:  # nothing to read (known without taking buffers)
+                break
+            room = MAX_FRAME if waiting < 0 or waiting > MAX_FRAME else waiting  # too long: dropped below
+            chains = self._take_buffers(queue, header + room, mergeable)
+            if not chains:
                 self._rx_starved = True
                 queue.set_notification(True)  # wake us when buffers come
                 if queue.pending():  # ...unless they came meanwhile
                     self._rx_starved = False
                     continue
                 break
-            self._rx_waiting = None
-            if room < total:  # one chain, too small for this frame: dropped, the chain kept
+            views = [view for chain in chains for view in chain.writable_views(self.memory)]
+            frame_views = trim(views, header)
+            length = self.backend.receive_into(frame_views)
+            if length is None:  # nothing more to read
+                queue.undo_pop(len(chains))
+                break
+            if length < 0:  # the frame did not fit the buffers: dropped
                 queue.undo_pop(len(chains))
                 self.stats.rx_dropped += 1
                 continue
-            self._complete(queue, chains, header, length, mergeable)
+            self._complete(queue, chains, views, header, header + length, mergeable)
             received = True
         if received and queue.needs_interrupt():
             self.interrupt(RX)
 
     @staticmethod
     def _take_buffers(queue: SplitQueue, needed: int, mergeable: bool) -> list[DescriptorChain]:
-        """Enough rx chains for `needed` bytes: one chain, or several when merging (fewer, or a
-        chain too small, if the ring runs out)."""
+        """Enough rx chains for `needed` bytes: one (big enough) chain, or several when merging."""
         chains, room = [], 0
         while room < needed:
             chain = queue.pop()
@@ -197,27 +178,26 @@ class Net(v.VirtioDevice):
             room += chain.writable_length
             if not mergeable:
                 break
-        return chains
+        return chains  # maybe less room than a maximal frame: the backend drops what does not fit
 
-    def _complete(self, queue: SplitQueue, chains: list[DescriptorChain], header: int, length: int,
-                  mergeable: bool) -> None:
-        """Copy header and frame (in the receive buffer) into the chains, which hold them all,
-        and return them, each with what it got."""
-        buffer = self._rx_buffer
-        # Fields but num_buffers are zero; the legacy header without it ends where the frame starts
-        _NUM_BUFFERS.pack_into(buffer, HEADER_SIZE - 2, (len(chains) if mergeable else 1) if header == HEADER_SIZE else 0)
-        data = buffer[HEADER_SIZE - header : HEADER_SIZE + length]
-        memory, done = self.memory, 0
+    def _complete(self, queue: SplitQueue, chains: list[DescriptorChain], views: list[memoryview], header: int,
+                  total: int, mergeable: bool) -> None:
+        """Write the header, return the chains the frame filled, give back the others."""
+        used, remaining = [], total
         for chain in chains:
-            start = done
-            for view in chain.writable_views(memory):
-                take = min(len(view), len(data) - done)
-                view[:take] = data[done : done + take]
-                done += take
-                if done == len(data):
-                    break
-            chain.written(memory)
-            queue.add_used(chain.head, done - start)
+            take = min(chain.writable_length, remaining)
+            used.append((chain, take))
+            remaining -= take
+            if remaining == 0:
+                break
+        queue.undo_pop(len(chains) - len(used))
+        header_bytes = bytearray(header)
+        if header == HEADER_SIZE:
+            _NUM_BUFFERS.pack_into(header_bytes, HEADER_SIZE - 2, len(used) if mergeable else 1)
+        scatter(views, header_bytes)
+        for chain, length in used:
+            chain.written(self.memory)
+            queue.add_used(chain.head, length)
         self.stats.rx_frames += 1
 
     def close(self) -> None:
