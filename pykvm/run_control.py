@@ -107,13 +107,8 @@ class RunControl:
         VM). The vCPUs stay parked until this and every other Pause is released."""
         if any(v.thread is threading.current_thread() for v in self._vcpus):
             raise RuntimeError("a vCPU thread cannot pause the VM it is running")
-        hold = Pause(owner)
-        with self._cond:
-            self._holds.append(hold)
-            if len(self._holds) == 1 and self.stop_reason is None:
-                for vcpu in self._vcpus:
-                    vcpu.kick()
-            # A later holder waits too: the first may still be waiting for the vCPUs to park.
+        hold = self.request_pause(owner)
+        with self._cond:  # a later holder waits too: the first may still be waiting for the vCPUs to park
             self._cond.wait_for(lambda: self._parked >= self._alive or self.stop_reason is not None)
         return hold
 

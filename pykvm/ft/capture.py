@@ -16,7 +16,6 @@ once while the copy goes on.
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol
 
@@ -26,15 +25,14 @@ import xxhash
 from pykvm.devices.virtio.blk import Blk
 from pykvm.devices.virtio.gate import DiskChange
 from pykvm.ft import protocol as p
+from pykvm.ft.disk_mode import contents
 from pykvm.ft.cow import CowMemory
 from pykvm.ft.state_parts import StateSender
-from pykvm.hostfile import extents
 from pykvm.machine import Machine
 from pykvm.memory import PAGE_SIZE, MemorySlot, dirty_pages, populated_pages, ram_hash
 from pykvm.transfer import wire
 from pykvm.transfer.page_arena import PageArena
 
-DISK_CHUNK = 1 << 20  # the full sync reads the disk in pieces of this size
 FRAME_PAGES = 1024  # pages a frame (4 MiB): the standby checks one while the next arrives
 FULL_BATCH_PAGES = 16384  # a full sync's pages go in batches of this many (64 MiB of guest RAM)
 
@@ -193,17 +191,7 @@ def disk_change_frames(disk: int, changes: Iterable[DiskChange]) -> Iterator[p.D
 
 
 def whole_disk(disk: Blk) -> Iterator[DiskChange]:
-    """The disk's contents as changes, read a piece at a time as they are taken: holes (skipped
-    with SEEK_DATA/SEEK_HOLE, never read) and all-zero pieces as zeroed ranges, so the standby's
-    copy equals ours whatever it held before."""
-    image = disk.disk
-    for offset, length, holds_data in extents(image.fd, 0, image.size):
-        if not holds_data:
-            yield DiskChange(offset, zeroed=length)
-            continue
-        for at in range(offset, offset + length, DISK_CHUNK):
-            size = min(DISK_CHUNK, offset + length - at)
-            data = image.read(at, size)
-            if len(data) != size:
-                raise OSError(errno.EIO, f"short read of {image.spec.path} ({len(data)} of {size} bytes at {at})")
-            yield DiskChange(at, zeroed=size) if data.count(0) == size else DiskChange(at, data)
+    """The disk's contents as changes, read a piece at a time as they are taken (ft.disk_mode.
+    contents: holes and all-zero pieces as zeroed ranges), so the standby's copy equals ours
+    whatever it held before."""
+    return contents(disk.disk, [(0, disk.disk.size)])
