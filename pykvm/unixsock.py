@@ -4,6 +4,7 @@ closing removes the file."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -22,7 +23,8 @@ def bind(path: str, kind: int, what: str, *, take_over: bool = False) -> socket.
             raise ConfigError(f"{what}: exists and is not a socket")
         if not take_over and _in_use(path, kind & (socket.SOCK_STREAM | socket.SOCK_DGRAM)):
             raise ConfigError(f"{what}: in use by another process", in_use=True)
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):  # its owner may remove it meanwhile (a migration source)
+            os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     try:
         sock.bind(path)
