@@ -5,6 +5,7 @@ kind a header claims. (bench/fuzz_wire.py runs the same check on 100,000 random 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,7 +33,7 @@ def test_any_header_is_refused_or_bounded(magic, version, kind, flags, seq, leng
 
 
 @FUZZ
-@given(kind=KINDS, seq=st.sampled_from([0, 0, 1]), flags=st.sampled_from([0, wire.LIVE_DATA]),
+@given(kind=KINDS, seq=st.sampled_from([0, 0, 1]), flags=st.sampled_from([0, wire.LIVE_DATA, wire.DIGEST_LATER]),
        payload=st.one_of(st.binary(max_size=2048), st.sampled_from([b"{}", b"[]", b"null", b"[" * 5000, b'"x"\n{}',
                                                                      b'{"protocol": 2, "mode": 5}\n']),
                          st.builds(lambda head, body: head + body, st.binary(min_size=8, max_size=8),
@@ -43,6 +44,17 @@ def test_any_well_hashed_frame_is_parsed_or_refused(kind, seq, flags, payload, t
     cannot parse with a ProtocolError, not with whatever json or struct raise."""
     data = header(kind, seq, len(payload), payload, flags=flags) + payload + trailing
     assert check(data, chunk) is None
+
+
+def test_page_data_left_to_a_later_digest_is_refused_where_no_digest_follows():
+    """Migration's stream has no SyncEnd to carry a digest of page data: a page frame that
+    leaves its data out of its own hash (DIGEST_LATER, FT's) is refused there, on its header."""
+    pages = np.array([0, 1], dtype="<u4")
+    data = b"".join(bytes(b) for b in wire.page_frame(0, 0, pages, [bytes(2 * 4096)], digest_later=True))
+    decoder = wire.Decoder(lambda slot, numbers: [memoryview(bytearray(2 * 4096))], allow_live_data=True)
+    decoder.want()[0][:] = data[: wire.HEADER.size]
+    with pytest.raises(wire.ProtocolError, match="flags 0x2 not allowed"):
+        decoder.filled(wire.HEADER.size)
 
 
 @pytest.mark.parametrize("kind", [wire.Kind.MACHINE_STATE, wire.Kind.HELLO, wire.Kind.DISK_CHANGES, wire.Kind.ACK])

@@ -2,13 +2,18 @@
 (every populated page for a full sync), the disk changes completed since then (the whole disk
 for a full sync), the machine state, and the SyncEnd that closes it.
 
-Everything is taken while the machine is quiesced (the dirty log, the disk changes, the state:
-only its parts that changed, see ft.state_parts), but the frames are built (and hashed) when they
-are asked for: a sync goes as one batch of buffers, a full sync in pieces, each sent before the
-next is built, so that it holds one piece of RAM or disk at a time whatever their sizes. Where each page's data is read from is the capture's PageSource:
-guest RAM itself (GuestRam: the guest stays paused until the frames are sent), a copy made while
-the guest was paused (CopiedPages: the guest runs on meanwhile), or any other holder of the
-pages' contents as of the capture (a copy made aside when the guest writes a page still to send).
+Everything is taken while the machine is quiesced (the dirty log, the disk changes, the state),
+but packed and framed when asked for, which in pipelined and cow modes is after the guest runs
+again: the state is packed then (only its parts that changed, see ft.state_parts), and a sync goes
+as a batch of buffers per frame of pages, each sent before the next is built, so that a full sync
+holds one piece of RAM or disk at a time whatever their sizes. While a frame is sent, another
+thread hashes its pages (into the sync's digest, which the SyncEnd carries): the hash and the
+kernel's copy of the same pages run side by side (sendmsg frees the GIL).
+
+Where each page's data is read from is the capture's PageSource: guest RAM itself (GuestRam: the
+guest stays paused until the frames are sent), a copy made while the guest was paused
+(CopiedPages: the guest runs on meanwhile), or any other holder of the pages' contents as of the
+capture (a copy made aside when the guest writes a page still to send).
 In cow mode (ft.cow) that is CowPages: the pages are copied out once the guest runs again, under
 write-protection, and the state goes first in a batch of its own, so the standby hears from us at
 once while the copy goes on.
@@ -16,7 +21,9 @@ once while the copy goes on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Iterable, Iterator, Protocol
 
 import numpy as np
@@ -28,13 +35,13 @@ from pykvm.ft import protocol as p
 from pykvm.ft.disk_mode import contents
 from pykvm.ft.cow import CowMemory
 from pykvm.ft.state_parts import StateSender
-from pykvm.machine import Machine
+from pykvm.machine import Machine, MachineState
 from pykvm.memory import PAGE_SIZE, MemorySlot, dirty_pages, populated_pages, ram_hash
 from pykvm.transfer import wire
 from pykvm.transfer.page_arena import PageArena
 
-FRAME_PAGES = 1024  # pages a frame (4 MiB): the standby checks one while the next arrives
-FULL_BATCH_PAGES = 16384  # a full sync's pages go in batches of this many (64 MiB of guest RAM)
+FRAME_PAGES = 1024  # pages a frame (4 MiB): a batch, hashed on another thread while it is sent
+THREADED_HASH_PAGES = 128  # a frame this big is worth handing to the hasher thread (~0.1 ms a handover)
 
 
 class PageSource(Protocol):
@@ -42,8 +49,8 @@ class PageSource(Protocol):
 
     def page_data(self, slot: MemorySlot, pages: np.ndarray) -> list:
         """Buffers holding `pages` (ascending page numbers of `slot`, one frame's worth) as of the
-        capture, in page order. Asked when the frame is built (and hashed), just before its batch
-        is sent; the buffers must not change until the batch is sent."""
+        capture, in page order. Asked when the frame is built, just before its batch is sent; the
+        buffers must not change until the batch is sent and hashed (before the SyncEnd)."""
 
 
 class GuestRam:
@@ -113,14 +120,12 @@ def harvest(machine: Machine, *, full: bool) -> list[tuple[MemorySlot, np.ndarra
 
 def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_changes: list[list[DiskChange]],
             disks: list[Blk], states: StateSender, *, full: bool, verify: bool, copy_into: PageArena | None = None,
-            source: PageSource | None = None, batch_pages: int = 0, cow: CowMemory | None = None) -> Capture:
+            source: PageSource | None = None, cow: CowMemory | None = None) -> Capture:
     """Take the sync from the quiesced machine. `disk_changes[i]`: the changes recorded for disk i
     since the last sync (taken, and the list emptied); `states`: the parts of the machine state
     sent last (only those that changed go); `verify`: send a hash of all RAM.
     `copy_into`: copy the pages there now (the guest will run before they are sent); `source`:
-    where the pages' data is read from otherwise (guest RAM by default). `batch_pages`: a batch
-    ends after that many pages (a multiple of FRAME_PAGES; 0: the whole sync is one batch, a full
-    sync FULL_BATCH_PAGES), for a source that must know soon when its pages are sent. `cow`
+    where the pages' data is read from otherwise (guest RAM by default). `cow`
     (armed, see ft.cow): the pages are read through CowPages, and the state goes first alone."""
     page_lists = harvest(machine, full=full)
     sync = protocol.next_sync
@@ -136,37 +141,54 @@ def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_chang
         source = CopiedPages(copy_into, page_lists)
     elif cow is not None:
         source = CowPages(cow, page_lists)
-    state = states.blob(machine.save_state(), full=full)
-    end = p.SyncEnd(sync, trigger, ram_hash(machine.vm.memory) if verify else None, xxhash.xxh3_64_intdigest(state))
-    batches = _frames(protocol, source or GuestRam(), page_lists, disk_events, state, end, full=full,
-                      batch_pages=batch_pages or (FULL_BATCH_PAGES if full else 0), state_alone=cow is not None)
+    end = p.SyncEnd(sync, trigger, ram_hash(machine.vm.memory) if verify else None)
+    batches = _frames(protocol, source or GuestRam(), page_lists, disk_events, states, machine.save_state(), end,
+                      full=full, state_alone=cow is not None)
     return Capture(sync, page_lists, batches)
 
 
 def _frames(protocol: p.FtConnection, source: PageSource, page_lists: list, disk_events: Iterable,
-            state: bytes, end: p.SyncEnd, *, full: bool, batch_pages: int, state_alone: bool = False) -> Iterator[list]:
-    """`capture`'s batches: the machine state first (the standby decodes it while the pages
-    come), the page frames, the disk changes, the SyncEnd. Unless `batch_pages` cuts it, a sync
-    is one batch, sent with as few sendmsg calls as the iovec limit allows (each call that blocks
-    costs a wake-up on either side). A full sync sends a batch per frame of disk changes too
-    (the disk is read as it goes). `state_alone`: the state is a batch of its own."""
-    batch = protocol.send(p.MachineStateBlob(state))
+            states: StateSender, state: MachineState, end: p.SyncEnd, *, full: bool,
+            state_alone: bool = False) -> Iterator[list]:
+    """`capture`'s batches: the machine state first (packed here, once the guest runs again in
+    pipelined and cow modes; the standby decodes it while the pages come), a batch per frame of
+    pages, the disk changes, the SyncEnd (with the hash of the packed state). A frame's pages are hashed
+    on the hasher thread while the frame is sent. A full sync sends a batch per frame of disk changes too (the disk is read as it goes).
+    `state_alone`: the state is a batch of its own."""
+    blob = states.blob(state, full=full)
+    end = replace(end, state_hash=xxhash.xxh3_64_intdigest(blob))
+    batch = protocol.send(p.MachineStateBlob(blob))
     if state_alone:
         yield batch
         batch = []
+    hashing = None
     for slot, numbers in page_lists:
         for start in range(0, len(numbers), FRAME_PAGES):
             chunk = numbers[start : start + FRAME_PAGES]
-            batch += protocol.send_pages(slot.index, slot.view, chunk, data=source.page_data(slot, chunk))
-            if batch_pages and (start + FRAME_PAGES) % batch_pages == 0:
-                yield batch
-                batch = []
+            pages = protocol.send_pages(slot.index, slot.view, chunk, data=source.page_data(slot, chunk))
+            if hashing is not None:
+                hashing.result()
+            if len(chunk) < THREADED_HASH_PAGES:  # hashed at once: less than handing it over costs
+                protocol.hash_pages()
+                hashing = None
+            else:
+                hashing = _hasher().submit(protocol.hash_pages)  # while they are sent: sendmsg frees the GIL
+            yield batch + pages
+            batch = []
+    if hashing is not None:
+        hashing.result()
     for event in disk_events:
         batch += protocol.send(event)
         if full:
             yield batch
             batch = []
     yield batch + protocol.send(end)
+
+
+@functools.cache
+def _hasher() -> ThreadPoolExecutor:
+    """The thread that hashes page frames while they are sent (one: the digest is in send order)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="ft-hash")
 
 
 def disk_change_frames(disk: int, changes: Iterable[DiskChange]) -> Iterator[p.DiskChanges]:

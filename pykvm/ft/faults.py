@@ -6,8 +6,8 @@ Each fault is injected by one hook, a call at one point of a sync in ft.primary 
     fault                          side     hook             what happens
     primary-thread-crash           primary  syncing_output   the FT thread raises at its first sync
                                                              for an output (it must fence itself)
-    primary-die-after-bytes:K:N    primary  sending_sync     the process SIGKILLs itself once N bytes
-                                                             of sync K are sent, or all of it if it is
+    primary-die-after-bytes:K:N    primary  sending_sync,    the process SIGKILLs itself once N bytes
+                                            sync_sent        of sync K are sent, or all of it if it is
                                                              shorter (before the Ack is read)
     link-cut-after-ack:K           primary  acknowledged     the Ack of sync K came, its outputs are not
                                                              released yet: the primary's end of the link
@@ -19,8 +19,8 @@ Each fault is injected by one hook, a call at one point of a sync in ft.primary 
     standby-die-before-ack:K       standby  acking           sync K is committed; the process SIGKILLs
                                                              itself before the Ack goes out
 
-Syncs are numbered as on the wire and in `took over from sync N`: the full sync is 1. The full
-sync may be sent in several pieces: there N must fall inside it. Unset, a hook costs one
+Syncs are numbered as on the wire and in `took over from sync N`: the full sync is 1. A sync is
+sent in several pieces (a frame of pages each): N counts across them. Unset, a hook costs one
 comparison (and `sending_sync` is a plain send): the variable is for tests, never for users.
 """
 
@@ -103,9 +103,17 @@ def sending_sync(sock: socket.socket, sync: int, buffers: list) -> int:
         view = memoryview(buffer).cast("B")
         cut.append(view[:left])
         left -= len(cut[-1])
-    _sent += wire.send_buffers(sock, cut)
-    _die()
-    return _sent  # not reached
+    sent = wire.send_buffers(sock, cut)
+    _sent += sent
+    if _sent >= FAULT.bytes:
+        _die()
+    return sent
+
+
+def sync_sent(sync: int) -> None:
+    """All of sync `sync` is sent; its Ack is not read yet."""
+    if _is("primary-die-after-bytes", sync):
+        _die()
 
 
 def acknowledged(sync: int, sock: socket.socket) -> None:

@@ -312,6 +312,7 @@ class Primary:
                     if trace.on:
                         trace.sync(number, f"resumed: the guest was paused {(resumed - requested) * 1000:.2f} ms")
                 sent_bytes = sum(faults.sending_sync(self._sock, taken.sync, batch) for batch in taken.batches)
+                faults.sync_sent(taken.sync)
                 sent = time.perf_counter()
                 if trace.on:
                     trace.sync(number, f"sent {sent_bytes} bytes in {(sent - requested) * 1000:.2f} ms from the pause")

@@ -8,6 +8,9 @@ page data landing straight in the buffers the caller chooses (guest RAM, or a st
     flags   LIVE_DATA: page data read while the guest runs (migration pre-copy) is not covered
             by the hash, since the guest may change a page while it is being sent (the page is
             then dirty and sent again); a receiver that needs every byte checked (FT) refuses it
+            DIGEST_LATER: page data covered by a running digest that a later frame carries (FT:
+            the SyncEnd, over all of a sync's page data), so that the sender hashes a frame's
+            data after sending it, while the receiver takes it in, not before
     PAGES   payload = slot u32, count u32, page numbers u32 x count, count x 4096 bytes of data
     other   payloads are JSON or small binary blobs, per kind
 
@@ -36,6 +39,7 @@ MAGIC = b"PYKV"
 VERSION = 1
 HEADER = struct.Struct("<4sHBBQQQ")
 LIVE_DATA = 0x1
+DIGEST_LATER = 0x2
 PAGES_HEAD = struct.Struct("<II")  # slot, count
 PAGES_PER_FRAME = 1 << 16
 PAGE_ROW = f"V{PAGE_SIZE}"  # numpy's view of a page as one element, to copy it whole
@@ -107,11 +111,13 @@ def page_frames(seq: int, slot: int, view: memoryview, pages: np.ndarray, *, liv
     return buffers, seq
 
 
-def page_frame(seq: int, slot: int, pages: np.ndarray, data: list, *, live: bool = False) -> list:
+def page_frame(seq: int, slot: int, pages: np.ndarray, data: list, *, live: bool = False,
+               digest_later: bool = False) -> list:
     """One PAGES frame for `pages` (ascending, at most PAGES_PER_FRAME) of a RAM slot whose
     contents are `data`: buffers, in page order, wherever the pages are held (guest RAM, a copy
     made aside), their lengths adding up to the pages'. Hashed here, so the data must not change
-    until it is sent (unless `live`)."""
+    until it is sent (unless `live`); with `digest_later`, only the head is hashed here, and the
+    data must not change until the sender has hashed it into the digest a later frame carries."""
     if len(pages) > PAGES_PER_FRAME:
         raise ValueError(f"{len(pages)} pages do not fit one frame")
     if sum(map(len, data)) != len(pages) * PAGE_SIZE:
@@ -119,8 +125,9 @@ def page_frame(seq: int, slot: int, pages: np.ndarray, data: list, *, live: bool
     numbers = np.ascontiguousarray(pages, dtype="<u4")
     head = PAGES_HEAD.pack(slot, len(numbers)) + numbers.tobytes()
     length = len(head) + len(numbers) * PAGE_SIZE
-    hashed = [head] if live else [head, *data]
-    return [_header(Kind.PAGES, seq, length, hashed, LIVE_DATA if live else 0), head, *data]
+    hashed = [head] if live or digest_later else [head, *data]
+    flags = LIVE_DATA if live else DIGEST_LATER if digest_later else 0
+    return [_header(Kind.PAGES, seq, length, hashed, flags), head, *data]
 
 
 def gather(arena: PageArena, view: memoryview, pages: np.ndarray) -> memoryview:
@@ -164,10 +171,15 @@ class Decoder:
     `filled(n)` (n bytes went there); a finished frame comes back from `filled`."""
 
     def __init__(self, page_sink: PageSink, expected_seq: int = 0, max_payload: int = MAX_PAYLOAD,
-                 *, allow_live_data: bool = False, limits: Mapping[Kind, int] = FRAME_LIMITS) -> None:
-        """`limits`: each kind's payload bound, checked on the header like `max_payload`."""
+                 *, allow_live_data: bool = False, allow_digest_later: bool = False,
+                 limits: Mapping[Kind, int] = FRAME_LIMITS) -> None:
+        """`limits`: each kind's payload bound, checked on the header like `max_payload`.
+        `allow_digest_later`: accept DIGEST_LATER page frames; their data goes into a running
+        digest that the caller compares with the one a later frame carries (`take_later_digest`)."""
         self.page_sink = page_sink
         self.allow_live_data = allow_live_data
+        self.allow_digest_later = allow_digest_later
+        self._later = xxhash.xxh3_64()
         self.expected_seq = expected_seq
         self.max_payload = max_payload
         self.limits = dict(limits)
@@ -182,20 +194,27 @@ class Decoder:
     def want(self) -> list[memoryview]:
         return self._targets
 
+    def take_later_digest(self) -> int:
+        """The digest of the DIGEST_LATER page data received since the last call (then reset)."""
+        digest = self._later.intdigest()
+        self._later.reset()
+        return digest
+
     def filled(self, count: int) -> Frame | None:
-        hashing = self._stage == "page-data" and not self._live  # page data is hashed as it lands, still in cache
+        # Page data is hashed as it lands, still in cache: into the frame's hash, or the running one
+        hashing = self._data_hash if self._stage == "page-data" else None
         while count:
             if not self._targets:
                 raise ProtocolError("more bytes than asked for")
             first = self._targets[0]
             if count >= len(first):
                 if hashing:
-                    self._hash.update(first)
+                    hashing.update(first)
                 count -= len(first)
                 self._targets.pop(0)
             else:
                 if hashing:
-                    self._hash.update(first[:count])
+                    hashing.update(first[:count])
                 self._targets[0] = first[count:]
                 count = 0
         if self._targets:
@@ -218,10 +237,12 @@ class Decoder:
             limit = min(self.max_payload, self.limits.get(self._kind, self.max_payload))
             if length > limit:  # before anything is allocated for it
                 raise ProtocolError(f"{self._kind.name} frame of {length} bytes exceeds its limit of {limit}")
-            if flags & ~LIVE_DATA or (flags & LIVE_DATA and (self._kind != Kind.PAGES or not self.allow_live_data)):
+            allowed = (LIVE_DATA if self.allow_live_data else 0) | (DIGEST_LATER if self.allow_digest_later else 0)
+            if flags & ~allowed or (flags and self._kind != Kind.PAGES) or flags == LIVE_DATA | DIGEST_LATER:
                 raise ProtocolError(f"frame {seq}: flags {flags:#x} not allowed here")
-            self._seq, self._length, self._digest, self._live = seq, length, digest, bool(flags & LIVE_DATA)
+            self._seq, self._length, self._digest = seq, length, digest
             self._hash = xxhash.xxh3_64(HEADER.pack(magic, version, kind, flags, seq, length, 0))
+            self._data_hash = None if flags & LIVE_DATA else self._later if flags & DIGEST_LATER else self._hash
             if self._kind == Kind.PAGES:
                 if length < PAGES_HEAD.size:
                     raise ProtocolError("page frame too short")
@@ -246,7 +267,7 @@ class Decoder:
                 raise ProtocolError("page sink returned buffers of the wrong size")
             self._stage, self._targets = "page-data", list(self._data)
             return None
-        if self._stage == "page-data":  # hashed in filled() as it came
+        if self._stage == "page-data":  # hashed in filled() as it came (or left to the later digest)
             return self._finish()
         # payload
         self._hash.update(self._buffer)
