@@ -85,6 +85,20 @@ def test_a_primary_that_dies_while_sending_a_sync(tmp_path, count):
         after.client.check_all_served()
 
 
+def test_a_primary_whose_own_flush_fails_fences_and_the_standby_serves(tmp_path):
+    """The standby commits and acknowledges sync K without flushing its disk; the primary's own
+    flush of what K wrote fails. The outputs K covers were promised durable, so they never leave:
+    the primary fences itself (75), and the standby, whose takeover flushes its disk, serves
+    every acknowledged record."""
+    with faulted(tmp_path, "primary", f"primary-flush-fails:{K}") as after:
+        primary, standby = after.pair.primary, after.pair.standby
+        assert after.gone is primary and primary.wait() == 75, primary.errors
+        assert "fenced: a disk the guest flushed cannot be flushed here" in primary.errors
+        standby.stderr.wait_for(b"took over from sync ")
+        assert standby.proc.poll() is None and after.winner() == "standby"
+        after.client.check_all_served()
+
+
 def test_a_standby_that_dies_before_its_ack(tmp_path):
     """Sync K is committed on a standby that dies before it says so: the primary wins the next
     epoch, goes on unprotected, releases what it held, and serves everything."""

@@ -39,7 +39,6 @@ import select
 import socket
 import ssl
 import threading
-from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -210,20 +209,6 @@ class CowMemory:
             except OSError:
                 pass  # the mapping went first (the VM closed): nothing is registered any more
         self._registered = []
-
-
-@dataclass
-class InFlight:
-    """A cow-mode sync sent and not yet acknowledged, and the outputs its Ack releases."""
-
-    sync: int
-    trigger: str
-    pages: int
-    bytes: int
-    covered: list
-    pausing: float  # perf_counter() times: the pause asked for, the guest resumed, the last byte sent
-    resumed: float
-    sent: float
 
 
 def readable(sock: socket.socket) -> bool:

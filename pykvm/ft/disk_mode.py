@@ -4,9 +4,12 @@ the standby follows its Hello).
 replicated (the default): the standby has a copy of each disk of its own. A disk write is not an
 output: it completes on the primary at once and travels to the standby with the next sync (as
 in Remus), which applies it under its undo journal (ft.journal). Only frames wait for a sync.
-A flush completes at once as well (Blk.durable_elsewhere): the standby's commit makes the sync
-durable before any frame that follows the flush leaves; the primary flushes its own disks
-before it goes on alone, and when it ends.
+A flush completes at once as well (Blk.flush_deferred): each sync that carries writes
+fdatasyncs the primary's copy of those disks on a thread of its own while the sync travels
+(`flush_for_sync`), and the outputs it covers wait for that flush as they wait for the Ack. So a
+flush's promise is kept by the primary's disk, and the standby's commit needs no fdatasync: its
+page cache serves a takeover, which flushes the standby's disks before the guest runs. The
+primary flushes its own disks before it goes on alone, and when it ends.
 
 shared (Kemari): both VMMs open the same file (shared storage). The standby receives no disk
 data; a disk write is an output and waits for the sync whose state precedes it, so the file
@@ -23,13 +26,16 @@ for writing (it needs to once it takes over), or whose size or identity differs 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import astuple, dataclass
 from typing import Callable, Iterable, Iterator
 
 from pykvm.devices.virtio.blk import Blk, DiskImage
 from pykvm.devices.virtio.gate import DiskChange
+from pykvm.ft import faults
 from pykvm.ft.journal import merge_ranges
 from pykvm.hostfile import extents
 
@@ -118,7 +124,7 @@ class ReplicatedDisks:
         self._written, self.backlog = [[] for _ in self.disks], 0
         for index, disk in enumerate(self.disks):
             disk.write_observer = lambda offset, length, i=index: self._record(i, offset, length)
-            disk.durable_elsewhere = True
+            disk.flush_deferred = True
 
     def detach(self) -> None:
         for disk in self.disks:
@@ -143,15 +149,43 @@ class ReplicatedDisks:
         return [[] if full else list(contents(disk.disk, merge_ranges(ranges)))
                 for disk, ranges in zip(self.disks, written)]
 
+    def flush_for_sync(self, sync: int, changes: list[list[DiskChange]], *, full: bool) -> Future | None:
+        """(Quiesced, at the capture of sync `sync`) start fdatasyncing the disks it carries
+        writes of (all of them for a full sync) on the flusher thread; None if there are none. The
+        outputs the sync covers must wait for the result (which raises OwnFlushFailed) as for
+        its Ack."""
+        disks = [disk for disk, written in zip(self.disks, changes) if full or written]
+        return _flusher().submit(_flush_disks, sync, disks) if disks else None
+
     def flush_own(self, why: str, log: Callable[[str], None]) -> bool:
-        """The guest's flushes, deferred to the standby's commits while it had one, made here:
+        """The guest's flushes, deferred to the syncs while there was a standby, made here:
         before the primary goes on alone, or ends. False if a disk cannot be flushed."""
         for disk in self.disks:
-            if disk.durable_elsewhere:
-                disk.durable_elsewhere = False  # first: a flush from now on is made here again
+            if disk.flush_deferred:
+                disk.flush_deferred = False  # first: a flush from now on is made here again
                 try:
                     disk.disk.flush()
                 except OSError as error:
                     log(f"ft primary: {why}, but flushing {disk.disk.spec.path} failed: {error.strerror}")
                     return False
         return True
+
+
+class OwnFlushFailed(Exception):
+    """The primary's own copy of a disk cannot be flushed: a flush the guest was told is done is
+    not durable here, so no output that follows it may leave (the primary fences)."""
+
+
+def _flush_disks(sync: int, disks: list[Blk]) -> None:
+    for disk in disks:
+        try:
+            faults.flushing_own(sync)
+            disk.disk.flush()
+        except OSError as error:
+            raise OwnFlushFailed(f"flushing {disk.disk.spec.path} failed: {error.strerror}") from None
+
+
+@functools.cache
+def _flusher() -> ThreadPoolExecutor:
+    """The thread that flushes the primary's disks while a sync travels (fdatasync frees the GIL)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="ft-flush")

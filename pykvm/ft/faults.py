@@ -9,6 +9,9 @@ Each fault is injected by one hook, a call at one point of a sync in ft.primary 
     primary-die-after-bytes:K:N    primary  sending_sync,    the process SIGKILLs itself once N bytes
                                             sync_sent        of sync K are sent, or all of it if it is
                                                              shorter (before the Ack is read)
+    primary-flush-fails:K          primary  flushing_own     the primary's own flush of the disks sync
+                                                             K wrote fails (EIO): it must fence, the
+                                                             outputs the sync covers never leave
     link-cut-after-ack:K           primary  acknowledged     the Ack of sync K came, its outputs are not
                                                              released yet: the primary's end of the link
                                                              goes silent without closing (what it sends
@@ -38,6 +41,7 @@ ENVIRONMENT = "PYKVM_FT_FAULT"
 ARGUMENTS = {  # fault -> its arguments' names (a trailing "?" marks the optional one)
     "primary-thread-crash": (),
     "primary-die-after-bytes": ("K", "N"),
+    "primary-flush-fails": ("K",),
     "link-cut-after-ack": ("K",),
     "standby-disk-fails": ("K", "ERRNO?"),
     "standby-die-before-ack": ("K",),
@@ -114,6 +118,12 @@ def sync_sent(sync: int) -> None:
     """All of sync `sync` is sent; its Ack is not read yet."""
     if _is("primary-die-after-bytes", sync):
         _die()
+
+
+def flushing_own(sync: int) -> None:
+    """The primary is about to flush its own copy of the disks sync `sync` wrote (ft.disk_mode)."""
+    if _is("primary-flush-fails", sync):
+        raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (injected: {ENVIRONMENT})")
 
 
 def acknowledged(sync: int, sock: socket.socket) -> None:

@@ -1,17 +1,18 @@
 """The standby's undo journal, one beside each disk file: before a sync's disk changes touch the
-disk, the old contents of every range they overwrite go to the journal and are made durable
-(fdatasync). If applying the changes fails part-way (ENOSPC, EIO), `rollback` puts the old
-contents back, so the disk holds the last committed sync again. Once a sync is applied its
-journal is forgotten (marked empty).
+disk, the old contents of every range they overwrite go to the journal. If applying the changes
+fails part-way (ENOSPC, EIO), `rollback` puts the old contents back, so the disk holds the last
+committed sync again. Once a sync is applied its journal is forgotten (marked empty). The
+journal is not flushed: it serves this process, which rolls back at once; a standby that dies
+is replaced by a new one, which starts from a full sync (and the disks' durability is the
+primary's flush, see ft.disk_mode).
 
     journal = header record* (then whatever an earlier, longer journal left: ignored)
     header  = magic "PYKVUNDO", sync u64, end u64 (where the records end)
     record  = offset u64, length u64, holds data u8, xxh3-64 of (these fields + data),
               then the data (length bytes) if it holds data
 
-The file is never truncated: each sync's journal overwrites blocks the file already has, so its
-fdatasync flushes data alone, with no file-system metadata to commit (on ext4 a truncated and
-regrown file costs about ten times as much, and that was most of a small sync's commit).
+The file is never truncated: each sync's journal overwrites blocks the file already has (a
+truncated and regrown file costs the file system block allocations at every sync).
 
 Holes are recorded as holes, without data: a sync that writes into a sparse region costs the
 journal a few bytes, not the region's size (on a full disk the journal must still fit). Old
@@ -46,18 +47,17 @@ class JournalError(Exception):
 class UndoJournal:
     def __init__(self, image: DiskImage) -> None:
         """Creates the journal file now: a directory where it cannot be is found before any
-        primary connects, and the first sync does not pay for making its name durable."""
+        primary connects."""
         self.image = image
         self.path = image.spec.path + SUFFIX
         try:
             self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            _fsync_directory(os.path.dirname(os.path.abspath(self.path)))
         except OSError as error:
             raise ConfigError(f"{self.path}: cannot create the FT undo journal: {error.strerror}") from None
 
     def save(self, sync: int, ranges: Iterable[tuple[int, int]]) -> None:
-        """Record, durably, what the disk holds now in `ranges` ((offset, length) pairs, in any
-        order, overlapping or not) before sync `sync` overwrites them."""
+        """Record what the disk holds now in `ranges` ((offset, length) pairs, in any order,
+        overlapping or not) before sync `sync` overwrites them."""
         fd = self._fd
         if fd is None:
             raise OSError(errno.EBADF, f"{self.path}: the journal is closed")
@@ -71,7 +71,6 @@ class UndoJournal:
                     piece_size = min(PIECE, start + size - piece)
                     at = _write_record(fd, at, piece, piece_size, _pread_all(self.image.fd, piece, piece_size))
         _pwrite_all(fd, _HEADER.pack(MAGIC, sync, at), 0)
-        os.fdatasync(fd)
 
     def rollback(self) -> None:
         """Put back what `save` recorded and flush the disk. Holes first: punching them frees the
@@ -89,8 +88,8 @@ class UndoJournal:
         self.image.flush()
 
     def clear(self) -> None:
-        """The sync is applied: its journal is no longer needed. It is marked empty (not made
-        durable: only a save's fdatasync matters); the file keeps its blocks for the next one."""
+        """The sync is applied: its journal is no longer needed. It is marked empty; the file
+        keeps its blocks for the next one."""
         if self._fd is not None:
             _pwrite_all(self._fd, _HEADER.pack(MAGIC, 0, _HEADER.size), 0)
 
@@ -162,15 +161,6 @@ def _record_hash(offset: int, length: int, data: bytes | None) -> int:
     if data is not None:
         digest.update(data)
     return digest.intdigest()
-
-
-def _fsync_directory(path: str) -> None:
-    """The journal's name must be as durable as its contents."""
-    directory = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def _pread_all(fd: int, offset: int, length: int) -> bytes:

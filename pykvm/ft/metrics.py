@@ -4,6 +4,8 @@ line with SyncRecord's fields) and the running totals behind `Primary.summary()`
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -25,6 +27,27 @@ class SyncRecord:
     output_delay_ms: float  # the longest any output this sync released was held
     disk_mode: str = "replicated"  # where the standby's disks come from: replicated | shared
     mode: str = "sync"  # the primary's --ft-mode (in cow mode, pause_ms runs from the request to pause)
+
+
+@dataclass
+class InFlight:
+    """A sync sent and not yet acknowledged (cow mode has up to two), the outputs its Ack
+    releases, and the primary's own flush of the disks it carries writes of (ft.disk_mode)."""
+
+    sync: int
+    trigger: str
+    pages: int
+    bytes: int
+    covered: list
+    flushing: Future | None
+    pausing: float  # perf_counter() times: the pause asked for, the last byte sent, the guest resumed
+    sent: float
+    resumed: float = 0.0  # (a synchronous sync resumes after its Ack)
+
+    def record(self, acked: float, delays: list[float], *, disk_mode: str, mode: str) -> SyncRecord:
+        return SyncRecord(self.sync, time.time(), self.trigger, self.pages, self.bytes,
+                          (self.resumed - self.pausing) * 1000, (self.sent - self.pausing) * 1000,
+                          (acked - self.sent) * 1000, max(delays, default=0.0) * 1000, disk_mode=disk_mode, mode=mode)
 
 
 @dataclass

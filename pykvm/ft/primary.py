@@ -12,9 +12,8 @@ outputs queued behind it are held too, so one sync releases them all. The FT thr
     send the pages dirtied since the last sync (KVM's log | the VMM's bitmap), the disk changes
     completed since then (replicated disks), and the machine state (held chains are given back
     to their rings in it, so a standby that takes over serves them itself)
-    wait for the Ack
-    release the held outputs: the write reaches the disk, the frame the wire
-    resume the vCPUs
+    wait for the Ack (and for this primary's flush of the disks the sync wrote: ft.disk_mode)
+    release the held outputs: the write reaches the disk, the frame the wire; resume the vCPUs
 
 What a sync carries is taken by ft.capture; its figures go to ft.metrics. In cow mode (ft.cow)
 the guest runs while the pages are copied out under write-protection, and a sync may start
@@ -48,10 +47,10 @@ from pykvm.devices.virtio.gate import GatedFunction
 from pykvm.devices.virtio.net import Net
 from pykvm.ft import faults, protocol as p
 from pykvm.ft.capture import capture
-from pykvm.ft.disk_mode import ReplicatedDisks, identities
-from pykvm.ft.cow import CowMemory, InFlight, readable
+from pykvm.ft.disk_mode import OwnFlushFailed, ReplicatedDisks, identities
+from pykvm.ft.cow import CowMemory, readable
 from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
-from pykvm.ft.metrics import PrimaryStats, SyncRecord
+from pykvm.ft.metrics import InFlight, PrimaryStats
 from pykvm.ft.state_parts import StateSender
 from pykvm.ft.trace import OFF, FtTrace
 from pykvm.machine import Machine
@@ -87,9 +86,7 @@ class Primary:
         self.tls = tls
         self.fencing = fencing
         self.fenced = False
-        self.interval = interval
-        self.disk_mode = disk_mode
-        self.mode = mode
+        self.interval, self.disk_mode, self.mode = interval, disk_mode, mode
         self._cow: CowMemory | None = None  # cow mode: the write-protection of guest RAM, while protected
         self._in_flight: list[InFlight] = []  # cow mode: syncs sent, awaiting their Ack, oldest first
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # hold() wakes an ack wait
@@ -265,6 +262,9 @@ class Primary:
                         self._heartbeat()
                 except (OSError, wire.ProtocolError) as error:
                     self._lose_standby(str(error))
+                except OwnFlushFailed as error:  # the guest was told its data is safe
+                    self._fence(f"a disk the guest flushed cannot be flushed here: {error}")
+                    return
 
     def _heartbeat(self) -> None:
         """A round trip: the standby hears that we live, and we hear that it does (a silent
@@ -300,7 +300,9 @@ class Primary:
                 trace.sync(number, f"paused in {(time.perf_counter() - requested) * 1000:.2f} ms ({trigger}); "
                                    f"{len(covered)} outputs held")
             try:
-                taken = capture(self.machine, self._protocol, trigger, self._replicated.take(full), self._replicated.disks,
+                changes = self._replicated.take(full)
+                flushing = self._replicated.flush_for_sync(number, changes, full=full)  # while the sync travels
+                taken = capture(self.machine, self._protocol, trigger, changes, self._replicated.disks,
                                 self._states, full=full, verify=self.verify,
                                 copy_into=self._copies if pipelined else None, cow=cow)
                 if trace.on:
@@ -316,30 +318,28 @@ class Primary:
                 sent = time.perf_counter()
                 if trace.on:
                     trace.sync(number, f"sent {sent_bytes} bytes in {(sent - requested) * 1000:.2f} ms from the pause")
+                done = InFlight(taken.sync, trigger, taken.pages, sent_bytes, covered, flushing, requested, sent,
+                                resumed if pipelined or cow else 0.0)
                 if cow is not None:
-                    self._in_flight.append(InFlight(taken.sync, trigger, taken.pages, sent_bytes, covered,
-                                                    requested, resumed, sent))
+                    self._in_flight.append(done)
                     covered = []
                     self._collect_acks(block=False)
                     return
                 _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {taken.sync}")
                 faults.acknowledged(taken.sync, self._sock)
+                acked = time.perf_counter()
+                delays = self._release_acknowledged(done)
             except BaseException:
-                with self._cond:  # not acknowledged: they wait again (for whoever deals with the loss)
+                with self._cond:  # not released: they wait again (for whoever deals with the loss)
                     self._held[:0] = covered
                 raise
-            acked = time.perf_counter()
-            delays = self._release(covered)
             if trace.on:
                 trace.sync(number, f"ack after {(acked - sent) * 1000:.2f} ms; released {len(covered)} outputs")
         if not pipelined:
-            resumed = time.perf_counter()
+            done.resumed = time.perf_counter()
             if trace.on:
-                trace.sync(number, f"resumed: the guest was paused {(resumed - requested) * 1000:.2f} ms")
-        self.stats.add(SyncRecord(taken.sync, time.time(), trigger, taken.pages, sent_bytes,
-                                 (resumed - requested) * 1000, (sent - requested) * 1000, (acked - sent) * 1000,
-                                 max(delays, default=0.0) * 1000, disk_mode=self.disk_mode, mode=self.mode),
-                       self.metrics)
+                trace.sync(number, f"resumed: the guest was paused {(done.resumed - requested) * 1000:.2f} ms")
+        self.stats.add(done.record(acked, delays, disk_mode=self.disk_mode, mode=self.mode), self.metrics)
 
     def _collect_acks(self, *, block: bool) -> None:
         """Cow mode: read the Acks that have come (`block`: wait for the oldest's), release each
@@ -351,11 +351,8 @@ class Primary:
             faults.acknowledged(oldest.sync, self._sock)
             acked = time.perf_counter()
             self._in_flight.pop(0)
-            delays = self._release(oldest.covered)
-            self.stats.add(SyncRecord(oldest.sync, time.time(), oldest.trigger, oldest.pages, oldest.bytes,
-                                     (oldest.resumed - oldest.pausing) * 1000, (oldest.sent - oldest.pausing) * 1000,
-                                     (acked - oldest.sent) * 1000, max(delays, default=0.0) * 1000,
-                                     disk_mode=self.disk_mode, mode=self.mode), self.metrics)
+            delays = self._release_acknowledged(oldest)
+            self.stats.add(oldest.record(acked, delays, disk_mode=self.disk_mode, mode=self.mode), self.metrics)
 
     def _await_acks(self, wait: float) -> None:
         """Cow mode, no output to sync: wait up to `wait` for an Ack or a new output. An Ack
@@ -372,6 +369,13 @@ class Primary:
         with self._cond:
             held, self._held = self._held, []
         return held
+
+    def _release_acknowledged(self, done: InFlight) -> list[float]:
+        """Sync `done` is acknowledged: its outputs go once the primary's own flush of the disks it
+        carries writes of is done too (ft.disk_mode; OwnFlushFailed fences)."""
+        if done.flushing is not None:
+            done.flushing.result()
+        return self._release(done.covered)
 
     def _release(self, held: list[tuple[GatedFunction, int, float]]) -> list[float]:
         """Let these held outputs go, in the order held; returns how long each waited."""

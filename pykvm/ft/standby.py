@@ -5,9 +5,11 @@ A sync is committed all or nothing. Everything of it is staged first — pages i
 rows, disk changes in a list, the machine state as it came — and checked (frames hashed against
 their bounds, the state decoded against its dataclasses, every disk change inside its disk). At
 the sync's end the old contents of what the disk changes overwrite go to an undo journal
-(ft.journal), the changes are written and flushed, and only then are the staged pages and the
-state kept as the committed ones; then the Ack goes out, and the pages are copied into guest RAM
-(which cannot fail) while the primary resumes, before anything else is read or done.
+(ft.journal), the changes are written (not flushed: the primary flushes its own copy while the
+sync travels, see ft.disk_mode, and a takeover flushes ours before the guest runs), and only then
+are the staged pages and the state kept as the committed ones; then the Ack goes out, and the
+pages are copied into guest RAM (which cannot fail) while the primary resumes, before anything
+else is read or done.
 A disk write that fails is rolled back from the journal, so the committed sync stays whole; a
 rollback that fails too leaves this standby unusable, and it says so. The first sync is the
 exception: with nothing committed yet there is nothing to protect (and no takeover possible),
@@ -328,8 +330,8 @@ class Standby:
         self.stats.last_commit = time.monotonic()
         self.stats.commit_ms.append((time.perf_counter() - started) * 1000)
         if self.trace.on:
-            self.trace.sync(end.sync, f"committed in {self.stats.commit_ms[-1]:.2f} ms (disks journaled, written "
-                                      "and flushed; pages and state kept); acknowledging")
+            self.trace.sync(end.sync, f"committed in {self.stats.commit_ms[-1]:.2f} ms (disks journaled and "
+                                      "written; pages and state kept); acknowledging")
 
     def _decoded_state(self, blob: bytes, sync: int) -> tuple[MachineState, int]:
         """The state a sync's blob describes (decoded as it arrives, while its pages still come:
@@ -346,8 +348,8 @@ class Standby:
         return state
 
     def _apply_staged_disk_changes(self, sync: int) -> None:
-        """All or nothing: journal what the changes overwrite, write them and flush; on a failure,
-        put the journaled contents back."""
+        """All or nothing: journal what the changes overwrite and write them; on a failure, put
+        the journaled contents back."""
         touched = sorted({batch.disk for batch in self._staged_disk})
         try:
             for disk in touched:
@@ -360,7 +362,6 @@ class Standby:
             for batch in self._staged_disk:
                 faults.writing_disk(sync)
                 self.stats.disk_bytes += _apply(self.disks[batch.disk].disk, batch.changes)
-            self._flush(touched)
         except OSError as error:
             failure = f"sync {sync}: applying its disk changes failed ({error})"
             try:
@@ -406,12 +407,17 @@ class Standby:
         epoch is claimed: a standby whose state does not restore must not win the right to run
         (the primary, if alive, wins it instead)."""
         assert self.committed is not None
-        self.trace.takeover(f"restoring sync {self.committed_sync}: its pages into RAM, vCPU and device state")
+        self.trace.takeover(f"restoring sync {self.committed_sync}: its pages into RAM, vCPU and device state; "
+                            "flushing the disks")
         self.staging.apply()
         try:
             self.machine.restore_state(self.committed)
         except StateError as error:
             raise TakeoverImpossible(f"the state of sync {self.committed_sync} does not restore: {error}") from None
+        try:  # the commits wrote without flushing (ft.disk_mode): the guest's flushes are made here now
+            self._flush(range(len(self.disks)))
+        except OSError as error:
+            raise TakeoverImpossible(f"the disks of sync {self.committed_sync} cannot be flushed: {error}") from None
 
     def take_over(self) -> float:
         """Become the primary, once restore_committed() has put the state in: attach the network,

@@ -134,9 +134,9 @@ class Blk(v.VirtioDevice):
             self.features |= F_DISCARD | F_WRITE_ZEROES
         self.requests = 0  # served, for benchmarks and metrics
         self.write_observer: DiskWriteObserver | None = None  # FT ships the changed ranges to the standby
-        # FT with a replicated standby: a flush needs no fdatasync here, since the standby makes each
-        # sync durable before any output that could follow the flush leaves (ft.disk_mode)
-        self.durable_elsewhere = False
+        # FT with a replicated standby: a flush completes at once, since the sync that carries the
+        # writes before it fdatasyncs this file before any output that could follow it leaves (ft.disk_mode)
+        self.flush_deferred = False
 
     def config_bytes(self) -> bytes:
         """virtio_blk_config up to write_zeroes_may_unmap (60 bytes)."""
@@ -186,7 +186,7 @@ class Blk(v.VirtioDevice):
                 status = self._write(sector, self._out_data(chain))
             elif kind == T_FLUSH:
                 status = S_OK
-                if not self.disk.spec.readonly and not self.durable_elsewhere:
+                if not self.disk.spec.readonly and not self.flush_deferred:
                     os.fdatasync(self.disk.fd)
             elif kind == T_GET_ID:
                 written = scatter(in_data, self.serial.ljust(ID_BYTES, b"\0"))
