@@ -27,7 +27,10 @@ static struct tcp_conn *find(uint32_t ip, uint16_t port, uint16_t local_port)
 /* A free slot; else the oldest half-open connection's, if it has waited
  * for the peer's ACK longer than a LAN's round trip could take (a flood of
  * SYNs must not lock out the next real client, nor a burst of real clients
- * push each other out); else none. */
+ * push each other out); else none.  Not while frames wait to be read: the
+ * peer's ACK may be among them, late only because we are (a burst of SYNs
+ * read by a slow guest would otherwise push out the connections it had just
+ * accepted); a flood is all read before a new client's SYN comes again. */
 static struct tcp_conn *new_slot(void)
 {
 	struct tcp_conn *oldest = NULL;
@@ -41,6 +44,8 @@ static struct tcp_conn *new_slot(void)
 		if (c->state == TCP_SYN_RECEIVED && (!oldest || now - c->born > now - oldest->born))
 			oldest = c;
 	}
+	if (net_pending(tcp_stack.net))
+		return NULL;
 	return oldest && now - oldest->born >= ms(RTO_FIRST_MS) ? oldest : NULL;
 }
 
