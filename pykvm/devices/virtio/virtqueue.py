@@ -149,12 +149,9 @@ class SplitQueue:
 
     # -- the available ring ------------------------------------------------------------------------
 
-    def _avail_idx(self) -> int:
-        return self._avail[1]
-
     def pending(self) -> int:
         """How many chains the driver has made available and we have not taken."""
-        count = (self._avail_idx() - self.next_avail) & 0xFFFF
+        count = (self._avail[1] - self.next_avail) & 0xFFFF
         if count > self.size:
             raise QueueError(f"available index ran {count} entries ahead of the device (queue size {self.size})")
         return count
@@ -269,13 +266,15 @@ class SplitQueue:
     def set_notification(self, enabled: bool) -> None:
         """Tell the driver whether to notify us of new buffers (we are about to sleep: yes;
         we are draining the ring anyway: no). With event index: "notify past next_avail"."""
-        slot, off = self._used_slot, self._used_off
         if self.event_idx:
-            if enabled:
-                self.memory.prepare_write(slot, off + 4 + USED_ELEM_SIZE * self.size, 2)
-                self._used16[2 + 4 * self.size] = self.next_avail
-                self.memory.mark(slot, off + 4 + USED_ELEM_SIZE * self.size, 2)
+            if not enabled:
+                return  # the driver notifies only when it passes avail_event: left where it is
+            off, index, value = self._used_off + 4 + USED_ELEM_SIZE * self.size, 2 + 4 * self.size, self.next_avail
         else:
-            self.memory.prepare_write(slot, off, 2)
-            self._used16[0] = 0 if enabled else USED_F_NO_NOTIFY
-            self.memory.mark(slot, off, 2)
+            off, index, value = self._used_off, 0, 0 if enabled else USED_F_NO_NOTIFY
+        memory, slot = self.memory, self._used_slot
+        if memory.write_barrier is not None:  # prepare_write and mark, called only when they do something
+            memory.write_barrier(slot, off, 2)
+        self._used16[index] = value
+        if memory.tracking:
+            memory.mark(slot, off, 2)
