@@ -169,7 +169,7 @@ class Blk(v.VirtioDevice):
         memory = self.memory
         readable = chain.readable
         if readable and readable[0][1] >= _HEADER.size and chain.writable:  # the usual layout, checked quickly
-            kind, _, sector = _HEADER.unpack(memory.read(readable[0][0], _HEADER.size))
+            kind, _, sector = _HEADER.unpack_from(chain.in_views[0])
         else:
             kind, sector = self._header(chain)
         self.requests += 1
@@ -204,10 +204,9 @@ class Blk(v.VirtioDevice):
 
     def _out_data(self, chain: DescriptorChain) -> list[memoryview]:
         """Views of the request's device-readable data: its readable buffers without the header."""
-        memory, readable = self.memory, chain.readable
-        if readable[0][1] == _HEADER.size:  # the header in a buffer of its own
-            return [memory.view(addr, length) for addr, length in readable[1:]]
-        return trim(chain.readable_views(memory), _HEADER.size, 0)
+        if chain.readable[0][1] == _HEADER.size:  # the header in a buffer of its own
+            return chain.in_views[1:]
+        return trim(chain.in_views, _HEADER.size, 0)
 
     def _in_range(self, sector: int, length: int) -> bool:
         return length % SECTOR == 0 and sector * SECTOR + length <= self.disk.sectors * SECTOR

@@ -162,7 +162,10 @@ class IoThread:
     def _wanted(self) -> tuple[int, ...]:
         """The backend fds the model wants watched (call with the function lock held)."""
         device = self.function.device
-        return tuple(fd for fd in device.backend_fds() if device.wants_backend(fd))
+        fds = device.backend_fds()
+        if len(fds) == 1:  # the usual case, without a generator (this runs at every wake-up)
+            return tuple(fds) if device.wants_backend(fds[0]) else ()
+        return tuple(fd for fd in fds if device.wants_backend(fd))
 
 
 def _join_releasing(thread: threading.Thread, lock: threading.RLock) -> None:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from pykvm.devices import virtio as v
 from pykvm.devices.net_backends import NetBackend
 from pykvm.devices.virtio.iovec import scatter, trim
 from pykvm.devices.virtio.virtqueue import DescriptorChain, QueueError, SplitQueue
 from pykvm.errors import ConfigError
+from pykvm.memory import GuestMemory
 
 RX, TX = 0, 1
 QUEUE_SIZE = 256
@@ -70,6 +72,7 @@ class Net(v.VirtioDevice):
         self.mac = mac
         self.stats = NetStats()
         self._rx_starved = False  # no rx buffers: stop reading the backend until the guest adds some
+        self._header = LEGACY_HEADER_SIZE  # header_size, kept from activate() for the per-frame paths
 
     def config_bytes(self) -> bytes:
         return self.mac + struct.pack("<HH", STATUS_LINK_UP, 1)
@@ -79,6 +82,11 @@ class Net(v.VirtioDevice):
         if self.driver_features & (v.F_VERSION_1 | F_MRG_RXBUF):
             return HEADER_SIZE
         return LEGACY_HEADER_SIZE
+
+    def activate(self, memory: GuestMemory, rings: list[SplitQueue | None], driver_features: int,
+                 interrupt: Callable[[int], None]) -> None:
+        super().activate(memory, rings, driver_features, interrupt)
+        self._header = self.header_size
 
     def reset(self) -> None:
         super().reset()
@@ -121,7 +129,7 @@ class Net(v.VirtioDevice):
     def serve_chain(self, index: int, chain: DescriptorChain) -> int:
         if index != TX:
             raise QueueError(f"net: queue {index} has nothing to serve")
-        frame = trim(chain.readable_views(self.memory), self.header_size)
+        frame = trim(chain.readable_views(self.memory), self._header)
         if frame and self.backend is not None:  # a header and no frame: nothing to put on the wire
             self.backend.send(frame)
             self.stats.tx_frames += 1
@@ -133,7 +141,7 @@ class Net(v.VirtioDevice):
         queue = self.rings[RX] if self.rings else None
         if queue is None:
             return
-        header = self.header_size
+        header = self._header
         mergeable = bool(self.driver_features & F_MRG_RXBUF)
         received = False
         while True:

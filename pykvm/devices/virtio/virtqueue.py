@@ -36,27 +36,27 @@ class QueueError(Exception):
 @dataclass(slots=True)
 class DescriptorChain:
     """One request: the head index (returned in the used ring) and its buffers in order, the
-    device-readable ones first, then the device-writable ones, as guest-physical (addr, len)."""
+    device-readable ones first, then the device-writable ones, as guest-physical (addr, len),
+    with their total lengths and views of them (made by the walk that checked them, which
+    knows their slot: a device takes them with no second translation)."""
 
     head: int
-    readable: list[tuple[int, int]] = field(default_factory=list)
-    writable: list[tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def readable_length(self) -> int:
-        return sum(length for _, length in self.readable)
-
-    @property
-    def writable_length(self) -> int:
-        return sum(length for _, length in self.writable)
+    readable: list[tuple[int, int]]
+    writable: list[tuple[int, int]]
+    readable_length: int
+    writable_length: int
+    in_views: list[memoryview] = field(repr=False)  # of the readable buffers
+    out_views: list[memoryview] = field(repr=False)  # of the writable buffers
 
     def readable_views(self, memory: GuestMemory) -> list[memoryview]:
-        return [memory.view(addr, length) for addr, length in self.readable]
+        return list(self.in_views)
 
     def writable_views(self, memory: GuestMemory) -> list[memoryview]:
         """Views for the device to write through (made writable now: see GuestMemory.write_barrier).
         Call written() once the writes are done."""
-        return [memory.writable_view(addr, length) for addr, length in self.writable]
+        if memory.write_barrier is not None:
+            return [memory.writable_view(addr, length) for addr, length in self.writable]
+        return list(self.out_views)
 
     def written(self, memory: GuestMemory) -> None:
         """Mark the device-writable buffers dirty for migration/FT, after the device wrote them:
@@ -149,20 +149,20 @@ class SplitQueue:
 
     # -- the available ring ------------------------------------------------------------------------
 
-    def _avail_idx(self) -> int:
-        return self._avail[1]
-
     def pending(self) -> int:
         """How many chains the driver has made available and we have not taken."""
-        count = (self._avail_idx() - self.next_avail) & 0xFFFF
+        count = (self._avail[1] - self.next_avail) & 0xFFFF
         if count > self.size:
             raise QueueError(f"available index ran {count} entries ahead of the device (queue size {self.size})")
         return count
 
     def pop(self) -> DescriptorChain | None:
         """Take the next available chain, checked; None when the ring is empty."""
-        if not self.pending():
+        count = (self._avail[1] - self.next_avail) & 0xFFFF  # pending(), inline: once per request
+        if not count:
             return None
+        if count > self.size:
+            raise QueueError(f"available index ran {count} entries ahead of the device (queue size {self.size})")
         slot_index = self.next_avail % self.size
         head = self._avail[2 + slot_index]
         chain = self._walk(head)
@@ -178,7 +178,10 @@ class SplitQueue:
             raise QueueError(f"available ring names descriptor {head}, beyond queue size {self.size}")
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
-        contains, unpack = self.memory.contains, _DESC.unpack_from
+        in_views: list[memoryview] = []
+        out_views: list[memoryview] = []
+        readable_length = writable_length = 0
+        slots, unpack = self.memory.slots, _DESC.unpack_from
         view, base, limit = self._desc_slot.view, self._desc_off, self.size
         index, seen, in_indirect = head, 0, False
         while True:
@@ -205,16 +208,24 @@ class SplitQueue:
             # One buffer (inline: this runs for every descriptor of every request)
             if length == 0:
                 raise QueueError(f"chain {head}: zero-length buffer at {addr:#x}")
-            if not contains(addr, length):
+            for slot in slots:  # GuestMemory.locate, inline
+                offset = addr - slot.guest_addr
+                if 0 <= offset <= slot.size and 0 <= length <= slot.size - offset:
+                    break
+            else:
                 raise QueueError(f"chain {head}: buffer [{addr:#x}, +{length}) outside guest RAM")
             if flags & DESC_F_WRITE:
                 writable.append((addr, length))
+                out_views.append(slot.view[offset : offset + length])
+                writable_length += length
             elif writable:
                 raise QueueError(f"chain {head}: device-readable buffer after a device-writable one")
             else:
                 readable.append((addr, length))
+                in_views.append(slot.view[offset : offset + length])
+                readable_length += length
             if not flags & DESC_F_NEXT:
-                return DescriptorChain(head, readable, writable)
+                return DescriptorChain(head, readable, writable, readable_length, writable_length, in_views, out_views)
             if next_index >= limit:
                 raise QueueError(f"chain {head}: next descriptor {next_index} is beyond its table ({limit})")
             index = next_index
@@ -226,15 +237,17 @@ class SplitQueue:
         stored before the index, so the driver never sees the index before the entry (x86 keeps
         stores in order)."""
         element = self.next_used % self.size
-        self.memory.prepare_write(self._used_slot, self._used_off, 4 + USED_ELEM_SIZE * (element + 1))
+        memory = self.memory
+        if memory.write_barrier is not None:  # prepare_write, without a call when there is no barrier
+            memory.write_barrier(self._used_slot, self._used_off, 4 + USED_ELEM_SIZE * (element + 1))
         used32 = self._used32
         used32[1 + 2 * element] = head
         used32[2 + 2 * element] = written
         self.next_used = next_used = (self.next_used + 1) & 0xFFFF
         self._used16[1] = next_used
         # One dirty range from used->idx to the entry (a page more at most: the ring changes anyway)
-        off = self._used_off
-        self.memory.mark(self._used_slot, off + 2, 2 + USED_ELEM_SIZE * (element + 1))
+        if memory.tracking:
+            memory.mark(self._used_slot, self._used_off + 2, 2 + USED_ELEM_SIZE * (element + 1))
 
     def needs_interrupt(self) -> bool:
         """Whether the driver asked to be interrupted for the entries added since the last time
@@ -253,13 +266,15 @@ class SplitQueue:
     def set_notification(self, enabled: bool) -> None:
         """Tell the driver whether to notify us of new buffers (we are about to sleep: yes;
         we are draining the ring anyway: no). With event index: "notify past next_avail"."""
-        slot, off = self._used_slot, self._used_off
         if self.event_idx:
-            if enabled:
-                self.memory.prepare_write(slot, off + 4 + USED_ELEM_SIZE * self.size, 2)
-                self._used16[2 + 4 * self.size] = self.next_avail
-                self.memory.mark(slot, off + 4 + USED_ELEM_SIZE * self.size, 2)
+            if not enabled:
+                return  # the driver notifies only when it passes avail_event: left where it is
+            off, index, value = self._used_off + 4 + USED_ELEM_SIZE * self.size, 2 + 4 * self.size, self.next_avail
         else:
-            self.memory.prepare_write(slot, off, 2)
-            self._used16[0] = 0 if enabled else USED_F_NO_NOTIFY
-            self.memory.mark(slot, off, 2)
+            off, index, value = self._used_off, 0, 0 if enabled else USED_F_NO_NOTIFY
+        memory, slot = self.memory, self._used_slot
+        if memory.write_barrier is not None:  # prepare_write and mark, called only when they do something
+            memory.write_barrier(slot, off, 2)
+        self._used16[index] = value
+        if memory.tracking:
+            memory.mark(slot, off, 2)
