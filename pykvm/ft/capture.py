@@ -47,16 +47,16 @@ THREADED_HASH_PAGES = 128  # a frame this big is worth handing to the hasher thr
 class PageSource(Protocol):
     """Where the data of the pages a sync sends is read from."""
 
-    def page_data(self, slot: MemorySlot, pages: np.ndarray) -> list:
-        """Buffers holding `pages` (ascending page numbers of `slot`, one frame's worth) as of the
-        capture, in page order. Asked when the frame is built, just before its batch is sent; the
+    def page_data(self, slot: MemorySlot, first: int, pages: np.ndarray) -> list:
+        """Buffers holding `pages` (ascending page numbers of `slot`, one frame's worth, from the
+        `first`th of the slot's pages in this sync on) as of the capture, in page order. Asked when the frame is built, just before its batch is sent; the
         buffers must not change until the batch is sent and hashed (before the SyncEnd)."""
 
 
 class GuestRam:
     """The pages read straight from guest RAM: each run of pages is one buffer, nothing copied."""
 
-    def page_data(self, slot: MemorySlot, pages: np.ndarray) -> list:
+    def page_data(self, slot: MemorySlot, first: int, pages: np.ndarray) -> list:
         return wire.run_views(slot.view, pages)
 
 
@@ -66,11 +66,10 @@ class CopiedPages:
 
     def __init__(self, arena: PageArena, page_lists: list[tuple[MemorySlot, np.ndarray]]) -> None:
         arena.reset()  # the sync before this one was sent and acknowledged
-        self._copies = {slot.index: (numbers, wire.gather(arena, slot.view, numbers)) for slot, numbers in page_lists}
+        self._copies = {slot.index: wire.gather(arena, slot.view, numbers) for slot, numbers in page_lists}
 
-    def page_data(self, slot: MemorySlot, pages: np.ndarray) -> list:
-        numbers, rows = self._copies[slot.index]
-        first = int(np.searchsorted(numbers, pages[0]))
+    def page_data(self, slot: MemorySlot, first: int, pages: np.ndarray) -> list:
+        rows = self._copies[slot.index]
         return [rows[first * PAGE_SIZE : (first + len(pages)) * PAGE_SIZE]]
 
 
@@ -81,14 +80,13 @@ class CowPages:
     def __init__(self, cow: CowMemory, page_lists: list[tuple[MemorySlot, np.ndarray]]) -> None:
         cow.capture(page_lists)  # (paused) these pages are the sync's
         self._cow, self._page_lists = cow, page_lists
-        self._copies: dict[int, tuple[np.ndarray, memoryview]] | None = None
+        self._copies: dict[int, memoryview] | None = None
 
-    def page_data(self, slot: MemorySlot, pages: np.ndarray) -> list:
+    def page_data(self, slot: MemorySlot, first: int, pages: np.ndarray) -> list:
         if self._copies is None:  # the first frame: the guest runs again, copy them all out
-            self._copies = {s.index: (numbers, self._cow.gather(s, numbers)) for s, numbers in self._page_lists}
+            self._copies = {s.index: self._cow.gather(s, numbers) for s, numbers in self._page_lists}
             self._cow.disarm()
-        numbers, rows = self._copies[slot.index]
-        first = int(np.searchsorted(numbers, pages[0]))
+        rows = self._copies[slot.index]
         return [rows[first * PAGE_SIZE : (first + len(pages)) * PAGE_SIZE]]
 
 
@@ -165,7 +163,7 @@ def _frames(protocol: p.FtConnection, source: PageSource, page_lists: list, disk
     for slot, numbers in page_lists:
         for start in range(0, len(numbers), FRAME_PAGES):
             chunk = numbers[start : start + FRAME_PAGES]
-            pages = protocol.send_pages(slot.index, slot.view, chunk, data=source.page_data(slot, chunk))
+            pages = protocol.send_pages(slot.index, slot.view, chunk, data=source.page_data(slot, start, chunk))
             if hashing is not None:
                 hashing.result()
             if len(chunk) < THREADED_HASH_PAGES:  # hashed at once: less than handing it over costs
