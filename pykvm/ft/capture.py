@@ -49,8 +49,9 @@ class PageSource(Protocol):
 
     def page_data(self, slot: MemorySlot, first: int, pages: np.ndarray) -> list:
         """Buffers holding `pages` (ascending page numbers of `slot`, one frame's worth, from the
-        `first`th of the slot's pages in this sync on) as of the capture, in page order. Asked when the frame is built, just before its batch is sent; the
-        buffers must not change until the batch is sent and hashed (before the SyncEnd)."""
+        `first`th of the slot's pages in this sync on) as of the capture, in page order. Asked
+        when the frame is built, just before its batch is sent; the buffers must not change until
+        the batch is sent and hashed (before the SyncEnd)."""
 
 
 class GuestRam:
@@ -150,9 +151,9 @@ def _frames(protocol: p.FtConnection, source: PageSource, page_lists: list, disk
             state_alone: bool = False) -> Iterator[list]:
     """`capture`'s batches: the machine state first (packed here, once the guest runs again in
     pipelined and cow modes; the standby decodes it while the pages come), a batch per frame of
-    pages, the disk changes, the SyncEnd (with the hash of the packed state). A frame's pages are hashed
-    on the hasher thread while the frame is sent. A full sync sends a batch per frame of disk changes too (the disk is read as it goes).
-    `state_alone`: the state is a batch of its own."""
+    pages, the disk changes, the SyncEnd (with the hash of the packed state). A frame's pages are
+    hashed on the hasher thread while the frame is sent. A full sync sends a batch per frame of
+    disk changes too (the disk is read as it goes). `state_alone`: the state is a batch of its own."""
     blob = states.blob(state, full=full)
     end = replace(end, state_hash=xxhash.xxh3_64_intdigest(blob))
     batch = protocol.send(p.MachineStateBlob(blob))

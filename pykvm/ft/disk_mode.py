@@ -164,9 +164,9 @@ class ReplicatedDisks:
             if disk.flush_deferred:
                 disk.flush_deferred = False  # first: a flush from now on is made here again
                 try:
-                    disk.disk.flush()
-                except OSError as error:
-                    log(f"ft primary: {why}, but flushing {disk.disk.spec.path} failed: {error.strerror}")
+                    _flush(disk)
+                except OwnFlushFailed as error:
+                    log(f"ft primary: {why}, but {error}")
                     return False
         return True
 
@@ -178,11 +178,17 @@ class OwnFlushFailed(Exception):
 
 def _flush_disks(sync: int, disks: list[Blk]) -> None:
     for disk in disks:
-        try:
+        _flush(disk, sync)
+
+
+def _flush(disk: Blk, sync: int | None = None) -> None:
+    """fdatasync the primary's copy of `disk` (`sync`: the sync it is made for, a fault's point)."""
+    try:
+        if sync is not None:
             faults.flushing_own(sync)
-            disk.disk.flush()
-        except OSError as error:
-            raise OwnFlushFailed(f"flushing {disk.disk.spec.path} failed: {error.strerror}") from None
+        disk.disk.flush()
+    except OSError as error:
+        raise OwnFlushFailed(f"flushing {disk.disk.spec.path} failed: {error.strerror}") from None
 
 
 @functools.cache
