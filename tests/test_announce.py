@@ -13,9 +13,9 @@ import subprocess
 import time
 
 from pykvm.devices.net_backends import RECENT_SENDERS, SocketBackend
+from pykvm.testing.lan import run_in_netns
 from pykvm.testing.netframes import FrameSocket, Peer, mac_str
 from tests.conftest import VmmProcess, needs_netns, requires_kvm, run_pykvm
-from tests.netutil import socket_in_netns
 from tests.test_ft import _disks, _free_port
 
 GUEST_MAC = "52:54:00:12:34:56"  # the first NIC's default
@@ -147,8 +147,8 @@ def test_takeover_announces_on_a_tap(tmp_path, guest_images, netns):
     subprocess.run([*ns, "ip", "link", "set", "lo", "up"], check=True)  # for the FT connection
     subprocess.run([*ns, "ip", "tuntap", "add", "dev", "tap0", "mode", "tap"], check=True)
     subprocess.run([*ns, "ip", "link", "set", "tap0", "up"], check=True)
-    capture = socket_in_netns(netns, lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
-                                                            socket.htons(ETHERTYPE_RARP)))
+    capture = run_in_netns(netns, lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
+                                                         socket.htons(ETHERTYPE_RARP)))
     capture.bind(("tap0", ETHERTYPE_RARP))
 
     def receive(timeout: float) -> bytes | None:

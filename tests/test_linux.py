@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from conftest import VmmProcess, requires_kvm, run_pykvm
-from netutil import socket_in_netns
 from pykvm.guestbuild import linux_guest as linux
+from pykvm.testing.lan import run_in_netns
 
 pytestmark = requires_kvm
 
@@ -92,7 +92,7 @@ class Netns:
             sock.bind((HOST_IP, port))
             return sock
 
-        return socket_in_netns(self.name, bound)
+        return run_in_netns(self.name, bound)
 
     def ping(self, address: str, count: int = 3) -> subprocess.CompletedProcess:
         """busybox's ping (busybox-static is a build dependency of the Linux guest)."""

@@ -48,30 +48,9 @@ class GuestLan:
         subprocess.run(["ip", "-n", self.name, *args], check=True, capture_output=True)
 
     def inside(self, make: Callable[[], T]) -> T:
-        """`make()` run on a thread that entered the namespace: a socket it makes stays in it and
-        is usable from any thread; threads it starts are inside too (a relay between the VMMs).
-        (setns changes the calling thread only; Python 3.11 has no os.setns, libc's does it.)"""
-        made: list = []
-
-        def enter_and_make() -> None:
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-                try:
-                    if libc.setns(fd, CLONE_NEWNET) != 0:
-                        raise OSError(ctypes.get_errno(), "setns")
-                finally:
-                    os.close(fd)
-                made.append(make())
-            except BaseException as error:  # reported in the caller's thread
-                made.append(error)
-
-        thread = threading.Thread(target=enter_and_make)
-        thread.start()
-        thread.join(10)
-        if not made or isinstance(made[0], BaseException):
-            raise RuntimeError(f"cannot work in network namespace {self.name}: {made[0] if made else 'timeout'}")
-        return made[0]
+        """`make()` run inside the LAN's namespace (see run_in_netns); threads it starts are
+        inside too (a relay between the VMMs)."""
+        return run_in_netns(self.name, make)
 
     def connect(self, port: int, timeout: float = 30.0, *, receive_buffer: int | None = None) -> socket.socket:
         """A TCP connection from the host side to the guest's `port`; `timeout` bounds each call
@@ -110,3 +89,30 @@ class GuestLan:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def run_in_netns(name: str, make: Callable[[], T]) -> T:
+    """`make()` run on a thread that entered network namespace `name`: a socket it makes stays in
+    it and is usable from any thread. (setns changes the calling thread only; Python 3.11 has no
+    os.setns, libc's does it.)"""
+    made: list = []
+
+    def enter_and_make() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            made.append(make())
+        except BaseException as error:  # reported in the caller's thread
+            made.append(error)
+
+    thread = threading.Thread(target=enter_and_make)
+    thread.start()
+    thread.join(10)
+    if not made or isinstance(made[0], BaseException):
+        raise RuntimeError(f"cannot work in network namespace {name}: {made[0] if made else 'timeout'}")
+    return made[0]
