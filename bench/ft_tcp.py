@@ -20,7 +20,6 @@ import argparse
 import os
 import random
 import re
-import signal
 import statistics
 import sys
 import tempfile
@@ -32,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pykvm import guestbuild  # noqa: E402
 from pykvm.ft.protocol import SYNC_MODES  # noqa: E402
-from pykvm.testing.ft_pair import FtPair, Vmm  # noqa: E402
+from pykvm.testing.ft_pair import FtPair  # noqa: E402
 from pykvm.testing.lan import GuestLan  # noqa: E402
 from pykvm.testing.tcp import EchoStream, KvLines  # noqa: E402
+from pykvm.testing.vmm_process import VmmProcess  # noqa: E402
 
 RATE_BYTES = 1 << 20
 ROUND_TRIPS = 300
@@ -42,12 +42,12 @@ STALL_STREAM = 400_000
 RECORDS = 40
 
 
-def _serve(lan: GuestLan, root: Path, mode: str | None) -> FtPair | Vmm:
+def _serve(lan: GuestLan, root: Path, mode: str | None) -> FtPair | VmmProcess:
     """tcp-echo without FT (mode None) or protected in `mode`."""
     if mode is not None:
         return FtPair(lan, root, "tcp-echo", mode)
-    vmm = Vmm(["run", "tcp-echo", "--net", "tap:tap0"], lan.prefix)
-    vmm.wait_for(": ready")
+    vmm = VmmProcess("run", "tcp-echo", "--net", "tap:tap0", prefix=lan.prefix)
+    vmm.wait_for(b": ready", timeout=60)
     return vmm
 
 
@@ -84,7 +84,7 @@ def echo_takeover(mode: str, rng: random.Random) -> tuple[bool, float, str]:
             stream = EchoStream(lan.connect(7), STALL_STREAM, seed=rng.getrandbits(32)).start()
             if not stream.wait_received(int(STALL_STREAM * rng.uniform(0.05, 0.8))):
                 return False, 0.0, f"no echo before the kill: {stream.error}"
-            pair.primary.proc.send_signal(signal.SIGKILL)
+            pair.kill_primary()
             result = stream.wait()
             took = re.search(r"took over from sync \d+ in ([\d.]+) ms", pair.standby.errors)
             note = result.error or (f"standby took over in {took.group(1)} ms" if took else "no takeover")
@@ -102,7 +102,7 @@ def kv_takeover(mode: str, rng: random.Random) -> tuple[bool, str]:
             kill_at = rng.randrange(RECORDS // 4, 3 * RECORDS // 4)
             for seq in range(1, RECORDS + 1):
                 if seq == kill_at:
-                    threading.Timer(rng.uniform(0, 0.02), pair.primary.proc.send_signal, (signal.SIGKILL,)).start()
+                    threading.Timer(rng.uniform(0, 0.02), pair.kill_primary).start()
                 kv.put(seq, f"record-{seq}-{rng.getrandbits(32):08x}")
             unserved = kv.unserved()
             kv.close()

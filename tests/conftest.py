@@ -17,6 +17,7 @@ import pytest
 
 from pykvm import guestbuild
 from pykvm.kvm import Kvm, KvmUnavailable
+from pykvm.testing.vmm_process import SerialCapture, VmmProcess  # noqa: F401  (the tests import them from here)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -59,76 +60,6 @@ def run_pykvm(*args: str, timeout: float = 60, input: bytes | None = None, env: 
         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
              **(env or {})},  # this checkout's pykvm, also from another working directory (`env -C`)
     )
-
-
-class SerialCapture:
-    """A serial_output sink that tests can wait on: wait_for(b"ready") blocks until the guest
-    printed it (condition variable, no polling), or fails after `timeout`."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.data = bytearray()
-        self._cond = threading.Condition()
-
-    def __call__(self, chunk: bytes) -> None:
-        with self._cond:
-            self.data += chunk
-            self._cond.notify_all()
-
-    def wait_for(self, marker: bytes, timeout: float = 30, count: int = 1) -> None:
-        """Until `marker` appeared `count` times."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.data.count(marker) >= count, timeout):
-                raise TimeoutError(f"guest never printed {marker!r} x{count}; output so far:\n"
-                                   f"{self.data.decode(errors='replace')}")
-
-
-class VmmProcess:
-    """A `pykvm` child process whose serial output (stdout) and stderr a test can wait on."""
-
-    def __init__(self, *args: str, env: dict | None = None, prefix: tuple[str, ...] = ()) -> None:
-        import threading
-
-        self.args = args
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "pykvm", *args], cwd=REPO,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env={**os.environ, **(env or {})})
-        self.stdout, self.stderr = SerialCapture(), SerialCapture()
-        self._readers = [threading.Thread(target=self._pump, args=(stream, sink), daemon=True)
-                         for stream, sink in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr))]
-        for reader in self._readers:
-            reader.start()
-
-    @staticmethod
-    def _pump(stream, sink: SerialCapture) -> None:
-        for chunk in iter(lambda: stream.read1(65536), b""):
-            sink(chunk)
-
-    def wait_for(self, marker: bytes, timeout: float = 30, count: int = 1) -> None:
-        try:
-            self.stdout.wait_for(marker, timeout, count)
-        except TimeoutError as error:
-            raise TimeoutError(f"{error}\nstderr:\n{self.stderr.data.decode(errors='replace')}") from None
-
-    def wait(self, timeout: float = 60) -> int:
-        status = self.proc.wait(timeout)
-        for reader in self._readers:
-            reader.join(5)
-        return status
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-    @property
-    def output(self) -> str:
-        return self.stdout.data.decode(errors="replace")
-
-    @property
-    def errors(self) -> str:
-        return self.stderr.data.decode(errors="replace")
 
 
 needs_netns = pytest.mark.skipif(shutil.which("ip") is None or os.geteuid() != 0,

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pykvm.ft.witness import open_witness
+from pykvm.testing.ft_pair import stop_pair
 from pykvm.testing.kv import KvClient
 from pykvm.testing.netframes import FrameSocket
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm
@@ -97,11 +98,7 @@ class Pair:
         return exits.get(timeout=timeout)
 
     def close(self) -> None:
-        for vmm in (self.primary, self.standby):
-            if vmm is not None:
-                vmm.kill()
-        if self.relay is not None:
-            self.relay.close()
+        stop_pair(self.primary, self.standby, self.relay)
 
 
 def _assert_one_survivor(pair: Pair, witness_uri: str, epoch_before: int) -> VmmProcess:

@@ -8,7 +8,6 @@ FT mode (pykvm.ft.protocol.SYNC_MODES: a new mode is tested here by being added 
 from __future__ import annotations
 
 import random
-import signal
 import threading
 
 import pytest
@@ -41,12 +40,12 @@ def test_an_echo_stream_survives_the_primary_killed(lan, tmp_path, guest_images,
     try:
         stream = EchoStream(lan.connect(7), STREAM, seed=trial).start()
         assert stream.wait_received(int(STREAM * rng.uniform(0.05, 0.8))), pair.report()
-        pair.primary.proc.send_signal(signal.SIGKILL)
+        pair.kill_primary()
         result = stream.wait()
         assert result.intact, f"{result}{pair.report()}"
-        assert pair.standby.said("took over from sync")
-        pair.standby.wait_for(f"closed after {STREAM} bytes", timeout=30)  # the standby's guest finished it (its
-        # line may follow the client's seeing the close)
+        assert "took over from sync" in pair.standby.errors
+        # the standby's guest finished it (its line may follow the client's seeing the close)
+        pair.standby.wait_for(f"closed after {STREAM} bytes".encode(), timeout=30)
     finally:
         pair.close()
 
@@ -64,9 +63,9 @@ def test_kv_records_on_a_connection_survive_the_primary_killed(lan, tmp_path, gu
         kill_at = rng.randrange(RECORDS // 4, 3 * RECORDS // 4)
         for seq in range(1, RECORDS + 1):
             if seq == kill_at:
-                threading.Timer(rng.uniform(0, 0.02), pair.primary.proc.send_signal, (signal.SIGKILL,)).start()
+                threading.Timer(rng.uniform(0, 0.02), pair.kill_primary).start()
             kv.put(seq, f"record-{seq}-{rng.getrandbits(32):08x}")
-        pair.standby.wait_for("took over from sync", stderr=True)
+        pair.standby.stderr.wait_for(b"took over from sync", timeout=60)
         assert kv.unserved() == [], pair.report()
         kv.close()
     finally:
@@ -86,7 +85,7 @@ def test_an_echo_stream_survives_a_cut_link(lan, tmp_path, guest_images, mode):
         result = stream.wait()
         assert result.intact, f"{result}{pair.report()}"
         winner = _one_side_runs(pair)
-        winner.wait_for(f"closed after {STREAM} bytes", timeout=30)
+        winner.wait_for(f"closed after {STREAM} bytes".encode(), timeout=30)
     finally:
         pair.close()
 
@@ -112,7 +111,7 @@ def test_kv_records_on_a_connection_survive_a_cut_link(lan, tmp_path, guest_imag
 def _one_side_runs(pair: FtPair):
     """After a cut, once the client was served again: the side that lost the witness stands down
     (75) and the winner runs; the winner. (A standby that won said so before it served.)"""
-    took_over = pair.standby.said("took over from sync")
+    took_over = "took over from sync" in pair.standby.errors
     loser, winner = (pair.primary, pair.standby) if took_over else (pair.standby, pair.primary)
     assert loser.wait(30) == EXIT_FENCED and "fenced: " in loser.errors, pair.report()
     assert winner.proc.poll() is None, pair.report()

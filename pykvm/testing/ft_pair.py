@@ -4,68 +4,15 @@ loopback), optionally through a Relay (a link that can be cut) and with a file w
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import threading
+import signal
 from pathlib import Path
 
 from pykvm.testing.lan import GuestLan
 from pykvm.testing.relay import Relay
+from pykvm.testing.vmm_process import VmmProcess
 
 FT_PORT = 7000  # on the namespace's own loopback: nothing else listens there
 DISK_SIZE = 4 << 20
-
-
-class Vmm:
-    """A pykvm child process whose serial output (stdout) and stderr are kept and waited on."""
-
-    def __init__(self, args: list[str], prefix: tuple[str, ...] = ()) -> None:
-        self.args = args
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "pykvm", *args], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.out, self.err = bytearray(), bytearray()
-        self._cond = threading.Condition()
-        self._readers = [threading.Thread(target=self._pump, args=(stream, sink), daemon=True)
-                         for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
-        for reader in self._readers:
-            reader.start()
-
-    def _pump(self, stream, sink: bytearray) -> None:
-        for chunk in iter(lambda: stream.read1(65536), b""):
-            with self._cond:
-                sink += chunk
-                self._cond.notify_all()
-
-    def wait_for(self, text: str, *, stderr: bool = False, timeout: float = 60) -> None:
-        """Until the guest (or, with stderr, the VMM) said `text`; an error naming both otherwise."""
-        sink = self.err if stderr else self.out
-        with self._cond:
-            if self._cond.wait_for(lambda: text.encode() in sink, timeout):
-                return
-        raise TimeoutError(f"{' '.join(self.args[:2])} never said {text!r}:\n{self.output}\n{self.errors}")
-
-    def said(self, text: str) -> bool:
-        with self._cond:
-            return text.encode() in self.err or text.encode() in self.out
-
-    def wait(self, timeout: float = 60) -> int:
-        status = self.proc.wait(timeout)
-        for reader in self._readers:
-            reader.join(5)
-        return status
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-    @property
-    def output(self) -> str:
-        return self.out.decode(errors="replace")
-
-    @property
-    def errors(self) -> str:
-        return self.err.decode(errors="replace")
 
 
 class FtPair:
@@ -75,7 +22,7 @@ class FtPair:
     def __init__(self, lan: GuestLan, root: Path, guest: str, mode: str, *, disks: bool = False,
                  witness: bool = False, relay: bool = False) -> None:
         self.relay: Relay | None = None
-        self.primary: Vmm | None = None
+        self.primary: VmmProcess | None = None
         common: list[str] = ["--ft-witness", f"file:{root / 'witness'}"] if witness else []
         sides = {}
         for side in ("primary", "standby"):
@@ -85,21 +32,25 @@ class FtPair:
                 with open(disk, "wb") as f:
                     f.truncate(DISK_SIZE)
                 sides[side] += ["--disk", str(disk)]
-        self.standby = Vmm(["ft", "standby", "--listen", f"tcp:127.0.0.1:{FT_PORT}", "--net", "tap:tap1",
-                            *sides["standby"]], lan.prefix)
+        self.standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{FT_PORT}", "--net", "tap:tap1",
+                                  *sides["standby"], prefix=lan.prefix)
         try:
-            self.standby.wait_for("waiting for a primary", stderr=True)
+            self.standby.stderr.wait_for(b"waiting for a primary", timeout=60)
             uri = f"tcp:127.0.0.1:{FT_PORT}"
             if relay:
                 self.relay = lan.inside(lambda: Relay(("127.0.0.1", FT_PORT)))
                 uri = self.relay.uri
-            self.primary = Vmm(["run", guest, "--net", "tap:tap0", "--ft", uri, "--ft-mode", mode,
-                                *sides["primary"]], lan.prefix)
-            self.primary.wait_for(": ready")
-            self.primary.wait_for("protected by", stderr=True)
+            self.primary = VmmProcess("run", guest, "--net", "tap:tap0", "--ft", uri, "--ft-mode", mode,
+                                      *sides["primary"], prefix=lan.prefix)
+            self.primary.wait_for(b": ready", timeout=60)
+            self.primary.stderr.wait_for(b"protected by", timeout=60)
         except BaseException:
             self.close()
             raise
+
+    def kill_primary(self) -> None:
+        """SIGKILL to the primary, without waiting for it (from a timer, inside a put)."""
+        self.primary.proc.send_signal(signal.SIGKILL)
 
     def report(self) -> str:
         """What both VMMs said, for a failure's message."""
@@ -107,8 +58,14 @@ class FtPair:
                        (("primary", self.primary), ("standby", self.standby)) if vmm is not None)
 
     def close(self) -> None:
-        for vmm in (self.primary, self.standby):
-            if vmm is not None:
-                vmm.kill()
-        if self.relay is not None:
-            self.relay.close()
+        stop_pair(self.primary, self.standby, self.relay)
+
+
+def stop_pair(primary: VmmProcess | None, standby: VmmProcess | None, relay: Relay | None) -> None:
+    """Kill whichever VMMs of an FT pair started, and close the relay between them if any."""
+    for vmm in (primary, standby):
+        if vmm is not None:
+            vmm.kill()
+    if relay is not None:
+        relay.close()
+
