@@ -23,7 +23,6 @@ import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pykvm import guestbuild  # noqa: E402
 from pykvm.ft.protocol import SYNC_MODES  # noqa: E402
-from pykvm.testing.ft_pair import FtPair  # noqa: E402
+from pykvm.testing.ft_pair import FtPair, put_kv_records_across_a_fault  # noqa: E402
 from pykvm.testing.lan import GuestLan  # noqa: E402
-from pykvm.testing.tcp import EchoStream, KvLines  # noqa: E402
+from pykvm.testing.tcp import EchoStream  # noqa: E402
 from pykvm.testing.vmm_process import VmmProcess  # noqa: E402
 
 RATE_BYTES = 1 << 20
@@ -98,12 +97,7 @@ def kv_takeover(mode: str, rng: random.Random) -> tuple[bool, str]:
     with GuestLan(taps=("tap0", "tap1")) as lan, tempfile.TemporaryDirectory() as tmp:
         pair = FtPair(lan, Path(tmp), "kv", mode, disks=True)
         try:
-            kv = KvLines(lan.connect(9000))
-            kill_at = rng.randrange(RECORDS // 4, 3 * RECORDS // 4)
-            for seq in range(1, RECORDS + 1):
-                if seq == kill_at:
-                    threading.Timer(rng.uniform(0, 0.02), pair.kill_primary).start()
-                kv.put(seq, f"record-{seq}-{rng.getrandbits(32):08x}")
+            kv = put_kv_records_across_a_fault(lan, RECORDS, rng, pair.kill_primary)
             unserved = kv.unserved()
             kv.close()
             return not unserved, f"unserved: {unserved}" if unserved else ""

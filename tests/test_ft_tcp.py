@@ -8,14 +8,13 @@ FT mode (pykvm.ft.protocol.SYNC_MODES: a new mode is tested here by being added 
 from __future__ import annotations
 
 import random
-import threading
 
 import pytest
 
 from pykvm.ft.protocol import SYNC_MODES
-from pykvm.testing.ft_pair import FtPair
+from pykvm.testing.ft_pair import FtPair, put_kv_records_across_a_fault
 from pykvm.testing.lan import GuestLan
-from pykvm.testing.tcp import EchoStream, KvLines
+from pykvm.testing.tcp import EchoStream
 from tests.conftest import needs_netns, requires_kvm
 
 pytestmark = [requires_kvm, needs_netns]
@@ -59,12 +58,7 @@ def test_kv_records_on_a_connection_survive_the_primary_killed(lan, tmp_path, gu
     rng = random.Random(f"kv-{mode}-{trial}")
     pair = FtPair(lan, tmp_path, "kv", mode, disks=True)
     try:
-        kv = KvLines(lan.connect(9000))
-        kill_at = rng.randrange(RECORDS // 4, 3 * RECORDS // 4)
-        for seq in range(1, RECORDS + 1):
-            if seq == kill_at:
-                threading.Timer(rng.uniform(0, 0.02), pair.kill_primary).start()
-            kv.put(seq, f"record-{seq}-{rng.getrandbits(32):08x}")
+        kv = put_kv_records_across_a_fault(lan, RECORDS, rng, pair.kill_primary)
         pair.standby.stderr.wait_for(b"took over from sync", timeout=60)
         assert kv.unserved() == [], pair.report()
         kv.close()
@@ -95,12 +89,7 @@ def test_kv_records_on_a_connection_survive_a_cut_link(lan, tmp_path, guest_imag
     rng = random.Random(f"cut-kv-{mode}")
     pair = FtPair(lan, tmp_path, "kv", mode, disks=True, witness=True, relay=True)
     try:
-        kv = KvLines(lan.connect(9000))
-        cut_at = rng.randrange(RECORDS // 4, 3 * RECORDS // 4)
-        for seq in range(1, RECORDS + 1):
-            if seq == cut_at:
-                threading.Timer(rng.uniform(0, 0.02), pair.relay.cut).start()
-            kv.put(seq, f"record-{seq}-{rng.getrandbits(32):08x}")
+        kv = put_kv_records_across_a_fault(lan, RECORDS, rng, pair.relay.cut)
         _one_side_runs(pair)
         assert kv.unserved() == [], pair.report()
         kv.close()

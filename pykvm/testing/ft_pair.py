@@ -4,11 +4,15 @@ loopback), optionally through a Relay (a link that can be cut) and with a file w
 
 from __future__ import annotations
 
+import random
 import signal
+import threading
 from pathlib import Path
+from typing import Callable
 
 from pykvm.testing.lan import GuestLan
 from pykvm.testing.relay import Relay
+from pykvm.testing.tcp import KvLines
 from pykvm.testing.vmm_process import VmmProcess
 
 FT_PORT = 7000  # on the namespace's own loopback: nothing else listens there
@@ -69,3 +73,16 @@ def stop_pair(primary: VmmProcess | None, standby: VmmProcess | None, relay: Rel
     if relay is not None:
         relay.close()
 
+
+def put_kv_records_across_a_fault(lan: GuestLan, records: int, rng: random.Random,
+                                  fault: Callable[[], object]) -> KvLines:
+    """Records 1 to `records` put to the kv guest on one TCP connection, `fault` (the primary
+    killed, the link cut) striking a random few ms after a random put of the middle half was
+    sent; the connection, to ask it what it serves."""
+    kv = KvLines(lan.connect(9000))
+    strike_at = rng.randrange(records // 4, 3 * records // 4)
+    for seq in range(1, records + 1):
+        if seq == strike_at:
+            threading.Timer(rng.uniform(0, 0.02), fault).start()
+        kv.put(seq, f"record-{seq}-{rng.getrandbits(32):08x}")
+    return kv
