@@ -82,6 +82,17 @@ def _disks(tmp_path: Path, *names: str) -> list[str]:
     return paths
 
 
+def _kill_the_primary_and_check_dirty_runs_on(primary: VmmProcess, standby: VmmProcess) -> None:
+    """SIGKILL to a primary running `dirty`: its standby takes over and the guest runs on,
+    checking every page it wrote; no page check failed (`FAIL`), nor the standby's --ft-verify."""
+    primary.proc.send_signal(signal.SIGKILL)
+    primary.wait()
+    standby.stderr.wait_for(b"took over")
+    standby.wait_for(b"pages/s")
+    standby.wait_for(b"\n", count=2)
+    assert "FAIL" not in standby.output and "VERIFY FAILED" not in standby.errors
+
+
 def test_standby_memory_equals_primary_at_every_sync(tmp_path, guest_images):
     """--ft-verify: the primary sends a hash of all its RAM with each sync; the standby compares
     its committed RAM. `dirty` rewrites pages all the time and periodic syncs (every 20 ms) carry
@@ -97,12 +108,7 @@ def test_standby_memory_equals_primary_at_every_sync(tmp_path, guest_images):
         primary.wait_for(b"\n", count=4)  # a few seconds of dirtying, dozens of syncs
         stats = json.loads(run_pykvm("ctl", str(tmp_path / "sb.ctl"), "ft-stats").stdout)
         assert stats["verified"] >= 20 and stats["mismatches"] == 0, stats
-        primary.proc.send_signal(signal.SIGKILL)
-        primary.wait()
-        standby.stderr.wait_for(b"took over")
-        standby.wait_for(b"pages/s")  # the guest runs on, checking every page it wrote
-        standby.wait_for(b"\n", count=2)
-        assert "FAIL" not in standby.output and "VERIFY FAILED" not in standby.errors
+        _kill_the_primary_and_check_dirty_runs_on(primary, standby)
     finally:
         if primary is not None:
             primary.kill()

@@ -5,7 +5,6 @@ copy, kill trials with no acknowledged record lost, and the protocol's two syncs
 from __future__ import annotations
 
 import json
-import signal
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from pykvm.memory import PAGE_SIZE
 from pykvm.transfer.wire import ProtocolError
 from pykvm.userfaultfd import UserfaultfdUnavailable
 from tests.conftest import SerialCapture, VmmProcess, requires_kvm, run_pykvm
-from tests.test_ft import _free_port
+from tests.test_ft import _free_port, _kill_the_primary_and_check_dirty_runs_on
 
 
 @requires_kvm
@@ -80,12 +79,7 @@ def test_cow_mode_standby_memory_equals_primary_at_every_sync(tmp_path, guest_im
         assert stats["verified"] >= 20 and stats["mismatches"] == 0 and stats["mode"] == "cow", stats
         mine = json.loads(run_pykvm("ctl", str(tmp_path / "p.ctl"), "ft-stats").stdout)
         assert mine["mode"] == "cow" and mine["wp_faults"] > 0, mine
-        primary.proc.send_signal(signal.SIGKILL)
-        primary.wait()
-        standby.stderr.wait_for(b"took over")
-        standby.wait_for(b"pages/s")
-        standby.wait_for(b"\n", count=2)
-        assert "FAIL" not in standby.output and "VERIFY FAILED" not in standby.errors
+        _kill_the_primary_and_check_dirty_runs_on(primary, standby)
     finally:
         if primary is not None:
             primary.kill()
