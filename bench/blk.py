@@ -35,18 +35,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import KvmStats, QemuGuest, Series, cost_columns, pykvm_cpu_ns, ratio_columns  # noqa: E402
+from bench.harness import (  # noqa: E402
+    CONFIGS, LABELS, KvmStats, QemuGuest, Series, add_costs, mark_default_config, print_lowest_ratios, pykvm_cpu_ns,
+    table_rows,
+)
 from pykvm import guestbuild  # noqa: E402
 from pykvm.devices.virtio.blk import Blk, DiskSpec  # noqa: E402
-from pykvm.machine import Machine, MachineConfig, ioeventfd_for  # noqa: E402
+from pykvm.machine import Machine, MachineConfig  # noqa: E402
 
 MEMORY_MIB = 64
 DISK_MIB = 64
 RESULT = re.compile(r"^blkbench: (\S+) depth=(\d+) MB/s=([\d.]+) iops=(\d+) requests=(\d+) ")
 QEMU_EXITS_PER_CHAR = 2  # the guest's serial driver: a line-status read and a data write per byte
-
-CONFIGS = ("qemu", "pykvm-exit", "pykvm-ioeventfd")
-LABELS = {"qemu": "QEMU (KVM)", "pykvm-exit": "pykvm, Python exit", "pykvm-ioeventfd": "pykvm, ioeventfd"}
 
 
 @dataclass
@@ -166,7 +166,7 @@ def main() -> None:
     if not 2 <= args.depth <= 32:
         parser.error("--depth: 2 to 32 (the guest's limit; 1 would repeat the queue-depth-1 tests)")
 
-    LABELS["pykvm-ioeventfd" if ioeventfd_for(MachineConfig(), Blk) else "pykvm-exit"] += " (default)"
+    mark_default_config(Blk)
     image = guestbuild.image_path("blkbench")
     append = f"ms={args.ms} depth={args.depth} region={args.region} gap=100"
     timeout = 60 + 6 * (args.ms + 100) / 1000 * 3
@@ -190,12 +190,7 @@ def main() -> None:
                     f = figures.setdefault(name, {}).setdefault(config, Figures())
                     f.mbps.add(result.mbps)
                     f.iops.add(result.iops)
-                    if result.exits is not None:
-                        f.exits.add(result.exits / result.requests)
-                    if result.py_exits is not None:
-                        f.py_exits.add(result.py_exits / result.requests)
-                    if result.cpu_ns is not None:
-                        f.cpu_us.add(result.cpu_ns / 1e3 / result.requests)
+                    add_costs(f, result, result.requests)
             print(f"  round {round_ + 1} done", flush=True)
 
     print()
@@ -205,20 +200,10 @@ def main() -> None:
     for name in order:
         depth = "" if "qd" in name else f" (depth {args.depth})"
         print(f"{name}{depth}")
-        qemu = figures[name].get("qemu")
-        for config in configs:
-            f = figures[name].get(config)
-            if f is None:
-                continue
-            ratio, ratio_spread = ratio_columns(f.iops, qemu.iops if qemu else None, config, worst)
-            exits, py_exits, cpu = cost_columns(f)
-            print(f"  {LABELS[config]:28} {f.mbps.median:8.1f} {f.mbps.spread('.0f'):>15} {f.iops.median:7.0f}"
-                  f" {f.iops.spread('.0f'):>13} {ratio:>7} {ratio_spread:>11} {exits:>9} {py_exits:>12} {cpu:>14}")
-    for config, value in worst.items():
-        print(f"{LABELS[config]}: lowest ratio to QEMU {value:.2f} (goal >= 0.9)")
-    default = next((config for config in configs if LABELS[config].endswith("(default)")), None)
-    if default in worst:  # the lowest of the tests' medians, with the default notification path
-        print(f"blk_ratio: {worst[default]:.2f}")
+        for label, f, (ratio, spread), (exits, py_exits, cpu) in table_rows(figures[name], configs, "iops", worst):
+            print(f"  {label:28} {f.mbps.median:8.1f} {f.mbps.spread('.0f'):>15} {f.iops.median:7.0f}"
+                  f" {f.iops.spread('.0f'):>13} {ratio:>7} {spread:>11} {exits:>9} {py_exits:>12} {cpu:>14}")
+    print_lowest_ratios(worst, configs, "blk_ratio")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What bench/blk.py and bench/net.py share: a guest under QEMU (KVM) as the reference, KVM's own
-exit counters for a vCPU of either VMM, the CPU time a VMM spends outside its guest, and the
-figures' summaries.
+exit counters for a vCPU of either VMM, the CPU time a VMM spends outside its guest, the
+configurations compared, and the figures' table rows and summary lines.
 
 KVM counts every exit of a vCPU, also those it handles itself (an ioeventfd notify, an interrupt
 window), in its binary statistics (`KVM_GET_STATS_FD`, the `exits` counter). pykvm's vCPUs are in
@@ -27,6 +27,16 @@ QEMU = shutil.which("qemu-system-x86_64")
 KVM_GET_STATS_FD = 0xAE << 8 | 0xCE  # _IO(KVMIO, 0xce), on a VM or vCPU fd
 _STATS_HEADER = struct.Struct("<6I")  # flags, name_size, num_desc, id_offset, desc_offset, data_offset
 _STATS_DESC = struct.Struct("<IhHII")  # flags, exponent, size, offset, bucket_size; then the name
+
+CONFIGS = ("qemu", "pykvm-exit", "pykvm-ioeventfd")
+LABELS = {"qemu": "QEMU (KVM)", "pykvm-exit": "pykvm, Python exit", "pykvm-ioeventfd": "pykvm, ioeventfd"}
+
+
+def mark_default_config(device: type) -> None:
+    """Adds " (default)" to the label of the pykvm configuration `device` (Blk, Net) uses by default."""
+    from pykvm.machine import MachineConfig, ioeventfd_for  # here: net.py's client process never needs it
+
+    LABELS["pykvm-ioeventfd" if ioeventfd_for(MachineConfig(), device) else "pykvm-exit"] += " (default)"
 
 
 class KvmStats:
@@ -212,6 +222,17 @@ def ratios(ours: Series, theirs: Series) -> Series:
     return out
 
 
+def add_costs(f, result, requests: int) -> None:
+    """A run's exits, exits that reached Python and VMM CPU microseconds per request, added to
+    `f`'s series where the run knew them (not None)."""
+    if result.exits is not None:
+        f.exits.add(result.exits / requests)
+    if result.py_exits is not None:
+        f.py_exits.add(result.py_exits / requests)
+    if result.cpu_ns is not None:
+        f.cpu_us.add(result.cpu_ns / 1e3 / requests)
+
+
 def ratio_columns(ours: Series, qemu: Series | None, config: str, worst: dict[str, float]) -> tuple[str, str]:
     """The "vs QEMU" median and spread columns for one configuration (blank for QEMU itself),
     keeping the lowest median per configuration in `worst`."""
@@ -229,3 +250,25 @@ def cost_columns(f) -> tuple[str, str, str]:
 
     return show(f.exits, ".2f"), show(f.py_exits, ".2f"), show(f.cpu_us, ".1f")
 
+
+
+def table_rows(group: dict, configs: list[str], compared: str, worst: dict[str, float]):
+    """One group of the table (a test, a window): for each configuration that ran, its label, its
+    figures, the "vs QEMU" columns of its series `compared` (ratio_columns) and its cost columns."""
+    qemu = group.get("qemu")
+    for config in configs:
+        f = group.get(config)
+        if f is None:
+            continue
+        theirs = getattr(qemu, compared) if qemu else None
+        yield LABELS[config], f, ratio_columns(getattr(f, compared), theirs, config, worst), cost_columns(f)
+
+
+def print_lowest_ratios(worst: dict[str, float], configs: list[str], headline: str) -> None:
+    """Each configuration's lowest ratio to QEMU, then `headline` (blk_ratio, net_ratio): that of
+    the default configuration."""
+    for config, value in worst.items():
+        print(f"{LABELS[config]}: lowest ratio to QEMU {value:.2f} (goal >= 0.9)")
+    default = next((config for config in configs if LABELS[config].endswith("(default)")), None)
+    if default in worst:  # the lowest of the groups' medians, with the default notification path
+        print(f"{headline}: {worst[default]:.2f}")

@@ -47,7 +47,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import KvmStats, QemuGuest, Series, cost_columns, pykvm_cpu_ns, ratio_columns  # noqa: E402
+from bench.harness import (  # noqa: E402
+    CONFIGS, LABELS, KvmStats, QemuGuest, Series, add_costs, mark_default_config, print_lowest_ratios, pykvm_cpu_ns,
+    table_rows,
+)
 from pykvm.stats import percentile  # noqa: E402
 
 GUEST_MAC, GUEST_IP = "52:54:00:12:34:56", "10.0.2.15"
@@ -55,9 +58,6 @@ HOST_MAC, HOST_IP = "52:54:00:00:00:02", "10.0.2.2"
 ECHO_PORT, CLIENT_PORT = 7, 40000
 PAYLOAD_AT = 14 + 20 + 8  # Ethernet, IPv4 (no options), UDP
 WARMUP = 300
-
-CONFIGS = ("qemu", "pykvm-exit", "pykvm-ioeventfd")
-LABELS = {"qemu": "QEMU (KVM)", "pykvm-exit": "pykvm, Python exit", "pykvm-ioeventfd": "pykvm, ioeventfd"}
 
 
 # -- the client (a process of its own) ------------------------------------------------------------
@@ -234,9 +234,8 @@ def main() -> None:
 
     from pykvm import guestbuild
     from pykvm.devices.virtio.net import Net
-    from pykvm.machine import MachineConfig, ioeventfd_for
 
-    LABELS["pykvm-ioeventfd" if ioeventfd_for(MachineConfig(), Net) else "pykvm-exit"] += " (default)"
+    mark_default_config(Net)
     image = guestbuild.image_path("net-echo")
     configs = args.only or list(CONFIGS)
     figures: dict[int, dict[str, Figures]] = {}
@@ -256,12 +255,7 @@ def main() -> None:
                     f.median.add(r.median_us)
                     f.p99.add(r.p99_us)
                     f.lost += r.lost
-                    if r.exits is not None:
-                        f.exits.add(r.exits / r.echoes)
-                    if r.py_exits is not None:
-                        f.py_exits.add(r.py_exits / r.echoes)
-                    if r.cpu_ns is not None:
-                        f.cpu_us.add(r.cpu_ns / 1e3 / r.echoes)
+                    add_costs(f, r, r.echoes)
             print(f"  round {round_ + 1} done", flush=True)
 
     print()
@@ -270,20 +264,10 @@ def main() -> None:
     worst: dict[str, float] = {}
     for window in args.windows:
         print(f"window {window}")
-        qemu = figures[window].get("qemu")
-        for config in configs:
-            f = figures[window].get(config)
-            if f is None:
-                continue
-            ratio, spread = ratio_columns(f.rate, qemu.rate if qemu else None, config, worst)
-            exits, py_exits, cpu = cost_columns(f)
-            print(f"  {LABELS[config]:28} {f.rate.median:7.0f} {f.rate.spread('.0f'):>13} {ratio:>7} {spread:>11}"
+        for label, f, (ratio, spread), (exits, py_exits, cpu) in table_rows(figures[window], configs, "rate", worst):
+            print(f"  {label:28} {f.rate.median:7.0f} {f.rate.spread('.0f'):>13} {ratio:>7} {spread:>11}"
                   f" {f.median.median:9.0f} {f.p99.median:7.0f} {exits:>9} {py_exits:>12} {cpu:>14} {f.lost:>5}")
-    for config, value in worst.items():
-        print(f"{LABELS[config]}: lowest ratio to QEMU {value:.2f} (goal >= 0.9)")
-    default = next((config for config in configs if LABELS[config].endswith("(default)")), None)
-    if default in worst:  # the lowest of the windows' medians, with the default notification path
-        print(f"net_ratio: {worst[default]:.2f}")
+    print_lowest_ratios(worst, configs, "net_ratio")
 
 
 if __name__ == "__main__":
