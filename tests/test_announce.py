@@ -13,6 +13,7 @@ import subprocess
 import time
 
 from pykvm.devices.net_backends import RECENT_SENDERS, SocketBackend
+from pykvm.testing.ft_pair import stop_pair
 from pykvm.testing.lan import run_in_netns
 from pykvm.testing.netframes import FrameSocket, Peer, mac_str
 from tests.conftest import VmmProcess, needs_netns, requires_kvm, run_pykvm
@@ -111,9 +112,7 @@ def test_takeover_announces_to_the_senders_of_a_socket_link(tmp_path, guest_imag
             assert _next_rarp(a.receive) == ANNOUNCE
             assert _next_rarp(b.receive) == ANNOUNCE
     finally:
-        if primary is not None:
-            primary.kill()
-        standby.kill()
+        stop_pair(primary, standby)
 
 
 @requires_kvm
@@ -171,6 +170,4 @@ def test_takeover_announces_on_a_tap(tmp_path, guest_images, netns):
         assert _next_rarp(receive) == ANNOUNCE
     finally:
         capture.close()
-        if primary is not None:
-            primary.kill()
-        standby.kill()
+        stop_pair(primary, standby)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pykvm.ft.demo import run_demo
+from pykvm.testing.ft_pair import stop_pair
 from pykvm.testing.kv import records_on_disk
 from pykvm.testing.netframes import FrameSocket, Peer
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm
@@ -110,9 +111,7 @@ def test_standby_memory_equals_primary_at_every_sync(tmp_path, guest_images):
         assert stats["verified"] >= 20 and stats["mismatches"] == 0, stats
         _kill_the_primary_and_check_dirty_runs_on(primary, standby)
     finally:
-        if primary is not None:
-            primary.kill()
-        standby.kill()
+        stop_pair(primary, standby)
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert records[0]["trigger"] == "full" and sum(r["trigger"] == "timer" for r in records) >= 20
 

@@ -16,6 +16,7 @@ from pykvm.ft.cow import CowMemory
 from pykvm.ft.demo import run_demo
 from pykvm.machine import Machine, MachineConfig
 from pykvm.memory import PAGE_SIZE
+from pykvm.testing.ft_pair import stop_pair
 from pykvm.transfer.wire import ProtocolError
 from pykvm.userfaultfd import UserfaultfdUnavailable
 from tests.conftest import SerialCapture, VmmProcess, requires_kvm, run_pykvm
@@ -81,9 +82,7 @@ def test_cow_mode_standby_memory_equals_primary_at_every_sync(tmp_path, guest_im
         assert mine["mode"] == "cow" and mine["wp_faults"] > 0, mine
         _kill_the_primary_and_check_dirty_runs_on(primary, standby)
     finally:
-        if primary is not None:
-            primary.kill()
-        standby.kill()
+        stop_pair(primary, standby)
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert {r["mode"] for r in records} == {"cow"}
     assert sum(r["trigger"] == "timer" for r in records) >= 20

@@ -12,6 +12,7 @@ import socket
 import threading
 from pathlib import Path
 
+from pykvm.testing.ft_pair import stop_pair
 from pykvm.transfer.snapshot import open_snapshot
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm
 from tests.test_ft import _free_port
@@ -104,9 +105,7 @@ def test_control_commands_during_ft_syncs(tmp_path, guest_images):
         assert "VERIFY FAILED" not in standby.errors and "primary lost" not in standby.errors
         assert "FAIL" not in primary.output
     finally:
-        if primary is not None:
-            primary.kill()
-        standby.kill()
+        stop_pair(primary, standby)
 
     for file in snapshots[KEPT_SNAPSHOTS:]:
         file.unlink()

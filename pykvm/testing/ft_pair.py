@@ -65,7 +65,7 @@ class FtPair:
         stop_pair(self.primary, self.standby, self.relay)
 
 
-def stop_pair(primary: VmmProcess | None, standby: VmmProcess | None, relay: Relay | None) -> None:
+def stop_pair(primary: VmmProcess | None, standby: VmmProcess | None, relay: Relay | None = None) -> None:
     """Kill whichever VMMs of an FT pair started, and close the relay between them if any."""
     for vmm in (primary, standby):
         if vmm is not None:
