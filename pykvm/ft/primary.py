@@ -395,7 +395,7 @@ class Primary:
         with self._cond:  # syncs sent but not acknowledged: their outputs are held again, first
             self._held[:0] = [output for done in self._in_flight for output in done.covered]
             self._in_flight = []
-        if not self._replicated.flush_own(f"the standby is lost ({reason}); going on without it", self.log):
+        if not self._replicated.flush_own(f"standby lost ({reason}); going on alone", self.log, alone=True):
             self._fence("a disk the guest flushed cannot be flushed here, and the standby that held it is lost")
             return
         if self.fencing is not None:
