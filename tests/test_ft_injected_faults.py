@@ -1,13 +1,16 @@
-"""Faults injected at each phase of a sync (pykvm.ft.faults: PYKVM_FT_FAULT), on the real thing:
-primary and standby VMM processes running the kv guest, a client writing records through the
-guest's link, a file witness. Whatever the fault, every record the client saw acknowledged is
-served by whoever runs the guest afterwards, and at most one copy of the guest lives: the other
-process died, fenced itself (75), or gave up without taking over."""
+"""Faults injected at each phase of a sync, at the loss of the standby and at a takeover
+(pykvm.ft.faults: PYKVM_FT_FAULT), on the real thing: primary and standby VMM processes running
+the kv guest, a client writing records through the guest's link, a file witness. Whatever the
+fault, every record the client saw acknowledged is served by whoever runs the guest afterwards
+(or, when neither side can, is on the disk of the one that ran it, and nothing was acknowledged
+after the fault), and at most one copy of the guest lives: the other process died, fenced itself
+(75), or gave up without taking over."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -16,8 +19,8 @@ from typing import Iterator
 import pytest
 
 from pykvm.ft.witness import open_witness
-from pykvm.testing.kv import KvClient
-from pykvm.testing.netframes import FrameSocket
+from pykvm.testing.kv import TRY, KvClient, records_on_disk
+from pykvm.testing.netframes import FrameSocket, parse_frame
 from tests.conftest import VmmProcess, requires_kvm
 from tests.test_fencing import MovableFileWitness, Pair, _assert_one_survivor
 
@@ -48,9 +51,9 @@ class Faulted:
 
 
 @contextlib.contextmanager
-def faulted(tmp_path, side: str, fault: str) -> Iterator[Faulted]:
+def faulted(tmp_path, side: str, fault: str, *, cut_at: int = 0) -> Iterator[Faulted]:
     """A pair whose `side` ("primary" or "standby") has `fault`; the client puts records until
-    one VMM has exited, then a few more."""
+    one VMM has exited, then a few more. `cut_at`: the link goes silent before that record."""
     witness = MovableFileWitness(tmp_path)
     pair = Pair(tmp_path, witness.uri, **{f"{side}_env": {"PYKVM_FT_FAULT": fault}})
     try:
@@ -59,6 +62,8 @@ def faulted(tmp_path, side: str, fault: str) -> Iterator[Faulted]:
             client = KvClient(link)
             deadline = time.monotonic() + FAULT_PATIENCE  # a time, not a count: unprotected puts are fast
             for seq in itertools.count(1):
+                if seq == cut_at:
+                    pair.relay.cut()
                 assert client.put(seq, f"record-{seq}"), f"put {seq} never acknowledged"
                 gone = next((vmm for vmm in (pair.primary, pair.standby) if vmm.proc.poll() is not None), None)
                 if gone is not None:
@@ -69,6 +74,35 @@ def faulted(tmp_path, side: str, fault: str) -> Iterator[Faulted]:
             yield Faulted(pair, client, gone, witness.uri, epoch)
     finally:
         pair.close()
+
+
+def put_until_gone(client: KvClient, vmm: VmmProcess, first: int) -> int:
+    """Put records from `first` on, one at a time, each sent once and its `ok` awaited (then it is
+    in client.acked), until `vmm`, which runs the guest, has exited; returns the last record put.
+    Once the process is gone, everything it sent is in the link's socket: that is read to the
+    end, so an `ok` it sent after its fault is counted, and nothing of it is left there."""
+    deadline, seq = time.monotonic() + FAULT_PATIENCE, first - 1
+    while vmm.proc.poll() is None:
+        seq += 1
+        client.peer.send_udp(9000, f"put {seq} record-{seq}".encode())
+        while True:
+            gone = vmm.proc.poll() is not None  # before the read: all it sent is in the socket by now
+            data = client.peer.link.receive(0 if gone else TRY)
+            if data is None and gone:
+                break
+            if data is None:
+                assert time.monotonic() < deadline, f"still running after record {seq}:\n{vmm.errors}"
+                continue
+            udp = parse_frame(data).udp
+            if udp is not None and udp.payload == f"ok {seq}".encode():
+                client.acked[seq] = f"record-{seq}"
+                break
+    return seq
+
+
+def _assert_on_disk(path: str, acked: dict[int, str]) -> None:
+    on_disk = records_on_disk(path)
+    assert {seq: on_disk.get(seq) for seq in acked} == {seq: value.encode() for seq, value in acked.items()}
 
 
 @pytest.mark.parametrize("count", [0, 100, WHOLE_SYNC], ids=["nothing", "100-bytes", "all"])
@@ -97,6 +131,77 @@ def test_a_primary_whose_own_flush_fails_fences_and_the_standby_serves(tmp_path)
         standby.stderr.wait_for(b"took over from sync ")
         assert standby.proc.poll() is None and after.winner() == "standby"
         after.client.check_all_served()
+
+
+def test_a_primary_that_cannot_flush_alone_fences_and_acknowledges_nothing_more(tmp_path):
+    """Ten records are put; the standby hangs (SIGSTOP: silence), and one more is put. The guest
+    writes it, flushes it (done at once: the sync will flush it) and answers `ok`, held for a
+    sync the standby never acknowledges. The primary gives the standby up, and cannot flush its
+    own disk before going on alone (EIO): the flush the guest was told is done is durable
+    nowhere, so the primary fences (75) without claiming the epoch, that `ok` never leaves, and
+    the ten records acknowledged are on the primary's disk."""
+    witness = MovableFileWitness(tmp_path)
+    pair = Pair(tmp_path, witness.uri, primary_env={"PYKVM_FT_FAULT": "primary-flush-fails-alone"})
+    try:
+        epoch = open_witness(witness.uri).read().number
+        with FrameSocket(tmp_path / "client.sock", pair.link) as link:
+            client = KvClient(link)
+            for seq in range(1, 11):
+                assert client.put(seq, f"record-{seq}"), f"put {seq} never acknowledged"
+            os.kill(pair.standby.proc.pid, signal.SIGSTOP)
+            last = put_until_gone(client, pair.primary, 11)
+        primary = pair.primary
+        assert primary.wait() == 75, primary.errors
+        assert "ft primary: standby lost (" in primary.errors, primary.errors
+        assert (f"); going on alone, but flushing {pair.primary_disk} failed: Input/output error "
+                "(injected: PYKVM_FT_FAULT)") in primary.errors, primary.errors
+        assert "\nfenced: a disk the guest flushed cannot be flushed here" in primary.errors, primary.errors
+        assert "claiming epoch" not in primary.errors
+        assert open_witness(witness.uri).read().number == epoch  # nobody holds the right to run the guest
+        assert (last, sorted(client.acked)) == (11, list(range(1, 11)))  # no `ok` after the fault
+        _assert_on_disk(pair.primary_disk, client.acked)
+    finally:
+        pair.close()
+
+
+def test_a_primary_that_cannot_flush_alone_leaves_the_epoch_to_its_standby(tmp_path):
+    """The link goes silent; the primary cannot flush its own disk before going on alone, so it
+    fences (75) without claiming the epoch, and the standby, cut off but alive with every
+    acknowledged sync, wins it, takes over and serves every acknowledged record."""
+    with faulted(tmp_path, "primary", "primary-flush-fails-alone", cut_at=10) as after:
+        primary, standby = after.pair.primary, after.pair.standby
+        assert after.gone is primary and primary.wait() == 75, primary.errors
+        assert "; going on alone, but flushing " in primary.errors and "claiming epoch" not in primary.errors
+        standby.stderr.wait_for(b"took over from sync ")
+        assert standby.proc.poll() is None and after.winner() == "standby"
+        after.client.check_all_served()
+
+
+def test_a_standby_that_cannot_flush_its_disk_does_not_take_over(tmp_path):
+    """The primary dies once all of sync K is sent, records being put (the standby commits K);
+    the standby's flush of its disk before the guest would run there fails (EIO). It says why
+    in one line, exits 1, and neither runs the guest (nothing on its console, no frame on the
+    link, not even the takeover's announcement) nor claims the epoch."""
+    witness = MovableFileWitness(tmp_path)
+    pair = Pair(tmp_path, witness.uri, primary_env={"PYKVM_FT_FAULT": f"primary-die-after-bytes:{K}:{WHOLE_SYNC}"},
+                standby_env={"PYKVM_FT_FAULT": "standby-takeover-flush-fails"})
+    try:
+        epoch = open_witness(witness.uri).read().number
+        with FrameSocket(tmp_path / "client.sock", pair.link) as link:
+            client = KvClient(link)
+            assert client.put(1, "record-1"), "the guest never answered"
+            last = put_until_gone(client, pair.primary, 2)
+            primary, standby = pair.primary, pair.standby
+            assert primary.wait() == -signal.SIGKILL and last not in client.acked, primary.errors
+            assert standby.wait() == 1, standby.errors
+            assert link.receive(0) is None  # all the standby sent is here: nothing
+        assert (f"\nft standby: the disks of sync {K} cannot be flushed: [Errno 5] Input/output error (injected: "
+                "PYKVM_FT_FAULT); not taking over\n") in standby.errors, standby.errors
+        assert "took over" not in standby.errors and "won epoch" not in standby.errors and standby.output == ""
+        record = open_witness(witness.uri).read()
+        assert record.number == epoch and record.owner.startswith("primary"), record
+    finally:
+        pair.close()
 
 
 def test_a_standby_that_dies_before_its_ack(tmp_path):

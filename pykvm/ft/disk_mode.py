@@ -157,14 +157,14 @@ class ReplicatedDisks:
         disks = [disk for disk, written in zip(self.disks, changes) if full or written]
         return _flusher().submit(_flush_disks, sync, disks) if disks else None
 
-    def flush_own(self, why: str, log: Callable[[str], None]) -> bool:
+    def flush_own(self, why: str, log: Callable[[str], None], *, alone: bool = False) -> bool:
         """The guest's flushes, deferred to the syncs while there was a standby, made here:
-        before the primary goes on alone, or ends. False if a disk cannot be flushed."""
+        before the primary goes on `alone`, or ends. False if a disk cannot be flushed."""
         for disk in self.disks:
             if disk.flush_deferred:
                 disk.flush_deferred = False  # first: a flush from now on is made here again
                 try:
-                    _flush(disk)
+                    _flush(disk, alone=alone)
                 except OwnFlushFailed as error:
                     log(f"ft primary: {why}, but {error}")
                     return False
@@ -181,11 +181,14 @@ def _flush_disks(sync: int, disks: list[Blk]) -> None:
         _flush(disk, sync)
 
 
-def _flush(disk: Blk, sync: int | None = None) -> None:
-    """fdatasync the primary's copy of `disk` (`sync`: the sync it is made for, a fault's point)."""
+def _flush(disk: Blk, sync: int | None = None, *, alone: bool = False) -> None:
+    """fdatasync the primary's copy of `disk` (`sync`: the sync it is made for; `alone`: made before
+    going on without a standby; the faults' points)."""
     try:
         if sync is not None:
             faults.flushing_own(sync)
+        elif alone:
+            faults.flushing_alone()
         disk.disk.flush()
     except OSError as error:
         raise OwnFlushFailed(f"flushing {disk.disk.spec.path} failed: {error.strerror}") from None

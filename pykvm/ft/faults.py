@@ -1,7 +1,8 @@
 """Deterministic fault injection for the FT tests: one fault per VMM process, named by the
 environment variable `PYKVM_FT_FAULT=NAME[:ARG...]` and read once, at import.
 
-Each fault is injected by one hook, a call at one point of a sync in ft.primary or ft.standby:
+Each fault is injected by one hook, a call at one point of a sync, of the loss of the standby or of
+a takeover, in ft.primary, ft.disk_mode or ft.standby:
 
     fault                          side     hook             what happens
     primary-thread-crash           primary  syncing_output   the FT thread raises at its first sync
@@ -12,6 +13,10 @@ Each fault is injected by one hook, a call at one point of a sync in ft.primary 
     primary-flush-fails:K          primary  flushing_own     the primary's own flush of the disks sync
                                                              K wrote fails (EIO): it must fence, the
                                                              outputs the sync covers never leave
+    primary-flush-fails-alone      primary  flushing_alone   the primary lost its standby; its flush of
+                                                             the disks, before it claims the epoch and
+                                                             goes on alone, fails (EIO): it must fence
+                                                             unclaimed, releasing nothing it held
     link-cut-after-ack:K           primary  acknowledged     the Ack of sync K came, its outputs are not
                                                              released yet: the primary's end of the link
                                                              goes silent without closing (what it sends
@@ -21,6 +26,10 @@ Each fault is injected by one hook, a call at one point of a sync in ft.primary 
                                                              name; EIO unless given)
     standby-die-before-ack:K       standby  acking           sync K is committed; the process SIGKILLs
                                                              itself before the Ack goes out
+    standby-takeover-flush-fails   standby  taking_over      the primary is lost; the standby's flush of
+                                                             its disks, before the guest runs and the
+                                                             epoch is claimed, fails (EIO): it must not
+                                                             take over (exit 1, the epoch unclaimed)
 
 Syncs are numbered as on the wire and in `took over from sync N`: the full sync is 1. A sync is
 sent in several pieces (a frame of pages each): N counts across them. Unset, a hook costs one
@@ -42,9 +51,11 @@ ARGUMENTS = {  # fault -> its arguments' names (a trailing "?" marks the optiona
     "primary-thread-crash": (),
     "primary-die-after-bytes": ("K", "N"),
     "primary-flush-fails": ("K",),
+    "primary-flush-fails-alone": (),
     "link-cut-after-ack": ("K",),
     "standby-disk-fails": ("K", "ERRNO?"),
     "standby-die-before-ack": ("K",),
+    "standby-takeover-flush-fails": (),
 }
 
 
@@ -82,6 +93,11 @@ _silenced: list[object] = []  # a cut link's ends, kept open: closing them would
 
 def _is(name: str, sync: int = 0) -> bool:
     return FAULT is not None and FAULT.name == name and FAULT.sync == sync
+
+
+def _fail_io(code: int = errno.EIO) -> None:
+    """As a failing disk would."""
+    raise OSError(code, f"{os.strerror(code)} (injected: {ENVIRONMENT})")
 
 
 def _die() -> None:
@@ -123,7 +139,13 @@ def sync_sent(sync: int) -> None:
 def flushing_own(sync: int) -> None:
     """The primary is about to flush its own copy of the disks sync `sync` wrote (ft.disk_mode)."""
     if _is("primary-flush-fails", sync):
-        raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (injected: {ENVIRONMENT})")
+        _fail_io()
+
+
+def flushing_alone() -> None:
+    """The primary lost its standby and is about to flush its own copy of a disk (ft.disk_mode)."""
+    if _is("primary-flush-fails-alone"):
+        _fail_io()
 
 
 def acknowledged(sync: int, sock: socket.socket) -> None:
@@ -144,10 +166,16 @@ def acknowledged(sync: int, sock: socket.socket) -> None:
 def writing_disk(sync: int) -> None:
     """The standby is about to write sync `sync`'s disk changes."""
     if FAULT is not None and FAULT.name == "standby-disk-fails" and sync >= FAULT.sync:
-        raise OSError(FAULT.errno, f"{os.strerror(FAULT.errno)} (injected: {ENVIRONMENT})")
+        _fail_io(FAULT.errno)
 
 
 def acking(sync: int) -> None:
     """Sync `sync` is committed; the standby is about to send its Ack."""
     if _is("standby-die-before-ack", sync):
         _die()
+
+
+def taking_over() -> None:
+    """The primary is lost; the standby is about to flush its disks to take over."""
+    if _is("standby-takeover-flush-fails"):
+        _fail_io()

@@ -19,10 +19,10 @@ What a sync carries is taken by ft.capture; its figures go to ft.metrics. In cow
 the guest runs while the pages are copied out under write-protection, and a sync may start
 before the last one's Ack: that sync's outputs go at its Ack, read between the next one's steps.
 
-Between outputs, the FT thread sends heartbeats. If the standby is lost, the primary claims the
-next epoch at the witness (ft.fencing): won, it releases what it holds and goes on unprotected
-(`ft-protect` attaches a new standby with a full sync); lost, it fences itself. So does an FT
-thread that fails: outputs it holds must never be released by accident, nor held forever silently.
+Between outputs, the FT thread sends heartbeats. A primary that lost its standby flushes its disks,
+then claims the next epoch at the witness (ft.fencing): won, it releases what it holds and goes on
+unprotected (`ft-protect` attaches a new standby with a full sync); lost, or a failed flush, it
+fences itself. So does a failing FT thread: what it holds must never leave by accident, nor wait forever.
 
 The tests inject faults at points of a sync through ft.faults (PYKVM_FT_FAULT); each `faults.`
 call below is one such point, and does nothing unless its fault was asked for.
@@ -388,11 +388,16 @@ class Primary:
         return self._release(self._take_held())
 
     def _lose_standby(self, reason: str) -> None:
-        """Claim the next epoch with the socket still open (a standby that sees it close has
-        lost); won: go on unprotected, releasing what is held; lost: fence, releasing nothing."""
+        """Flush the disks here (gates still in: an output made meanwhile may follow a flush durable
+        nowhere yet), then claim the next epoch with the socket still open (a standby that sees it
+        close has lost); won: go on unprotected, releasing what is held; lost, or a disk that cannot
+        be flushed: fence, releasing nothing, and leave the epoch to a live standby, which can."""
         with self._cond:  # syncs sent but not acknowledged: their outputs are held again, first
             self._held[:0] = [output for done in self._in_flight for output in done.covered]
             self._in_flight = []
+        if not self._replicated.flush_own(f"standby lost ({reason}); going on alone", self.log, alone=True):
+            self._fence("a disk the guest flushed cannot be flushed here, and the standby that held it is lost")
+            return
         if self.fencing is not None:
             self.log(f"ft primary: standby lost ({reason}); claiming epoch {self.fencing.epoch.number + 1} "
                      f"at {self.fencing.uri}")
@@ -414,9 +419,6 @@ class Primary:
         if self._sock is not None:
             self._sock.close()
         self._sock, self._protocol = None, None
-        if not self._replicated.flush_own("going on without a standby", self.log):  # the guest was told its data is safe
-            self._fence("a disk the guest flushed cannot be flushed here, and the standby that held it is lost")
-            return
         self._release_all()
 
     def _fence(self, reason: str) -> None:

@@ -415,6 +415,7 @@ class Standby:
         except StateError as error:
             raise TakeoverImpossible(f"the state of sync {self.committed_sync} does not restore: {error}") from None
         try:  # the commits wrote without flushing (ft.disk_mode): the guest's flushes are made here now
+            faults.taking_over()
             self._flush(range(len(self.disks)))
         except OSError as error:
             raise TakeoverImpossible(f"the disks of sync {self.committed_sync} cannot be flushed: {error}") from None
