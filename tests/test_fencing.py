@@ -79,16 +79,17 @@ class Pair:
             standby_disk, primary_options = self.primary_disk, (*primary_options, "--ft-disk", "shared")
         self.link = str(tmp_path / "link.sock")
         port = _free_port()
+        patience = ("--ft-timeout", "1000")  # a load spike on a shared host must not look like a lost peer
         self.primary: VmmProcess | None = None
         self.relay: Relay | None = None
         self.standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--disk", standby_disk,
                                   "--net", f"socket:{self.link}", "--ft-witness", witness_uri,
-                                  "--control", str(tmp_path / "s.ctl"), env=standby_env)
+                                  "--control", str(tmp_path / "s.ctl"), *patience, env=standby_env)
         self.standby.stderr.wait_for(f"ft standby: waiting for a primary on tcp:127.0.0.1:{port}".encode())
         self.relay = Relay(("127.0.0.1", port))
         self.primary = VmmProcess("run", "kv", "--disk", self.primary_disk, "--net", f"socket:{self.link}",
                                   "--ft", self.relay.uri, "--ft-witness", witness_uri,
-                                  "--control", str(tmp_path / "p.ctl"), *primary_options, env=primary_env)
+                                  "--control", str(tmp_path / "p.ctl"), *patience, *primary_options, env=primary_env)
         self.primary.stderr.wait_for(f"ft primary: protected by {self.relay.uri}".encode())
 
     def first_to_exit(self, timeout: float = 120) -> VmmProcess:
