@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.ft import Child, free_port  # noqa: E402
+from bench.harness import Child, free_port  # noqa: E402
 from pykvm.ft.protocol import SYNC_MODES  # noqa: E402
 from pykvm.testing.kv import KvClient, records_on_disk  # noqa: E402
 from pykvm.testing.netframes import FrameSocket  # noqa: E402

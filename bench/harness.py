@@ -1,6 +1,7 @@
-"""What bench/blk.py and bench/net.py share: a guest under QEMU (KVM) as the reference, KVM's own
-exit counters for a vCPU of either VMM, the CPU time a VMM spends outside its guest, the
-configurations compared, and the figures' table rows and summary lines.
+"""What the benchmarks share. bench/blk.py and bench/net.py: a guest under QEMU (KVM) as the
+reference, KVM's own exit counters for a vCPU of either VMM, the CPU time a VMM spends outside its
+guest, the configurations compared, and the figures' table rows and summary lines. The FT
+benchmarks (bench/ft*.py): a free loopback port and a pykvm process whose stderr lines are waited on.
 
 KVM counts every exit of a vCPU, also those it handles itself (an ioeventfd notify, an interrupt
 window), in its binary statistics (`KVM_GET_STATS_FD`, the `exits` counter). pykvm's vCPUs are in
@@ -18,6 +19,7 @@ import socket
 import statistics
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -95,6 +97,53 @@ def pykvm_cpu_ns(machine) -> int:
     """vmm_cpu_ns of this process, whose vCPU threads are the machine's."""
     vcpus = {vcpu.thread.native_id for vcpu in machine.vm.vcpus if vcpu.thread is not None}
     return vmm_cpu_ns(os.getpid(), lambda tid, name: tid in vcpus)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+_CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+
+
+class Child:
+    """A pykvm process; stderr lines kept so we can wait for one."""
+
+    def __init__(self, *args: str) -> None:
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.proc = subprocess.Popen([sys.executable, "-m", "pykvm", *args], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_CHILD_ENV)
+        self.out = bytearray()
+        threading.Thread(target=self._read, args=(self.proc.stderr, True), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc.stdout, False), daemon=True).start()
+
+    def _read(self, stream, is_err: bool) -> None:
+        for raw in stream:
+            with self.cond:
+                if is_err:
+                    self.lines.append(raw.decode(errors="replace").rstrip())
+                else:
+                    self.out += raw
+                self.cond.notify_all()
+
+    def wait_line(self, text: str, timeout: float = 30) -> str:
+        with self.cond:
+            if not self.cond.wait_for(lambda: any(text in line for line in self.lines), timeout):
+                raise SystemExit(f"never saw {text!r}: {self.lines}")
+            return next(line for line in self.lines if text in line)
+
+    def wait_out(self, text: bytes, count: int = 1, timeout: float = 30) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.out.count(text) >= count, timeout):
+                raise SystemExit(f"never printed {text!r}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
 
 class QemuGuest:
