@@ -22,7 +22,9 @@ from pykvm.ft.witness import open_witness
 from pykvm.testing.kv import TRY, KvClient, records_on_disk
 from pykvm.testing.netframes import FrameSocket, parse_frame
 from tests.conftest import VmmProcess, requires_kvm
+from pykvm.testing.ft_pair import stop_pair
 from tests.test_fencing import MovableFileWitness, Pair, _assert_one_survivor
+from tests.test_ft import _disks, _free_port
 
 pytestmark = requires_kvm
 
@@ -131,6 +133,36 @@ def test_a_primary_whose_own_flush_fails_fences_and_the_standby_serves(tmp_path)
         standby.stderr.wait_for(b"took over from sync ")
         assert standby.proc.poll() is None and after.winner() == "standby"
         after.client.check_all_served()
+
+
+def test_a_primary_whose_full_sync_cannot_be_flushed_fences_before_its_guest_runs(tmp_path):
+    """The primary's own flush for its full sync (sync 1, made before its guest runs) fails: it
+    fences (75) with that reason in one line and no traceback, and the standby, which committed
+    sync 1, takes over and serves the guest from its start."""
+    witness = MovableFileWitness(tmp_path)
+    primary_disk, standby_disk = _disks(tmp_path, "p.img", "s.img")
+    link, port = str(tmp_path / "link.sock"), _free_port()
+    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--disk", standby_disk,
+                         "--net", f"socket:{link}", "--ft-witness", witness.uri)
+    primary = None
+    try:
+        standby.stderr.wait_for(b"waiting for a primary")
+        primary = VmmProcess("run", "kv", "--disk", primary_disk, "--net", f"socket:{link}", "--ft",
+                             f"tcp:127.0.0.1:{port}", "--ft-witness", witness.uri,
+                             env={"PYKVM_FT_FAULT": "primary-flush-fails:1"})
+        assert primary.wait() == 75, primary.errors
+        assert (f"\nfenced: a disk the guest flushed cannot be flushed here: flushing {primary_disk} failed: "
+                "Input/output error (injected: PYKVM_FT_FAULT)\n") in "\n" + primary.errors, primary.errors
+        assert "Traceback" not in primary.errors and primary.output == ""  # its guest never ran
+        standby.stderr.wait_for(b"took over from sync 1 ")
+        standby.wait_for(b"kv: ready")
+        with FrameSocket(tmp_path / "client.sock", link) as sock:
+            client = KvClient(sock)
+            assert client.put(1, "after-the-fence")
+            client.check_all_served()
+        assert open_witness(witness.uri).read().owner.startswith("standby")
+    finally:
+        stop_pair(primary, standby)
 
 
 def test_a_primary_that_cannot_flush_alone_fences_and_acknowledges_nothing_more(tmp_path):

@@ -86,6 +86,7 @@ class Primary:
         self.tls = tls
         self.fencing = fencing
         self.fenced = False
+        self.fence_reason = ""  # why, once fenced
         self.interval, self.disk_mode, self.mode = interval, disk_mode, mode
         self._cow: CowMemory | None = None  # cow mode: the write-protection of guest RAM, while protected
         self._in_flight: list[InFlight] = []  # cow mode: syncs sent, awaiting their Ack, oldest first
@@ -169,8 +170,11 @@ class Primary:
         except (OSError, wire.ProtocolError) as error:
             self._lose_standby(str(error))
             if self.fenced:
-                raise Fenced(f"the full sync to {uri} failed ({error}) and the standby won") from None
+                raise Fenced(f"the full sync to {uri} failed ({error}); {self.fence_reason}") from None
             raise FtError(f"the full sync to {uri} failed: {error}") from None
+        except OwnFlushFailed as error:  # as in a sync of the FT thread's (_serve_outputs)
+            self._fence(f"a disk the guest flushed cannot be flushed here: {error}")
+            raise Fenced(f"protecting by {uri}: {self.fence_reason}") from None
         self.log(f"ft primary: protected by {uri}")
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="ft-primary", daemon=True)
@@ -270,7 +274,7 @@ class Primary:
         """A round trip: the standby hears that we live, and we hear that it does (a silent
         standby is lost like a failed sync, so a primary with no outputs notices a cut link)."""
         wire.send_buffers(self._sock, self._protocol.send(p.Heartbeat()))
-        _expect(p.Heartbeat, p.receive_event(self._sock, self._protocol), "a heartbeat")
+        p.expect_answer(p.Heartbeat, p.receive_event(self._sock, self._protocol), "a heartbeat")
         self.stats.heartbeats += 1
 
     def _sync(self, trigger: str, *, full: bool = False) -> None:
@@ -325,7 +329,7 @@ class Primary:
                     covered = []
                     self._collect_acks(block=False)
                     return
-                _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {taken.sync}")
+                p.expect_answer(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {taken.sync}")
                 faults.acknowledged(taken.sync, self._sock)
                 acked = time.perf_counter()
                 delays = self._release_acknowledged(done)
@@ -347,7 +351,7 @@ class Primary:
         while self._in_flight and (block or readable(self._sock)):
             block = False
             oldest = self._in_flight[0]
-            _expect(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {oldest.sync}")
+            p.expect_answer(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {oldest.sync}")
             faults.acknowledged(oldest.sync, self._sock)
             acked = time.perf_counter()
             self._in_flight.pop(0)
@@ -427,6 +431,7 @@ class Primary:
         with self._cond:
             self.fenced = self._stopping = True
             self._cond.notify_all()
+        self.fence_reason = reason
         self.stats.protected = False
         self.log(f"fenced: {reason}")
         self.machine.vm.stop(EXIT_FENCED, f"fenced: {reason}", kind=StopKind.FAILED)
@@ -436,14 +441,6 @@ class Primary:
         guest's writes met during syncs, and how many of them copied a page aside."""
         cow = {"wp_faults": self._cow.faults, "copied_aside": self._cow.copied_aside} if self._cow else {}
         return {**self.stats.summary(), "mode": self.mode, **cow}
-
-
-def _expect(event_type: type, event: p.Event, what: str) -> None:
-    """The standby's answer must be `event_type`; a StandbyFault says why it gave up."""
-    if isinstance(event, p.StandbyFault):
-        raise wire.ProtocolError(f"the standby gave up at {what}: {event.reason}")
-    if not isinstance(event, event_type):
-        raise wire.ProtocolError(f"the standby answered {type(event).__name__} to {what}")
 
 
 def _trigger(function: GatedFunction) -> str:

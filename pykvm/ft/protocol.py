@@ -256,5 +256,13 @@ def receive_event(sock: socket.socket, connection: FtConnection) -> Event:
             return event
 
 
+def expect_answer(event_type: type, event: Event, what: str) -> None:
+    """The standby's answer to `what` must be `event_type`; a StandbyFault says why it gave up."""
+    if isinstance(event, StandbyFault):
+        raise ProtocolError(f"the standby gave up at {what}: {event.reason}")
+    if not isinstance(event, event_type):
+        raise ProtocolError(f"the standby answered {type(event).__name__} to {what}")
+
+
 def _refuse_pages(slot: int, pages: np.ndarray) -> list[memoryview]:
     raise ProtocolError("page data is not expected here")
