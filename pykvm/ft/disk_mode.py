@@ -4,9 +4,10 @@ the standby follows its Hello).
 replicated (the default): the standby has a copy of each disk of its own. A disk write is not an
 output: it completes on the primary at once and travels to the standby with the next sync (as
 in Remus), which applies it under its undo journal (ft.journal). Only frames wait for a sync.
-A flush completes at once as well (Blk.flush_deferred): each sync that carries writes
-fdatasyncs the primary's copy of those disks on a thread of its own while the sync travels
-(`flush_for_sync`), and the outputs it covers wait for that flush as they wait for the Ack. So a
+A flush completes at once as well (Blk.flush_deferred): each sync that covers a guest flush
+fdatasyncs the primary's copy of that disk on a thread of its own while the sync travels
+(`flush_for_sync`), and the outputs it covers wait for that flush as they wait for the Ack
+(writes that no flush covers are not fdatasynced, as without FT). So a
 flush's promise is kept by the primary's disk, and the standby's commit needs no fdatasync: its
 page cache serves a takeover, which flushes the standby's disks before the guest runs. The
 primary flushes its own disks before it goes on alone, and when it ends.
@@ -118,10 +119,12 @@ class ReplicatedDisks:
         self.backlog_limit = backlog_limit
         self._written: list[list[tuple[int, int]]] = []  # per disk, ranges since the last capture
         self.backlog = 0  # their bytes
+        self._flushes_seen: list[int] = []  # per disk, Blk.deferred_flushes at the last capture
 
     def attach(self) -> None:
         """From now on each write is recorded, and a guest flush is the standby's commit."""
         self._written, self.backlog = [[] for _ in self.disks], 0
+        self._flushes_seen = [disk.deferred_flushes for disk in self.disks]
         for index, disk in enumerate(self.disks):
             disk.write_observer = lambda offset, length, i=index: self._record(i, offset, length)
             disk.flush_deferred = True
@@ -149,12 +152,14 @@ class ReplicatedDisks:
         return [[] if full else list(contents(disk.disk, merge_ranges(ranges)))
                 for disk, ranges in zip(self.disks, written)]
 
-    def flush_for_sync(self, sync: int, changes: list[list[DiskChange]], *, full: bool) -> Future | None:
-        """(Quiesced, at the capture of sync `sync`) start fdatasyncing the disks it carries
-        writes of (all of them for a full sync) on the flusher thread; None if there are none. The
-        outputs the sync covers must wait for the result (which raises OwnFlushFailed) as for
-        its Ack."""
-        disks = [disk for disk, written in zip(self.disks, changes) if full or written]
+    def flush_for_sync(self, sync: int, *, full: bool) -> Future | None:
+        """(Quiesced, at the capture of sync `sync`) start fdatasyncing the disks the guest flushed
+        since the last capture (all of them for a full sync) on the flusher thread; None if there
+        are none. The outputs the sync covers must wait for the result (which raises
+        OwnFlushFailed) as for its Ack."""
+        counts = [disk.deferred_flushes for disk in self.disks]
+        disks = [disk for disk, now, seen in zip(self.disks, counts, self._flushes_seen) if full or now != seen]
+        self._flushes_seen = counts
         return _flusher().submit(_flush_disks, sync, disks) if disks else None
 
     def flush_own(self, why: str, log: Callable[[str], None], *, alone: bool = False) -> bool:

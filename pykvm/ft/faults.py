@@ -10,9 +10,9 @@ a takeover, in ft.primary, ft.disk_mode or ft.standby:
     primary-die-after-bytes:K:N    primary  sending_sync,    the process SIGKILLs itself once N bytes
                                             sync_sent        of sync K are sent, or all of it if it is
                                                              shorter (before the Ack is read)
-    primary-flush-fails:K          primary  flushing_own     the primary's own flush of the disks sync
-                                                             K wrote fails (EIO): it must fence, the
-                                                             outputs the sync covers never leave
+    primary-flush-fails:K          primary  flushing_own     the primary's own flush of the disks the
+                                                             guest flushed in sync K fails (EIO): it
+                                                             must fence, the sync's outputs never leave
     primary-flush-fails-alone      primary  flushing_alone   the primary lost its standby; its flush of
                                                              the disks, before it claims the epoch and
                                                              goes on alone, fails (EIO): it must fence
@@ -137,7 +137,7 @@ def sync_sent(sync: int) -> None:
 
 
 def flushing_own(sync: int) -> None:
-    """The primary is about to flush its own copy of the disks sync `sync` wrote (ft.disk_mode)."""
+    """The primary is about to flush its own copy of the disks the guest flushed in sync `sync` (ft.disk_mode)."""
     if _is("primary-flush-fails", sync):
         _fail_io()
 

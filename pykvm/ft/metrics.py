@@ -32,7 +32,7 @@ class SyncRecord:
 @dataclass
 class InFlight:
     """A sync sent and not yet acknowledged (cow mode has up to two), the outputs its Ack
-    releases, and the primary's own flush of the disks it carries writes of (ft.disk_mode)."""
+    releases, and the primary's own flush of the disks the guest flushed in it (ft.disk_mode)."""
 
     sync: int
     trigger: str

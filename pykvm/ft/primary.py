@@ -305,7 +305,7 @@ class Primary:
                                    f"{len(covered)} outputs held")
             try:
                 changes = self._replicated.take(full)
-                flushing = self._replicated.flush_for_sync(number, changes, full=full)  # while the sync travels
+                flushing = self._replicated.flush_for_sync(number, full=full)  # while the sync travels
                 taken = capture(self.machine, self._protocol, trigger, changes, self._replicated.disks,
                                 self._states, full=full, verify=self.verify,
                                 copy_into=self._copies if pipelined else None, cow=cow)
@@ -375,8 +375,8 @@ class Primary:
         return held
 
     def _release_acknowledged(self, done: InFlight) -> list[float]:
-        """Sync `done` is acknowledged: its outputs go once the primary's own flush of the disks it
-        carries writes of is done too (ft.disk_mode; OwnFlushFailed fences)."""
+        """Sync `done` is acknowledged: its outputs go once the primary's own flush of the disks the
+        guest flushed in it is done too (ft.disk_mode; OwnFlushFailed fences)."""
         if done.flushing is not None:
             done.flushing.result()
         return self._release(done.covered)

@@ -134,9 +134,10 @@ class Blk(v.VirtioDevice):
             self.features |= F_DISCARD | F_WRITE_ZEROES
         self.requests = 0  # served, for benchmarks and metrics
         self.write_observer: DiskWriteObserver | None = None  # FT ships the changed ranges to the standby
-        # FT with a replicated standby: a flush completes at once, since the sync that carries the
-        # writes before it fdatasyncs this file before any output that could follow it leaves (ft.disk_mode)
+        # FT with a replicated standby: a flush completes at once, since the sync that covers it
+        # fdatasyncs this file before any output that could follow it leaves (ft.disk_mode)
         self.flush_deferred = False
+        self.deferred_flushes = 0  # those flushes, counted: a sync covering one flushes the file
 
     def config_bytes(self) -> bytes:
         """virtio_blk_config up to write_zeroes_may_unmap (60 bytes)."""
@@ -186,7 +187,11 @@ class Blk(v.VirtioDevice):
                 status = self._write(sector, self._out_data(chain))
             elif kind == T_FLUSH:
                 status = S_OK
-                if not self.disk.spec.readonly and not self.flush_deferred:
+                if self.disk.spec.readonly:
+                    pass
+                elif self.flush_deferred:
+                    self.deferred_flushes += 1
+                else:
                     os.fdatasync(self.disk.fd)
             elif kind == T_GET_ID:
                 written = scatter(in_data, self.serial.ljust(ID_BYTES, b"\0"))
