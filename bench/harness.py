@@ -300,7 +300,6 @@ def cost_columns(f) -> tuple[str, str, str]:
     return show(f.exits, ".2f"), show(f.py_exits, ".2f"), show(f.cpu_us, ".1f")
 
 
-
 def table_rows(group: dict, configs: list[str], compared: str, worst: dict[str, float]):
     """One group of the table (a test, a window): for each configuration that ran, its label, its
     figures, the "vs QEMU" columns of its series `compared` (ratio_columns) and its cost columns."""
