@@ -122,7 +122,8 @@ class ReplicatedDisks:
         self._flushes_seen: list[int] = []  # per disk, Blk.deferred_flushes at the last capture
 
     def attach(self) -> None:
-        """From now on each write is recorded, and a guest flush is the standby's commit."""
+        """From now on each write is recorded, and a guest flush completes at once (counted: the
+        sync that covers it flushes the disk, flush_for_sync)."""
         self._written, self.backlog = [[] for _ in self.disks], 0
         self._flushes_seen = [disk.deferred_flushes for disk in self.disks]
         for index, disk in enumerate(self.disks):
