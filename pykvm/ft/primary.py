@@ -62,6 +62,7 @@ CONNECT_TIMEOUT = 5.0
 # Bytes written to replicated disks since the last sync that make the next one start (it reads them
 # with the guest paused: kept well below the standby's patience)
 DISK_BACKLOG = 2 << 20
+_UNFLUSHED = "a disk the guest flushed cannot be flushed here: {}"  # the guest was told its data is safe: fence
 
 
 class FtError(Exception):
@@ -173,7 +174,7 @@ class Primary:
                 raise Fenced(f"the full sync to {uri} failed ({error}); {self.fence_reason}") from None
             raise FtError(f"the full sync to {uri} failed: {error}") from None
         except OwnFlushFailed as error:  # as in a sync of the FT thread's (_serve_outputs)
-            self._fence(f"a disk the guest flushed cannot be flushed here: {error}")
+            self._fence(_UNFLUSHED.format(error))
             raise Fenced(f"protecting by {uri}: {self.fence_reason}") from None
         self.log(f"ft primary: protected by {uri}")
         if self._thread is None:
@@ -267,7 +268,7 @@ class Primary:
                 except (OSError, wire.ProtocolError) as error:
                     self._lose_standby(str(error))
                 except OwnFlushFailed as error:  # the guest was told its data is safe
-                    self._fence(f"a disk the guest flushed cannot be flushed here: {error}")
+                    self._fence(_UNFLUSHED.format(error))
                     return
 
     def _heartbeat(self) -> None:

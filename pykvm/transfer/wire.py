@@ -10,7 +10,7 @@ page data landing straight in the buffers the caller chooses (guest RAM, or a st
             then dirty and sent again); a receiver that needs every byte checked (FT) refuses it
             DIGEST_LATER: page data covered by a running digest that a later frame carries (FT:
             the SyncEnd, over all of a sync's page data), so that the sender hashes a frame's
-            data after sending it, while the receiver takes it in, not before
+            data while sending it, not before
     PAGES   payload = slot u32, count u32, page numbers u32 x count, count x 4096 bytes of data
     other   payloads are JSON or small binary blobs, per kind
 
