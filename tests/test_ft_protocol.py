@@ -193,6 +193,32 @@ def test_heartbeats_are_answered_between_syncs_only():
 
 
 @pytest.mark.nokvm
+@pytest.mark.parametrize("before", [[], [p.Hello(b"c"), p.Goodbye("done")]], ids=["before-hello", "after-goodbye"])
+def test_pages_out_of_turn_are_refused_before_their_data_lands(before):
+    """The decoder asks for a frame's page buffers on its head, before the frame is whole and
+    checked against the rules: out of turn, the connection refuses right there, so a stray
+    peer's page data is written nowhere (a waiting standby's RAM is where the first sync's lands)."""
+    asked = []
+    standby = p.FtConnection(p.Role.STANDBY, page_sink=lambda slot, pages: asked.append(pages) or [])
+    primary = p.FtConnection(p.Role.PRIMARY)
+    data = b""
+    for event in before:
+        data += b"".join(bytes(b) for b in primary.send(event))
+        if isinstance(event, p.Hello):
+            primary._advance(p.Ready(), outgoing=False)
+    data += b"".join(bytes(b) for b in wire.page_frame(len(before), 0, np.array([3], dtype="<u4"), [bytes(PAGE_SIZE)]))
+    view = memoryview(data)
+    with pytest.raises(wire.ProtocolError, match="Pages"):
+        while view:
+            target = standby.want()[0]
+            take = min(len(target), len(view))
+            target[:take], view = view[:take], view[take:]
+            if isinstance(standby.filled(take), p.Hello):
+                standby._advance(p.Ready(), outgoing=True)
+    assert asked == []
+
+
+@pytest.mark.nokvm
 def test_protocol_rules_on_the_sending_side():
     primary = p.FtConnection(p.Role.PRIMARY)
     with pytest.raises(wire.ProtocolError):
