@@ -348,6 +348,29 @@ def test_an_oversized_frame_is_refused_on_its_header(standby_machine):
 
 
 @requires_kvm
+@pytest.mark.parametrize("changes", ["zeroed", "empty"])
+def test_a_sync_cannot_stage_more_disk_changes_than_its_disk_holds(standby_machine, changes):
+    """A sync's disk changes wait in memory for its end. A primary's sync covers each byte of
+    a disk once at most, in whole sectors; one that sends zeroed ranges over and over, or
+    empty changes, costing no data, is refused once they add up past the disk's size, instead
+    of growing the standby's memory for as long as it goes on. Sync 1 stays committed."""
+    machine, disk = standby_machine
+    fake = FakePrimary(machine)
+    assert fake.sync(_sync_frames(fake.primary, fake.state, 0xAA, 1)) == p.Ack(1)
+    committed_ram, committed_disk = ram_hash(machine.vm.memory), disk.read_bytes()
+    size = len(committed_disk)
+    if changes == "zeroed":  # the whole disk in sectors, three times over
+        hostile = tuple(DiskChange(at, zeroed=512) for _ in range(3) for at in range(0, size, 512))
+    else:
+        hostile = tuple(DiskChange(at) for at in range(0, 3 * size // 512))
+    fault = fake.sync(_sync_frames(fake.primary, fake.state, 0x55, 2, hostile))
+    assert isinstance(fault, p.StandbyFault) and "changes to disk 0 exceed its size" in fault.reason
+    assert fake.end() == "fault"
+    assert fake.standby.committed_sync == 1
+    assert ram_hash(machine.vm.memory) == committed_ram and disk.read_bytes() == committed_disk
+
+
+@requires_kvm
 def test_a_ram_mismatch_under_verification_is_a_fault(standby_machine):
     """--ft-verify: a standby whose RAM differs from the primary's after a commit knows its copy
     is wrong: it refuses to go on and may not take over."""

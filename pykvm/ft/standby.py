@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 import xxhash
 
-from pykvm.devices.virtio.blk import Blk, DiskImage
+from pykvm.devices.virtio.blk import SECTOR, Blk, DiskImage
 from pykvm.devices.virtio.gate import DiskChange
 from pykvm.errors import ConfigError
 from pykvm.ft import faults, protocol as p
@@ -166,7 +166,7 @@ class Standby:
         self.lost_at = 0.0  # time.monotonic() when the primary was found gone
         self.journals = [UndoJournal(disk.disk) for disk in self.disks]
         self.unusable = ""  # why this standby's copy is known bad (it will not take over), or ""
-        self._staged_bytes = [0] * len(self.disks)  # disk data staged in this sync, per disk
+        self._staged_bytes = [0] * len(self.disks)  # bytes of each disk this sync's staged changes cover
         self._written_since_flush = 0  # the first sync's disk data not yet flushed
 
     # -- the connection ----------------------------------------------------------------------------
@@ -294,8 +294,10 @@ class Standby:
         if self.committed is None:
             self._write_first_sync(batch)
             return
-        self._staged_bytes[batch.disk] += sum(len(change.data) for change in batch.changes)
-        if self._staged_bytes[batch.disk] > image.size:  # no sync rewrites a whole disk and more
+        # Held until the sync ends: a sync covers a byte once at most, in whole sectors (an empty change: one)
+        self._staged_bytes[batch.disk] += sum(max(change.zeroed or len(change.data), SECTOR)
+                                              for change in batch.changes)
+        if self._staged_bytes[batch.disk] > image.size:
             raise wire.ProtocolError(f"one sync's changes to disk {batch.disk} exceed its size")
         self._staged_disk.append(batch)
 
