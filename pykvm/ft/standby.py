@@ -27,7 +27,7 @@ With shared disks (ft.disk_mode) no disk data comes at all, and a takeover write
 the disk before the guest runs: the file holds every write the primary released (each after
 the sync that precedes it was committed here), and a write it held but never released is in
 no committed state's past — the restored ring has it available again, and the guest's device
-serves it.
+serves it once this standby has won the epoch (HeldUntilTakeover), never before.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Callable
 import xxhash
 
 from pykvm.devices.virtio.blk import SECTOR, Blk, DiskImage
-from pykvm.devices.virtio.gate import DiskChange
+from pykvm.devices.virtio.gate import DiskChange, GatedFunction
 from pykvm.errors import ConfigError
 from pykvm.ft import faults, protocol as p
 from pykvm.ft.disk_mode import shared_disk_refusal
@@ -79,6 +79,31 @@ class StandbyStats:
     commit_ms: list[float] = field(default_factory=list)
 
 
+class HeldUntilTakeover:
+    """The output gate of the standby's devices from the restore to the takeover. A restored
+    device serves its rings at once, and an output the primary held at the committed sync is
+    pending there again (gate.HeldOutputs.give_back): served then, a disk write would reach a
+    shared disk, and a frame be dropped (no NIC attached yet), before this standby has won the
+    epoch. They are held instead, and go out once it has (`release`), or die with the process."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.functions = machine.virtio
+        self._held: list[tuple[GatedFunction, int]] = []
+        for function in self.functions:
+            function.set_output_gate(self)
+
+    def hold(self, function: GatedFunction, queue_index: int) -> None:
+        self._held.append((function, queue_index))  # a device thread with its lock held: never blocks
+
+    def release(self) -> None:
+        for function in self.functions:
+            with function.lock:  # once it is ours, a hold in progress on this function is in the list
+                function.set_output_gate(None)
+        for function, queue_index in self._held:
+            function.release_held(queue_index)
+        self._held = []
+
+
 class TakeoverImpossible(Exception):
     """The committed state cannot be put into this machine: the standby does not take over."""
 
@@ -115,6 +140,7 @@ class Standby:
         self.unusable = ""  # why this standby's copy is known bad (it will not take over), or ""
         self._staged_bytes = [0] * len(self.disks)  # bytes of each disk this sync's staged changes cover
         self._written_since_flush = 0  # the first sync's disk data not yet flushed
+        self._outputs: HeldUntilTakeover | None = None  # from restore_committed() to take_over()
 
     # -- the connection ----------------------------------------------------------------------------
 
@@ -354,11 +380,12 @@ class Standby:
     def restore_committed(self) -> None:
         """Put the last committed sync into the (hot) machine, not running yet. Done before the
         epoch is claimed: a standby whose state does not restore must not win the right to run
-        (the primary, if alive, wins it instead)."""
+        (the primary, if alive, wins it instead). The devices' outputs are held until take_over()."""
         assert self.committed is not None
         self.trace.takeover(f"restoring sync {self.committed_sync}: its pages into RAM, vCPU and device state; "
                             "flushing the disks")
         self.staging.apply()
+        self._outputs = HeldUntilTakeover(self.machine)
         try:
             self.machine.restore_state(self.committed)
         except StateError as error:
@@ -370,12 +397,15 @@ class Standby:
             raise TakeoverImpossible(f"the disks of sync {self.committed_sync} cannot be flushed: {error}") from None
 
     def take_over(self) -> float:
-        """Become the primary, once restore_committed() has put the state in: attach the network,
-        announce the MAC, run. Returns the seconds from detection to running vCPUs."""
+        """Become the primary, once restore_committed() has put the state in (and the epoch is
+        won, with a witness): attach the network, announce the MAC, let the outputs the restored
+        devices hold go, run. Returns the seconds from detection to running vCPUs."""
         detected_at = self.lost_at
         # A dead primary's TAP may still be closing (wait); a hung one keeps its socket (take it).
         self.machine.attach_networks(announce=True, wait=2.0, take_over=True)
-        self.trace.takeover("networks attached, the guest's MAC announced (RARP); starting the vCPUs")
+        self._outputs.release()
+        self.trace.takeover("networks attached, the guest's MAC announced (RARP), held outputs released; "
+                            "starting the vCPUs")
         self.machine.vm.start()
         elapsed = time.monotonic() - detected_at
         self.log(f"ft standby: took over from sync {self.committed_sync} in {elapsed * 1000:.1f} ms "
