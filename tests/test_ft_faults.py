@@ -1,8 +1,8 @@
 """Fault tolerance under faults of the standby's own, on the real thing (VMM processes, the kv
 guest, real files and sockets): a standby whose disk fills up, or that receives a damaged sync,
 refuses to follow (StandbyFault), exits 1 and never takes over, while the primary goes on
-serving every record it acknowledged. And a 2 GiB disk is protected without the primary's
-memory growing with it."""
+serving every record it acknowledged. A stray connection's page data never reaches a waiting
+standby's RAM. And a 2 GiB disk is protected without the primary's memory growing with it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ import signal
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pykvm.hostfile import extents
+from pykvm.memory import PAGE_SIZE
+from pykvm.transfer import wire
 from pykvm.testing.netframes import FrameSocket, Peer
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm
 from tests.relay import Relay
@@ -138,6 +141,34 @@ def test_a_bit_flipped_mid_sync_is_a_standby_fault(tmp_path, guest_images, tls):
             if vmm is not None:
                 vmm.kill()
         relay.close()
+
+
+def test_pages_before_any_hello_never_reach_a_waiting_standbys_ram(guest_images):
+    """A connection (no TLS: anyone may connect) whose first frame is a well-formed frame of pages
+    is dropped as no primary, and its data lands nowhere: the full sync sends only the pages the
+    primary's guest populated, the standby's others must stay zero. --ft-verify compares the
+    standby's RAM with the primary's at the full sync: equal, and the pair is protected."""
+    port = _free_port()
+    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--ft-verify")
+    try:
+        standby.stderr.wait_for(b"waiting for a primary")
+        untouched = (40 << 20) // PAGE_SIZE  # in the default 64M of RAM; `hello` never writes there
+        frame = wire.page_frame(0, 0, np.array([untouched], dtype="<u4"), [b"\xa5" * PAGE_SIZE])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            try:
+                sock.sendall(b"".join(bytes(part) for part in frame))
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(4096):
+                    pass
+            except OSError:
+                pass  # a reset: it dropped us with some of our bytes unread
+        standby.stderr.wait_for(b"still waiting for a primary")
+        primary = run_pykvm("run", "hello", "--ft", f"tcp:127.0.0.1:{port}", "--ft-verify")
+        assert primary.returncode == 0 and b"protected by" in primary.stderr, primary.stderr.decode()
+        assert standby.wait() == 0 and "said goodbye" in standby.errors, standby.errors
+        assert "VERIFY FAILED" not in standby.errors
+    finally:
+        standby.kill()
 
 
 def tls_credentials(directory: Path, *hosts: str) -> Path:

@@ -267,3 +267,38 @@ def test_a_standby_whose_disk_fails_mid_commit_does_not_take_over(tmp_path):
         primary.stderr.wait_for(b"; continuing unprotected")
         assert primary.proc.poll() is None and after.winner() == "primary"
         after.client.check_all_served()
+
+
+@pytest.mark.parametrize("winner", ["standby", "primary"])
+def test_a_standby_writes_nothing_to_a_shared_disk_before_it_wins_the_epoch(tmp_path, winner):
+    """Shared disk: the primary dies holding a disk write its last acknowledged sync covers, so
+    the standby's committed state has that write pending in its ring. The witness cannot be
+    asked: the standby, its state restored, holds everything meanwhile, and the shared file
+    holds exactly the records the client saw acknowledged. Then either the standby wins the
+    epoch, takes over and serves the write, or the epoch was claimed by the primary's side
+    first: the standby fences itself (75), and the file still holds nothing it wrote."""
+    witness = MovableFileWitness(tmp_path)
+    pair = Pair(tmp_path, witness.uri, primary_env={"PYKVM_FT_FAULT": "primary-die-holding-write:10"}, disk="shared")
+    try:
+        epoch = open_witness(witness.uri).read()
+        witness.make_unreachable()  # asked only on a loss: the pair syncs on without it
+        with FrameSocket(tmp_path / "client.sock", pair.link) as link:
+            client = KvClient(link)
+            assert client.put(1, "record-1"), "the guest never answered"
+            last = put_until_gone(client, pair.primary, 2)
+            primary, standby = pair.primary, pair.standby
+            assert primary.wait() == -signal.SIGKILL and last not in client.acked, primary.errors
+            standby.stderr.wait_for(b"cannot ask the witness")
+            assert set(records_on_disk(pair.primary_disk)) == set(client.acked), standby.errors
+            if winner == "primary":  # as a primary that won before it died would have left it
+                assert open_witness(f"file:{witness.away / 'epoch'}").claim(epoch, "primary (the test)")
+            witness.restore()
+            if winner == "primary":
+                assert standby.wait() == 75 and "\nfenced: " in "\n" + standby.errors, standby.errors
+                assert set(records_on_disk(pair.primary_disk)) == set(client.acked)
+            else:
+                standby.stderr.wait_for(b"took over from sync ")
+                client.check_all_served()
+                assert last in records_on_disk(pair.primary_disk)  # the write held, served by the winner
+    finally:
+        pair.close()

@@ -193,6 +193,32 @@ def test_heartbeats_are_answered_between_syncs_only():
 
 
 @pytest.mark.nokvm
+@pytest.mark.parametrize("before", [[], [p.Hello(b"c"), p.Goodbye("done")]], ids=["before-hello", "after-goodbye"])
+def test_pages_out_of_turn_are_refused_before_their_data_lands(before):
+    """The decoder asks for a frame's page buffers on its head, before the frame is whole and
+    checked against the rules: out of turn, the connection refuses right there, so a stray
+    peer's page data is written nowhere (a waiting standby's RAM is where the first sync's lands)."""
+    asked = []
+    standby = p.FtConnection(p.Role.STANDBY, page_sink=lambda slot, pages: asked.append(pages) or [])
+    primary = p.FtConnection(p.Role.PRIMARY)
+    data = b""
+    for event in before:
+        data += b"".join(bytes(b) for b in primary.send(event))
+        if isinstance(event, p.Hello):
+            primary._advance(p.Ready(), outgoing=False)
+    data += b"".join(bytes(b) for b in wire.page_frame(len(before), 0, np.array([3], dtype="<u4"), [bytes(PAGE_SIZE)]))
+    view = memoryview(data)
+    with pytest.raises(wire.ProtocolError, match="Pages"):
+        while view:
+            target = standby.want()[0]
+            take = min(len(target), len(view))
+            target[:take], view = view[:take], view[take:]
+            if isinstance(standby.filled(take), p.Hello):
+                standby._advance(p.Ready(), outgoing=True)
+    assert asked == []
+
+
+@pytest.mark.nokvm
 def test_protocol_rules_on_the_sending_side():
     primary = p.FtConnection(p.Role.PRIMARY)
     with pytest.raises(wire.ProtocolError):
@@ -319,6 +345,29 @@ def test_an_oversized_frame_is_refused_on_its_header(standby_machine):
     fault = fake.sync(header)
     assert isinstance(fault, p.StandbyFault) and "DISK_CHANGES frame" in fault.reason and "exceeds" in fault.reason
     assert fake.end() == "fault"
+
+
+@requires_kvm
+@pytest.mark.parametrize("changes", ["zeroed", "empty"])
+def test_a_sync_cannot_stage_more_disk_changes_than_its_disk_holds(standby_machine, changes):
+    """A sync's disk changes wait in memory for its end. A primary's sync covers each byte of
+    a disk once at most, in whole sectors; one that sends zeroed ranges over and over, or
+    empty changes, costing no data, is refused once they add up past the disk's size, instead
+    of growing the standby's memory for as long as it goes on. Sync 1 stays committed."""
+    machine, disk = standby_machine
+    fake = FakePrimary(machine)
+    assert fake.sync(_sync_frames(fake.primary, fake.state, 0xAA, 1)) == p.Ack(1)
+    committed_ram, committed_disk = ram_hash(machine.vm.memory), disk.read_bytes()
+    size = len(committed_disk)
+    if changes == "zeroed":  # the whole disk in sectors, three times over
+        hostile = tuple(DiskChange(at, zeroed=512) for _ in range(3) for at in range(0, size, 512))
+    else:
+        hostile = tuple(DiskChange(at) for at in range(0, 3 * size // 512))
+    fault = fake.sync(_sync_frames(fake.primary, fake.state, 0x55, 2, hostile))
+    assert isinstance(fault, p.StandbyFault) and "changes to disk 0 exceed its size" in fault.reason
+    assert fake.end() == "fault"
+    assert fake.standby.committed_sync == 1
+    assert ram_hash(machine.vm.memory) == committed_ram and disk.read_bytes() == committed_disk
 
 
 @requires_kvm

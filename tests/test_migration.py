@@ -4,13 +4,17 @@ the side that did not fail keeps (or never starts) the guest."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
 
+import numpy as np
 import pytest
 
+from pykvm.memory import PAGE_SIZE
 from pykvm.transfer import wire
+from pykvm.transfer.snapshot import open_snapshot
 from pykvm.machine import MachineConfig
 from pykvm.state import encode
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm
@@ -50,6 +54,49 @@ def test_migrate_dirty_guest(tmp_path, guest_images):
         after = _generations(target.output)
         assert after and min(after) >= before  # ...from where it was, every page checked
         assert "mismatch" not in target.output
+    finally:
+        source.kill()
+        target.kill()
+
+
+def _page_of_snapshot(path: str, page: int) -> bytes:
+    snapshot = open_snapshot(path)
+    try:
+        return os.pread(snapshot.fd, PAGE_SIZE, snapshot.memory_offsets[0] + page * PAGE_SIZE)
+    finally:
+        snapshot.close()
+
+
+def test_pages_before_any_hello_never_reach_the_targets_ram(tmp_path, guest_images):
+    """A connection whose first frame is a well-formed PAGES frame (a stray or hostile peer) is
+    dropped, and its data lands nowhere: round 0 sends only the pages the source's guest
+    populated, the target's others must stay zero. A page the guest never wrote reads as zeros
+    in the target's snapshot after the migration."""
+    source_ctl, target_ctl = str(tmp_path / "src.sock"), str(tmp_path / "dst.sock")
+    port = _free_port()
+    uri = f"tcp:127.0.0.1:{port}"
+    target = VmmProcess("run", "dirty", "--incoming", uri, "--control", target_ctl)
+    source = VmmProcess("run", "dirty", "--append", "pages=256", "--control", source_ctl)
+    untouched = (40 << 20) // PAGE_SIZE  # in the default 64M of RAM; `dirty` writes its pages low
+    try:
+        target.stderr.wait_for(b"waiting for a migration")
+        frame = wire.page_frame(0, 0, np.array([untouched], dtype="<u4"), [b"\xa5" * PAGE_SIZE])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            try:
+                sock.sendall(b"".join(bytes(part) for part in frame))
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(4096):
+                    pass
+            except OSError:
+                pass  # a reset: it dropped us with some of our bytes unread
+        target.stderr.wait_for(b"still waiting for a migration")
+        source.wait_for(b"\n", count=2)
+        reply = _ctl(source_ctl, "migrate", uri)
+        assert reply["ok"] and reply["status"] == "migrated", reply
+        assert source.wait() == 0
+        target.wait_for(b"\n", count=2)  # the guest runs on at the target
+        assert _ctl(target_ctl, "snapshot", str(tmp_path / "dst.snap"))["ok"]
+        assert _page_of_snapshot(str(tmp_path / "dst.snap"), untouched) == bytes(PAGE_SIZE)
     finally:
         source.kill()
         target.kill()

@@ -17,6 +17,10 @@ a takeover, in ft.primary, ft.disk_mode or ft.standby:
                                                              the disks, before it claims the epoch and
                                                              goes on alone, fails (EIO): it must fence
                                                              unclaimed, releasing nothing it held
+    primary-die-holding-write:K    primary  acknowledged     the Ack of the first sync from K on that
+                                                             covers a held disk write (shared disks:
+                                                             trigger blk) came; the process SIGKILLs
+                                                             itself before releasing anything
     link-cut-after-ack:K           primary  acknowledged     the Ack of sync K came, its outputs are not
                                                              released yet: the primary's end of the link
                                                              goes silent without closing (what it sends
@@ -52,6 +56,7 @@ ARGUMENTS = {  # fault -> its arguments' names (a trailing "?" marks the optiona
     "primary-die-after-bytes": ("K", "N"),
     "primary-flush-fails": ("K",),
     "primary-flush-fails-alone": (),
+    "primary-die-holding-write": ("K",),
     "link-cut-after-ack": ("K",),
     "standby-disk-fails": ("K", "ERRNO?"),
     "standby-die-before-ack": ("K",),
@@ -148,8 +153,10 @@ def flushing_alone() -> None:
         _fail_io()
 
 
-def acknowledged(sync: int, sock: socket.socket) -> None:
-    """The standby's Ack of sync `sync` came; the outputs it covers are still held."""
+def acknowledged(sync: int, sock: socket.socket, trigger: str) -> None:
+    """The standby's Ack of sync `sync` (made for `trigger`) came; the outputs it covers are still held."""
+    if FAULT is not None and FAULT.name == "primary-die-holding-write" and sync >= FAULT.sync and trigger == "blk":
+        _die()
     if _is("link-cut-after-ack", sync):
         # The socket's descriptor is pointed at one end of a pair nobody reads, the connection
         # kept open by a duplicate: the primary talks on, into silence, and the standby hears

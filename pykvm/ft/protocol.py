@@ -119,7 +119,8 @@ class FtConnection:
         self.last_sync = 0  # the last sync completed (primary: acked; standby: acked by us)
         self._out_seq = 0
         self._unacked: list[int] = []  # syncs whose SyncEnd went and whose Ack has not come, oldest first
-        self._decoder = wire.Decoder(page_sink or _refuse_pages, limits=FRAME_LIMITS, allow_digest_later=True)
+        self._page_sink = page_sink or _refuse_pages
+        self._decoder = wire.Decoder(self._sink_in_turn, limits=FRAME_LIMITS, allow_digest_later=True)
         self._pages_digest = xxhash.xxh3_64()  # the page data sent in this sync
         self._unhashed: list = []  # page data handed out by send_pages, not yet in the digest
         self._handing, self._hashing = threading.Lock(), threading.Lock()  # hash_pages may run on another thread
@@ -177,6 +178,13 @@ class FtConnection:
     def want(self) -> list[memoryview]:
         return self._decoder.want()
 
+    def _sink_in_turn(self, slot: int, pages: np.ndarray) -> list[memoryview]:
+        """The page sink, asked only where Pages may come now: the decoder asks for a frame's
+        buffers on its head, before the frame is finished and checked against the rules, and a
+        frame out of place (before Hello: a stray peer) must not write its data anywhere."""
+        self._next_phase(self.role.peer, Pages)
+        return self._page_sink(slot, pages)
+
     def filled(self, count: int) -> Event | None:
         frame = self._decoder.filled(count)
         if frame is None:
@@ -191,7 +199,18 @@ class FtConnection:
 
     def _advance(self, event: Event, *, outgoing: bool) -> None:
         """Move to the phase `event` leads to, or raise ProtocolError if it breaks the rules."""
-        sender, event_type = (self.role if outgoing else self.role.peer), type(event)
+        next_phase = self._next_phase(self.role if outgoing else self.role.peer, type(event))
+        self._check_numbers(event)
+        self.phase = next_phase
+        if isinstance(event, SyncEnd):
+            self._unacked.append(event.sync)
+        elif isinstance(event, Ack):
+            self.last_sync = self._unacked.pop(0)
+            if self._unacked and self.phase is Phase.IDLE:
+                self.phase = Phase.AWAIT_ACK  # the later sync still awaits its own
+
+    def _next_phase(self, sender: Role, event_type: type) -> Phase:
+        """The phase `sender` sending an `event_type` now leads to; ProtocolError if it may not."""
         name = event_type.__name__
         if self.phase == Phase.CLOSED:
             raise ProtocolError(f"{name} after the connection ended")
@@ -201,17 +220,10 @@ class FtConnection:
         if next_phase is None:
             what = _MISPLACED.get((self.phase, event_type), name)
             raise ProtocolError(f"{what} not allowed in phase {self.phase.value} ({self.role.value} side)")
-        self._check_numbers(event)
         if event_type in (Pages, DiskChanges, MachineStateBlob) and self.phase is Phase.AWAIT_ACK \
                 and len(self._unacked) >= MAX_IN_FLIGHT:
             raise ProtocolError(f"a sync begun with {len(self._unacked)} unacknowledged ({self.role.value} side)")
-        self.phase = next_phase
-        if isinstance(event, SyncEnd):
-            self._unacked.append(event.sync)
-        elif isinstance(event, Ack):
-            self.last_sync = self._unacked.pop(0)
-            if self._unacked and self.phase is Phase.IDLE:
-                self.phase = Phase.AWAIT_ACK  # the later sync still awaits its own
+        return next_phase
 
     @property
     def next_sync(self) -> int:

@@ -27,7 +27,7 @@ With shared disks (ft.disk_mode) no disk data comes at all, and a takeover write
 the disk before the guest runs: the file holds every write the primary released (each after
 the sync that precedes it was committed here), and a write it held but never released is in
 no committed state's past — the restored ring has it available again, and the guest's device
-serves it.
+serves it once this standby has won the epoch (HeldUntilTakeover), never before.
 """
 
 from __future__ import annotations
@@ -37,23 +37,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import xxhash
 
-from pykvm.devices.virtio.blk import Blk, DiskImage
-from pykvm.devices.virtio.gate import DiskChange
+from pykvm.devices.virtio.blk import SECTOR, Blk, DiskImage
+from pykvm.devices.virtio.gate import DiskChange, GatedFunction
 from pykvm.errors import ConfigError
 from pykvm.ft import faults, protocol as p
 from pykvm.ft.disk_mode import shared_disk_refusal
 from pykvm.ft.fencing import Fencing, admission
 from pykvm.ft.journal import JournalError, UndoJournal
+from pykvm.ft.staging import PageStaging
 from pykvm.ft.state_parts import merge
 from pykvm.ft.trace import OFF, FtTrace
 from pykvm.machine import Machine, MachineConfig, MachineState
-from pykvm.memory import GuestMemory, MemorySlot, ram_hash
+from pykvm.memory import ram_hash
 from pykvm.state import StateError, decode
 from pykvm.transfer import channel, wire
-from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.snapshot import check_same_shape
 from pykvm.transfer.tls import TlsCredentials
 
@@ -69,58 +68,6 @@ class SyncFault(Exception):
     the standby's, answered with StandbyFault, never a reason to take over."""
 
 
-class PageStaging:
-    """Where a sync's pages land until it commits: rows of an arena, reused from sync to sync.
-    While `direct` (the first sync: nothing committed to protect), they land in guest RAM itself.
-    A committed sync's rows are scattered into guest RAM by `apply`, which the standby calls once
-    its Ack is out (the primary resumes meanwhile) and before anything else: receiving the next
-    sync, a takeover, a verification of RAM."""
-
-    def __init__(self, memory: GuestMemory) -> None:
-        self.memory = memory
-        self.direct = True
-        self._rows = PageArena()
-        self._ram_pages = sum(slot.pages for slot in memory.slots)
-        self.entries: list[tuple[MemorySlot, np.ndarray, np.ndarray]] = []  # slot, page numbers, rows
-        self._committed: list[tuple[MemorySlot, np.ndarray, np.ndarray]] = []  # committed, not yet in RAM
-        self.page_count = 0  # received in this sync
-
-    def sink(self, slot_index: int, pages: np.ndarray) -> list[memoryview]:
-        """The decoder's page sink: the buffers one frame's pages are received into."""
-        slot = next((s for s in self.memory.slots if s.index == slot_index), None)
-        if slot is None or (len(pages) and int(pages.max()) >= slot.pages):
-            raise wire.ProtocolError(f"pages outside guest RAM (slot {slot_index})")
-        if self.page_count + len(pages) > self._ram_pages:  # staging is bounded by RAM, whatever is sent
-            raise wire.ProtocolError("a sync with more pages than guest RAM")
-        self.page_count += len(pages)
-        if self.direct:
-            return wire.run_views(slot.view, pages)
-        rows = self._rows.take(len(pages))
-        self.entries.append((slot, pages.astype(np.int64), rows))
-        return [memoryview(rows).cast("B")]
-
-    def commit(self) -> None:
-        """The staged pages belong to the committed sync now; `apply` puts them into guest RAM."""
-        self._committed, self.entries = self.entries, []
-        self.page_count = 0
-        self.direct = False
-
-    def apply(self) -> None:
-        """Copy the committed sync's pages into guest RAM (one numpy scatter per frame); cannot fail."""
-        for slot, pages, rows in self._committed:  # a page is one element: one memcpy each, in C
-            np.put(np.frombuffer(slot.view, dtype=wire.PAGE_ROW), pages, rows.view(wire.PAGE_ROW).reshape(-1))
-        self._committed = []
-        if not self.entries:
-            self._rows.reset()
-
-    def discard(self) -> None:
-        """Drop the sync being received (what is committed still goes into RAM)."""
-        self.apply()
-        self.entries.clear()
-        self._rows.reset()
-        self.page_count = 0
-
-
 @dataclass
 class StandbyStats:
     syncs: int = 0
@@ -130,6 +77,31 @@ class StandbyStats:
     mismatches: int = 0
     last_commit: float = 0.0
     commit_ms: list[float] = field(default_factory=list)
+
+
+class HeldUntilTakeover:
+    """The output gate of the standby's devices from the restore to the takeover. A restored
+    device serves its rings at once, and an output the primary held at the committed sync is
+    pending there again (gate.HeldOutputs.give_back): served then, a disk write would reach a
+    shared disk, and a frame be dropped (no NIC attached yet), before this standby has won the
+    epoch. They are held instead, and go out once it has (`release`), or die with the process."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.functions = machine.virtio
+        self._held: list[tuple[GatedFunction, int]] = []
+        for function in self.functions:
+            function.set_output_gate(self)
+
+    def hold(self, function: GatedFunction, queue_index: int) -> None:
+        self._held.append((function, queue_index))  # a device thread with its lock held: never blocks
+
+    def release(self) -> None:
+        for function in self.functions:
+            with function.lock:  # once it is ours, a hold in progress on this function is in the list
+                function.set_output_gate(None)
+        for function, queue_index in self._held:
+            function.release_held(queue_index)
+        self._held = []
 
 
 class TakeoverImpossible(Exception):
@@ -166,8 +138,9 @@ class Standby:
         self.lost_at = 0.0  # time.monotonic() when the primary was found gone
         self.journals = [UndoJournal(disk.disk) for disk in self.disks]
         self.unusable = ""  # why this standby's copy is known bad (it will not take over), or ""
-        self._staged_bytes = [0] * len(self.disks)  # disk data staged in this sync, per disk
+        self._staged_bytes = [0] * len(self.disks)  # bytes of each disk this sync's staged changes cover
         self._written_since_flush = 0  # the first sync's disk data not yet flushed
+        self._outputs: HeldUntilTakeover | None = None  # from restore_committed() to take_over()
 
     # -- the connection ----------------------------------------------------------------------------
 
@@ -294,8 +267,10 @@ class Standby:
         if self.committed is None:
             self._write_first_sync(batch)
             return
-        self._staged_bytes[batch.disk] += sum(len(change.data) for change in batch.changes)
-        if self._staged_bytes[batch.disk] > image.size:  # no sync rewrites a whole disk and more
+        # Held until the sync ends: a sync covers a byte once at most, in whole sectors (an empty change: one)
+        self._staged_bytes[batch.disk] += sum(max(change.zeroed or len(change.data), SECTOR)
+                                              for change in batch.changes)
+        if self._staged_bytes[batch.disk] > image.size:
             raise wire.ProtocolError(f"one sync's changes to disk {batch.disk} exceed its size")
         self._staged_disk.append(batch)
 
@@ -405,11 +380,12 @@ class Standby:
     def restore_committed(self) -> None:
         """Put the last committed sync into the (hot) machine, not running yet. Done before the
         epoch is claimed: a standby whose state does not restore must not win the right to run
-        (the primary, if alive, wins it instead)."""
+        (the primary, if alive, wins it instead). The devices' outputs are held until take_over()."""
         assert self.committed is not None
         self.trace.takeover(f"restoring sync {self.committed_sync}: its pages into RAM, vCPU and device state; "
                             "flushing the disks")
         self.staging.apply()
+        self._outputs = HeldUntilTakeover(self.machine)
         try:
             self.machine.restore_state(self.committed)
         except StateError as error:
@@ -421,12 +397,15 @@ class Standby:
             raise TakeoverImpossible(f"the disks of sync {self.committed_sync} cannot be flushed: {error}") from None
 
     def take_over(self) -> float:
-        """Become the primary, once restore_committed() has put the state in: attach the network,
-        announce the MAC, run. Returns the seconds from detection to running vCPUs."""
+        """Become the primary, once restore_committed() has put the state in (and the epoch is
+        won, with a witness): attach the network, announce the MAC, let the outputs the restored
+        devices hold go, run. Returns the seconds from detection to running vCPUs."""
         detected_at = self.lost_at
         # A dead primary's TAP may still be closing (wait); a hung one keeps its socket (take it).
         self.machine.attach_networks(announce=True, wait=2.0, take_over=True)
-        self.trace.takeover("networks attached, the guest's MAC announced (RARP); starting the vCPUs")
+        self._outputs.release()
+        self.trace.takeover("networks attached, the guest's MAC announced (RARP), held outputs released; "
+                            "starting the vCPUs")
         self.machine.vm.start()
         elapsed = time.monotonic() - detected_at
         self.log(f"ft standby: took over from sync {self.committed_sync} in {elapsed * 1000:.1f} ms "

@@ -162,7 +162,11 @@ def migrate_in(machine: Machine, server: socket.socket, *, tls: TlsCredentials |
     memory = machine.vm.memory
     slots = {slot.index: slot for slot in memory.slots}
 
+    admitted = False  # the decoder asks for page buffers on a frame's head: none before the HELLO
+
     def sink(index: int, pages: np.ndarray) -> list[memoryview]:
+        if not admitted:  # a stray peer's data would stay in RAM wherever round 0 sends nothing
+            raise wire.ProtocolError("PAGES before any HELLO")
         slot = slots.get(index)
         if slot is None or (len(pages) and int(pages.max()) >= slot.pages):
             raise wire.ProtocolError(f"pages outside guest RAM (slot {index})")
@@ -177,6 +181,7 @@ def migrate_in(machine: Machine, server: socket.socket, *, tls: TlsCredentials |
         conn.settimeout(PEER_TIMEOUT)
         try:
             _admit(conn, peer, hello, machine.config)
+            admitted = True
             while True:
                 frame = wire.receive_frame(conn, decoder)
                 if frame.kind == wire.Kind.PAGES:
