@@ -281,6 +281,34 @@ def test_standby_refuses_a_shared_disk_that_is_not_the_primarys(tmp_path, guest_
                 vmm.kill()
 
 
+def test_a_replicated_standby_refuses_a_primary_when_its_disk_is_read_only(tmp_path, guest_images):
+    """Replicated disks (the default) are written by each sync: a standby whose disk is
+    `,readonly` refuses the primary at its Hello, one line on each side saying why, both exit 1,
+    and the standby's disk is untouched (the primary's holds other bytes: a sync would show)."""
+    primary_disk, standby_disk = tmp_path / "p.img", tmp_path / "s.img"
+    primary_disk.write_bytes(os.urandom(4 << 20))
+    before = os.urandom(4 << 20)
+    standby_disk.write_bytes(before)
+    port = _free_port()
+    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--disk", f"{standby_disk},readonly")
+    try:
+        standby.stderr.wait_for(b"waiting for a primary")
+        result = run_pykvm("run", "hello", "--disk", str(primary_disk), "--ft", f"tcp:127.0.0.1:{port}")
+        reason = (f"disk 0 ({standby_disk}) is read-only here: a standby of replicated disks writes each sync's "
+                  "disk changes to its copy")
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.decode().splitlines()[-1] == (
+            f"pykvm: error: the standby at tcp:127.0.0.1:{port} refused: {reason}"), result.stderr
+        assert b"Hello from pykvm guest!" not in result.stdout  # unprotected, the guest never ran
+        assert standby.wait() == 1
+        assert f"\nft standby: refusing the primary: {reason}\n" in standby.errors, standby.errors
+        assert "Bad file descriptor" not in standby.errors and "Traceback" not in standby.errors
+        assert standby_disk.read_bytes() == before
+        assert not Path(f"{standby_disk}.ft-undo").exists()
+    finally:
+        standby.kill()
+
+
 def test_a_guest_that_only_writes_its_disk_starts_syncs_of_its_own(tmp_path, guest_images):
     """Replicated disks: writes complete at once and nothing else makes a sync here (no NIC), so
     the primary starts one whenever 2 MiB were written (trigger "disk"). Each carries what the

@@ -19,6 +19,7 @@ import pytest
 from pykvm.hostfile import extents
 from pykvm.memory import PAGE_SIZE
 from pykvm.transfer import wire
+from pykvm.testing.kv import KvClient
 from pykvm.testing.netframes import FrameSocket, Peer
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm
 from tests.relay import Relay
@@ -237,5 +238,55 @@ def test_a_2gib_disk_is_protected_in_bounded_memory(tmp_path, guest_images):
         assert sum(length for _, length in _data_extents(second_disk)) <= 3 * piece  # holes stayed holes
     finally:
         for vmm in (primary, first, second):
+            if vmm is not None:
+                vmm.kill()
+
+
+@pytest.mark.parametrize("journal", ["intact", "deleted"])
+@pytest.mark.parametrize("ending", ["goodbye", "takeover"])
+def test_an_undo_journal_that_cannot_be_removed_changes_no_outcome(tmp_path, guest_images, ending, journal):
+    """The standby removes its (empty) undo journal when following ends. Deleted under it, the
+    removal fails: one line says so, no traceback, and the standby ends as it would have with
+    the journal intact: exit 0 after the primary's goodbye, or a takeover that serves every
+    acknowledged record once the primary is killed."""
+    primary_disk, standby_disk = (_sparse(tmp_path / name, 4 << 20) for name in ("p.img", "s.img"))
+    undo = Path(f"{standby_disk}.ft-undo")
+    link = tmp_path / "link.sock"
+    port = _free_port()
+    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--disk", str(standby_disk),
+                         "--net", f"socket:{link}", "--ft-timeout", "2000")
+    primary = None
+    try:
+        standby.stderr.wait_for(b"waiting for a primary")
+        assert undo.exists()  # created at start: a directory where it cannot be is found then
+        if journal == "deleted":
+            undo.unlink()
+        if ending == "goodbye":
+            result = run_pykvm("run", "hello", "--disk", str(primary_disk), "--net", f"socket:{link}",
+                               "--ft", f"tcp:127.0.0.1:{port}")
+            assert result.returncode == 0 and b"Hello from pykvm guest!" in result.stdout, result.stderr
+            assert standby.wait() == 0
+            assert "said goodbye" in standby.errors
+        else:
+            primary = VmmProcess("run", "kv", "--disk", str(primary_disk), "--net", f"socket:{link}",
+                                 "--ft", f"tcp:127.0.0.1:{port}", "--ft-timeout", "2000")
+            primary.wait_for(b"kv: ready")
+            with FrameSocket(tmp_path / "client.sock", str(link)) as sock:
+                client = KvClient(sock)
+                for seq in range(1, 6):
+                    assert client.put(seq, f"record-{seq}"), f"put {seq} never acknowledged"
+                primary.proc.send_signal(signal.SIGKILL)
+                standby.stderr.wait_for(b"took over from sync ")
+                client.check_all_served()
+            assert standby.proc.poll() is None  # it runs the guest
+        lines = [line for line in standby.errors.splitlines() if "undo journal" in line]
+        if journal == "deleted":
+            assert lines == [f"ft standby: cannot remove the undo journal {undo}: No such file or directory"], \
+                standby.errors
+        else:
+            assert lines == [] and not undo.exists(), standby.errors
+        assert "Traceback" not in standby.errors, standby.errors
+    finally:
+        for vmm in (primary, standby):
             if vmm is not None:
                 vmm.kill()

@@ -21,7 +21,9 @@ on (statvfs's f_fsid) and its inode number, or, for a block device, the device n
 host that is exactly "the same file" (a hard link is the same file, a copy is not); across hosts
 it holds on a network or cluster file system that reports the server's inode numbers and one
 file system id to every client. The standby refuses a primary whose shared disk it cannot open
-for writing (it needs to once it takes over), or whose size or identity differs from its own.
+for writing (it needs to once it takes over), or whose size or identity differs from its own;
+and, replicated, a primary whose disk it has read-only (`--disk PATH,readonly`), which it could
+not write the syncs' disk changes to (`disk_refusal`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,18 @@ def contents(image: DiskImage, ranges: Iterable[tuple[int, int]]) -> Iterator[Di
 def identities(images: list[DiskImage]) -> tuple[tuple[int, int, int], ...]:
     """What the primary's Hello says of its shared disks."""
     return tuple(tuple(DiskIdentity.of(image.fd).encode()) for image in images)
+
+
+def disk_refusal(mode: str, images: list[DiskImage], theirs: tuple[tuple[int, int, int], ...]) -> str | None:
+    """Why this standby cannot follow a primary whose Hello says `mode` (and, shared, `theirs`)
+    with these disks, or None."""
+    if mode == "shared":
+        return shared_disk_refusal(images, theirs)
+    for index, image in enumerate(images):
+        if image.spec.readonly:  # each sync's disk changes are written to it, and a takeover runs on it
+            return (f"disk {index} ({image.spec.path}) is read-only here: a standby of replicated disks "
+                    "writes each sync's disk changes to its copy")
+    return None
 
 
 def shared_disk_refusal(images: list[DiskImage], theirs: tuple[tuple[int, int, int], ...]) -> str | None:

@@ -95,26 +95,23 @@ class UndoJournal:
 
     def close(self) -> None:
         """Close the journal; an empty one is removed (one that is not holds what a failed
-        rollback could not put back)."""
-        if self._fd is not None:
+        rollback could not put back). The descriptor is released even if reading the header or
+        removing the file fails (OSError: the file gone already, an I/O error)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
             try:
-                empty = self._end() == _HEADER.size
+                empty = _end(fd, self.path) == _HEADER.size
             except JournalError:
-                empty = os.fstat(self._fd).st_size == 0
+                empty = os.fstat(fd).st_size == 0
             if empty:
                 os.unlink(self.path)
-            os.close(self._fd)
-            self._fd = None
+        finally:
+            os.close(fd)
 
     def _end(self) -> int:
-        """Where the records of the journal end, from its header."""
-        header = os.pread(self._fd, _HEADER.size, 0)
-        if len(header) != _HEADER.size or _HEADER.unpack(header)[0] != MAGIC:
-            raise JournalError(f"{self.path}: no journal header")
-        end = _HEADER.unpack(header)[2]
-        if not _HEADER.size <= end <= os.fstat(self._fd).st_size:
-            raise JournalError(f"{self.path}: the header says the records end at byte {end}")
-        return end
+        return _end(self._fd, self.path)
 
     def _records(self, end: int) -> Iterator[tuple[int, int, int | None, int]]:
         """(offset, length, where its old data is or None for a hole, hash) of each record up to
@@ -149,6 +146,17 @@ def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             merged.append((offset, length))
     return merged
+
+
+def _end(fd: int, path: str) -> int:
+    """Where the records of the journal end, from its header."""
+    header = os.pread(fd, _HEADER.size, 0)
+    if len(header) != _HEADER.size or _HEADER.unpack(header)[0] != MAGIC:
+        raise JournalError(f"{path}: no journal header")
+    end = _HEADER.unpack(header)[2]
+    if not _HEADER.size <= end <= os.fstat(fd).st_size:
+        raise JournalError(f"{path}: the header says the records end at byte {end}")
+    return end
 
 
 def _write_record(fd: int, at: int, offset: int, length: int, data: bytes | None) -> int:

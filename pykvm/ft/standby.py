@@ -43,7 +43,7 @@ from pykvm.devices.virtio.blk import SECTOR, Blk, DiskImage
 from pykvm.devices.virtio.gate import DiskChange, GatedFunction
 from pykvm.errors import ConfigError
 from pykvm.ft import faults, protocol as p
-from pykvm.ft.disk_mode import shared_disk_refusal
+from pykvm.ft.disk_mode import disk_refusal
 from pykvm.ft.fencing import Fencing, admission
 from pykvm.ft.journal import JournalError, UndoJournal
 from pykvm.ft.staging import PageStaging
@@ -153,7 +153,11 @@ class Standby:
             return self._follow(server)
         finally:
             for journal in self.journals:  # a standby follows one primary: they are not needed again
-                journal.close()
+                try:
+                    journal.close()
+                except OSError as error:  # at worst a leftover file: never a reason to change the outcome
+                    failed = "remove" if error.filename else "close"
+                    self.log(f"ft standby: cannot {failed} the undo journal {journal.path}: {error.strerror or error}")
 
     def _follow(self, server: socket.socket) -> str:
         conn, peer, protocol, hello = self._await_primary(server)
@@ -228,8 +232,8 @@ class Standby:
                 refusal = admission(self.fencing, event)
             except (ConfigError, StateError) as error:
                 refusal = str(error)
-            if refusal is None and event.disk_mode == "shared":
-                refusal = shared_disk_refusal([disk.disk for disk in self.disks], event.shared_disks)
+            if refusal is None:
+                refusal = disk_refusal(event.disk_mode, [disk.disk for disk in self.disks], event.shared_disks)
             if refusal is not None:
                 self.log(f"ft standby: refusing the primary: {refusal}")
                 return protocol.send(p.Refused(refusal))
