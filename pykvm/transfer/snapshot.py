@@ -30,7 +30,7 @@ from construct import Bytes, Const, Int32ul, Int64ul, Struct
 from pykvm.errors import ConfigError
 from pykvm.kvm import KvmError
 from pykvm.machine import Machine, MachineConfig, MachineState
-from pykvm.memory import PAGE_SIZE, GuestMemory, ram_layout
+from pykvm.memory import PAGE_SIZE, GuestMemory, MemorySlot, populated_pages, ram_layout
 from pykvm.state import StateError, decode, encode
 
 MAGIC = b"PYKVMSNP"
@@ -127,7 +127,7 @@ def save(machine: Machine, path: str | Path, *, overwrite: bool = True) -> int:
             for at, blob in blobs:
                 _write_all(fd, blob, at)
             for entry, slot in zip(entries[2:], slots):
-                entry["checksum"] = _write_memory(fd, slot.view, entry["offset"])
+                entry["checksum"] = _write_memory(fd, slot, entry["offset"])
             table = b"".join(SectionEntry.build(entry) for entry in entries)
             header = dict(version=VERSION, sections=len(entries), checksum=0, reserved=bytes(12))
             header["checksum"] = zlib.crc32(Header.build(header) + table)
@@ -152,19 +152,35 @@ def _write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _write_memory(fd: int, ram: memoryview, offset: int) -> int:
+def _write_memory(fd: int, slot: MemorySlot, offset: int) -> int:
     """Write a RAM slot at `offset`, all-zero MiBs left as holes; returns its CRC-32. One pass a
     MiB: the zero test, the CRC and the copy into the page cache read it while it is in cache.
     Each MiB's writeback starts as soon as it is written (POSIX_FADV_DONTNEED starts it without
     waiting), so the disk works while RAM is still being copied instead of all at the fsync (a
-    GiB is far below the dirty-page threshold that would start it otherwise)."""
-    words = np.frombuffer(ram, dtype=np.uint64)
-    per_chunk = SKIP_ZERO_CHUNK // 8
+    GiB is far below the dirty-page threshold that would start it otherwise).
+    Only the pages the guest populated are read (memory.populated_pages): reading an untouched
+    page would map the zero page (anonymous RAM) or allocate one (memfd RAM), and a migration
+    after the snapshot would count it as populated and send it."""
+    ram = slot.view
+    per_chunk = SKIP_ZERO_CHUNK // PAGE_SIZE
+    populated = np.ones(slot.pages, dtype=np.bool_)
+    if not slot.from_image:  # a snapshot file's pages are read from the file, nothing is allocated
+        populated[:] = False
+        populated[populated_pages(slot)] = True
+    zeros = bytes(SKIP_ZERO_CHUNK)
     crc = 0
     for start in range(0, len(ram), SKIP_ZERO_CHUNK):
         chunk = ram[start : start + SKIP_ZERO_CHUNK]
+        which = populated[start // PAGE_SIZE : start // PAGE_SIZE + per_chunk]
+        if not which.any():
+            crc = zlib.crc32(zeros[: len(chunk)], crc)
+            continue
+        if not which.all():  # the populated pages among zeros, as the guest sees them
+            pages = np.zeros((len(which), PAGE_SIZE), dtype=np.uint8)
+            pages[which] = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, PAGE_SIZE)[which]
+            chunk = memoryview(pages).cast("B")
         crc = zlib.crc32(chunk, crc)
-        if words[start // 8 : start // 8 + per_chunk].any():
+        if np.frombuffer(chunk, dtype=np.uint64).any():
             _write_all(fd, chunk, offset + start)
             os.posix_fadvise(fd, offset + start, len(chunk), os.POSIX_FADV_DONTNEED)
     return crc
