@@ -327,7 +327,11 @@ void tcp_poll(struct net *net)
 {
 	uint64_t now;
 
-	net_poll_for(net, ms(TICK_MS));
+	bool timing = false;
+
+	for (unsigned i = 0; i < TCP_CONNS; i++)
+		timing |= tcp_stack.conns[i].state != TCP_FREE && tcp_stack.conns[i].timer_len;
+	net_poll_for(net, timing ? ms(TICK_MS) : UINT64_MAX);  /* no timer to run: wait for a frame alone */
 	now = rdtsc();
 	for (unsigned i = 0; i < TCP_CONNS; i++) {
 		struct tcp_conn *c = &tcp_stack.conns[i];

@@ -104,6 +104,7 @@ struct virtio_dev {
 	uint32_t notify_len, notify_multiplier;
 	uint64_t offered, features;                     /* features: the negotiated ones */
 	enum virtio_irq irq;
+	bool idle_halt;                                 /* idle=halt: an endless wait halts, idle=poll: it spins */
 	struct msix msix;
 	struct virtq queues[VIRTIO_MAX_QUEUES];
 };

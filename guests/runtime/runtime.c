@@ -104,6 +104,17 @@ static void idt_init(void)
 	idt_load();
 }
 
+void wait_for_interrupt(const volatile uint32_t *counter, uint32_t seen)
+{
+	uint16_t cs;
+
+	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
+	if (cs & 3)  /* traps (#GP): idle_trap halts for us */
+		__asm__ volatile("hlt" : : "D"(counter), "S"(seen) : "memory");
+	else
+		cpu_relax();
+}
+
 /* Remap the PIC off the exception vectors and mask every line but the cascade. */
 static void pic_init(void)
 {
@@ -149,10 +160,27 @@ void irq_register(int vector, void (*handler)(void))
 	irq_handlers[vector] = handler;
 }
 
+/* A `hlt` at CPL3 (wait_for_interrupt; this KVM takes no software interrupt
+ * from CPL3) traps here with IF=0: unless the interrupt count in rdi moved
+ * from esi meanwhile, halt until an interrupt (sti's shadow covers hlt, so
+ * none slips in between; it runs its handler nested, on this stack), then
+ * return past the hlt. */
+static bool idle_trap(struct trap_frame *f)
+{
+	if (f->vector != 13 || !(f->cs & 3) || *(const uint8_t *)f->rip != 0xf4)
+		return false;
+	if (*(const volatile uint32_t *)f->rdi == (uint32_t)f->rsi)
+		__asm__ volatile("sti; hlt; cli" : : : "memory");
+	f->rip += 1;
+	return true;
+}
+
 void trap_dispatch(struct trap_frame *f)
 {
 	uint64_t v = f->vector;
 
+	if (idle_trap(f))
+		return;
 	if (v < 32) {
 		uint64_t cr2;
 

@@ -72,6 +72,14 @@ void *phys_alloc(uint64_t bytes);
  * frame: nothing uses that stack afterwards. */
 __attribute__((noreturn)) void enter_user(int (*fn)(void *), void *arg);
 
+/* Idle until an interrupt has changed *counter from `seen` (an interrupt
+ * handler's count), giving the CPU back instead of spinning.  At CPL3 a `hlt`
+ * traps (#GP) to the runtime, which checks the counter once more with IF=0
+ * and halts with `sti; hlt`, so an interrupt that came after the caller's
+ * check is not slept through.  At CPL0 (IF=0 there) it only pauses: the
+ * caller spins. */
+void wait_for_interrupt(const volatile uint32_t *counter, uint32_t seen);
+
 /* Interrupts: handlers run at CPL0 with IF=0; the runtime sends the EOI. */
 void irq_register(int vector, void (*handler)(void));
 void pic_unmask(int irq);

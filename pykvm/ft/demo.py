@@ -138,8 +138,10 @@ def run_demo(records: int = 200, seed: int | None = None, workdir: Path | None =
         primary = None
         try:
             standby.wait_for("waiting for a primary")
-            primary = _Vmm(["run", str(image), "--disk", str(root / "primary.img"), *common, "--ft", uri,
-                            "--ft-mode", mode, "--ft-disk", disk, "--metrics", str(root / "metrics.jsonl"),
+            # idle=halt: the guest halts while it waits for a put instead of spinning, as an
+            # operating system idles (and the kills then also find its vCPU halted in the kernel)
+            primary = _Vmm(["run", str(image), "--append", "idle=halt", "--disk", str(root / "primary.img"), *common,
+                            "--ft", uri, "--ft-mode", mode, "--ft-disk", disk, "--metrics", str(root / "metrics.jsonl"),
                             "--serial", "stdio"], root / "primary.out")
             primary.wait_for("protected by")
             say(f"demo: primary (pid {primary.proc.pid}) protected by a standby (pid {standby.proc.pid}) on {uri}")
