@@ -59,8 +59,9 @@ def test_each_disk_and_nic_is_its_own_function(tmp_path, guest_images):
     assert open(second, "rb").read() == bytes(8 << 20)
 
 
-@pytest.mark.parametrize("append", ["", "mrg=0 irq=intx"])
+@pytest.mark.parametrize("append", ["", "mrg=0 irq=intx", "idle=halt"])
 def test_net_echo_over_the_socket_backend(tmp_path, guest_images, append):
+    """idle=halt: each wait for a frame halts the vCPU until the interrupt (see guests/README.md)."""
     link = tmp_path / "link.sock"
     vmm = VmmProcess("run", "net-echo", "--net", f"socket:{link}", "--append", append)
     try:
@@ -75,6 +76,12 @@ def test_net_echo_over_the_socket_backend(tmp_path, guest_images, append):
                 assert peer.udp(7, payload) == payload
     finally:
         vmm.kill()
+
+
+def test_an_unknown_idle_mode_is_one_line_and_exit_2(tmp_path, guest_images):
+    result = run_pykvm("run", "net-echo", "--net", f"socket:{tmp_path / 'link.sock'}", "--append", "idle=spin")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert b"virtio: FAIL idle=spin: expected poll or halt" in result.stdout
 
 
 def test_two_vmms_on_one_socket_link(tmp_path, guest_images):
