@@ -28,7 +28,7 @@ before the client starts to after it is done, divided by the echoes it got (warm
 the guest idles in between. VMM CPU per request: the CPU time the VMM spent outside the guest
 over the same span (see bench/blk.py; the client's is not in it).
 
-    python bench/net.py [--rounds N] [--seconds S] [--size BYTES] [--windows 1,8]
+    python bench/net.py [--rounds N] [--seconds S] [--size BYTES] [--windows 1,8] [--append ARGS]
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def run_qemu(image: Path, workdir: Path, args) -> list[WindowResult]:
         if line.startswith("net-echo: ready"):
             ready.set()
 
-    guest = QemuGuest(image, "count=0", [
+    guest = QemuGuest(image, f"count=0 {args.append}".strip(), [
         "-netdev", f"dgram,id=n0,local.type=unix,local.path={vm_socket},remote.type=unix,remote.path={host_socket}",
         "-device", f"virtio-net-pci,netdev=n0,disable-legacy=on,mac={GUEST_MAC}"], workdir, on_line=on_line)
     try:
@@ -188,7 +188,7 @@ def run_pykvm(image: Path, workdir: Path, args, *, ioeventfd: bool) -> list[Wind
     output = bytearray()
     config = MachineConfig(nets=(NetSpec("socket", str(vm_socket), mac=GUEST_MAC),), ioeventfd=ioeventfd)
     with Machine(config, serial_output=output.extend) as machine:
-        machine.load(image, cmdline="count=0")
+        machine.load(image, cmdline=f"count=0 {args.append}".strip())
         vcpu = machine.vm.vcpus[0]
         stats = KvmStats(vcpu.fd.fd)
         machine.vm.start()
@@ -230,6 +230,8 @@ def main() -> None:
     parser.add_argument("--windows", type=lambda s: [int(w) for w in s.split(",")], default=[1, 8],
                         help="requests outstanding, comma-separated (default 1,8; see above on more than 10)")
     parser.add_argument("--only", choices=CONFIGS, action="append", help="run only these configurations")
+    parser.add_argument("--append", default="", help="more of the guest's command line, for both VMMs "
+                        "(e.g. idle=halt: guests/README.md)")
     args = parser.parse_args()
 
     from pykvm import guestbuild
