@@ -22,11 +22,6 @@ from bench.harness import Child, free_port
 from pykvm.stats import percentile
 from pykvm.testing.netframes import FrameSocket, Peer, parse_frame
 
-# The kv guest halts while it waits for a request, as an operating system idles, instead of
-# spinning (its default, `idle=poll`): a spinning vCPU takes a core from the FT thread and the
-# standby on a small host. FT off runs the same guest, so both sides of every ratio halt alike.
-KV_GUEST = ["kv", "--append", "idle=halt"]
-
 
 def kv_run(tmp: Path, puts: int, ft: bool) -> dict:
     """Puts/s and put latency for the kv guest, with or without a standby."""
@@ -35,7 +30,7 @@ def kv_run(tmp: Path, puts: int, ft: bool) -> dict:
             disk.truncate(4 << 20)
     link = tmp / "link.sock"
     children = []
-    args = ["run", *KV_GUEST, "--disk", str(tmp / "p.img"), "--net", f"socket:{link}"]
+    args = ["run", "kv", "--disk", str(tmp / "p.img"), "--net", f"socket:{link}"]
     metrics = tmp / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()
@@ -117,7 +112,7 @@ def kv_concurrent(tmp: Path, mode: str | None, disk: str = "replicated") -> dict
             f.truncate(4 << 20)
     link, metrics = tmp / "kv-link.sock", tmp / "kv-metrics.jsonl"
     metrics.unlink(missing_ok=True)
-    args = ["run", *KV_GUEST, "--disk", str(image), "--net", f"socket:{link}", "--serial", "stdio"]
+    args = ["run", "kv", "--disk", str(image), "--net", f"socket:{link}", "--serial", "stdio"]
     children = []
     try:
         if mode is not None:
