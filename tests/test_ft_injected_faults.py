@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -31,6 +32,10 @@ pytestmark = requires_kvm
 K = 30  # a sync in the middle of the client's puts (kv costs about three syncs a put)
 WHOLE_SYNC = 1 << 40  # more bytes than any sync: the primary dies once all of sync K is sent
 AFTER_THE_FAULT = 5  # records put once a side has gone, served by the one that is left
+# Puts before the client stops and waits for a side to exit. Once one side runs alone, puts are
+# fast, and the other may take up to its own patience to give up (a primary's is ten times
+# --ft-timeout): put on, the client would fill kv's store (8191 records) before that.
+PUTS_BEFORE_WAITING = 1000
 FAULT_PATIENCE = 120  # seconds for the fault to strike (at sync K) and one side to exit
 
 
@@ -68,6 +73,8 @@ def faulted(tmp_path, side: str, fault: str, *, cut_at: int = 0) -> Iterator[Fau
                     pair.relay.cut()
                 assert client.put(seq, f"record-{seq}"), f"put {seq} never acknowledged"
                 gone = next((vmm for vmm in (pair.primary, pair.standby) if vmm.proc.poll() is not None), None)
+                if gone is None and seq >= PUTS_BEFORE_WAITING:
+                    gone = _first_to_exit((pair.primary, pair.standby), deadline)
                 if gone is not None:
                     break
                 assert time.monotonic() < deadline, f"{fault}: no side exited after {seq} records"
@@ -76,6 +83,19 @@ def faulted(tmp_path, side: str, fault: str, *, cut_at: int = 0) -> Iterator[Fau
             yield Faulted(pair, client, gone, witness.uri, epoch)
     finally:
         pair.close()
+
+
+def _first_to_exit(vmms: tuple[VmmProcess, ...], deadline: float) -> VmmProcess | None:
+    """The first of `vmms` to exit before `deadline` (each waited on in turn, a short while at a
+    time), or None."""
+    while time.monotonic() < deadline:
+        for vmm in vmms:
+            try:
+                vmm.proc.wait(timeout=0.05)
+                return vmm
+            except subprocess.TimeoutExpired:
+                pass
+    return None
 
 
 def put_until_gone(client: KvClient, vmm: VmmProcess, first: int) -> int:
