@@ -254,6 +254,10 @@ class ControlServer:
     def _check_snapshot_path(self, path: str) -> None:
         """A snapshot goes to a new or regular file in an existing directory, by an absolute path,
         and never onto what the VMM itself uses (its sockets, its disks)."""
+        try:
+            os.fsencode(path)
+        except UnicodeEncodeError:  # JSON can say "\ud800"; no file name holds it
+            raise CommandError(f"snapshot {path!r}: not a file name (a lone UTF-16 surrogate)") from None
         if "\0" in path or not os.path.isabs(path):
             raise CommandError(f"snapshot {path!r}: needs an absolute path without NUL bytes "
                                "(`pykvm ctl` makes a relative one absolute)")
