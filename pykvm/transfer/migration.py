@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from pykvm.errors import ConfigError
+from pykvm.kvm import KvmError
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, dirty_pages, populated_pages
 from pykvm.run_control import RunState, StopKind
@@ -196,7 +197,7 @@ def migrate_in(machine: Machine, server: socket.socket, *, tls: TlsCredentials |
                 raise wire.ProtocolError("SYNC_END without the machine state")
             try:
                 machine.restore_state(state)
-            except StateError as error:  # the source hears why, and keeps its guest
+            except (StateError, KvmError) as error:  # the source hears why, and keeps its guest
                 reason = f"the state does not restore: {error}".encode()
                 wire.send_buffers(conn, wire.frame(wire.Kind.REFUSED, seq, reason))
                 raise
