@@ -138,16 +138,19 @@ class ControlServer:
                 self._clients += 1
             else:
                 self._refusing += 1
-        target, name = (self._serve, "control-client") if refusal is None else (_refuse, "control-refused")
+        if refusal is None:
+            serve, args, name = self._serve, (conn,), "control-client"
+        else:
+            serve, args, name = _refuse, (conn, refusal), "control-refused"
         try:
-            threading.Thread(target=self._counted, args=(target, conn, refusal), name=name, daemon=True).start()
+            threading.Thread(target=self._counted, args=(serve, args, refusal), name=name, daemon=True).start()
         except RuntimeError:  # no thread to be had: the client sees its connection closed
             self._release(refusal)
             conn.close()
 
-    def _counted(self, target: Callable, conn: socket.socket, refusal: str | None) -> None:
+    def _counted(self, serve: Callable, args: tuple, refusal: str | None) -> None:
         try:
-            target(conn) if refusal is None else target(conn, refusal)
+            serve(*args)
         finally:
             self._release(refusal)
 
