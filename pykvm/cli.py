@@ -302,6 +302,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     try:
         disks, nets = _backends(args)
         config = snap.config
+        valid.check_saved_backends(str(args.file), () if disks else config.disks, () if nets else config.nets)
         if disks or nets:
             config = MachineConfig(config.memory, config.cpus, disks or config.disks, nets or config.nets,
                                    config.legacy_virtio, config.ioeventfd)

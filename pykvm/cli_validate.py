@@ -30,6 +30,7 @@ from pykvm.errors import ConfigError
 from pykvm.machine import MAX_CPUS, PCI_DEVICE_SLOTS
 
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its NUL
+IFNAMSIZ = 16  # a network interface's name, with its NUL
 MAX_MS = 24 * 3600 * 1000.0  # a day: beyond it a timeout or interval is a typo
 
 
@@ -271,8 +272,17 @@ def net_spec(text: str) -> str:
         spec = NetSpec.parse(text)
     except ConfigError as error:
         raise Invalid(str(error)) from None
+    _check_net(spec, text)
+    return text
+
+
+def _check_net(spec, text: str) -> None:
+    if spec.kind not in ("tap", "socket"):
+        raise Invalid(f"{text}: expected tap:NAME or socket:PATH")
     if spec.kind == "tap" and not re.fullmatch(r"[A-Za-z0-9_.-]+", spec.target):
         raise Invalid(f"{text}: a TAP name is letters, digits, '_', '.', '-'")
+    if spec.kind == "tap" and len(spec.target) > IFNAMSIZ - 1:
+        raise Invalid(f"{text}: a TAP name has at most {IFNAMSIZ - 1} characters")
     if spec.kind == "socket":
         socket_path(spec.target)
         if spec.peer is not None:
@@ -281,7 +291,21 @@ def net_spec(text: str) -> str:
                 raise Invalid(f"{text}: peer path over {UNIX_PATH_MAX} bytes")
     if spec.mac is not None:
         mac_address(spec.mac, text)
-    return text
+
+
+def check_saved_backends(where: str, disks: Iterable, nets: Iterable) -> None:
+    """The disks and NICs a snapshot's configuration names (a file that may be damaged or
+    hostile): checked as --disk and --net are, before anything opens them."""
+    disks, nets = list(disks), list(nets)
+    try:
+        for disk in disks:
+            input_file("a disk image", devices=(stat.S_ISBLK,))(disk.path)
+        for net in nets:
+            text = f"{net.kind}:{net.target}"
+            _check_net(net, text if text.isprintable() else ascii(text))
+    except Invalid as error:
+        raise ConfigError(f"{where}: its saved backends: {error} (--disk and --net give others)") from None
+    check_devices(disks, nets)
 
 
 def mac_address(mac: str, text: str) -> bytes:

@@ -25,11 +25,15 @@ the status is "paused" while there is any.
 The socket is private: created 0600 whatever the umask, and a client whose uid (SO_PEERCRED) is
 neither ours nor root's is answered with an error and disconnected; nothing it sends is read as a
 command.
+At most MAX_CLIENTS connections are served at once; the next ones are told so and disconnected
+(past as many again, closed unanswered), so that a client holding connections costs neither
+unbounded threads nor descriptors, and an accept that fails for want of either is tried again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -47,6 +51,10 @@ from pykvm.machine import Machine
 from pykvm.run_control import Pause, RunState
 
 MAX_REQUEST = 64 * 1024
+MAX_CLIENTS = 32  # connections served at once; as many more are told so, any beyond are closed unanswered
+ACCEPT_RETRY = 0.1  # seconds between accepts while the process is out of file descriptors or memory
+_ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED,
+                               errno.EPROTO, errno.EINTR})
 MAX_REPLY = 16 << 20
 BUSY_WAIT = 10.0  # seconds a command waits for the one running before it
 LOCK_FREE = frozenset({"query-status", "ft-stats"})  # read-only: answered even while another command runs
@@ -74,6 +82,9 @@ class ControlServer:
         self._command_lock = threading.Lock()
         self._running: str | None = None  # the command holding the lock, for a "busy" reply
         self._user_pause: Pause | None = None  # held from `stop` to `cont`
+        self._closed = threading.Event()
+        self._clients_lock = threading.Lock()
+        self._clients = self._refusing = 0  # connections being served, being told why not
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "query-status": self._query_status,
             "stop": self._stop,
@@ -90,21 +101,65 @@ class ControlServer:
         self.handlers[name] = handler
 
     def close(self) -> None:
+        self._closed.set()
         unixsock.close(self.sock, self.path)
 
     # -- connections -----------------------------------------------------------------------------
 
     def _accept(self) -> None:
-        while True:
+        """Each connection served in a thread of its own, up to MAX_CLIENTS. Out of descriptors or
+        memory (a client holding many connections), it waits and accepts again: it ends only with
+        the socket, or the control socket would be dead for good once the clients had gone."""
+        out_of_resources = False
+        while not self._closed.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except OSError:
-                return  # closed
-            refusal = _refusal(conn)
-            if refusal is not None:
-                threading.Thread(target=_refuse, args=(conn, refusal), name="control-refused", daemon=True).start()
+            except OSError as error:
+                if self._closed.is_set() or error.errno not in _ACCEPT_TRANSIENT:
+                    return
+                if not out_of_resources:
+                    print(f"pykvm: control: cannot accept a connection ({error.strerror}); trying again",
+                          file=sys.stderr, flush=True)
+                out_of_resources = True
+                self._closed.wait(ACCEPT_RETRY)
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="control-client", daemon=True).start()
+            out_of_resources = False
+            self._start_client(conn)
+
+    def _start_client(self, conn: socket.socket) -> None:
+        refusal = _refusal(conn)
+        with self._clients_lock:
+            if refusal is None and self._clients >= MAX_CLIENTS:
+                refusal = f"too many control connections ({MAX_CLIENTS} open): close one, then ask again"
+            if refusal is not None and self._refusing >= MAX_CLIENTS:
+                conn.close()  # a flood: no thread, no descriptor kept for it
+                return
+            if refusal is None:
+                self._clients += 1
+            else:
+                self._refusing += 1
+        if refusal is None:
+            serve, args, name = self._serve, (conn,), "control-client"
+        else:
+            serve, args, name = _refuse, (conn, refusal), "control-refused"
+        try:
+            threading.Thread(target=self._counted, args=(serve, args, refusal), name=name, daemon=True).start()
+        except RuntimeError:  # no thread to be had: the client sees its connection closed
+            self._release(refusal)
+            conn.close()
+
+    def _counted(self, serve: Callable, args: tuple, refusal: str | None) -> None:
+        try:
+            serve(*args)
+        finally:
+            self._release(refusal)
+
+    def _release(self, refusal: str | None) -> None:
+        with self._clients_lock:
+            if refusal is None:
+                self._clients -= 1
+            else:
+                self._refusing -= 1
 
     def _serve(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError), conn.makefile("rb") as reader:
@@ -202,6 +257,10 @@ class ControlServer:
     def _check_snapshot_path(self, path: str) -> None:
         """A snapshot goes to a new or regular file in an existing directory, by an absolute path,
         and never onto what the VMM itself uses (its sockets, its disks)."""
+        try:
+            os.fsencode(path)
+        except UnicodeEncodeError:  # JSON can say "\ud800"; no file name holds it
+            raise CommandError(f"snapshot {path!r}: not a file name (a lone UTF-16 surrogate)") from None
         if "\0" in path or not os.path.isabs(path):
             raise CommandError(f"snapshot {path!r}: needs an absolute path without NUL bytes "
                                "(`pykvm ctl` makes a relative one absolute)")

@@ -33,6 +33,8 @@ def test_commands_and_bad_requests(tmp_path, guest_images):
         assert _raw(path, b'{"cmd": "reboot-the-world"}\n')["error"].startswith("unknown command 'reboot-the-world'")
         assert _raw(path, b'["cmd"]\n')["ok"] is False
         assert "needs a 'file' string" in _raw(path, b'{"cmd": "snapshot"}\n')["error"]
+        # a lone surrogate (valid JSON) is a bad path, not an internal error
+        assert "not a file name" in _raw(path, b'{"cmd": "snapshot", "file": "/tmp/\\ud800"}\n')["error"]
         assert "expected tcp:HOST:PORT" in _raw(path, b'{"cmd": "migrate", "uri": "udp:x"}\n')["error"]
         vcpus = _raw(path, b'{"cmd": "query-vcpus"}\n')["vcpus"]
         assert [v["index"] for v in vcpus] == [0, 1] and all(v["rip"] for v in vcpus)

@@ -81,3 +81,36 @@ def test_migration_target_refuses_a_state_that_does_not_fit_in_one_line(tmp_path
     finally:
         target.kill()
 
+
+
+def test_a_state_kvm_refuses_is_refused_to_the_source_with_kvms_reason(tmp_path, guest_images):
+    """Well-typed, but KVM will not take it (an MSR that does not exist): the source hears
+    REFUSED and KVM's reason, as for a state pykvm itself refuses. Before: the target exited
+    without a word to the source, which saw only its connection closed."""
+    config = MachineConfig()
+    with Machine(config, serial_output=lambda data: None) as machine:
+        with machine.quiesced():
+            state = machine.save_state()
+    state.vm.vcpus[0].msrs[0x345] = 1 << 63  # IA32_PERF_CAPABILITIES: read-only, this value is refused
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    target = VmmProcess("run", "--incoming", f"tcp:127.0.0.1:{port}")
+    try:
+        target.stderr.wait_for(b"waiting for a migration")
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            replies = wire.Decoder(lambda slot, pages: [])
+            wire.send_buffers(sock, wire.frame(wire.Kind.HELLO, 0, encode(config)))
+            assert wire.receive_frame(sock, replies).kind == wire.Kind.READY
+            wire.send_buffers(sock, wire.frame(wire.Kind.MACHINE_STATE, 1, encode(state)))
+            wire.send_buffers(sock, wire.frame(wire.Kind.SYNC_END, 2, b"{}"))
+            answer = wire.receive_frame(sock, replies)
+        assert answer.kind == wire.Kind.REFUSED
+        assert b"the state does not restore" in answer.payload and b"KVM_SET_MSRS" in answer.payload
+        assert target.wait() == 1
+        assert target.output == ""  # the guest never ran there
+        errors = target.errors.strip().splitlines()
+        assert errors[-1].startswith("pykvm: error: incoming migration") and "KVM_SET_MSRS" in errors[-1]
+        assert "Traceback" not in target.errors
+    finally:
+        target.kill()

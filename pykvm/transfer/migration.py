@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from pykvm.errors import ConfigError
+from pykvm.kvm import KvmError
 from pykvm.machine import Machine, MachineConfig, MachineState
 from pykvm.memory import PAGE_SIZE, dirty_pages, populated_pages
 from pykvm.run_control import RunState, StopKind
@@ -38,7 +39,7 @@ CONVERGED_PAGES = 256  # a round this small is sent with the guest stopped
 MAX_ROUNDS = 30
 CONNECT_TIMEOUT = 5.0
 PEER_TIMEOUT = 30.0  # no byte from the peer for this long: it is gone
-GREETING_TIMEOUT = 5.0  # a connection that sends no HELLO within this is dropped
+GREETING_TIMEOUT = 5.0  # a connection that has not sent a whole HELLO within this is dropped
 
 
 class MigrationError(Exception):
@@ -196,7 +197,7 @@ def migrate_in(machine: Machine, server: socket.socket, *, tls: TlsCredentials |
                 raise wire.ProtocolError("SYNC_END without the machine state")
             try:
                 machine.restore_state(state)
-            except StateError as error:  # the source hears why, and keeps its guest
+            except (StateError, KvmError) as error:  # the source hears why, and keeps its guest
                 reason = f"the state does not restore: {error}".encode()
                 wire.send_buffers(conn, wire.frame(wire.Kind.REFUSED, seq, reason))
                 raise
@@ -224,13 +225,14 @@ def _await_source(server: socket.socket, tls: TlsCredentials | None, sink: wire.
     while True:
         conn, peer = channel.accept(server, tls, say, "migrate")
         decoder = wire.Decoder(sink, allow_live_data=True)  # each kind's size bounded (wire.FRAME_LIMITS)
-        conn.settimeout(GREETING_TIMEOUT)
-        try:
-            hello = wire.receive_frame(conn, decoder)
+        try:  # the whole HELLO within the deadline: a peer dribbling bytes would hold us for ever
+            hello = wire.receive_frame(conn, decoder, deadline=time.monotonic() + GREETING_TIMEOUT)
             if hello.kind == wire.Kind.HELLO:
                 return conn, peer, decoder, hello
             reason = f"{hello.kind.name} before any HELLO"
-        except (OSError, wire.ProtocolError) as error:  # ConnectionError and timeouts included
+        except TimeoutError:
+            reason = f"no whole HELLO within {GREETING_TIMEOUT:g} s"
+        except (OSError, wire.ProtocolError) as error:  # ConnectionError included
             reason = channel.describe(error)
         conn.close()
         say(f"migrate: dropped a connection from {peer[0]}: {reason}; still waiting for a migration")

@@ -36,6 +36,10 @@ from pykvm.state import StateError, decode, encode
 MAGIC = b"PYKVMSNP"
 VERSION = 1
 SKIP_ZERO_CHUNK = 1 << 20  # all-zero stretches of this size stay holes in the file
+# The small sections are read whole into memory: bounded as a migration's HELLO and MACHINE_STATE
+# frames are, checked on the table before anything is read (a sparse file may claim any length).
+CONFIG_LIMIT = 1 << 20
+STATE_LIMIT = 64 << 20
 
 
 class SectionKind(enum.IntEnum):
@@ -223,6 +227,10 @@ def _read(path: Path, fd: int, verify_memory: bool) -> Snapshot:
     by_kind = {kind: [e for e in entries if e.kind == kind] for kind in SectionKind}
     if len(by_kind[SectionKind.CONFIG]) != 1 or len(by_kind[SectionKind.STATE]) != 1:
         raise SnapshotError(f"{path}: damaged snapshot (missing configuration or state)")
+    for kind, limit in ((SectionKind.CONFIG, CONFIG_LIMIT), (SectionKind.STATE, STATE_LIMIT)):
+        if by_kind[kind][0].length > limit:
+            raise SnapshotError(f"{path}: damaged snapshot ({kind.name.lower()} section of "
+                                f"{by_kind[kind][0].length} bytes, the limit is {limit})")
     config_blob = _section(path, fd, by_kind[SectionKind.CONFIG][0])
     state_blob = _section(path, fd, by_kind[SectionKind.STATE][0])
     try:
@@ -234,6 +242,8 @@ def _read(path: Path, fd: int, verify_memory: bool) -> Snapshot:
     layout = ram_layout(config.memory)
     if [e.length for e in memory] != [length for _, length in layout] or any(e.offset % PAGE_SIZE for e in memory):
         raise SnapshotError(f"{path}: damaged snapshot (memory sections do not match {config.memory} bytes of RAM)")
+    if config.memory <= 0 or config.memory % PAGE_SIZE:
+        raise SnapshotError(f"{path}: damaged snapshot (RAM size {config.memory} is not a positive multiple of {PAGE_SIZE})")
     if verify_memory:
         for entry in memory:
             _verify_memory(path, fd, entry)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import socket
 import struct
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -285,9 +286,16 @@ class Decoder:
         return done
 
 
-def receive_frame(sock: socket.socket, decoder: Decoder) -> Frame:
-    """Blocking helper: read until the decoder yields a frame. EOF raises ConnectionError."""
+def receive_frame(sock: socket.socket, decoder: Decoder, *, deadline: float | None = None) -> Frame:
+    """Blocking helper: read until the decoder yields a frame. EOF raises ConnectionError. With a
+    `deadline` (time.monotonic()), the whole frame must be in by then, or TimeoutError: a peer
+    that dribbles bytes never trips a per-read timeout."""
     while True:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no whole frame by the deadline")
+            sock.settimeout(left)
         count = receive_into(sock, decoder.want())
         if count == 0:
             raise ConnectionError("the peer closed the connection")
