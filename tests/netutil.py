@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 
 from pykvm.testing.netframes import (  # noqa: F401  (re-exported for the tests)
@@ -23,3 +25,20 @@ def blk_pattern(offset: int, length: int, seed: int) -> bytes:
         words = o * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(seed)
     return words.astype("<u8").tobytes()
 
+
+
+def send_a_stray_pages_frame(port: int, page: int) -> None:
+    """Connect to 127.0.0.1:`port` as a peer that is not ours and send one well-formed frame of
+    page data (page `page` of slot 0, all 0xA5) before any HELLO, then read until dropped."""
+    from pykvm.memory import PAGE_SIZE
+    from pykvm.transfer import wire
+
+    frame = wire.page_frame(0, 0, np.array([page], dtype="<u4"), [b"\xa5" * PAGE_SIZE])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            sock.sendall(b"".join(bytes(part) for part in frame))
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(4096):
+                pass
+        except OSError:
+            pass  # a reset: it dropped us with some of our bytes unread

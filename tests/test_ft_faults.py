@@ -13,15 +13,14 @@ import signal
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pykvm.hostfile import extents
 from pykvm.memory import PAGE_SIZE
-from pykvm.transfer import wire
 from pykvm.testing.kv import KvClient
 from pykvm.testing.netframes import FrameSocket, Peer
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm
+from tests.netutil import send_a_stray_pages_frame
 from tests.relay import Relay
 from tests.tmpfs import can_mount, small_tmpfs
 
@@ -154,15 +153,7 @@ def test_pages_before_any_hello_never_reach_a_waiting_standbys_ram(guest_images)
     try:
         standby.stderr.wait_for(b"waiting for a primary")
         untouched = (40 << 20) // PAGE_SIZE  # in the default 64M of RAM; `hello` never writes there
-        frame = wire.page_frame(0, 0, np.array([untouched], dtype="<u4"), [b"\xa5" * PAGE_SIZE])
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            try:
-                sock.sendall(b"".join(bytes(part) for part in frame))
-                sock.shutdown(socket.SHUT_WR)
-                while sock.recv(4096):
-                    pass
-            except OSError:
-                pass  # a reset: it dropped us with some of our bytes unread
+        send_a_stray_pages_frame(port, untouched)
         standby.stderr.wait_for(b"still waiting for a primary")
         primary = run_pykvm("run", "hello", "--ft", f"tcp:127.0.0.1:{port}", "--ft-verify")
         assert primary.returncode == 0 and b"protected by" in primary.stderr, primary.stderr.decode()

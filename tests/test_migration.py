@@ -9,7 +9,6 @@ import re
 import socket
 import time
 
-import numpy as np
 import pytest
 
 from pykvm.memory import PAGE_SIZE
@@ -18,6 +17,7 @@ from pykvm.transfer.snapshot import open_snapshot
 from pykvm.machine import MachineConfig
 from pykvm.state import encode
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm
+from tests.netutil import send_a_stray_pages_frame
 
 pytestmark = requires_kvm
 
@@ -107,15 +107,7 @@ def test_pages_before_any_hello_never_reach_the_targets_ram(tmp_path, guest_imag
     untouched = (40 << 20) // PAGE_SIZE  # in the default 64M of RAM; `dirty` writes its pages low
     try:
         target.stderr.wait_for(b"waiting for a migration")
-        frame = wire.page_frame(0, 0, np.array([untouched], dtype="<u4"), [b"\xa5" * PAGE_SIZE])
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            try:
-                sock.sendall(b"".join(bytes(part) for part in frame))
-                sock.shutdown(socket.SHUT_WR)
-                while sock.recv(4096):
-                    pass
-            except OSError:
-                pass  # a reset: it dropped us with some of our bytes unread
+        send_a_stray_pages_frame(port, untouched)
         target.stderr.wait_for(b"still waiting for a migration")
         source.wait_for(b"\n", count=2)
         reply = _ctl(source_ctl, "migrate", uri)

@@ -63,23 +63,31 @@ def test_migration_target_refuses_a_state_that_does_not_fit_in_one_line(tmp_path
         port = probe.getsockname()[1]
     target = VmmProcess("run", "--disk", disk, "--incoming", f"tcp:127.0.0.1:{port}")
     try:
-        target.stderr.wait_for(b"waiting for a migration")
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            replies = wire.Decoder(lambda slot, pages: [])
-            wire.send_buffers(sock, wire.frame(wire.Kind.HELLO, 0, encode(config)))
-            assert wire.receive_frame(sock, replies).kind == wire.Kind.READY
-            wire.send_buffers(sock, wire.frame(wire.Kind.MACHINE_STATE, 1, payload))
-            wire.send_buffers(sock, wire.frame(wire.Kind.SYNC_END, 2, b"{}"))
-            answer = wire.receive_frame(sock, replies)
-        assert answer.kind == wire.Kind.REFUSED
-        assert b"does not fit" in answer.payload
-        assert target.wait() == 1
-        assert target.output == ""  # the guest never ran there
-        errors = target.errors.strip().splitlines()
-        assert errors[-1].startswith("pykvm: error: incoming migration") and "does not fit" in errors[-1]
-        assert "Traceback" not in target.errors
+        _assert_refused_as_a_source_sends_it(target, port, config, payload, "does not fit")
     finally:
         target.kill()
+
+
+def _assert_refused_as_a_source_sends_it(target: VmmProcess, port: int, config: MachineConfig, payload: bytes,
+                                         reason: str) -> bytes:
+    """Play a migration source that sends `payload` as its state: the target answers REFUSED with
+    `reason`, exits 1 with one line saying it, and never runs the guest. Returns the REFUSED's text."""
+    target.stderr.wait_for(b"waiting for a migration")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        replies = wire.Decoder(lambda slot, pages: [])
+        wire.send_buffers(sock, wire.frame(wire.Kind.HELLO, 0, encode(config)))
+        assert wire.receive_frame(sock, replies).kind == wire.Kind.READY
+        wire.send_buffers(sock, wire.frame(wire.Kind.MACHINE_STATE, 1, payload))
+        wire.send_buffers(sock, wire.frame(wire.Kind.SYNC_END, 2, b"{}"))
+        answer = wire.receive_frame(sock, replies)
+    assert answer.kind == wire.Kind.REFUSED
+    assert reason.encode() in answer.payload
+    assert target.wait() == 1
+    assert target.output == ""  # the guest never ran there
+    errors = target.errors.strip().splitlines()
+    assert errors[-1].startswith("pykvm: error: incoming migration") and reason in errors[-1]
+    assert "Traceback" not in target.errors
+    return answer.payload
 
 
 
@@ -97,20 +105,7 @@ def test_a_state_kvm_refuses_is_refused_to_the_source_with_kvms_reason(tmp_path,
         port = probe.getsockname()[1]
     target = VmmProcess("run", "--incoming", f"tcp:127.0.0.1:{port}")
     try:
-        target.stderr.wait_for(b"waiting for a migration")
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            replies = wire.Decoder(lambda slot, pages: [])
-            wire.send_buffers(sock, wire.frame(wire.Kind.HELLO, 0, encode(config)))
-            assert wire.receive_frame(sock, replies).kind == wire.Kind.READY
-            wire.send_buffers(sock, wire.frame(wire.Kind.MACHINE_STATE, 1, encode(state)))
-            wire.send_buffers(sock, wire.frame(wire.Kind.SYNC_END, 2, b"{}"))
-            answer = wire.receive_frame(sock, replies)
-        assert answer.kind == wire.Kind.REFUSED
-        assert b"the state does not restore" in answer.payload and b"KVM_SET_MSRS" in answer.payload
-        assert target.wait() == 1
-        assert target.output == ""  # the guest never ran there
-        errors = target.errors.strip().splitlines()
-        assert errors[-1].startswith("pykvm: error: incoming migration") and "KVM_SET_MSRS" in errors[-1]
-        assert "Traceback" not in target.errors
+        refusal = _assert_refused_as_a_source_sends_it(target, port, config, encode(state), "KVM_SET_MSRS")
+        assert b"the state does not restore" in refusal
     finally:
         target.kill()
