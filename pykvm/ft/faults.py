@@ -18,9 +18,10 @@ a takeover, in ft.primary, ft.disk_mode or ft.standby:
                                                              goes on alone, fails (EIO): it must fence
                                                              unclaimed, releasing nothing it held
     primary-die-holding-write:K    primary  acknowledged     the Ack of the first sync from K on that
-                                                             covers a held disk write (shared disks:
-                                                             trigger blk) came; the process SIGKILLs
-                                                             itself before releasing anything
+                                                             covers a held disk write (shared disks;
+                                                             a VIRTIO_BLK_T_OUT chain, not a flush)
+                                                             came; the process SIGKILLs itself before
+                                                             releasing anything
     link-cut-after-ack:K           primary  acknowledged     the Ack of sync K came, its outputs are not
                                                              released yet: the primary's end of the link
                                                              goes silent without closing (what it sends
@@ -46,6 +47,7 @@ import errno
 import os
 import signal
 import socket
+from collections import Counter
 from dataclasses import dataclass
 
 from pykvm.transfer import wire
@@ -153,9 +155,11 @@ def flushing_alone() -> None:
         _fail_io()
 
 
-def acknowledged(sync: int, sock: socket.socket, trigger: str) -> None:
-    """The standby's Ack of sync `sync` (made for `trigger`) came; the outputs it covers are still held."""
-    if FAULT is not None and FAULT.name == "primary-die-holding-write" and sync >= FAULT.sync and trigger == "blk":
+def acknowledged(sync: int, sock: socket.socket, covered: list) -> None:
+    """The standby's Ack of sync `sync` came; the outputs it covers ((function, queue, time) each,
+    the oldest chains held on that queue) are still held."""
+    if FAULT is not None and FAULT.name == "primary-die-holding-write" and sync >= FAULT.sync \
+            and _covers_a_disk_write(covered):
         _die()
     if _is("link-cut-after-ack", sync):
         # The socket's descriptor is pointed at one end of a pair nobody reads, the connection
@@ -166,6 +170,21 @@ def acknowledged(sync: int, sock: socket.socket, trigger: str) -> None:
         quiet.setblocking(False)  # the primary's own timeouts apply, as they would on TCP
         os.dup2(quiet.fileno(), sock.fileno())
         _silenced.extend((connection, quiet, nobody))
+
+
+def _covers_a_disk_write(covered: list) -> bool:
+    """Whether a chain `covered` holds is a disk write (not a flush: a write released at an
+    earlier sync is on the disk already, and the fault is about one that is not)."""
+    from pykvm.devices.virtio.blk import T_OUT, Blk
+
+    counts = Counter((function, queue) for function, queue, _ in covered)
+    for (function, queue), count in counts.items():
+        if isinstance(function.device, Blk):
+            for chain in function.device.held.get(queue, [])[:count]:
+                head = chain.in_views[0] if chain.in_views else b""
+                if len(head) >= 4 and int.from_bytes(head[:4], "little") == T_OUT:
+                    return True
+    return False
 
 
 # -- the standby ----------------------------------------------------------------------------------

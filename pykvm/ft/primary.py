@@ -331,7 +331,7 @@ class Primary:
                     self._collect_acks(block=False)
                     return
                 p.expect_answer(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {taken.sync}")
-                faults.acknowledged(taken.sync, self._sock, trigger)
+                faults.acknowledged(taken.sync, self._sock, covered)
                 acked = time.perf_counter()
                 delays = self._release_acknowledged(done)
             except BaseException:
@@ -353,7 +353,7 @@ class Primary:
             block = False
             oldest = self._in_flight[0]
             p.expect_answer(p.Ack, p.receive_event(self._sock, self._protocol), f"sync {oldest.sync}")
-            faults.acknowledged(oldest.sync, self._sock, oldest.trigger)
+            faults.acknowledged(oldest.sync, self._sock, oldest.covered)
             acked = time.perf_counter()
             self._in_flight.pop(0)
             delays = self._release_acknowledged(oldest)
