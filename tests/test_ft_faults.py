@@ -143,6 +143,41 @@ def test_a_bit_flipped_mid_sync_is_a_standby_fault(tmp_path, guest_images, tls):
         relay.close()
 
 
+def test_a_peer_dribbling_its_hello_is_dropped_and_the_standby_waits_on(guest_images):
+    """Each byte comes well within a per-read timeout, so only a deadline on the whole Hello drops
+    it. Before: the standby kept reading it as long as bytes came, and a real primary, its
+    connection left in the backlog, was never answered."""
+    from pykvm.ft import protocol as p
+    from pykvm.ft.standby import GREETING_TIMEOUT
+
+    port = _free_port()
+    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}")
+    try:
+        standby.stderr.wait_for(b"waiting for a primary")
+        dribbled = b"".join(bytes(part) for part in p.FtConnection(p.Role.PRIMARY).send(p.Hello(b"{}")))
+        dropped_while_it_dribbled = False
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as stray:
+            for byte in dribbled[: int(GREETING_TIMEOUT * 10)]:  # one a second: ten times the deadline
+                try:
+                    stray.sendall(bytes([byte]))
+                except OSError:
+                    dropped_while_it_dribbled = True  # a reset
+                    break
+                try:  # a second between bytes, or less once the standby has dropped us
+                    standby.stderr.wait_for(b"dropped a connection", timeout=1)
+                    dropped_while_it_dribbled = True
+                    break
+                except TimeoutError:
+                    pass
+        assert dropped_while_it_dribbled, standby.errors
+        standby.stderr.wait_for(b"dropped a connection from 127.0.0.1: timed out; still waiting for a primary")
+        primary = run_pykvm("run", "hello", "--ft", f"tcp:127.0.0.1:{port}")  # it waits on
+        assert primary.returncode == 0 and b"protected by" in primary.stderr, primary.stderr.decode()
+        assert standby.wait() == 0 and "said goodbye" in standby.errors, standby.errors
+    finally:
+        standby.kill()
+
+
 def test_pages_before_any_hello_never_reach_a_waiting_standbys_ram(guest_images):
     """A connection (no TLS: anyone may connect) whose first frame is a well-formed frame of pages
     is dropped as no primary, and its data lands nowhere: the full sync sends only the pages the

@@ -35,6 +35,7 @@ import enum
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from dataclasses import replace
 
@@ -256,10 +257,17 @@ def _decode(frame: wire.Frame) -> Event:
         raise ProtocolError(f"malformed {frame.kind.name} frame: {error}") from None
 
 
-def receive_event(sock: socket.socket, connection: FtConnection) -> Event:
+def receive_event(sock: socket.socket, connection: FtConnection, *, deadline: float | None = None) -> Event:
     """Blocking helper: read from `sock` until `connection` yields an event. EOF raises
-    ConnectionError; the socket's timeout raises socket.timeout."""
+    ConnectionError; the socket's timeout raises socket.timeout. With a `deadline`
+    (time.monotonic()), the whole event must be in by then (TimeoutError), however the bytes
+    trickle in."""
     while True:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no whole frame by the deadline")
+            sock.settimeout(left)
         count = wire.receive_into(sock, connection.want())
         if count == 0:
             raise ConnectionError("the peer closed the connection")

@@ -198,9 +198,8 @@ class Standby:
         while True:
             conn, peer = channel.accept(server, self.tls, self.log, "ft standby")
             protocol = p.FtConnection(p.Role.STANDBY, page_sink=self.staging.sink)
-            conn.settimeout(GREETING_TIMEOUT)
-            try:
-                hello = p.receive_event(conn, protocol)
+            try:  # the whole Hello by the deadline: a peer dribbling bytes would hold us for ever
+                hello = p.receive_event(conn, protocol, deadline=time.monotonic() + GREETING_TIMEOUT)
                 if isinstance(hello, p.Hello):
                     return conn, peer, protocol, hello
                 reason = f"{type(hello).__name__} before any Hello"
