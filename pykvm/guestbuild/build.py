@@ -3,8 +3,10 @@
 A guest is `runtime/` plus its own directory, linked against `lib/` as an archive, so it carries
 only the shared drivers (PCI, virtio, the network stack) it calls.
 
-Images are cached outside the source tree under a hash of the sources and
-flags, so a second build is a no-op and an edit rebuilds.  Each guest is
+Images are cached outside the source tree under a hash of the sources, their
+directory and the flags, so a second build is a no-op and an edit rebuilds (the
+directory: an image's debug information names its sources by absolute path, so
+an image built in another checkout, since removed, would leave gdb without them).  Each guest is
 compiled into a private temporary directory and renamed into the cache, so
 concurrent builds (pytest-xdist, two CLIs) never see half-written files.
 """
@@ -82,7 +84,7 @@ def cache_dir() -> Path:
 
 def _source_hash() -> str:
     src = source_dir()
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(str(src).encode() + b"\0")  # where gdb will look for them (-g)
     for path in sorted(p for p in src.rglob("*") if p.suffix in SOURCE_SUFFIXES):
         digest.update(path.relative_to(src).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
