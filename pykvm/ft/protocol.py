@@ -35,7 +35,6 @@ import enum
 import socket
 import struct
 import threading
-import time
 from collections import deque
 from dataclasses import replace
 
@@ -264,10 +263,7 @@ def receive_event(sock: socket.socket, connection: FtConnection, *, deadline: fl
     trickle in."""
     while True:
         if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no whole frame by the deadline")
-            sock.settimeout(left)
+            wire.time_left_until(sock, deadline)
         count = wire.receive_into(sock, connection.want())
         if count == 0:
             raise ConnectionError("the peer closed the connection")

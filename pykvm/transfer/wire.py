@@ -286,16 +286,22 @@ class Decoder:
         return done
 
 
+def time_left_until(sock: socket.socket, deadline: float) -> None:
+    """Let `sock`'s next read wait only until `deadline` (time.monotonic()); TimeoutError if it
+    has passed: a whole frame is due by then, however its bytes trickle in."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("no whole frame by the deadline")
+    sock.settimeout(left)
+
+
 def receive_frame(sock: socket.socket, decoder: Decoder, *, deadline: float | None = None) -> Frame:
     """Blocking helper: read until the decoder yields a frame. EOF raises ConnectionError. With a
     `deadline` (time.monotonic()), the whole frame must be in by then, or TimeoutError: a peer
     that dribbles bytes never trips a per-read timeout."""
     while True:
         if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no whole frame by the deadline")
-            sock.settimeout(left)
+            time_left_until(sock, deadline)
         count = receive_into(sock, decoder.want())
         if count == 0:
             raise ConnectionError("the peer closed the connection")
