@@ -14,7 +14,8 @@
 3. Takeover (bench/ft_kv.py): SIGKILL of the primary -> the guest answering on the standby.
 4. Overhead: kv requests per second with FT on vs off (2.), and the `dirty` guest's rate (here).
 5. Group commit (bench/ft_kv.py): kv with 8 clients writing at once, FT off and in every mode
-   (`kv_ratio`: the best FT mode with replicated disks over FT off, goal >= 0.5), and a table of
+   (`kv_ratio`: the best FT mode with replicated disks over the FT-off runs just before and
+   after it, the median of three such runs, goal >= 0.5), and a table of
    every mode.
 6. TCP (bench/ft_tcp.py): tcp-echo's rate and latency with FT on and off, and `tcp_stall_ms:`,
    the longest stall a TCP client sees across a takeover.
