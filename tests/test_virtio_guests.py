@@ -78,6 +78,28 @@ def test_net_echo_over_the_socket_backend(tmp_path, guest_images, append):
         vmm.kill()
 
 
+@pytest.mark.parametrize("append", ["", "mrg=0"])
+def test_a_frame_too_long_for_the_rx_buffers_is_dropped_and_the_nic_goes_on(tmp_path, guest_images, append):
+    """4000 bytes fit neither a whole-frame buffer (mrg=0) nor the first mergeable buffer and the
+    spill behind it: the device drops the frame unseen by the guest (its rx count leaves it out),
+    and the frames after it arrive; one that spills into more buffers (1472 bytes) still does."""
+    link = tmp_path / "link.sock"
+    vmm = VmmProcess("run", "net-echo", "--net", f"socket:{link}", "--append", f"count=2 {append}")
+    try:
+        vmm.wait_for(b"net-echo: ready")
+        with FrameSocket(tmp_path / "host.sock", link) as sock:
+            peer = Peer(sock)
+            peer.resolve()  # the guest's first frame received: an ARP request
+            peer.send_udp(7, b"x" * (4000 - 42))
+            assert peer.udp(7, b"after") == b"after"
+            big = os.urandom(1472)
+            assert peer.udp(7, big) == big
+        assert vmm.wait() == 0
+        assert "net-echo: done udp=2 " in vmm.output and " rx=3 " in vmm.output, vmm.output
+    finally:
+        vmm.kill()
+
+
 def test_an_unknown_idle_mode_is_one_line_and_exit_2(tmp_path, guest_images):
     result = run_pykvm("run", "net-echo", "--net", f"socket:{tmp_path / 'link.sock'}", "--append", "idle=spin")
     assert result.returncode == 2, result.stdout + result.stderr
