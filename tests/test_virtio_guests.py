@@ -80,9 +80,9 @@ def test_net_echo_over_the_socket_backend(tmp_path, guest_images, append):
 
 @pytest.mark.parametrize("append", ["", "mrg=0"])
 def test_a_frame_too_long_for_the_rx_buffers_is_dropped_and_the_nic_goes_on(tmp_path, guest_images, append):
-    """4000 bytes fit neither a whole-frame buffer (mrg=0) nor the first mergeable buffer and the
-    spill behind it: the device drops the frame unseen by the guest (its rx count leaves it out),
-    and the frames after it arrive; one that spills into more buffers (1472 bytes) still does."""
+    """4000 bytes fit neither a whole-frame buffer (mrg=0) nor the mergeable buffers taken for a
+    maximal frame: the device drops the frame unseen by the guest (its rx count leaves it out), and
+    the frames after it arrive, one spread over three mergeable buffers (1472 bytes) among them."""
     link = tmp_path / "link.sock"
     vmm = VmmProcess("run", "net-echo", "--net", f"socket:{link}", "--append", f"count=2 {append}")
     try:
