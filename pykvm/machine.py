@@ -35,7 +35,7 @@ from pykvm.kvm import Kvm
 from pykvm.memory import GuestMemory
 from pykvm.errors import ConfigError
 from pykvm.state import Stateful, StateError, from_plain
-from pykvm.run_control import StopReason
+from pykvm.run_control import Pause, StopReason
 from pykvm.vm import Vm, VmPlatform, VmState
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
@@ -161,14 +161,15 @@ class Machine:
         return parts
 
     @contextlib.contextmanager
-    def quiesced(self, owner: str = "quiesce") -> Iterator[None]:
-        """vCPUs paused (a pause of `owner`'s own) and every device's I/O thread held between
-        requests: nothing changes RAM or device state until the block ends. However the block ends
-        (a failed sync, a full disk) this pause is released; the guest runs if no other is held."""
-        with self.vm.paused(owner), contextlib.ExitStack() as held:
+    def quiesced(self, owner: str = "quiesce") -> Iterator[Pause]:
+        """vCPUs paused (a pause of `owner`'s own, which the block gets) and every device's I/O
+        thread held between requests: nothing changes RAM or device state until the block ends.
+        However the block ends (a failed sync, a full disk) this pause is released; the guest runs
+        if no other is held."""
+        with self.vm.paused(owner) as hold, contextlib.ExitStack() as held:
             for function in self.virtio:
                 held.enter_context(function.lock)
-            yield
+            yield hold
 
     def save_state(self) -> MachineState:
         """Call inside quiesced()."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -145,3 +146,28 @@ def test_pauses_nest_and_the_last_resume_runs_the_guest(guest_images):
 def _pages_written(vm) -> int:
     """Pages written since the last call."""
     return sum(int(np.unpackbits(vm.dirty_bitmap(slot).view(np.uint8)).sum()) for slot in vm.memory.slots)
+
+
+def test_a_pause_ends_when_its_vcpus_run_again(guest_images):
+    """`ran_again` tells when every vCPU that a release let go was out of its park again (the end
+    of a sync's pause in the FT metrics): after the release, for the release that let them go;
+    None for a release that left another pause holding them, or once the VM stopped."""
+    with Machine(MachineConfig(cpus=2), serial_output=lambda data: None) as machine:
+        machine.load(guest_images["dirty"], cmdline="pages=1024 seconds=30")
+        vm = machine.vm
+        vm.start()
+        for _ in range(20):
+            hold = vm.pause("test")
+            released = time.perf_counter()
+            vm.resume(hold)
+            ran = vm.control.ran_again(hold, TIMEOUT)
+            assert ran is not None and ran >= released
+        snapshot, user = vm.pause("snapshot"), vm.pause("ctl stop")
+        vm.resume(snapshot)
+        assert vm.control.ran_again(snapshot, 0) is None  # "ctl stop" holds them still
+        vm.resume(user)
+        assert vm.control.ran_again(user, TIMEOUT) is not None
+        last = vm.pause("test")
+        vm.stop(0, "done")
+        vm.resume(last)
+        assert vm.control.ran_again(last, 0) is None

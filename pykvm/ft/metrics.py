@@ -9,7 +9,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from pykvm.devices.virtio.gate import GatedFunction
+from pykvm.devices.virtio.net import Net
+from pykvm.run_control import Pause
 from pykvm.stats import summary
+
+
+def output_trigger(function: GatedFunction) -> str:
+    """A sync's trigger (SyncRecord.trigger) when an output is held: the kind of device holding it."""
+    return "net" if isinstance(function.device, Net) else "blk"
 
 
 @dataclass
@@ -21,7 +29,9 @@ class SyncRecord:
     trigger: str  # "full", "blk" (a shared disk's output), "net", "timer" or "disk" (replicated disk data piling up)
     pages: int
     bytes: int  # sent, frame headers included
-    pause_ms: float  # guest paused: from the request to pause the vCPUs to their release, both included
+    # guest paused: from the request to pause the vCPUs to their running again (the last one out of
+    # its park), or to their release where that was not known yet when the sync was recorded
+    pause_ms: float
     transfer_ms: float  # from that request to the last byte handed to the socket
     ack_ms: float  # from then to the standby's Ack
     output_delay_ms: float  # the longest any output this sync released was held
@@ -43,6 +53,7 @@ class InFlight:
     pausing: float  # perf_counter() times: the pause asked for, the last byte sent, the guest resumed
     sent: float
     resumed: float = 0.0  # (a synchronous sync resumes after its Ack)
+    pause: Pause | None = None  # its pause of the vCPUs (RunControl.ran_again tells when they ran again)
 
     def record(self, acked: float, delays: list[float], *, disk_mode: str, mode: str) -> SyncRecord:
         return SyncRecord(self.sync, time.time(), self.trigger, self.pages, self.bytes,

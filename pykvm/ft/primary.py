@@ -44,13 +44,12 @@ from pykvm.transfer.page_arena import PageArena
 from pykvm.transfer.tls import TlsCredentials
 from pykvm.devices.virtio.blk import Blk
 from pykvm.devices.virtio.gate import GatedFunction
-from pykvm.devices.virtio.net import Net
 from pykvm.ft import faults, protocol as p
 from pykvm.ft.capture import capture
 from pykvm.ft.disk_mode import OwnFlushFailed, ReplicatedDisks, identities
 from pykvm.ft.cow import CowMemory, readable
 from pykvm.ft.fencing import EXIT_FENCED, Fenced, Fencing, Undecided
-from pykvm.ft.metrics import InFlight, PrimaryStats
+from pykvm.ft.metrics import InFlight, PrimaryStats, output_trigger
 from pykvm.ft.state_parts import StateSender
 from pykvm.ft.trace import OFF, FtTrace
 from pykvm.machine import Machine
@@ -62,6 +61,7 @@ CONNECT_TIMEOUT = 5.0
 # Bytes written to replicated disks since the last sync that make the next one start (it reads them
 # with the guest paused: kept well below the standby's patience)
 DISK_BACKLOG = 2 << 20
+RAN_AGAIN_PATIENCE = 0.1  # s a synchronous sync waits for its vCPUs to run again, to time its pause
 _UNFLUSHED = "a disk the guest flushed cannot be flushed here: {}"  # the guest was told its data is safe: fence
 
 
@@ -245,7 +245,7 @@ class Primary:
                                     0 if self._in_flight else wait)
                 if self._stopping:
                     return
-                trigger = _trigger(self._held[0][0]) if self._held else (
+                trigger = output_trigger(self._held[0][0]) if self._held else (
                     "disk" if self._replicated.backlog >= DISK_BACKLOG else None)
             if trigger is None and self.interval and time.monotonic() - last_sync >= self.interval:
                 trigger = "timer"
@@ -283,7 +283,7 @@ class Primary:
         Pipelined: the guest resumes as soon as the sync is captured (its pages copied), and only
         the outputs that the captured state precedes wait for the Ack. Cow: the guest resumes once
         the state is captured and RAM write-protected (ft.cow); the Ack is read later (_collect_acks).
-        The pause is timed from the request to pause the vCPUs to their release (both included)."""
+        The pause is timed from the request to pause the vCPUs to their running again (_record)."""
         cow = self._cow if not full else None
         pipelined = self.mode == "pipelined" and not full
         if cow is not None:
@@ -297,7 +297,7 @@ class Primary:
             if cow is not None:
                 armed.callback(cow.disarm)  # done once the pages are copied; here if the sync fails
             requested = time.perf_counter()
-            quiesce.enter_context(self.machine.quiesced("ft sync"))
+            pause = quiesce.enter_context(self.machine.quiesced("ft sync"))
             if cow is not None and cow.arm_in_pause:
                 cow.arm([function.lock for function in self.machine.virtio])  # held already: re-entered
             covered = self._take_held()  # the outputs this sync's state precedes
@@ -324,7 +324,7 @@ class Primary:
                 if trace.on:
                     trace.sync(number, f"sent {sent_bytes} bytes in {(sent - requested) * 1000:.2f} ms from the pause")
                 done = InFlight(taken.sync, trigger, taken.pages, sent_bytes, covered, flushing, requested, sent,
-                                resumed if pipelined or cow else 0.0)
+                                resumed if pipelined or cow else 0.0, pause)
                 if cow is not None:
                     self._in_flight.append(done)
                     covered = []
@@ -340,10 +340,17 @@ class Primary:
                 raise
             if trace.on:
                 trace.sync(number, f"ack after {(acked - sent) * 1000:.2f} ms; released {len(covered)} outputs")
-        if not pipelined:
-            done.resumed = time.perf_counter()
+        if not pipelined:  # (its vCPUs are woken now: wait for them, briefly, for the pause's end)
+            done.resumed = self.machine.vm.control.ran_again(pause, RAN_AGAIN_PATIENCE) or time.perf_counter()
             if trace.on:
                 trace.sync(number, f"resumed: the guest was paused {(done.resumed - requested) * 1000:.2f} ms")
+        self._record(done, acked, delays)
+
+    def _record(self, done: InFlight, acked: float, delays: list[float]) -> None:
+        """Sync `done` is acknowledged and its outputs released: into the stats and the metrics.
+        Its pause ends when its vCPUs ran again, the last out of its park (0.65 ms after their
+        release, median, during kv's syncs here), if known by now; else at their release."""
+        done.resumed = self.machine.vm.control.ran_again(done.pause, 0) or done.resumed
         self.stats.add(done.record(acked, delays, disk_mode=self.disk_mode, mode=self.mode), self.metrics)
 
     def _collect_acks(self, *, block: bool) -> None:
@@ -356,8 +363,7 @@ class Primary:
             faults.acknowledged(oldest.sync, self._sock, oldest.covered)
             acked = time.perf_counter()
             self._in_flight.pop(0)
-            delays = self._release_acknowledged(oldest)
-            self.stats.add(oldest.record(acked, delays, disk_mode=self.disk_mode, mode=self.mode), self.metrics)
+            self._record(oldest, acked, self._release_acknowledged(oldest))
 
     def _await_acks(self, wait: float) -> None:
         """Cow mode, no output to sync: wait up to `wait` for an Ack or a new output. An Ack
@@ -442,7 +448,3 @@ class Primary:
         guest's writes met during syncs, and how many of them copied a page aside."""
         cow = {"wp_faults": self._cow.faults, "copied_aside": self._cow.copied_aside} if self._cow else {}
         return {**self.stats.summary(), "mode": self.mode, **cow}
-
-
-def _trigger(function: GatedFunction) -> str:
-    return "net" if isinstance(function.device, Net) else "blk"
