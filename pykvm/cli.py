@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         _print_error(error)
         return EXIT_USAGE
     except (KvmError, guestbuild.BuildError,
-            *loaded_errors(("pykvm.transfer.migration", "MigrationError"), ("pykvm.ft.primary", "FtError"))) as error:
+            *loaded_errors(("pykvm.transfer.migration", "MigrationError"), ("pykvm.ft.reach", "FtError"))) as error:
         _print_error(error)
         return EXIT_FAILURE
     except loaded_errors(("pykvm.ft.fencing", "Fenced")):

@@ -80,6 +80,6 @@ def ft_protect(primary: Primary | None, request: dict) -> dict:
         raise control.CommandError("this VMM was not started with --ft")
     try:
         primary.protect(uri)
-    except loaded_errors(("pykvm.ft.primary", "FtError"), ("pykvm.ft.fencing", "Fenced")) as error:
+    except loaded_errors(("pykvm.ft.reach", "FtError"), ("pykvm.ft.fencing", "Fenced")) as error:
         raise control.CommandError(str(error)) from None
     return primary.summary()

@@ -11,7 +11,7 @@ import contextlib
 import signal
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from pykvm.bus import IoBus
 from pykvm.devices.platform import IoeventfdUnavailable
@@ -156,6 +156,11 @@ class Vm:
 
     def paused(self, owner: str) -> contextlib.AbstractContextManager[Pause]:
         return self.control.paused(owner)
+
+    def run_paused(self, owner: str, work: Callable[[], Any]) -> tuple[Any, Pause]:
+        """`work()` with every vCPU parked, on the thread of the vCPU that parks last, which then
+        runs on at once (see RunControl.run_paused); its result, and the pause."""
+        return self.control.run_paused(owner, work)
 
     def stop(self, status: int, reason: str, report: str = "", kind: StopKind = StopKind.ENDED) -> None:
         """Stop the VM for good; callable from any thread, including a vCPU's own device handler."""

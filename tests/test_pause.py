@@ -171,3 +171,36 @@ def test_a_pause_ends_when_its_vcpus_run_again(guest_images):
         vm.stop(0, "done")
         vm.resume(last)
         assert vm.control.ran_again(last, 0) is None
+
+
+def test_run_paused_work_runs_on_the_vcpu_that_parks_last(guest_images):
+    """The work of a run_paused sees every vCPU parked and runs on a vCPU thread (after it, the
+    vCPUs run again: ran_again tells when), and its exception reaches the caller while the guest
+    goes on; with the vCPUs parked already for another pause, or not started, the caller runs it
+    itself."""
+    output = bytearray()
+    with Machine(MachineConfig(cpus=2), serial_output=output.extend) as machine:
+        machine.load(guest_images["dirty"], cmdline="pages=1024 seconds=2")
+        vm = machine.vm
+
+        def look() -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+            first = [(v.fd.get_regs().rip, v.exit_count) for v in vm.vcpus]
+            return threading.current_thread().name, first, [(v.fd.get_regs().rip, v.exit_count) for v in vm.vcpus]
+
+        (thread, _, _), _ = vm.run_paused("test", look)
+        assert thread == threading.current_thread().name  # not started: run here
+        vm.start()
+        for _ in range(50):
+            (thread, first, second), hold = vm.run_paused("test", look)
+            assert thread.startswith("vcpu") and first == second
+            assert vm.control.ran_again(hold, TIMEOUT) is not None or vm.state is RunState.STOPPED
+        with pytest.raises(ZeroDivisionError):
+            vm.run_paused("test", lambda: 1 // 0)
+        user = vm.pause("ctl stop")
+        (thread, first, second), _ = vm.run_paused("test", look)
+        assert thread == threading.current_thread().name and first == second
+        assert vm.control.status() == (RunState.PAUSED, ["ctl stop"])
+        vm.resume(user)
+        stop = vm.wait(TIMEOUT)
+    assert stop is not None and stop.status == 0, output.decode()
+    assert output.rstrip().endswith(b"dirty: done")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-_HOMES = {"FtError": "pykvm.ft.primary", "Primary": "pykvm.ft.primary", "Standby": "pykvm.ft.standby"}
+_HOMES = {"FtError": "pykvm.ft.reach", "Primary": "pykvm.ft.primary", "Standby": "pykvm.ft.standby"}
 
 __all__ = ["FtError", "Primary", "Standby"]
 
