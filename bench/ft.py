@@ -2,7 +2,7 @@
 
 1. Sync cost (bench/ft_sync.py): the guest pause of a sync of 80 and 3000 random dirty pages
    between this process's primary and a standby VMM process over loopback, the vCPU running.
-   `sync3000_ratio`: the whole 3000-page sync (request to pause -> vCPUs released, outputs
+   `sync3000_ratio`: the whole 3000-page sync (request to pause -> vCPUs running again, outputs
    released, the standby's commit and ack included) / the bare transfer of the same scattered
    pages by a pair of processes (sendmsg of the runs / recvmsg_into), alternating with the syncs in
    the same run (goal <= 1.5). (The Kemari prototype needed ~150 ms for 3000 pages.)

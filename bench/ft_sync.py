@@ -3,7 +3,7 @@ process over loopback) against a baseline of the same run. bench/ft.py runs thes
 
 Sync cost for 80 and 3000 random dirty pages of random contents (pause, transfer, ack), the vCPU
 running (halted in KVM_RUN). `sync3000_ratio`: the whole 3000-page sync (request to pause ->
-vCPUs released, outputs released, the standby's commit and ack included) / the bare transfer of
+vCPUs running again, outputs released, the standby's commit and ack included) / the bare transfer of
 the same scattered pages by a pair of processes (sendmsg of the runs / recvmsg_into), alternating
 with the syncs in the same run (goal <= 1.5). (The Kemari prototype needed ~150 ms for 3000
 pages.) The 3000-page sync again over mutual TLS, and `tls_ratio`: TLS pause / plaintext pause
@@ -153,7 +153,7 @@ def print_sync_costs() -> None:
     print(f"bare transfer of the same 3000 scattered pages (sendmsg of the runs / recvmsg_into, process to "
           f"process): {plain['bare_ms']:.2f} ms")
     print(f"sync3000_ratio: {plain['ratio']:.2f}  (the whole 3000-page sync, from the request to pause the vCPUs "
-          "to their release with the outputs, standby's commit and ack included / the bare transfer next to it, "
+          "to their running again with the outputs released, standby's commit and ack included / the bare transfer next to it, "
           "same run, median of the pairs; goal <= 1.5)")
     print(f"tls_ratio: {rows[3000, True]['pause_ms'] / plain['pause_ms']:.2f}  (the 3000-page sync's "
           "guest pause over TLS / in the clear, same pages, same run; goal <= 2.0)")
