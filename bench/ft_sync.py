@@ -153,7 +153,8 @@ def print_sync_costs() -> None:
     print(f"bare transfer of the same 3000 scattered pages (sendmsg of the runs / recvmsg_into, process to "
           f"process): {plain['bare_ms']:.2f} ms")
     print(f"sync3000_ratio: {plain['ratio']:.2f}  (the whole 3000-page sync, from the request to pause the vCPUs "
-          "to their running again with the outputs released, standby's commit and ack included / the bare transfer next to it, "
+          "to their running again with the outputs released, standby's commit and ack included / the bare transfer "
+          "next to it, "
           "same run, median of the pairs; goal <= 1.5)")
     print(f"tls_ratio: {rows[3000, True]['pause_ms'] / plain['pause_ms']:.2f}  (the 3000-page sync's "
           "guest pause over TLS / in the clear, same pages, same run; goal <= 2.0)")
