@@ -54,13 +54,15 @@ class StopReason:
 
 
 class Pause:
-    """One holder's pause of the VM; release it (once) with RunControl.resume or by leaving paused()."""
+    """One holder's pause of the VM; release it (once) with RunControl.resume or by leaving paused().
+    (A pause that run_paused returns is released already.)"""
 
-    __slots__ = ("owner", "epoch")
+    __slots__ = ("owner", "let_go", "ran_again_at")
 
     def __init__(self, owner: str) -> None:
         self.owner = owner  # who holds it, for people: "snapshot", "ctl stop", "ft sync", ...
-        self.epoch: int | None = None  # set if its release let the vCPUs run: the run it began
+        self.let_go = False  # its release let the vCPUs run (it was the last pause held)
+        self.ran_again_at: float | None = None  # perf_counter() when they all had left their park
 
     def __repr__(self) -> str:
         return f"Pause({self.owner!r})"
@@ -93,14 +95,16 @@ class RunControl:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # vCPUs parking and leaving, pause() waiting for them
+        self._job_done = threading.Condition(lock)  # run_paused waiting for its work (or for a stop)
         self._vcpus: list[Vcpu] = []
         self._alive = 0  # vCPU threads still in their run loop
         self._parked = 0  # of those, parked for the current pause
         self._holds: list[Pause] = []  # the pauses not yet released; the vCPUs run when it is empty
         self._epoch = 0  # bumped when the last hold goes; parked threads wait for it to change
         self._leaving = 0  # vCPUs released from their park that have not yet left it
-        self._ran_again: tuple[int, float] = (0, 0.0)  # (epoch, perf_counter() when its last vCPU left the park)
+        self._let_go: Pause | None = None  # the pause whose release let them go (its ran_again_at)
         self._jobs: list[_Job] = []  # run_paused work waiting for the last vCPU to park
         self.stop_reason: StopReason | None = None
 
@@ -150,11 +154,13 @@ class RunControl:
     def run_paused(self, owner: str, work: Callable[[], Any]) -> tuple[Any, Pause]:
         """Run `work` with every vCPU parked, then release the pause; returns what it returned (or
         raises what it raised) and the pause, for ran_again. The vCPU thread that parks last runs
-        it and goes straight back into the guest: no thread is woken for the pause to begin or to
-        end, and that vCPU, holding the interpreter lock already, waits for no turn to take it. (A
-        parked vCPU took 0.65 ms, median, after its release to run again during kv's FT syncs, and
-        longer behind the copying that follows a cow sync.) Run on this thread instead if no vCPU
-        will park for it: none runs, all are parked already for another pause, or the VM stops."""
+        it and goes straight back into the guest: that vCPU is not woken for the pause to end, and
+        holding the interpreter lock already, it waits for no turn to take it. (A parked vCPU took
+        0.65 ms, median, after its release to run again during kv's FT syncs, and longer behind
+        the copying that follows a cow sync.) The caller runs it itself if no vCPU will park for
+        it: none has started, all are parked already for another pause, or the VM stops, in which
+        case vCPUs may still be on their way out of the guest (as after pause() on a stop). Not
+        to be called with a lock that the work takes (the vCPU running it would wait for it)."""
         if any(v.thread is threading.current_thread() for v in self._vcpus):
             raise RuntimeError("a vCPU thread cannot pause the VM it is running")
         job = _Job(work, Pause(owner))
@@ -165,8 +171,9 @@ class RunControl:
                 if len(self._holds) == 1:
                     for vcpu in self._vcpus:
                         vcpu.kick()
-                self._cond.wait_for(lambda: job.finished or (not job.taken and self.stop_reason is not None))
-                if not job.finished:  # the VM stopped before a vCPU took it
+                self._job_done.wait_for(lambda: job.finished or not job.taken and (
+                    self.stop_reason is not None or self._parked >= self._alive))
+                if not job.finished:  # stopped, or every vCPU gone or parked without taking it
                     self._jobs.remove(job)
         if not job.finished:
             job.run()
@@ -192,23 +199,20 @@ class RunControl:
             vcpu.clear_kick()
         self._leaving, self._parked = self._parked, 0
         self._epoch += 1
-        hold.epoch = self._epoch
+        hold.let_go, self._let_go = True, hold
         if not self._leaving:  # no vCPU was parked (none had started): nothing to wait for
-            self._ran_again = (self._epoch, time.perf_counter())
+            hold.ran_again_at = time.perf_counter()
         self._cond.notify_all()
 
     def ran_again(self, hold: Pause, timeout: float | None = None) -> float | None:
-        """When the vCPUs that `hold`'s release let go were all running again (perf_counter()),
+        """When the vCPUs that `hold`'s release let go had all left their park (perf_counter()),
         waiting up to `timeout` for it: a parked vCPU thread must be woken and find a core, which
-        on a busy host takes longer than many a pause (0.65 ms, median, during kv's FT syncs).
-        None if its release let no vCPU go (another pause holds them, or the VM stopped), or not
-        within `timeout`."""
+        on a busy host takes longer than many a pause. None if its release let no vCPU go (another
+        pause holds them, or the VM stopped), or not within `timeout`."""
         with self._cond:
-            if hold.epoch is None:
-                return None
-            self._cond.wait_for(lambda: self._ran_again[0] >= hold.epoch or self.stop_reason is not None, timeout)
-            epoch, when = self._ran_again
-            return when if epoch == hold.epoch else None
+            if hold.let_go:
+                self._cond.wait_for(lambda: hold.ran_again_at is not None or self.stop_reason is not None, timeout)
+            return hold.ran_again_at
 
     @contextlib.contextmanager
     def paused(self, owner: str) -> Iterator[Pause]:
@@ -227,6 +231,7 @@ class RunControl:
             for vcpu in self._vcpus:
                 vcpu.kick()
             self._cond.notify_all()
+            self._job_done.notify_all()
 
     def wait_stopped(self, timeout: float | None = None) -> StopReason | None:
         with self._cond:
@@ -242,8 +247,8 @@ class RunControl:
             if not self._holds or self.stop_reason is not None:
                 return self.stop_reason is not None
             self._parked += 1
-            self._cond.notify_all()
             if self._parked < self._alive or not self._jobs:
+                self._cond.notify_all()  # (pause() waits for the last to park; run_paused does not)
                 self._park()
                 return self.stop_reason is not None
             jobs, self._jobs = self._jobs, []
@@ -256,6 +261,7 @@ class RunControl:
                 job.finished = True
                 self._release(job.hold)
             self._cond.notify_all()
+            self._job_done.notify_all()
             if self._holds and self.stop_reason is None:  # another pause holds the VM: park for it
                 self._park()
             else:
@@ -272,11 +278,12 @@ class RunControl:
         """This vCPU runs again; the last of those released marks when they all did (ran_again)."""
         if self.stop_reason is None and self._leaving:
             self._leaving -= 1
-            if not self._leaving:
-                self._ran_again = (self._epoch, time.perf_counter())
+            if not self._leaving and self._let_go is not None:
+                self._let_go.ran_again_at = time.perf_counter()
                 self._cond.notify_all()
 
     def left(self) -> None:
         with self._cond:
             self._alive -= 1
             self._cond.notify_all()
+            self._job_done.notify_all()

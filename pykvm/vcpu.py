@@ -161,13 +161,17 @@ class Vcpu:
             try:
                 ioctl(fd, KVM_RUN, 0)
             except InterruptedError:
-                if control.interrupted():
-                    return
-                continue
+                kicked = True
             except BlockingIOError:
                 continue  # EAGAIN: an AP left wait-for-SIPI inside KVM; just run it again
             except OSError as error:
                 raise KvmError(error.errno, f"KVM_RUN failed: {error.strerror}", ioctl="KVM_RUN") from None
+            else:
+                kicked = False
+            if kicked:  # (out of the except: work this thread runs while parked must not chain to the EINTR)
+                if control.interrupted():
+                    return
+                continue
             self.exit_count += 1  # live: benchmarks and query-vcpus read it while the vCPU runs
             reason = words[EXIT_REASON_WORD]
             if reason == k.KVM_EXIT_IO:

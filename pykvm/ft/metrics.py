@@ -30,7 +30,7 @@ class SyncRecord:
     pages: int
     bytes: int  # sent, frame headers included
     # guest paused: from the request to pause the vCPUs to their running again (the last one out of
-    # its park), or to their release where that was not known yet when the sync was recorded
+    # its park); where that was not known yet when last looked for, to then (a lower bound)
     pause_ms: float
     transfer_ms: float  # from that request to the last byte handed to the socket
     ack_ms: float  # from then to the standby's Ack

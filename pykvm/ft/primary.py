@@ -67,7 +67,7 @@ from pykvm.userfaultfd import UserfaultfdUnavailable
 # Bytes written to replicated disks since the last sync that make the next one start (it reads them
 # with the guest paused: kept well below the standby's patience)
 DISK_BACKLOG = 2 << 20
-RAN_AGAIN_PATIENCE = 0.1  # s a synchronous sync waits for its vCPUs to run again, to time its pause
+RAN_AGAIN_PATIENCE = 0.005  # s a synchronous sync waits (holding the connection) for its vCPUs to run again
 _UNFLUSHED = "a disk the guest flushed cannot be flushed here: {}"  # the guest was told its data is safe: fence
 
 
@@ -342,7 +342,8 @@ class Primary:
     def _record(self, done: InFlight, acked: float, delays: list[float]) -> None:
         """Sync `done` is acknowledged and its outputs released: into the stats and the metrics.
         Its pause ends when its vCPUs ran again, the last out of its park (0.65 ms after their
-        release, median, during kv's syncs here), if known by now; else at their release."""
+        release, median, during kv's syncs, when the FT thread woke them), if known by now; else
+        at the time looked at before (`resumed`), when they had not all run yet: a lower bound."""
         done.resumed = self.machine.vm.control.ran_again(done.pause, 0) or done.resumed
         self.stats.add(done.record(acked, delays, disk_mode=self.disk_mode, mode=self.mode), self.metrics)
 
