@@ -7,6 +7,11 @@ them lets the guest run while another is still looking at it.
 A paused or stopped VM is signalled by setting kvm_run.immediate_exit and sending KICK_SIGNAL to
 each vCPU thread, so KVM_RUN itself returns EINTR; only then does a vCPU consult RunControl. The
 run loop's fast path therefore pays nothing for being pausable.
+
+Work that needs the vCPUs parked and lets them go at once after (an FT sync's capture in
+pipelined and cow modes) can be handed to them instead (run_paused): the last to park runs it on
+its own thread and goes straight back into the guest, rather than sleeping until a controller
+releases it. ran_again tells when the vCPUs a release let go were all running again.
 """
 
 from __future__ import annotations
