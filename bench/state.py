@@ -30,9 +30,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pykvm import guestbuild  # noqa: E402
-from pykvm.transfer import snapshot, wire  # noqa: E402
+from pykvm.transfer import snapshot  # noqa: E402
 from pykvm.machine import Machine, MachineConfig  # noqa: E402
-from pykvm.memory import PAGE_SIZE, dirty_pages  # noqa: E402
+from pykvm.memory import PAGE_SIZE, dirty_pages, page_runs  # noqa: E402
 
 MIB = 1 << 20
 
@@ -183,7 +183,7 @@ def gather(pages_dirty: int, ram_pages: int = (1 << 30) // PAGE_SIZE, repeats: i
     for _ in range(repeats):
         started = time.perf_counter()
         pages = dirty_pages(bitmap)
-        wire.page_runs(pages)
+        page_runs(pages)
         times.append(time.perf_counter() - started)
     assert len(pages) == pages_dirty
     del ram

@@ -7,6 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +19,7 @@ from pykvm.memory import (
     GuestMemoryError,
     dirty_pages,
     populated_pages,
+    ram_hash,
     ram_layout,
 )
 
@@ -147,6 +149,23 @@ def test_populated_pages_are_the_written_ones(shared):
         assert populated_pages(mem.slots[0]).tolist() == WRITTEN
     finally:
         mem.close()
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["anonymous", "memfd"])
+def test_ram_hash_is_all_of_ram_and_populates_nothing(shared):
+    """FT's --ft-verify hash covers every byte of RAM, the untouched pages as the zeros they read as,
+    without reading them: a page it read would count as populated, and a full sync to a new
+    standby would send it."""
+    for written in (WRITTEN, [3, 10, 11]):  # the first and last pages written; holes at both ends
+        mem = GuestMemory(SIZE, shared=shared)
+        try:
+            for page in written:
+                mem.write(page * PAGE_SIZE + 5, b"pykvm")
+            digest = ram_hash(mem)
+            assert populated_pages(mem.slots[0]).tolist() == written
+            assert digest == xxhash.xxh3_64_intdigest(bytes(mem.slots[0].view))  # (this reads them all)
+        finally:
+            mem.close()
 
 
 @pytest.fixture

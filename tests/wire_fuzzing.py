@@ -13,7 +13,7 @@ import numpy as np
 import xxhash
 
 from pykvm.ft import protocol as p
-from pykvm.memory import PAGE_SIZE
+from pykvm.memory import PAGE_SIZE, page_runs
 from pykvm.transfer import wire
 
 RAM_PAGES = 64  # the receiver's "guest RAM": slot 0, this many pages
@@ -25,7 +25,7 @@ def page_sink(slot: int, pages: np.ndarray) -> list[memoryview]:
     """Pages of slot 0 within RAM_PAGES, as a real sink checks them."""
     if slot != 0 or (len(pages) and int(pages.max()) >= RAM_PAGES):
         raise wire.ProtocolError(f"pages outside guest RAM (slot {slot})")
-    return [_ram[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in wire.page_runs(pages)]
+    return [_ram[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in page_runs(pages)]
 
 
 def header(kind: int, seq: int, length: int, payload: bytes = b"", *, flags: int = 0, magic: bytes = wire.MAGIC,

@@ -28,7 +28,7 @@ import numpy as np
 from pykvm.errors import ConfigError
 from pykvm.kvm import KvmError
 from pykvm.machine import Machine, MachineConfig, MachineState
-from pykvm.memory import PAGE_SIZE, dirty_pages, populated_pages
+from pykvm.memory import PAGE_SIZE, dirty_pages, page_runs, populated_pages
 from pykvm.run_control import RunState, StopKind
 from pykvm.state import StateError, decode, encode
 from pykvm.transfer import channel, wire
@@ -171,7 +171,7 @@ def migrate_in(machine: Machine, server: socket.socket, *, tls: TlsCredentials |
         slot = slots.get(index)
         if slot is None or (len(pages) and int(pages.max()) >= slot.pages):
             raise wire.ProtocolError(f"pages outside guest RAM (slot {index})")
-        return [slot.view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in wire.page_runs(pages)]
+        return [slot.view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in page_runs(pages)]
 
     conn, peer, decoder, hello = _await_source(server, tls, sink, say)
     server.close()

@@ -150,17 +150,6 @@ def run_views(view: memoryview, pages: np.ndarray) -> list[memoryview]:
     return list(map(view.__getitem__, map(slice, firsts.tolist(), ends.tolist())))  # loops in C
 
 
-def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
-    """(first page, count) of each run of consecutive page numbers (computed in numpy; only the
-    final list is built in Python)."""
-    if len(pages) == 0:
-        return []
-    pages = pages.astype(np.int64, copy=False)
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    bounds = np.concatenate(([0], breaks, [len(pages)]))
-    return list(zip(pages[bounds[:-1]].tolist(), np.diff(bounds).tolist()))
-
-
 # -- parsing frames ----------------------------------------------------------------------------------
 
 PageSink = Callable[[int, np.ndarray], list[memoryview]]
