@@ -182,6 +182,29 @@ def test_an_ft_thread_that_dies_fences_its_primary(tmp_path, disk):
         pair.close()
 
 
+@pytest.mark.parametrize("mode", ["pipelined", "cow"])
+def test_a_capture_that_fails_on_the_vcpu_fences_its_primary(tmp_path, mode):
+    """In pipelined and cow modes the vCPU that parks last takes the sync (RunControl.run_paused).
+    The injected failure inside that capture reaches the FT thread, which fences (75) with the
+    fault's own traceback, not one chained to the vCPU's EINTR; the held reply never leaves, and
+    the standby takes over and serves."""
+    witness = MovableFileWitness(tmp_path)
+    pair = Pair(tmp_path, witness.uri, primary_env={"PYKVM_FT_FAULT": "primary-capture-fails"},
+                primary_options=("--ft-mode", mode))
+    try:
+        assert pair.primary.wait() == FENCED
+        assert "injected fault" in pair.primary.errors and "During handling" not in pair.primary.errors
+        assert "\nfenced: the primary's FT thread failed" in pair.primary.errors
+        pair.standby.stderr.wait_for(b"took over from sync")
+        pair.standby.wait_for(b"kv: ready")
+        with FrameSocket(tmp_path / "client.sock", pair.link) as link:
+            client = KvClient(link)
+            assert client.put(1, "after-the-failed-capture")
+            client.check_all_served()
+    finally:
+        pair.close()
+
+
 def test_the_standby_follows_the_primarys_options_and_ft_protect_is_refused_while_protected(tmp_path):
     witness = MovableFileWitness(tmp_path)
     pair = Pair(tmp_path, witness.uri, primary_options=("--ft-mode", "pipelined", "--ft-interval", "500"))

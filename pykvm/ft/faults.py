@@ -7,6 +7,10 @@ a takeover, in ft.primary, ft.disk_mode or ft.standby:
     fault                          side     hook             what happens
     primary-thread-crash           primary  syncing_output   the FT thread raises at its first sync
                                                              for an output (it must fence itself)
+    primary-capture-fails          primary  capturing        taking a sync for a held output fails
+                                                             inside the pause (pipelined and cow modes:
+                                                             on the vCPU that parked last): the guest
+                                                             runs on, the FT thread must fence itself
     primary-die-after-bytes:K:N    primary  sending_sync,    the process SIGKILLs itself once N bytes
                                             sync_sent        of sync K are sent, or all of it if it is
                                                              shorter (before the Ack is read)
@@ -55,6 +59,7 @@ from pykvm.transfer import wire
 ENVIRONMENT = "PYKVM_FT_FAULT"
 ARGUMENTS = {  # fault -> its arguments' names (a trailing "?" marks the optional one)
     "primary-thread-crash": (),
+    "primary-capture-fails": (),
     "primary-die-after-bytes": ("K", "N"),
     "primary-flush-fails": ("K",),
     "primary-flush-fails-alone": (),
@@ -118,6 +123,12 @@ def syncing_output(trigger: str) -> None:
     """The FT thread is about to sync for a held output (trigger "blk" or "net")."""
     if FAULT is not None and FAULT.name == "primary-thread-crash" and trigger in ("blk", "net"):
         raise RuntimeError(f"injected fault ({ENVIRONMENT}=primary-thread-crash)")
+
+
+def capturing(trigger: str) -> None:
+    """A sync (trigger "blk" or "net": for a held output) is being taken, the machine quiesced."""
+    if FAULT is not None and FAULT.name == "primary-capture-fails" and trigger in ("blk", "net"):
+        raise RuntimeError(f"injected fault ({ENVIRONMENT}=primary-capture-fails)")
 
 
 def sending_sync(sock: socket.socket, sync: int, buffers: list) -> int:

@@ -328,6 +328,7 @@ class Primary:
         paused = time.perf_counter()
         if cow is not None and cow.arm_in_pause:
             cow.arm([function.lock for function in self.machine.virtio])  # held already: re-entered
+        faults.capturing(trigger)
         changes = self._replicated.take(full)
         flushing = self._replicated.flush_for_sync(number, full=full)  # while the sync travels
         taken = capture(self.machine, self._protocol, trigger, changes, self._replicated.disks, self._states,
