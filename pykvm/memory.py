@@ -377,15 +377,20 @@ def ram_hash(memory: GuestMemory) -> int:
     them: a read would map the zero page into each, populated_pages would count it from then on,
     and a full sync to a new standby would send all of RAM."""
     digest = xxhash.xxh3_64()
-    zeros = memoryview(bytes(_HASH_ZEROS))
     for slot in memory.slots:
-        done = 0  # pages hashed so far
-        for first, count in page_runs(populated_pages(slot)) + [(slot.pages, 0)]:
-            for at in range(done * PAGE_SIZE, first * PAGE_SIZE, len(zeros)):  # the hole before the run
-                digest.update(zeros[: min(len(zeros), first * PAGE_SIZE - at)])
-            digest.update(slot.view[first * PAGE_SIZE : (first + count) * PAGE_SIZE])
-            done = first + count
+        hashed = 0  # bytes of the slot hashed so far
+        for first, count in page_runs(populated_pages(slot)):
+            _hash_zeros(digest, first * PAGE_SIZE - hashed)  # the hole before this run
+            hashed = (first + count) * PAGE_SIZE
+            digest.update(slot.view[first * PAGE_SIZE : hashed])
+        _hash_zeros(digest, slot.size - hashed)
     return digest.intdigest()
 
 
-_HASH_ZEROS = 1 << 20  # the zeros ram_hash feeds for a hole, a piece at a time
+def _hash_zeros(digest: xxhash.xxh3_64, length: int) -> None:
+    """`length` zero bytes into `digest`, a MiB at a time."""
+    if length <= 0:
+        return
+    zeros = memoryview(bytes(min(length, 1 << 20)))
+    for at in range(0, length, len(zeros)):
+        digest.update(zeros[: length - at])

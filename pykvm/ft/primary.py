@@ -283,7 +283,7 @@ class Primary:
             if cow is not None:
                 armed.callback(cow.disarm)  # done once the pages are copied; here if the sync fails
             requested = time.perf_counter()
-            take = functools.partial(self._take, number, requested, trigger, full=full, pipelined=pipelined, cow=cow)
+            take = functools.partial(self._take_sync, number, requested, trigger, full=full, pipelined=pipelined, cow=cow)
             if pipelined or cow is not None:  # the vCPU that parks last takes the sync and runs on
                 (covered, flushing, taken), pause = self.machine.run_quiesced("ft sync", take)
                 resumed = self.machine.vm.control.ran_again(pause, 0) or time.perf_counter()
@@ -321,8 +321,8 @@ class Primary:
                 trace.sync(number, f"resumed: the guest was paused {(done.resumed - requested) * 1000:.2f} ms")
         self._record(done, acked, delays)
 
-    def _take(self, number: int, requested: float, trigger: str, *, full: bool, pipelined: bool,
-              cow: CowMemory | None) -> tuple:
+    def _take_sync(self, number: int, requested: float, trigger: str, *, full: bool, pipelined: bool,
+                   cow: CowMemory | None) -> tuple:
         """With the machine quiesced (no output can be held meanwhile): the capture, the flush of the
         disks the sync wrote (started), and the outputs its state precedes."""
         paused = time.perf_counter()
