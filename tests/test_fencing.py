@@ -172,14 +172,19 @@ def test_an_ft_thread_that_dies_fences_its_primary(tmp_path, disk):
         assert "\nfenced: the primary's FT thread failed" in pair.primary.errors
         if disk == "replicated":
             assert Path(pair.primary_disk).read_bytes()[:8] == b"PYKVMKV1"
-        pair.standby.stderr.wait_for(b"took over from sync")
-        pair.standby.wait_for(b"kv: ready")
-        with FrameSocket(tmp_path / "client.sock", pair.link) as link:
-            client = KvClient(link)
-            assert client.put(1, "after-the-crash")
-            client.check_all_served()
+        _the_standby_takes_over_and_serves(pair, tmp_path)
     finally:
         pair.close()
+
+
+def _the_standby_takes_over_and_serves(pair: Pair, tmp_path: Path) -> None:
+    """The primary is gone: the standby takes over, and serves a new record and every acknowledged one."""
+    pair.standby.stderr.wait_for(b"took over from sync")
+    pair.standby.wait_for(b"kv: ready")
+    with FrameSocket(tmp_path / "client.sock", pair.link) as link:
+        client = KvClient(link)
+        assert client.put(1, "after-the-primary-fenced")
+        client.check_all_served()
 
 
 @pytest.mark.parametrize("mode", ["pipelined", "cow"])
@@ -195,12 +200,7 @@ def test_a_capture_that_fails_on_the_vcpu_fences_its_primary(tmp_path, mode):
         assert pair.primary.wait() == FENCED
         assert "injected fault" in pair.primary.errors and "During handling" not in pair.primary.errors
         assert "\nfenced: the primary's FT thread failed" in pair.primary.errors
-        pair.standby.stderr.wait_for(b"took over from sync")
-        pair.standby.wait_for(b"kv: ready")
-        with FrameSocket(tmp_path / "client.sock", pair.link) as link:
-            client = KvClient(link)
-            assert client.put(1, "after-the-failed-capture")
-            client.check_all_served()
+        _the_standby_takes_over_and_serves(pair, tmp_path)
     finally:
         pair.close()
 
