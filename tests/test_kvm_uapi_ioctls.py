@@ -107,6 +107,13 @@ def test_msr_index_list(kvm, vm):
         with pytest.raises(KvmError, match="MSR 0xdeadbeef") as info:
             vcpu.set_msrs({0xDEADBEEF: 1})
         assert info.value.ioctl == "KVM_SET_MSRS" and info.value.msr == 0xDEADBEEF
+        kernel_gs_base, star = 0xC0000102, 0xC0000081
+        vcpu.set_msrs({kernel_gs_base: 0xFFFF_8880_1234_5000, star: 0x0023_0010_0000_0000})
+        assert vcpu.get_msrs([star, kernel_gs_base]) == {star: 0x0023_0010_0000_0000,
+                                                         kernel_gs_base: 0xFFFF_8880_1234_5000}
+        with pytest.raises(KvmError, match="MSR 0xdeadbeef could not be read") as info:
+            vcpu.get_msrs([star, 0xDEADBEEF])
+        assert info.value.ioctl == "KVM_GET_MSRS" and info.value.msr == 0xDEADBEEF
 
 
 def test_supported_cpuid(kvm, vm):

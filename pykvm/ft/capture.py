@@ -14,9 +14,9 @@ Where each page's data is read from is the capture's PageSource: guest RAM itsel
 guest stays paused until the frames are sent), a copy made while the guest was paused
 (CopiedPages: the guest runs on meanwhile), or any other holder of the pages' contents as of the
 capture (a copy made aside when the guest writes a page still to send).
-In cow mode (ft.cow) that is CowPages: the pages are copied out once the guest runs again, under
-write-protection, and the state goes first in a batch of its own, so the standby hears from us at
-once while the copy goes on.
+In cow mode (ft.cow) that is CowPages: the pages are found in the dirty bitmaps and copied out
+once the guest runs again, under write-protection, and the state goes first in a batch of its own,
+so the standby hears from us at once while the copy goes on.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import xxhash
@@ -78,14 +78,19 @@ class CowPages:
     """Cow mode: the pages copied out of write-protected guest RAM while the guest runs (a write
     to a page not yet copied copies it aside first); once all are copied, RAM is unprotected."""
 
-    def __init__(self, cow: CowMemory, page_lists: list[tuple[MemorySlot, np.ndarray]]) -> None:
-        cow.capture(page_lists)  # (paused) these pages are the sync's
-        self._cow, self._page_lists = cow, page_lists
+    def __init__(self, cow: CowMemory, bitmaps: list[tuple[MemorySlot, np.ndarray]]) -> None:
+        cow.capture(bitmaps)  # (paused) the pages set in these are the sync's
+        self._cow = cow
         self._copies: dict[int, memoryview] | None = None
+
+    @functools.cached_property
+    def page_lists(self) -> list[tuple[MemorySlot, np.ndarray]]:
+        """The sync's pages per slot, found in its bitmaps when first asked (the guest running)."""
+        return self._cow.pages()
 
     def page_data(self, slot: MemorySlot, first: int, pages: np.ndarray) -> list:
         if self._copies is None:  # the first frame: the guest runs again, copy them all out
-            self._copies = {s.index: self._cow.gather(s, numbers) for s, numbers in self._page_lists}
+            self._copies = {s.index: self._cow.gather(s, numbers) for s, numbers in self.page_lists}
             self._cow.disarm()
         rows = self._copies[slot.index]
         return [rows[first * PAGE_SIZE : (first + len(pages)) * PAGE_SIZE]]
@@ -97,24 +102,28 @@ class Capture:
     next is asked for."""
 
     sync: int
-    page_lists: list[tuple[MemorySlot, np.ndarray]]  # the pages it sends, per slot
+    find_pages: Callable[[], list[tuple[MemorySlot, np.ndarray]]]  # the pages it sends, per slot
     batches: Iterator[list]
 
     @property
     def pages(self) -> int:
-        return sum(len(numbers) for _, numbers in self.page_lists)
+        return sum(len(numbers) for _, numbers in self.find_pages())
 
 
 def harvest(machine: Machine, *, full: bool) -> list[tuple[MemorySlot, np.ndarray]]:
     """Read and reset the dirty log (KVM's | the VMM's) of every slot: the pages to send, per slot
     (for a full sync, every populated page)."""
     page_lists = []
-    for slot in machine.vm.memory.slots:
-        bitmap = machine.vm.dirty_bitmap(slot)
+    for slot, bitmap in dirty_bitmaps(machine):
         numbers = populated_pages(slot) if full else dirty_pages(bitmap)
         if len(numbers):
             page_lists.append((slot, numbers))
     return page_lists
+
+
+def dirty_bitmaps(machine: Machine) -> list[tuple[MemorySlot, np.ndarray]]:
+    """Read and reset the dirty log (KVM's | the VMM's) of every slot, as u64 bitmaps."""
+    return [(slot, machine.vm.dirty_bitmap(slot)) for slot in machine.vm.memory.slots]
 
 
 def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_changes: list[list[DiskChange]],
@@ -125,8 +134,16 @@ def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_chang
     sent last (only those that changed go); `verify`: send a hash of all RAM.
     `copy_into`: copy the pages there now (the guest will run before they are sent); `source`:
     where the pages' data is read from otherwise (guest RAM by default). `cow`
-    (armed, see ft.cow): the pages are read through CowPages, and the state goes first alone."""
-    page_lists = harvest(machine, full=full)
+    (armed, see ft.cow; not for a full sync): the pages are found and read through CowPages, and
+    the state goes first alone."""
+    if cow is not None:
+        cow_pages = CowPages(cow, dirty_bitmaps(machine))
+        source, find_pages = cow_pages, lambda: cow_pages.page_lists  # found once the guest runs again
+    else:
+        page_lists = harvest(machine, full=full)
+        find_pages = lambda: page_lists
+        if copy_into is not None:
+            source = CopiedPages(copy_into, page_lists)
     sync = protocol.next_sync
     if full:  # the whole disk, read as it is sent; it covers whatever was recorded before
         disk_events: Iterable = (event for index, disk in enumerate(disks)
@@ -136,17 +153,13 @@ def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_chang
                        for event in disk_change_frames(index, list(changes))]
     for changes in disk_changes:
         changes.clear()
-    if copy_into is not None:
-        source = CopiedPages(copy_into, page_lists)
-    elif cow is not None:
-        source = CowPages(cow, page_lists)
     end = p.SyncEnd(sync, trigger, ram_hash(machine.vm.memory) if verify else None)
-    batches = _frames(protocol, source or GuestRam(), page_lists, disk_events, states, machine.save_state(), end,
+    batches = _frames(protocol, source or GuestRam(), find_pages, disk_events, states, machine.save_state(), end,
                       full=full, state_alone=cow is not None)
-    return Capture(sync, page_lists, batches)
+    return Capture(sync, find_pages, batches)
 
 
-def _frames(protocol: p.FtConnection, source: PageSource, page_lists: list, disk_events: Iterable,
+def _frames(protocol: p.FtConnection, source: PageSource, find_pages: Callable[[], list], disk_events: Iterable,
             states: StateSender, state: MachineState, end: p.SyncEnd, *, full: bool,
             state_alone: bool = False) -> Iterator[list]:
     """`capture`'s batches: the machine state first (packed here, once the guest runs again in
@@ -161,7 +174,7 @@ def _frames(protocol: p.FtConnection, source: PageSource, page_lists: list, disk
         yield batch
         batch = []
     hashing = None
-    for slot, numbers in page_lists:
+    for slot, numbers in find_pages():
         for start in range(0, len(numbers), FRAME_PAGES):
             chunk = numbers[start : start + FRAME_PAGES]
             pages = protocol.send_pages(slot.index, slot.view, chunk, data=source.page_data(slot, start, chunk))

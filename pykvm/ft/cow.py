@@ -5,19 +5,24 @@ first (userfaultfd write-protection, pykvm.userfaultfd, as QEMU's background sna
 
 One sync, as CowMemory sees it:
 
-    arm       every device held between requests: all of RAM is write-protected (an ioctl a slot,
-              whatever the pages), inside the pause for small RAM, just before it for large RAM
-              (ARM_IN_PAUSE_BYTES); a write that meets it before the pause is let go, the page
-              just unprotected: its contents are still to come
-    capture   guest paused: the dirty pages become PENDING (still protected, not yet copied);
-              those written since the arm (unprotected already) are copied now
-    gather    guest running again: the pending pages are copied, a chunk at a time, into rows
-              that the frames are sent from; a write to a page still pending copies it aside
-              first (the fault handler, or the writing VMM thread itself: see below)
+    arm       just before the pause, every device held between requests: all of RAM is
+              write-protected (an ioctl a slot, whatever the pages); a write that meets it before
+              the pause is let go, the page just unprotected: its contents are still to come
+    capture   guest paused: the dirty bitmaps just harvested become the sync's; its pages written
+              since the arm (unprotected already, a few) are copied now
+    mark      guest running again: the bitmaps' set bits become page numbers (the FT thread, with
+              numpy), and the sync's pages still protected become PENDING; until then, a write that
+              meets a protected page looks up its bit
+    gather    the pending pages are copied, a chunk at a time, into rows that the frames are sent
+              from; a write to a page still pending copies it aside first (the fault handler, or
+              the writing VMM thread itself: see below)
     disarm    all of RAM unprotected; the page frames go out from the copies (the state went
               out already, right after the resume: see ft.capture)
 
-The vCPUs wait for neither the copy nor the network: only a write that meets a protected page
+The arm is left out of the pause because KVM drops its mappings of the range protected, which
+took 3 ms for 64 MiB of RAM and 29 ms for 1 GiB here; the few pages written between the arm and
+the pause are copied in it. The mark is left out of the pause because finding 3000 scattered bits and marking their pages
+took ~0.3 ms, a quarter of what remained of it. The vCPUs wait for neither the copy nor the network: only a write that meets a protected page
 waits, for one page copy and an ioctl (tens of µs). The dirty log is untouched by all this (KVM's
 own write-protection and the VMM's bitmap are independent of userfaultfd's), so the next sync
 harvests what was written meanwhile, copies included.
@@ -43,16 +48,12 @@ from typing import Iterable
 
 import numpy as np
 
-from pykvm.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, MemorySlot
+from pykvm.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, MemorySlot, dirty_pages
 from pykvm.transfer.page_arena import PageArena
 from pykvm.userfaultfd import WriteProtector
 
-FREE, PROTECTED, PENDING = 0, 1, 2  # a page: writable; protected but not needed; protected, still to copy
+FREE, PROTECTED, PENDING = 0, 1, 2  # a page: writable; protected (needed if its captured bit is set); still to copy
 GATHER_PAGES = 1024  # pages copied per lock hold while gathering
-# RAM up to this size is protected inside the pause (~0.5 ms for 64 MiB here), so that no write
-# meets the protection before the capture; larger RAM just before the pause, as its protection
-# costs KVM an invalidation that grows with it (~50 ms for 1 GiB here) and would be paused time.
-ARM_IN_PAUSE_BYTES = 256 << 20
 _PAGE_ROW = np.dtype((np.void, PAGE_SIZE))
 
 
@@ -75,9 +76,10 @@ class CowMemory:
         self._states = {slot.index: bytearray(slot.pages) for slot in memory.slots}  # FREE/PROTECTED/PENDING
         self._lock = threading.Lock()
         self._copies: dict[tuple[int, int], np.ndarray] = {}  # (slot, page) -> its contents at the capture
+        self._freed: list[tuple[MemorySlot, int]] | None = None  # from the arm to the capture: pages let go
+        self._captured: dict[int, np.ndarray] | None = None  # from the capture to the mark: the sync's bitmaps
         self._copy_rows, self._gather_rows = PageArena(), PageArena()
         self.armed = False
-        self.arm_in_pause = memory.size <= ARM_IN_PAUSE_BYTES
         self.faults = 0  # write-protect faults served (writes by the guest, or syscalls, that met a protected page)
         self.copied_aside = 0  # pages copied aside because a write came before the gather
         self._stop_r, self._stop_w = os.pipe()
@@ -93,6 +95,7 @@ class CowMemory:
         self._copy_rows.reset()
         self._gather_rows.reset()
         self._copies.clear()
+        self._freed, self._captured = [], None
         self.armed = True
         with contextlib.ExitStack() as held:
             for lock in device_locks:
@@ -105,20 +108,30 @@ class CowMemory:
                 # pages protected already meanwhile. Devices are held, so no barrier runs now.
                 self.wp.protect(slot.host_addr, slot.size)
 
-    def capture(self, page_lists: list[tuple[MemorySlot, np.ndarray]]) -> None:
-        """The guest is paused: these pages are the sync's. The ones still protected become
-        PENDING; the ones written since `arm` (writable already) are copied now."""
+    def capture(self, bitmaps: list[tuple[MemorySlot, np.ndarray]]) -> None:
+        """The guest is paused: the pages whose bits are set in `bitmaps` (each slot's dirty log,
+        harvested now; kept, not copied) are the sync's. Those written since `arm` (let go
+        already) are copied now; the others are copied before any write reaches them."""
         with self._lock:
-            for slot, pages in page_lists:
+            self._captured = {slot.index: bitmap for slot, bitmap in bitmaps}
+            written = [(slot, page) for slot, page in self._freed if self._is_captured(slot, page)]
+            self._freed = None
+            if written:
+                for (slot, page), row in zip(written, self._copy_rows.take(len(written))):
+                    row[:] = _page(slot, page)
+                    self._copies[slot.index, page] = row
+
+    def pages(self) -> list[tuple[MemorySlot, np.ndarray]]:
+        """The sync's pages, per slot, ascending (slots without any left out), found in the captured
+        bitmaps; those still protected become PENDING. Asked once, best once the guest runs again."""
+        found = [(slot, dirty_pages(self._captured[slot.index])) for slot in self.memory.slots
+                 if slot.index in self._captured]
+        with self._lock:
+            for slot, pages in found:
                 states = np.frombuffer(self._states[slot.index], dtype=np.uint8)
-                now = states[pages]
-                states[pages[now == PROTECTED]] = PENDING
-                written = pages[now == FREE]
-                if len(written):
-                    rows = self._copy_rows.take(len(written))
-                    np.take(_ram_rows(slot), written, out=rows.view(_PAGE_ROW).reshape(-1))
-                    for page, row in zip(written.tolist(), rows):
-                        self._copies[slot.index, page] = row
+                states[pages[states[pages] == PROTECTED]] = PENDING
+            self._captured = None  # PENDING says it from here on
+        return [(slot, pages) for slot, pages in found if len(pages)]
 
     def gather(self, slot: MemorySlot, pages: np.ndarray) -> memoryview:
         """The contents of `pages` (a sync's, ascending) as of its capture, copied into rows that
@@ -143,6 +156,8 @@ class CowMemory:
         if not self.armed:
             return
         self.armed = False
+        with self._lock:
+            self._freed = self._captured = None
         for slot in self.memory.slots:
             self.wp.unprotect(slot.host_addr, slot.size)  # pages still marked protected meanwhile
             with self._lock:  # are unprotected twice (by a fault or a barrier): harmless
@@ -163,16 +178,22 @@ class CowMemory:
     def _release(self, slot: MemorySlot, page: int, states: bytearray) -> bool:
         """With the lock held: copy the page aside if it is still to be copied, then make it
         writable (which wakes a writer waiting on it). False if it was writable already."""
-        if states[page] == PENDING:
+        if states[page] == FREE:
+            return False
+        if states[page] == PENDING or (self._captured is not None and self._is_captured(slot, page)):
             row = self._copy_rows.take(1)[0]
-            row[:] = np.frombuffer(slot.view, dtype=np.uint8, count=PAGE_SIZE, offset=page << PAGE_SHIFT)
+            row[:] = _page(slot, page)
             self._copies[slot.index, page] = row
             self.copied_aside += 1
-        if states[page] != FREE:
-            self.wp.unprotect(slot.host_addr + (page << PAGE_SHIFT), PAGE_SIZE)
-            states[page] = FREE
-            return True
-        return False
+        elif self._freed is not None:  # armed, not yet captured: the capture decides
+            self._freed.append((slot, page))
+        self.wp.unprotect(slot.host_addr + (page << PAGE_SHIFT), PAGE_SIZE)
+        states[page] = FREE
+        return True
+
+    def _is_captured(self, slot: MemorySlot, page: int) -> bool:
+        bitmap = self._captured.get(slot.index)
+        return bitmap is not None and int(bitmap[page >> 6]) >> (page & 63) & 1 == 1
 
     def _serve_faults(self) -> None:
         while True:
@@ -220,3 +241,7 @@ def readable(sock: socket.socket) -> bool:
 
 def _ram_rows(slot: MemorySlot) -> np.ndarray:
     return np.frombuffer(slot.view, dtype=_PAGE_ROW)
+
+
+def _page(slot: MemorySlot, page: int) -> np.ndarray:
+    return np.frombuffer(slot.view, dtype=np.uint8, count=PAGE_SIZE, offset=page << PAGE_SHIFT)

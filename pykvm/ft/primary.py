@@ -276,12 +276,11 @@ class Primary:
             if len(self._in_flight) >= p.MAX_IN_FLIGHT:
                 self._collect_acks(block=True)
             self._collect_acks(block=False)  # outputs acknowledged meanwhile go before this sync
-            if not cow.arm_in_pause:
-                cow.arm([function.lock for function in self.machine.virtio])
         trace, number = self.trace, self._protocol.next_sync
         with contextlib.ExitStack() as armed, contextlib.ExitStack() as quiesce:
             if cow is not None:
                 armed.callback(cow.disarm)  # done once the pages are copied; here if the sync fails
+                cow.arm([function.lock for function in self.machine.virtio])  # not paused time (see ft.cow)
             requested = time.perf_counter()
             take = functools.partial(self._take_sync, number, requested, trigger, full=full, pipelined=pipelined, cow=cow)
             if pipelined or cow is not None:  # the vCPU that parks last takes the sync and runs on
@@ -297,7 +296,8 @@ class Primary:
                 faults.sync_sent(taken.sync)
                 sent = time.perf_counter()
                 if trace.on:
-                    trace.sync(number, f"sent {sent_bytes} bytes in {(sent - requested) * 1000:.2f} ms from the pause")
+                    trace.sync(number, f"sent {taken.pages} pages, {sent_bytes} bytes in {(sent - requested) * 1000:.2f} ms "
+                                       "from the pause")
                 done = InFlight(taken.sync, trigger, taken.pages, sent_bytes, covered, flushing, requested, sent,
                                 resumed if pipelined or cow else 0.0, pause)
                 if cow is not None:
@@ -326,8 +326,6 @@ class Primary:
         """With the machine quiesced (no output can be held meanwhile): the capture, the flush of the
         disks the sync wrote (started), and the outputs its state precedes."""
         paused = time.perf_counter()
-        if cow is not None and cow.arm_in_pause:
-            cow.arm([function.lock for function in self.machine.virtio])  # held already: re-entered
         faults.capturing(trigger)
         changes = self._replicated.take(full)
         flushing = self._replicated.flush_for_sync(number, full=full)  # while the sync travels
@@ -336,7 +334,8 @@ class Primary:
         covered = self._take_held()
         if self.trace.on:
             self.trace.sync(number, f"paused in {(paused - requested) * 1000:.2f} ms ({trigger})")
-            self.trace.sync(number, f"harvested {taken.pages} dirty pages, the disk changes and the state; "
+            dirty = "the dirty log" if cow is not None else f"{taken.pages} dirty pages"  # cow: counted once running
+            self.trace.sync(number, f"harvested {dirty}, the disk changes and the state; "
                                     f"{len(covered)} outputs held" + (" (the guest resumes now)" if pipelined or cow else ""))
         return covered, flushing, taken
 

@@ -6,8 +6,10 @@ how a signalled vCPU thread, or ``immediate_exit``, comes back to its caller.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
+import struct
 from collections.abc import Iterable, Mapping
 
 from .calls import OwnedFd, fcntl_ioctl, get_growing, get_struct, ioctl, set_struct
@@ -128,14 +130,13 @@ class VcpuFd(OwnedFd):
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """KVM_GET_MSRS: {index: value}; KvmError names the first unreadable MSR."""
-        indices = list(indices)
-        msrs = msrs_type(len(indices))(nmsrs=len(indices))
-        for entry, index in zip(msrs.entries, indices):
-            entry.index = index
+        indices = tuple(indices)
+        request, values = _msrs_request(indices)
+        msrs = bytearray(request)
         done = ioctl(self.fd, KVM_GET_MSRS, msrs)
         if done < len(indices):
-            raise _msr_error("KVM_GET_MSRS", "read", indices, done)
-        return {entry.index: entry.data for entry in msrs.entries}
+            raise _msr_error("KVM_GET_MSRS", "read", list(indices), done)
+        return dict(zip(indices, values.unpack_from(msrs)))
 
     def set_msrs(self, values: Mapping[int, int]) -> int:
         """KVM_SET_MSRS: returns how many were set; KvmError names the first rejected MSR."""
@@ -187,6 +188,16 @@ class VcpuFd(OwnedFd):
             pass  # exported views remain; mmap's finalizer unmaps later
         os.close(self.fd)
         self.fd = -1
+
+
+@functools.lru_cache(maxsize=16)
+def _msrs_request(indices: tuple[int, ...]) -> tuple[bytes, struct.Struct]:
+    """A struct kvm_msrs asking for `indices`, and the layout of the values KVM fills in: built
+    once, as a VMM reads the same MSRs at every save (inside every FT pause; filling a ctypes
+    array entry by entry took 3 times the ioctl)."""
+    entry = struct.Struct("<IIQ")  # struct kvm_msr_entry: index, reserved, data
+    request = struct.pack("<II", len(indices), 0) + b"".join(entry.pack(index, 0, 0) for index in indices)
+    return request, struct.Struct("<8x" + "8xQ" * len(indices))
 
 
 def _msr_error(ioctl_name: str, verb: str, indices: list[int], done: int) -> KvmError:
