@@ -137,6 +137,8 @@ def capture(machine: Machine, protocol: p.FtConnection, trigger: str, disk_chang
     (armed, see ft.cow; not for a full sync): the pages are found and read through CowPages, and
     the state goes first alone."""
     if cow is not None:
+        if full or copy_into is not None:
+            raise ValueError("a cow capture sends the dirty pages, read through the write-protection")
         cow_pages = CowPages(cow, dirty_bitmaps(machine))
         source, find_pages = cow_pages, lambda: cow_pages.page_lists  # found once the guest runs again
     else:
