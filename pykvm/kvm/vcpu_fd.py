@@ -130,7 +130,7 @@ class VcpuFd(OwnedFd):
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         """KVM_GET_MSRS: {index: value}; KvmError names the first unreadable MSR."""
-        indices = tuple(indices)
+        indices = tuple(map(int, indices))  # (plain ints: they become the state's keys)
         request, values = _msrs_request(indices)
         msrs = bytearray(request)
         done = ioctl(self.fd, KVM_GET_MSRS, msrs)
