@@ -23,9 +23,10 @@ The arm is left out of the pause because KVM drops its mappings of the range pro
 took 3 ms for 64 MiB of RAM and 29 ms for 1 GiB here; the pages the guest writes between the
 arm and the pause (those it writes while the arm lasts, mostly) are copied in it, in one numpy
 take. The mark is left out of the pause because finding 3000 scattered bits and marking their
-pages took ~0.3 ms, a quarter of what remained of it. The vCPUs wait for neither the copy nor the
-network: only a write that meets a protected page waits, for one page copy and an ioctl (tens of
-µs). The dirty log is untouched by all this (KVM's
+pages took ~0.3 ms, a quarter of what remained of it.
+
+The vCPUs wait for neither the copy nor the network: only a write that meets a protected page
+waits, for one page copy and an ioctl (tens of µs). The dirty log is untouched by all this (KVM's
 own write-protection and the VMM's bitmap are independent of userfaultfd's), so the next sync
 harvests what was written meanwhile, copies included.
 
@@ -188,7 +189,7 @@ class CowMemory:
         writable (which wakes a writer waiting on it). False if it was writable already."""
         if states[page] == FREE:
             return False
-        if states[page] == PENDING or (self._captured is not None and self._is_captured(slot, page)):
+        if states[page] == PENDING or self._is_captured(slot, page):
             row = self._copy_rows.take(1)[0]
             row[:] = _page(slot, page)
             self._copies[slot.index, page] = row
@@ -200,7 +201,8 @@ class CowMemory:
         return True
 
     def _is_captured(self, slot: MemorySlot, page: int) -> bool:
-        bitmap = self._captured.get(slot.index)
+        """Between the capture and the mark: the page is the sync's (its captured bit is set)."""
+        bitmap = self._captured.get(slot.index) if self._captured is not None else None
         return bitmap is not None and int(bitmap[page >> 6]) >> (page & 63) & 1 == 1
 
     def _serve_faults(self) -> None:
