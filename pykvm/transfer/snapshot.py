@@ -185,19 +185,23 @@ def _write_memory(fd: int, slot: MemorySlot, offset: int) -> int:
 
     with ThreadPoolExecutor(1, thread_name_prefix="snapshot-crc") as checksum:
         behind: collections.deque[Future] = collections.deque()
+
+        def crc_later(data: memoryview | bytes) -> None:
+            behind.append(checksum.submit(add_to_crc, data))
+            if len(behind) > CRC_LAG:  # bounds the copies of partly populated MiBs held for it
+                behind.popleft().result()
+
         for start in range(0, len(ram), SKIP_ZERO_CHUNK):
             chunk = ram[start : start + SKIP_ZERO_CHUNK]
             which = populated[start // PAGE_SIZE : start // PAGE_SIZE + per_chunk]
             if not which.any():
-                behind.append(checksum.submit(add_to_crc, zeros[: len(chunk)]))
+                crc_later(zeros[: len(chunk)])
                 continue
             if not which.all():  # the populated pages among zeros, as the guest sees them
                 pages = np.zeros((len(which), PAGE_SIZE), dtype=np.uint8)
                 pages[which] = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, PAGE_SIZE)[which]
                 chunk = memoryview(pages).cast("B")
-            behind.append(checksum.submit(add_to_crc, chunk))
-            if len(behind) > CRC_LAG:  # bounds the copies of partly populated MiBs held for it
-                behind.popleft().result()
+            crc_later(chunk)
             if np.frombuffer(chunk, dtype=np.uint64).any():
                 _write_all(fd, chunk, offset + start)
                 os.posix_fadvise(fd, offset + start, len(chunk), os.POSIX_FADV_DONTNEED)
