@@ -13,7 +13,9 @@ Any failure before the ACK leaves the source running (it resumes) and is reporte
 Target (`pykvm run ... --incoming tcp:HOST:PORT`): accepts the first connection that says HELLO
 (connections that fail the TLS handshake or send anything else are dropped), checks the config,
 receives pages straight into guest RAM (recvmsg_into on memoryviews; recv_into under TLS), restores the state on
-SYNC_END, ACKs, and only then runs. A stream that ends early means the target never runs the guest.
+SYNC_END, ACKs, and only then runs. A stream that ends early means the target never runs the guest;
+so does one that sends more than a source can (over MAX_ROUNDS + 1 times RAM's pages, a second
+machine state): the target says why and exits, rather than receiving for ever.
 """
 
 from __future__ import annotations
@@ -164,19 +166,27 @@ def migrate_in(machine: Machine, server: socket.socket, *, tls: TlsCredentials |
     slots = {slot.index: slot for slot in memory.slots}
 
     admitted = False  # the decoder asks for page buffers on a frame's head: none before the HELLO
+    # A pykvm source sends RAM at most in each of its MAX_ROUNDS live rounds and its stopped one;
+    # one that sends more is no such source, and would hold this target for ever.
+    most = (MAX_ROUNDS + 1) * sum(slot.pages for slot in memory.slots)
+    pages = 0
 
-    def sink(index: int, pages: np.ndarray) -> list[memoryview]:
+    def sink(index: int, numbers: np.ndarray) -> list[memoryview]:
+        nonlocal pages
         if not admitted:  # a stray peer's data would stay in RAM wherever round 0 sends nothing
             raise wire.ProtocolError("PAGES before any HELLO")
         slot = slots.get(index)
-        if slot is None or (len(pages) and int(pages.max()) >= slot.pages):
+        if slot is None or (len(numbers) and int(numbers.max()) >= slot.pages):
             raise wire.ProtocolError(f"pages outside guest RAM (slot {index})")
-        return [slot.view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in page_runs(pages)]
+        pages += len(numbers)
+        if pages > most:  # on the frame's head: refused before its data comes
+            raise wire.ProtocolError(f"more pages than a migration of this guest sends ({pages} against at most "
+                                     f"{MAX_ROUNDS + 1} rounds of all its RAM, {most})")
+        return [slot.view[first * PAGE_SIZE : (first + count) * PAGE_SIZE] for first, count in page_runs(numbers)]
 
     conn, peer, decoder, hello = _await_source(server, tls, sink, say)
     server.close()
     seq = 1  # after READY
-    pages = 0
     state: MachineState | None = None
     with conn:
         conn.settimeout(PEER_TIMEOUT)
@@ -185,13 +195,13 @@ def migrate_in(machine: Machine, server: socket.socket, *, tls: TlsCredentials |
             admitted = True
             while True:
                 frame = wire.receive_frame(conn, decoder)
-                if frame.kind == wire.Kind.PAGES:
-                    pages += len(frame.pages)
-                elif frame.kind == wire.Kind.MACHINE_STATE:
+                if frame.kind == wire.Kind.MACHINE_STATE:
+                    if state is not None:  # a source sends one, with the guest stopped
+                        raise wire.ProtocolError("a second machine state")
                     state = decode(MachineState, frame.payload)
                 elif frame.kind == wire.Kind.SYNC_END:
                     break
-                else:
+                elif frame.kind != wire.Kind.PAGES:  # (pages were counted, and landed in RAM, as they came)
                     raise wire.ProtocolError(f"unexpected {frame.kind.name} during migration")
             if state is None:
                 raise wire.ProtocolError("SYNC_END without the machine state")
