@@ -105,9 +105,11 @@ class VirtioDevice:
                     self.hold_output(index)
                 elif index in held:  # behind held outputs: the last release serves it
                     ring.undo_pop()
+                    self.serve_taken(index, ring)
                     return
                 else:
-                    self._serve_and_return(index, ring, chain)
+                    self.take_chain(index, ring, chain)
+            self.serve_taken(index, ring)
             ring.set_notification(True)
             if not ring.pending():  # nothing slipped in before notifies were back on
                 break
@@ -125,6 +127,15 @@ class VirtioDevice:
         self._serve_and_return(index, ring, chain)
         if index not in self.held:
             self.serve_queue(index)
+
+    def take_chain(self, index: int, ring: SplitQueue, chain: DescriptorChain) -> None:
+        """serve_queue's step for each chain it drains: serve it now (a model that serves several
+        requests at once keeps it, and serves what it kept, in order, before it serves another
+        chain or when serve_taken is called)."""
+        self._serve_and_return(index, ring, chain)
+
+    def serve_taken(self, index: int, ring: SplitQueue) -> None:
+        """Serve the chains take_chain kept (serve_queue calls it once the ring is drained)."""
 
     def _serve_and_return(self, index: int, ring: SplitQueue, chain: DescriptorChain) -> None:
         """Serve a chain, mark what it wrote dirty (after writing), return it, interrupt if asked."""

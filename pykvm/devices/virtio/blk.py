@@ -3,8 +3,11 @@
 Data moves between the file and guest RAM with `os.preadv`/`os.pwritev` on memoryviews of the
 request's buffers: no copy in Python. Requests are served in ring order (VirtioDevice.serve_queue)
 by whichever thread the notification reaches: by default the notifying vCPU, during its exit
-(see pykvm.machine.ioeventfd_for). After each request its status is written, the chain returned,
-and the driver interrupted as soon as it asked to be.
+(see pykvm.machine.ioeventfd_for). Reads (or writes) next to each other in the ring and on the
+disk go to the file in one system call, as QEMU's virtio-blk merges them: here 16 writes of
+64 KiB cost 16.6 us each one by one, 8.6 merged (the kernel's cost per call, not per byte). After
+each request its status is written, the chain returned, and the driver interrupted as soon as it
+asked to be.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from pykvm.devices import virtio as v
 from pykvm.devices.virtio.gate import DiskWriteObserver
 from pykvm.devices.virtio.iovec import scatter, total_length, trim
-from pykvm.devices.virtio.virtqueue import DescriptorChain, QueueError
+from pykvm.devices.virtio.virtqueue import DescriptorChain, QueueError, SplitQueue
 from pykvm.errors import ConfigError
 from pykvm.hostfile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 
@@ -37,9 +40,48 @@ F_DISCARD, F_WRITE_ZEROES = 1 << 13, 1 << 14
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
 S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 
+MERGED_BYTES = 4 << 20  # a merged read or write at most: 64 requests of 64 KiB, one call not holding the queue long
+MERGED_VIEWS = 1024  # and its buffers, at most what one preadv/pwritev takes (IOV_MAX)
+
 _HEADER = struct.Struct("<IIQ")  # type, reserved, sector
 _SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 SEGMENT_UNMAP = 1
+
+@dataclass(slots=True)
+class Transfer:
+    """A read or write in the usual layout (header first, status last) within the disk: one that
+    may share a system call with its neighbours."""
+
+    chain: DescriptorChain
+    kind: int  # T_IN or T_OUT
+    offset: int  # on the disk, in bytes
+    data: list[memoryview]  # the buffers read into, or written from
+    length: int
+    status: memoryview  # the status byte
+
+
+class Run:
+    """Transfers next to each other in the ring and on the disk, all reads or all writes, served
+    with one preadv or pwritev."""
+
+    def __init__(self) -> None:
+        self.transfers: list[Transfer] = []
+        self.views: list[memoryview] = []
+        self.length = 0
+
+    def joins(self, transfer: Transfer) -> bool:
+        """Whether `transfer` continues the run (an empty run takes any)."""
+        if not self.transfers:
+            return True
+        first = self.transfers[0]
+        return (transfer.kind == first.kind and transfer.offset == first.offset + self.length
+                and self.length + transfer.length <= MERGED_BYTES and len(self.views) + len(transfer.data) <= MERGED_VIEWS)
+
+    def add(self, transfer: Transfer) -> None:
+        self.transfers.append(transfer)
+        self.views += transfer.data
+        self.length += transfer.length
+
 
 @dataclass(frozen=True)
 class DiskSpec:
@@ -133,6 +175,8 @@ class Blk(v.VirtioDevice):
         if disk.can_punch:
             self.features |= F_DISCARD | F_WRITE_ZEROES
         self.requests = 0  # served, for benchmarks and metrics
+        self.merged = 0  # of those, served in a system call shared with others
+        self._run = Run()  # the reads or writes taken from the ring and not yet served (take_chain)
         self.write_observer: DiskWriteObserver | None = None  # FT ships the changed ranges to the standby
         # FT with a replicated standby: a flush completes at once, since the sync that covers it
         # fdatasyncs this file before any output that could follow it leaves (ft.disk_mode)
@@ -155,6 +199,71 @@ class Blk(v.VirtioDevice):
     # -- requests ------------------------------------------------------------------------------------
 
     queue_notified = v.VirtioDevice.serve_queue  # a notify serves the queue, in ring order
+
+    def reset(self) -> None:
+        super().reset()
+        self._run = Run()
+
+    def take_chain(self, index: int, ring: SplitQueue, chain: DescriptorChain) -> None:
+        """Keep a read or write that continues the run of those kept; otherwise serve the run
+        first, then this chain (kept, if it can start a run)."""
+        transfer = self._transfer(chain)
+        if transfer is None or not self._run.joins(transfer):
+            self.serve_taken(index, ring)
+        if transfer is None:
+            self._serve_and_return(index, ring, chain)
+        else:
+            self._run.add(transfer)
+
+    def serve_taken(self, index: int, ring: SplitQueue) -> None:
+        """One preadv or pwritev for the run kept; then each request's status, in ring order. If
+        the call fails or comes up short, each request is served again on its own, for its own
+        status (they read or write the same bytes again, so nothing is done twice that shows)."""
+        if not self._run.transfers:
+            return
+        run, self._run = self._run, Run()
+        first = run.transfers[0]
+        call = os.preadv if first.kind == T_IN else os.pwritev
+        try:
+            done = call(self.disk.fd, run.views, first.offset)
+        except OSError:
+            done = -1
+        if done != run.length:
+            for transfer in run.transfers:
+                self._serve_and_return(index, ring, transfer.chain)
+            return
+        self.requests += len(run.transfers)
+        if len(run.transfers) > 1:
+            self.merged += len(run.transfers)
+        memory, observer = self.memory, self.write_observer if first.kind == T_OUT else None
+        for transfer in run.transfers:
+            if observer is not None:
+                observer(transfer.offset, transfer.length)
+            transfer.status[0] = S_OK
+            transfer.chain.written(memory)
+            ring.add_used(transfer.chain.head, (transfer.length if transfer.kind == T_IN else 0) + 1)
+            if ring.needs_interrupt():
+                self.interrupt(index)
+
+    def _transfer(self, chain: DescriptorChain) -> Transfer | None:
+        """`chain` as a Transfer, if it is a read or a write in the usual layout within the disk
+        (anything else, or a request that fails its checks, is served on its own)."""
+        readable = chain.readable
+        if not (readable and readable[0][1] >= _HEADER.size and chain.writable):
+            return None
+        kind, _, sector = _HEADER.unpack_from(chain.in_views[0])
+        if kind == T_OUT and not self.disk.spec.readonly:
+            in_views = chain.writable_views(self.memory)
+            data = self._out_data(chain)
+        elif kind == T_IN:
+            in_views = chain.writable_views(self.memory)
+            data = in_views[:-1] if len(in_views[-1]) == 1 else trim(in_views, 0, 1)
+        else:
+            return None
+        length = total_length(data)
+        if not length or not self._in_range(sector, length):
+            return None
+        return Transfer(chain, kind, sector * SECTOR, data, length, in_views[-1][-1:])
 
     def _header(self, chain: DescriptorChain) -> tuple[int, int]:
         if chain.readable_length < _HEADER.size or chain.writable_length < 1:
