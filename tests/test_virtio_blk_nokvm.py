@@ -12,7 +12,7 @@ import pytest
 
 from pykvm.devices import virtio as v
 from pykvm.devices.virtio import blk
-from pykvm.devices.virtio.blk import Blk, DiskImage, DiskSpec
+from pykvm.devices.virtio.blk import Blk, DiskImage, DiskSpec, Run, Transfer
 from pykvm.devices.virtio.virtqueue import DESC_F_NEXT, DESC_F_WRITE, SplitQueue
 from pykvm.memory import GuestMemory
 
@@ -98,7 +98,7 @@ def test_writes_next_to_each_other_share_one_call_and_each_completes(disk):
     driver.request(blk.T_OUT, 64 * SECTORS, pattern(9))
     driver.request(blk.T_IN, 1 * SECTORS)
     driver.request(blk.T_IN, 2 * SECTORS)
-    device.queue_notified(0)
+    device.queue_notified(0, guest_waits=True)
     assert driver.used() == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, CHUNK + 1), (6, CHUNK + 1)]
     assert [driver.status(i) for i in range(7)] == [blk.S_OK] * 7
     assert (device.requests, device.merged) == (7, 6)  # the four writes and the two reads
@@ -144,3 +144,28 @@ def test_a_request_beyond_the_disk_ends_the_run_and_fails_alone(disk):
     assert [driver.status(i) for i in range(3)] == [blk.S_OK, blk.S_IOERR, blk.S_OK]
     assert writes == [(0, CHUNK), (CHUNK, CHUNK)]
     assert path.read_bytes()[: 2 * CHUNK] == pattern(1) + pattern(3)
+
+
+def test_runs_stay_short_while_the_guest_runs_on():
+    """Served in the notifying vCPU's exit, a run grows to MERGED_BYTES (the guest waits for the
+    whole drain anyway); served by the I/O thread, to MERGED_BYTES_GUEST_RUNNING, so that the
+    guest gets completions while it runs. Never past MERGED_VIEWS buffers, and never across a
+    gap on the disk or a change between reads and writes."""
+    def write(n: int, views: int = 1) -> Transfer:
+        return Transfer(None, blk.T_OUT, n * CHUNK, [memoryview(bytes(CHUNK // views))] * views, CHUNK, None)
+
+    for most in (blk.MERGED_BYTES, blk.MERGED_BYTES_GUEST_RUNNING):
+        run = Run(most)
+        n = 0
+        while run.joins(transfer := write(n)):
+            run.add(transfer)
+            n += 1
+        assert run.length == most
+    run = Run()
+    run.add(write(0))
+    assert not run.joins(write(2))  # a gap
+    assert not run.joins(Transfer(None, blk.T_IN, CHUNK, [], CHUNK, None))
+    run = Run()
+    while run.joins(transfer := write(len(run.transfers), views=256)):
+        run.add(transfer)
+    assert len(run.views) == blk.MERGED_VIEWS

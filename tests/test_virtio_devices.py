@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 
 import pytest
 
@@ -118,6 +119,36 @@ def test_blk_write_read_round_trip_and_file_contents(disk, split):
     contents = disk.read_bytes()
     assert contents[10 * 512 : 10 * 512 + 4096] == payload
     assert contents[:5120] == (bytes(range(256)) * 20)  # neighbours untouched
+
+
+def test_a_deep_queue_goes_to_the_io_thread_and_a_shallow_one_is_served_in_the_exit(disk):
+    """A notify that finds DEEP_QUEUE requests or more waiting is served by the device's I/O
+    thread, which merges them while the guest runs on; fewer are served by the notifying thread
+    (a vCPU, in its exit). Either way each request completes, in order, its data on disk."""
+    with blk_machine(DiskSpec(str(disk))) as machine:
+        driver = PythonVirtioDriver(machine, BLK_SLOT)
+        driver.initialize()
+        served_by: list[str] = []
+        machine.virtio[0].device.write_observer = lambda offset, length: served_by.append(threading.current_thread().name)
+        ring, memory = driver.rings[0], driver.memory
+        for count, thread in ((1, threading.current_thread().name), (blk.DEEP_QUEUE, "virtio-blk")):
+            served_by.clear()
+            heads = []
+            for i in range(count):
+                header, data, status = driver.alloc(16), driver.alloc(4096), driver.alloc(1, 1)
+                memory.write(header, struct.pack("<IIQ", blk.T_OUT, 0, 8 * (count + i)))
+                memory.write(data, bytes([count + i]) * 4096)
+                driver.write_descriptor(ring, 3 * i, header, 16, DESC_F_NEXT, 3 * i + 1)
+                driver.write_descriptor(ring, 3 * i + 1, data, 4096, DESC_F_NEXT, 3 * i + 2)
+                driver.write_descriptor(ring, 3 * i + 2, status, 1, DESC_F_WRITE)
+                driver.make_available(0, 3 * i, notify=i == count - 1)  # one notify for the lot
+                heads.append(3 * i)
+            assert [driver.wait_used(0) for _ in range(count)] == [(head, 1) for head in heads]
+            assert served_by == [thread] * count
+    contents = disk.read_bytes()
+    for n in (1, blk.DEEP_QUEUE):
+        for i in range(n):
+            assert contents[8 * (n + i) * 512 : 8 * (n + i + 1) * 512] == bytes([n + i]) * 4096
 
 
 def test_blk_out_of_range_and_get_id(disk):

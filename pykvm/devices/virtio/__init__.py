@@ -147,9 +147,16 @@ class VirtioDevice:
 
     # -- work ---------------------------------------------------------------------------------------
 
-    def queue_notified(self, index: int) -> None:
+    def queue_notified(self, index: int, *, guest_waits: bool = False) -> None:
         """The driver made buffers available on queue `index` (a model that serves every queue
-        in order makes this serve_queue)."""
+        in order calls serve_queue). `guest_waits`: served in the notifying vCPU's exit, so the
+        guest waits for the whole drain (no completion reaches it sooner); otherwise the I/O
+        thread serves while the guest runs on."""
+
+    def hands_over(self, index: int) -> bool:
+        """Whether a notify of queue `index` that reached Python (served in the vCPU's exit by
+        default) should go to the I/O thread this time instead: the model's choice, per notify."""
+        return False
 
     def backend_fds(self) -> list[int]:
         """File descriptors the I/O thread should watch for this device (e.g. a TAP's)."""

@@ -96,7 +96,7 @@ class Net(v.VirtioDevice):
 
     # -- the I/O thread's entry points -------------------------------------------------------------
 
-    def queue_notified(self, index: int) -> None:
+    def queue_notified(self, index: int, *, guest_waits: bool = False) -> None:
         if index == TX:
             self.serve_queue(TX)
         elif index == RX and self._rx_starved:

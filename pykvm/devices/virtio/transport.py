@@ -227,15 +227,19 @@ class VirtioPciFunction(PciFunction):
     def notify(self, index: int) -> None:
         """A notify that reached Python (ioeventfds not in use, or another access width), on the
         vCPU thread with the function lock held: serve the queue right here (why: see
-        pykvm.machine.ioeventfd_for). The I/O thread still serves backend input; it is told when
-        the model now wants other backend fds watched (rx buffers came)."""
+        pykvm.machine.ioeventfd_for), unless the model hands this one to the I/O thread. The I/O
+        thread still serves backend input; it is told when the model now wants other backend
+        fds watched (rx buffers came)."""
         if not self.serving or index >= len(self.queue_registers):
             return  # nothing runs yet (DRIVER_OK kicks every queue) or any more (until a reset)
         device = self.device
         fds = device.backend_fds()
         watched = [device.wants_backend(fd) for fd in fds] if fds else None
         try:
-            device.queue_notified(index)
+            if device.hands_over(index):
+                self.io_thread.kick(index)
+                return
+            device.queue_notified(index, guest_waits=True)
         except QueueError as error:
             self.needs_reset(str(error))
             return
