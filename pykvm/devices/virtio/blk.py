@@ -4,11 +4,11 @@ Data moves between the file and guest RAM with `os.preadv`/`os.pwritev` on memor
 request's buffers: no copy in Python. Requests are served in ring order (VirtioDevice.serve_queue)
 by whichever thread the notification reaches: by default the notifying vCPU, during its exit
 (see pykvm.machine.ioeventfd_for), unless the notify finds a deep queue, which the device's I/O
-thread then serves while the guest runs on (Blk.hands_over). Reads (or writes) next to each other in the ring and on the
-disk go to the file in one system call, as QEMU's virtio-blk merges them: here 16 writes of
-64 KiB cost 16.6 us each one by one, 8.6 merged (the kernel's cost per call, not per byte). After
-each request its status is written, the chain returned, and the driver interrupted as soon as it
-asked to be.
+thread then serves while the guest runs on (Blk.hands_over). Reads (or writes) next to each
+other in the ring and on the disk go to the file in one system call, as QEMU's virtio-blk merges
+them: here 16 writes of 64 KiB cost 16.6 us each one by one, 8.6 merged (the kernel's cost per
+call, not per byte). After each request its status is written, the chain returned, and the
+driver interrupted as soon as it asked to be.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ DEEP_QUEUE = 4
 _HEADER = struct.Struct("<IIQ")  # type, reserved, sector
 _SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 SEGMENT_UNMAP = 1
+
 
 @dataclass(slots=True)
 class Transfer:
@@ -209,7 +210,7 @@ class Blk(v.VirtioDevice):
 
     def hands_over(self, index: int) -> bool:
         """A shallow queue is served in the notifying vCPU's exit: no thread to wake (at depth 1
-        1.6-1.7x QEMU's IOPS here, against 0.92-0.95 through the I/O thread). A deep one goes to
+        1.6-1.7x QEMU's IOPS here, against 0.92-0.99 through the I/O thread). A deep one goes to
         the I/O thread, which serves it in short merged runs while the guest runs on and takes
         each completion as it comes, where the exit would hold the guest for the whole queue."""
         ring = self.rings[index] if index < len(self.rings) else None
@@ -272,14 +273,13 @@ class Blk(v.VirtioDevice):
         if not (readable and readable[0][1] >= _HEADER.size and chain.writable):
             return None
         kind, _, sector = _HEADER.unpack_from(chain.in_views[0])
-        if kind == T_OUT and not self.disk.spec.readonly:
-            in_views = chain.writable_views(self.memory)
-            data = self._out_data(chain)
-        elif kind == T_IN:
-            in_views = chain.writable_views(self.memory)
-            data = in_views[:-1] if len(in_views[-1]) == 1 else trim(in_views, 0, 1)
-        else:
+        if kind not in (T_IN, T_OUT) or kind == T_OUT and self.disk.spec.readonly:
             return None
+        in_views = chain.writable_views(self.memory)
+        if kind == T_OUT:
+            data = self._out_data(chain)
+        else:  # the data, without the status byte at the end
+            data = in_views[:-1] if len(in_views[-1]) == 1 else trim(in_views, 0, 1)
         length = total_length(data)
         if not length or not self._in_range(sector, length):
             return None
