@@ -275,15 +275,12 @@ class Blk(v.VirtioDevice):
         kind, _, sector = _HEADER.unpack_from(chain.in_views[0])
         if kind not in (T_IN, T_OUT) or kind == T_OUT and self.disk.spec.readonly:
             return None
-        in_views = chain.writable_views(self.memory)
-        if kind == T_OUT:
-            data = self._out_data(chain)
-        else:  # the data, without the status byte at the end
-            data = in_views[:-1] if len(in_views[-1]) == 1 else trim(in_views, 0, 1)
+        in_data, status = self._in_data(chain)
+        data = self._out_data(chain) if kind == T_OUT else in_data
         length = total_length(data)
         if not length or not self._in_range(sector, length):
             return None
-        return Transfer(chain, kind, sector * SECTOR, data, length, in_views[-1][-1:])
+        return Transfer(chain, kind, sector * SECTOR, data, length, status)
 
     def _header(self, chain: DescriptorChain) -> tuple[int, int]:
         if chain.readable_length < _HEADER.size or chain.writable_length < 1:
@@ -296,16 +293,13 @@ class Blk(v.VirtioDevice):
 
     def serve_chain(self, index: int, chain: DescriptorChain) -> int:
         """Serve one request; returns the bytes written into the driver's buffers."""
-        memory = self.memory
         readable = chain.readable
         if readable and readable[0][1] >= _HEADER.size and chain.writable:  # the usual layout, checked quickly
             kind, _, sector = _HEADER.unpack_from(chain.in_views[0])
         else:
             kind, sector = self._header(chain)
         self.requests += 1
-        in_views = chain.writable_views(memory)
-        status_view = in_views[-1][-1:]
-        in_data = in_views[:-1] if len(in_views[-1]) == 1 else trim(in_views, 0, 1)
+        in_data, status_view = self._in_data(chain)
         written = 0
         try:
             if kind == T_IN:
@@ -335,6 +329,13 @@ class Blk(v.VirtioDevice):
             status, written = S_IOERR, 0
         status_view[0] = status
         return written + 1
+
+    def _in_data(self, chain: DescriptorChain) -> tuple[list[memoryview], memoryview]:
+        """Views of the request's device-writable buffers without the status byte at their end,
+        and a view of the status byte."""
+        views = chain.writable_views(self.memory)
+        data = views[:-1] if len(views[-1]) == 1 else trim(views, 0, 1)
+        return data, views[-1][-1:]
 
     def _out_data(self, chain: DescriptorChain) -> list[memoryview]:
         """Views of the request's device-readable data: its readable buffers without the header."""
