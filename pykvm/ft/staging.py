@@ -3,11 +3,16 @@ arena, scattered into guest RAM once the sync is committed and acknowledged."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from pykvm.memory import GuestMemory, MemorySlot
 from pykvm.transfer import wire
 from pykvm.transfer.page_arena import PageArena
+
+# Pages scattered between two offers of the CPU (256 KiB, ~40 µs of copying): see `apply`.
+APPLY_PIECE = 64
 
 
 class PageStaging:
@@ -47,9 +52,17 @@ class PageStaging:
         self.direct = False
 
     def apply(self) -> None:
-        """Copy the committed sync's pages into guest RAM (one numpy scatter per frame); cannot fail."""
+        """Copy the committed sync's pages into guest RAM; cannot fail. In pieces, the CPU offered
+        to any other thread between them (`sched_yield`): right after the Ack the primary wakes
+        its vCPUs, and a standby on the same host (the demo, the benches, a test bed) would hold
+        a core for the whole copy, ~2 ms for 3000 pages. Measured there: the vCPUs ran again
+        0.19 ms after the Ack, against 0.6 ms with the copy in one piece; 3000-page pauses 7.72
+        against 8.48 ms. Alone on its host, the standby loses only the calls (~1 µs a piece)."""
         for slot, pages, rows in self._committed:  # a page is one element: one memcpy each, in C
-            np.put(np.frombuffer(slot.view, dtype=wire.PAGE_ROW), pages, rows.view(wire.PAGE_ROW).reshape(-1))
+            ram, staged = np.frombuffer(slot.view, dtype=wire.PAGE_ROW), rows.view(wire.PAGE_ROW).reshape(-1)
+            for at in range(0, len(pages), APPLY_PIECE):
+                np.put(ram, pages[at : at + APPLY_PIECE], staged[at : at + APPLY_PIECE])
+                os.sched_yield()
         self._committed = []
         if not self.entries:
             self._rows.reset()
