@@ -1,5 +1,6 @@
 """The standby's undo journal on real files: what it saved comes back byte for byte, holes as
-holes; a journal damaged on disk is refused rather than rolled back from."""
+holes; a journal damaged on disk is refused rather than rolled back from. And the primary's read
+back of the ranges a sync's guest wrote (ft.disk_mode.contents): data as data, zeros as zeros."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import pytest
 
 from pykvm.devices.virtio.blk import DiskImage, DiskSpec
+from pykvm.devices.virtio.gate import DiskChange
+from pykvm.ft import disk_mode
 from pykvm.ft.journal import PIECE, JournalError, UndoJournal, merge_ranges
 from pykvm.hostfile import extents
 
@@ -85,3 +88,25 @@ def test_a_damaged_journal_is_not_rolled_back_from(image):
         journal.rollback()
     journal.close()
     assert os.path.getsize(journal.path) > 0  # kept: it still holds what could not be put back
+
+
+def test_written_ranges_read_back_as_data_and_zeros_byte_for_byte(image):
+    """What a sync carries of a replicated disk: every byte of the ranges as the file holds them;
+    holes and all-zero pieces as zeroed ranges, anything else as data, even a single byte at the
+    end of an otherwise zero piece, or in a last piece shorter than the others."""
+    step = disk_mode.PIECE
+    image.write(2 * step, bytes(step))  # written zeros: zeros, not data
+    image.write(3 * step, bytes(step - 1) + b"\x01")  # one byte of data, at the very end of a piece
+    image.write(4 * step, bytes(1000))  # a short last piece of zeros...
+    image.write(4 * step + 1000, b"\x02")  # ...and one of data just after it
+    ranges = [(0, 5 * step + 4096)]  # data, holes, zeros, the lone byte, the short pieces
+    changes = list(disk_mode.contents(image, ranges))
+    rebuilt = bytearray(5 * step + 4096)
+    for change in changes:
+        if change.data:
+            rebuilt[change.offset : change.offset + len(change.data)] = change.data
+        else:
+            assert not any(image.read(change.offset, change.zeroed))  # told zeros: they are zeros
+    assert bytes(rebuilt) == image.read(0, len(rebuilt))
+    assert DiskChange(2 * step, zeroed=step) in changes  # the written zeros travel as a range, no data
+    assert DiskChange(3 * step, bytes(step - 1) + b"\x01") in changes
