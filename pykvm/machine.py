@@ -239,7 +239,8 @@ def ioeventfd_for(config: MachineConfig, device_type: type) -> bool:
 
     So by default (config.ioeventfd None), as measured (bench/blk.py, bench/net.py):
     virtio-blk is served in the exit (page-cache I/O is short), but a notify that finds a deep
-    queue hands it to the I/O thread (Blk.hands_over), and virtio-net goes through an ioeventfd."""
+    queue hands it to the I/O thread (Blk.hands_over; not while FT records the disk's writes),
+    and virtio-net goes through an ioeventfd."""
     if config.ioeventfd is not None:
         return config.ioeventfd
     return not issubclass(device_type, Blk)
