@@ -35,9 +35,10 @@ for i in range(64):
 STATE = b'{"not": "decoded at this level"}'
 
 
-def _stream() -> tuple[list[bytes], list[p.Event]]:
-    """A Hello, then one sync: the frames (each as bytes) and the events a standby should see."""
-    primary = p.FtConnection(p.Role.PRIMARY)
+def _stream(*, authenticated: bool = False) -> tuple[list[bytes], list[p.Event]]:
+    """A Hello, then one sync: the frames (each as bytes) and the events a standby should see.
+    `authenticated`: as a primary over TLS sends it (the page data without a digest)."""
+    primary = p.FtConnection(p.Role.PRIMARY, authenticated=authenticated)
     frames = [b"".join(bytes(b) for b in primary.send(p.Hello(b"config")))]
     primary._advance(p.Ready(), outgoing=False)  # the standby's Ready, not part of this stream
     pages = np.array([1, 2, 3, 10], dtype="<u4")
@@ -49,7 +50,7 @@ def _stream() -> tuple[list[bytes], list[p.Event]]:
     frames.append(b"".join(bytes(b) for b in primary.send(end)))
     # The primary's connection fills in the digest of the sync's page data, in the order sent
     data = b"".join(RAM[n * PAGE_SIZE : (n + 1) * PAGE_SIZE] for n in pages.tolist())
-    end = dataclasses.replace(end, pages_hash=xxhash.xxh3_64_intdigest(data))
+    end = dataclasses.replace(end, pages_hash=0 if authenticated else xxhash.xxh3_64_intdigest(data))
     events = [p.Hello(b"config"), ("pages", 0, pages.tolist()), change, p.MachineStateBlob(STATE), end]
     return frames, events
 
@@ -57,10 +58,11 @@ def _stream() -> tuple[list[bytes], list[p.Event]]:
 FRAMES, EVENTS = _stream()
 
 
-def _feed(data: bytes, chunk: int = 7919, *, data_intact: bool = True) -> tuple[list, Exception | None]:
-    """Feed bytes to a standby-side connection; returns the events and the error (if any).
-    `data_intact`: check that each page's data landed (a damaged page is only caught at the
-    SyncEnd, whose digest covers the sync's page data)."""
+def _feed(data: bytes, chunk: int = 7919, *, data_intact: bool = True,
+          authenticated: bool = False) -> tuple[list, Exception | None]:
+    """Feed bytes to a standby-side connection (`authenticated`: over TLS); returns the events
+    and the error (if any). `data_intact`: check that each page's data landed (a damaged page is
+    only caught at the SyncEnd, whose digest covers the sync's page data)."""
     staged = bytearray(64 * PAGE_SIZE)
 
     def sink(slot: int, pages: np.ndarray) -> list[memoryview]:
@@ -68,7 +70,7 @@ def _feed(data: bytes, chunk: int = 7919, *, data_intact: bool = True) -> tuple[
             raise wire.ProtocolError("outside")
         return [memoryview(staged)[int(n) * PAGE_SIZE : (int(n) + 1) * PAGE_SIZE] for n in pages]
 
-    conn = p.FtConnection(p.Role.STANDBY, page_sink=sink)
+    conn = p.FtConnection(p.Role.STANDBY, page_sink=sink, authenticated=authenticated)
     events: list = []
     view = memoryview(data)
     try:
@@ -113,6 +115,20 @@ def test_any_flipped_bit_is_caught(position, bit):
     assert events == EVENTS[: len(events)]  # nothing wrong ever comes out...
     assert error is not None or len(events) < len(EVENTS)  # ...and the damage never goes unseen...
     assert error is None or not any(isinstance(event, p.SyncEnd) for event in events)  # ...by the commit
+
+
+@pytest.mark.nokvm
+def test_over_tls_the_pages_go_without_a_digest_and_a_side_in_the_clear_refuses_that():
+    """Over TLS, which authenticates every byte itself, the primary hashes no page data (its
+    SyncEnd says 0) and the standby checks none. A standby in the clear never skips the check:
+    the same stream, whatever it says, fails there at the SyncEnd, before anything commits."""
+    frames, expected = _stream(authenticated=True)
+    assert expected[-1].pages_hash == 0
+    events, error = _feed(b"".join(frames), authenticated=True)
+    assert error is None and events == expected
+    events, error = _feed(b"".join(frames))
+    assert isinstance(error, wire.ProtocolError) and "failed its checksum" in str(error)
+    assert events == expected[:-1]  # no SyncEnd: nothing of the sync is committed
 
 
 @pytest.mark.nokvm

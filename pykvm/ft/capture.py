@@ -182,11 +182,12 @@ def _frames(protocol: p.FtConnection, source: PageSource, find_pages: Callable[[
             pages = protocol.send_pages(slot.index, slot.view, chunk, data=source.page_data(slot, start, chunk))
             if hashing is not None:
                 hashing.result()
-            if len(chunk) < THREADED_HASH_PAGES:  # hashed at once: less than handing it over costs
-                protocol.hash_pages()
                 hashing = None
-            else:
-                hashing = _hasher().submit(protocol.hash_pages)  # while they are sent: sendmsg frees the GIL
+            if not protocol.authenticated:  # (over TLS the channel authenticates them: no digest)
+                if len(chunk) < THREADED_HASH_PAGES:  # hashed at once: less than handing it over costs
+                    protocol.hash_pages()
+                else:
+                    hashing = _hasher().submit(protocol.hash_pages)  # while they are sent: sendmsg frees the GIL
             yield batch + pages
             batch = []
     if hashing is not None:

@@ -111,16 +111,25 @@ _MISPLACED = {  # what a move missing from the table means, where a bare "not al
 class FtConnection:
     """One side of the protocol. `send(event)` returns the buffers to write; `want()` and
     `filled(n)` take received bytes and return events. Both check the other side's and our own
-    moves against the protocol."""
+    moves against the protocol.
 
-    def __init__(self, role: Role, page_sink: wire.PageSink | None = None) -> None:
+    `authenticated`: the channel authenticates every byte itself (mutual TLS: a record that was
+    changed on the way fails its MAC, and the connection with it). The page data then goes
+    without a digest of its own: the sender hashes none (the SyncEnd says 0) and the receiver
+    checks none. Each side sets it from its own configuration, never from what the peer says, so
+    a peer in the clear cannot talk a receiver out of the check; and a TLS side cannot meet a
+    side in the clear (the handshake fails)."""
+
+    def __init__(self, role: Role, page_sink: wire.PageSink | None = None, *, authenticated: bool = False) -> None:
         self.role = role
+        self.authenticated = authenticated
         self.phase = Phase.HELLO
         self.last_sync = 0  # the last sync completed (primary: acked; standby: acked by us)
         self._out_seq = 0
         self._unacked: list[int] = []  # syncs whose SyncEnd went and whose Ack has not come, oldest first
         self._page_sink = page_sink or _refuse_pages
-        self._decoder = wire.Decoder(self._sink_in_turn, limits=FRAME_LIMITS, allow_digest_later=True)
+        self._decoder = wire.Decoder(self._sink_in_turn, limits=FRAME_LIMITS, allow_digest_later=True,
+                                     hash_later=not authenticated)
         self._pages_digest = xxhash.xxh3_64()  # the page data sent in this sync
         self._unhashed: list = []  # page data handed out by send_pages, not yet in the digest
         self._handing, self._hashing = threading.Lock(), threading.Lock()  # hash_pages may run on another thread
@@ -152,8 +161,9 @@ class FtConnection:
             seq += 1
         self._advance(Pages(slot, pages), outgoing=True)
         self._out_seq = seq
-        with self._handing:
-            self._unhashed += unhashed
+        if not self.authenticated:
+            with self._handing:
+                self._unhashed += unhashed
         return buffers
 
     def hash_pages(self) -> None:
@@ -167,6 +177,8 @@ class FtConnection:
             deque(map(self._pages_digest.update, todo), maxlen=0)  # a page a buffer, the loop in C
 
     def _take_pages_digest(self) -> int:
+        if self.authenticated:
+            return 0
         self.hash_pages()
         with self._hashing:
             digest = self._pages_digest.intdigest()
@@ -191,7 +203,8 @@ class FtConnection:
             return None
         event = _decode(frame)
         self._advance(event, outgoing=False)
-        if isinstance(event, SyncEnd) and event.pages_hash != self._decoder.take_later_digest():
+        if isinstance(event, SyncEnd) and not self.authenticated \
+                and event.pages_hash != self._decoder.take_later_digest():
             raise ProtocolError(f"sync {event.sync}: its page data failed its checksum")
         return event
 

@@ -27,7 +27,7 @@ def greet_standby(uri: str, tls: TlsCredentials | None, hello: p.Hello,
             raise FtError(f"the standby at {uri} failed the TLS handshake: {channel.describe(error)}") from None
         raise FtError(f"cannot reach the standby at {uri}: {error.strerror or error}") from None
     sock.settimeout(patience)
-    protocol = p.FtConnection(p.Role.PRIMARY)
+    protocol = p.FtConnection(p.Role.PRIMARY, authenticated=tls is not None)
     try:
         wire.send_buffers(sock, protocol.send(hello))
         reply = p.receive_event(sock, protocol)

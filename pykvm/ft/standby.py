@@ -197,7 +197,7 @@ class Standby:
         port scan, a stray client): it is dropped, and this standby goes on waiting."""
         while True:
             conn, peer = channel.accept(server, self.tls, self.log, "ft standby")
-            protocol = p.FtConnection(p.Role.STANDBY, page_sink=self.staging.sink)
+            protocol = p.FtConnection(p.Role.STANDBY, page_sink=self.staging.sink, authenticated=self.tls is not None)
             try:  # the whole Hello by the deadline: a peer dribbling bytes would hold us for ever
                 hello = p.receive_event(conn, protocol, deadline=time.monotonic() + GREETING_TIMEOUT)
                 if isinstance(hello, p.Hello):
