@@ -2,8 +2,9 @@
 broken, and the rule every outcome must follow. Shared by tests/test_cli_sweep.py (a few dozen
 cases) and bench/fuzz_cli.py (as many as asked).
 
-A command line ends in one of: exit 0 (the hello guest, or the embedded one, ran), or exactly
-one line `pykvm: error: ...` on stderr and exit 2; never a traceback, never past TIME_LIMIT.
+A command line ends in one of: exit 0 (the hello guest, the embedded one or the junk file as a
+flat binary ran), or exactly one line `pykvm: error: ...` on stderr and exit 2; never a
+traceback, never past TIME_LIMIT.
 A control request gets one reply, a JSON object with a boolean "ok" (and an "error" string when
 false), and the VMM answers query-status after it.
 """

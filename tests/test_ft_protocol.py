@@ -122,13 +122,32 @@ def test_over_tls_the_pages_go_without_a_digest_and_a_side_in_the_clear_refuses_
     """Over TLS, which authenticates every byte itself, the primary hashes no page data (its
     SyncEnd says 0) and the standby checks none. A standby in the clear never skips the check:
     the same stream, whatever it says, fails there at the SyncEnd, before anything commits."""
-    frames, expected = _stream(authenticated=True)
+    frames, expected = TLS_FRAMES, TLS_EVENTS
     assert expected[-1].pages_hash == 0
     events, error = _feed(b"".join(frames), authenticated=True)
     assert error is None and events == expected
     events, error = _feed(b"".join(frames))
     assert isinstance(error, wire.ProtocolError) and "failed its checksum" in str(error)
     assert events == expected[:-1]  # no SyncEnd: nothing of the sync is committed
+
+
+TLS_FRAMES, TLS_EVENTS = _stream(authenticated=True)
+_TLS_DATA_AT = len(TLS_FRAMES[0]) + wire.HEADER.size + wire.PAGES_HEAD.size + 4 * 4  # the pages frame's data
+_TLS_DATA_END = _TLS_DATA_AT + 4 * PAGE_SIZE
+
+
+@pytest.mark.nokvm
+@settings(max_examples=200, deadline=None)
+@given(position=st.integers(0, sum(map(len, TLS_FRAMES)) - 1).filter(lambda at: not _TLS_DATA_AT <= at < _TLS_DATA_END),
+       bit=st.integers(0, 7))
+def test_over_tls_every_flipped_bit_but_the_page_data_is_still_caught(position, bit):
+    """Over TLS only the page data goes without a digest (TLS would refuse its record); headers,
+    page numbers, disk changes, the state and the SyncEnd still carry their frames' hashes."""
+    data = bytearray(b"".join(TLS_FRAMES))
+    data[position] ^= 1 << bit
+    events, error = _feed(bytes(data), data_intact=False, authenticated=True)
+    assert events == TLS_EVENTS[: len(events)]
+    assert error is not None or len(events) < len(TLS_EVENTS)
 
 
 @pytest.mark.nokvm

@@ -8,7 +8,8 @@ again: the state is packed then (only its parts that changed, see ft.state_parts
 as a batch of buffers per frame of pages, each sent before the next is built, so that a full sync
 holds one piece of RAM or disk at a time whatever their sizes. While a frame is sent, another
 thread hashes its pages (into the sync's digest, which the SyncEnd carries): the hash and the
-kernel's copy of the same pages run side by side (sendmsg frees the GIL).
+kernel's copy of the same pages run side by side (sendmsg frees the GIL). Over TLS, which
+authenticates every byte, there is no such digest (FtConnection.authenticated).
 
 Where each page's data is read from is the capture's PageSource: guest RAM itself (GuestRam: the
 guest stays paused until the frames are sent), a copy made while the guest was paused
@@ -167,8 +168,8 @@ def _frames(protocol: p.FtConnection, source: PageSource, find_pages: Callable[[
     """`capture`'s batches: the machine state first (packed here, once the guest runs again in
     pipelined and cow modes; the standby decodes it while the pages come), a batch per frame of
     pages, the disk changes, the SyncEnd (with the hash of the packed state). A frame's pages are
-    hashed on the hasher thread while the frame is sent. A full sync sends a batch per frame of
-    disk changes too (the disk is read as it goes). `state_alone`: the state is a batch of its own."""
+    hashed on the hasher thread while the frame is sent (not over TLS). A full sync sends a batch
+    per frame of disk changes too (the disk is read as it goes). `state_alone`: the state is a batch of its own."""
     blob = states.blob(state, full=full)
     end = replace(end, state_hash=xxhash.xxh3_64_intdigest(blob))
     batch = protocol.send(p.MachineStateBlob(blob))

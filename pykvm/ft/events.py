@@ -19,8 +19,9 @@ from pykvm.transfer.wire import Kind
 
 # 2: Hello carries the witness, epoch and sync mode; StandbyFault; heartbeats answered. 3: Hello
 # carries the disk mode and shared disks' identities; state in binary parts; two syncs in flight.
-# 4: a sync's page data is checked by one digest in its SyncEnd (wire.DIGEST_LATER).
-PROTOCOL = 4
+# 4: a sync's page data is checked by one digest in its SyncEnd (wire.DIGEST_LATER). 5: over TLS
+# that digest is left out (0): the channel authenticates every byte.
+PROTOCOL = 5
 _DISK_HEAD = struct.Struct("<II")  # disk index, count
 _CHANGE = struct.Struct("<QQB")  # offset, length, zeroed?
 DISK_FRAME_BYTES = 4 << 20  # a DiskChanges frame's payload at most: a sender splits bigger changes
@@ -177,7 +178,7 @@ class SyncEnd:
     trigger: str  # what made the primary sync: "full", "blk", "net", "timer"
     ram_hash: int | None = None  # verification mode: xxh3 of all guest RAM after this sync
     state_hash: int = 0  # xxh3 of the MachineStateBlob's data
-    pages_hash: int = 0  # xxh3 of the sync's page data, in the order sent: FtConnection.send fills it in
+    pages_hash: int = 0  # xxh3 of the sync's page data in the order sent, 0 over TLS (FtConnection.send)
 
     def payload(self) -> bytes:
         return json.dumps({"sync": self.sync, "trigger": self.trigger, "ram_hash": self.ram_hash,

@@ -15,7 +15,8 @@ sequenced, length-prefixed, hashed); each event travels as the frame kind of the
     Pages(slot, pages)*           ->      (page data lands in the standby's staging buffers)
     DiskChanges(disk, changes)*   ->
     SyncEnd(sync, trigger, hashes)->      check the sync's page data against its digest (the
-                                          primary hashes each frame's data after sending it),
+                                          primary hashes each frame's data after sending it;
+                                          over TLS there is none: the channel authenticates),
                                           commit everything of the sync atomically, then
                                   <-      Ack(sync)  (cow mode: the next sync may begin before it)
     Heartbeat                     ->      (between syncs, when there is no output)
@@ -129,7 +130,7 @@ class FtConnection:
         self._unacked: list[int] = []  # syncs whose SyncEnd went and whose Ack has not come, oldest first
         self._page_sink = page_sink or _refuse_pages
         self._decoder = wire.Decoder(self._sink_in_turn, limits=FRAME_LIMITS, allow_digest_later=True,
-                                     hash_later=not authenticated)
+                                     check_later_digest=not authenticated)
         self._pages_digest = xxhash.xxh3_64()  # the page data sent in this sync
         self._unhashed: list = []  # page data handed out by send_pages, not yet in the digest
         self._handing, self._hashing = threading.Lock(), threading.Lock()  # hash_pages may run on another thread
@@ -149,7 +150,7 @@ class FtConnection:
         """Pages of a RAM slot, read from `view` (guest RAM) or, given `data`, from those buffers
         (in page order, wherever the pages are held: guest RAM, a copy made aside; one frame's
         worth of pages). The data is hashed later (`hash_pages`, or the SyncEnd): it must not change
-        until then."""
+        until then. Over an `authenticated` channel it is not hashed at all."""
         if data is None and len(pages) and (int(pages[-1]) + 1) * PAGE_SIZE > len(view):
             raise ValueError(f"page {int(pages[-1])} is beyond the {len(view)}-byte RAM view")
         buffers, seq, unhashed = [], self._out_seq, []

@@ -4,6 +4,7 @@ arena, scattered into guest RAM once the sync is committed and acknowledged."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -13,6 +14,7 @@ from pykvm.transfer.page_arena import PageArena
 
 # Pages scattered between two offers of the CPU (256 KiB, ~40 µs of copying): see `apply`.
 APPLY_PIECE = 64
+TAKEN_AFTER = 50e-6  # s: a sched_yield that returns later than this gave the CPU to another thread
 
 
 class PageStaging:
@@ -53,16 +55,21 @@ class PageStaging:
 
     def apply(self) -> None:
         """Copy the committed sync's pages into guest RAM; cannot fail. In pieces, the CPU offered
-        to any other thread between them (`sched_yield`): right after the Ack the primary wakes
-        its vCPUs, and a standby on the same host (the demo, the benches, a test bed) would hold
-        a core for the whole copy, ~2 ms for 3000 pages. Measured there: the vCPUs ran again
-        0.19 ms after the Ack, against 0.6 ms with the copy in one piece; 3000-page pauses 7.72
-        against 8.48 ms. Alone on its host, the standby loses only the calls (~1 µs a piece)."""
+        to any other thread between them (`sched_yield`) until one takes it: right after the Ack
+        the primary wakes its vCPUs, and a standby on the same host (the demo, the benches, a test
+        bed) would hold a core for the whole copy, ~2 ms for 3000 pages. Measured there: 3000-page
+        pauses 7.46 against 8.07 ms with the copy in one piece, the vCPUs running again 0.19 ms
+        after the Ack against 0.31-0.6. Only until one is taken: on a busy host every offer is, for
+        a time slice each (47 yields beside a CPU hog took 66 ms here). Alone, an offer is ~1 µs."""
+        offering = True
         for slot, pages, rows in self._committed:  # a page is one element: one memcpy each, in C
             ram, staged = np.frombuffer(slot.view, dtype=wire.PAGE_ROW), rows.view(wire.PAGE_ROW).reshape(-1)
             for at in range(0, len(pages), APPLY_PIECE):
                 np.put(ram, pages[at : at + APPLY_PIECE], staged[at : at + APPLY_PIECE])
-                os.sched_yield()
+                if offering:
+                    offered = time.perf_counter()
+                    os.sched_yield()
+                    offering = time.perf_counter() - offered < TAKEN_AFTER
         self._committed = []
         if not self.entries:
             self._rows.reset()

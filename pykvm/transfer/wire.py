@@ -11,7 +11,7 @@ page data landing straight in the buffers the caller chooses (guest RAM, or a st
             DIGEST_LATER: page data covered by a running digest that a later frame carries (FT:
             the SyncEnd, over all of a sync's page data), so that the sender hashes a frame's
             data while sending it, not before; over TLS, which authenticates every byte, FT
-            leaves that digest out on both sides (Decoder(hash_later=False))
+            leaves that digest out on both sides (Decoder(check_later_digest=False))
     PAGES   payload = slot u32, count u32, page numbers u32 x count, count x 4096 bytes of data
     other   payloads are JSON or small binary blobs, per kind
 
@@ -163,15 +163,16 @@ class Decoder:
 
     def __init__(self, page_sink: PageSink, expected_seq: int = 0, max_payload: int = MAX_PAYLOAD,
                  *, allow_live_data: bool = False, allow_digest_later: bool = False,
-                 hash_later: bool = True, limits: Mapping[Kind, int] = FRAME_LIMITS) -> None:
+                 check_later_digest: bool = True, limits: Mapping[Kind, int] = FRAME_LIMITS) -> None:
         """`limits`: each kind's payload bound, checked on the header like `max_payload`.
         `allow_digest_later`: accept DIGEST_LATER page frames; their data goes into a running
-        digest that the caller compares with the one a later frame carries (`take_later_digest`),
-        unless not `hash_later` (the channel itself authenticates every byte: TLS)."""
+        digest that the caller compares with the one a later frame carries (`take_later_digest`).
+        `check_later_digest` False: that data is not hashed at all (the channel itself
+        authenticates every byte: TLS)."""
         self.page_sink = page_sink
         self.allow_live_data = allow_live_data
         self.allow_digest_later = allow_digest_later
-        self.hash_later = hash_later
+        self.check_later_digest = check_later_digest
         self._later = xxhash.xxh3_64()
         self.expected_seq = expected_seq
         self.max_payload = max_payload
@@ -235,7 +236,7 @@ class Decoder:
                 raise ProtocolError(f"frame {seq}: flags {flags:#x} not allowed here")
             self._seq, self._length, self._digest = seq, length, digest
             self._hash = xxhash.xxh3_64(HEADER.pack(magic, version, kind, flags, seq, length, 0))
-            later = self._later if self.hash_later else None
+            later = self._later if self.check_later_digest else None
             self._data_hash = None if flags & LIVE_DATA else later if flags & DIGEST_LATER else self._hash
             if self._kind == Kind.PAGES:
                 if length < PAGES_HEAD.size:
