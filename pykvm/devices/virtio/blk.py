@@ -93,6 +93,16 @@ class Run:
         self.length += transfer.length
 
 
+def _usual_header(chain: DescriptorChain) -> tuple[int, int] | None:
+    """(type, sector) of a request in the usual layout, read quickly: the header whole in the
+    first buffer, and a buffer to write the status into. None otherwise (Blk._header checks it)."""
+    readable = chain.readable
+    if readable and readable[0][1] >= _HEADER.size and chain.writable:
+        kind, _, sector = _HEADER.unpack_from(chain.in_views[0])
+        return kind, sector
+    return None
+
+
 @dataclass(frozen=True)
 class DiskSpec:
     """`--disk PATH[,readonly]`"""
@@ -272,10 +282,10 @@ class Blk(v.VirtioDevice):
     def _transfer(self, chain: DescriptorChain) -> Transfer | None:
         """`chain` as a Transfer, if it is a read or a write in the usual layout within the disk
         (anything else, or a request that fails its checks, is served on its own)."""
-        readable = chain.readable
-        if not (readable and readable[0][1] >= _HEADER.size and chain.writable):
+        header = _usual_header(chain)
+        if header is None:
             return None
-        kind, _, sector = _HEADER.unpack_from(chain.in_views[0])
+        kind, sector = header
         if kind not in (T_IN, T_OUT) or kind == T_OUT and self.disk.spec.readonly:
             return None
         in_data, status = self._in_data(chain)
@@ -296,11 +306,7 @@ class Blk(v.VirtioDevice):
 
     def serve_chain(self, index: int, chain: DescriptorChain) -> int:
         """Serve one request; returns the bytes written into the driver's buffers."""
-        readable = chain.readable
-        if readable and readable[0][1] >= _HEADER.size and chain.writable:  # the usual layout, checked quickly
-            kind, _, sector = _HEADER.unpack_from(chain.in_views[0])
-        else:
-            kind, sector = self._header(chain)
+        kind, sector = _usual_header(chain) or self._header(chain)
         self.requests += 1
         in_data, status_view = self._in_data(chain)
         written = 0
