@@ -240,7 +240,9 @@ def ioeventfd_for(config: MachineConfig, device_type: type) -> bool:
     So by default (config.ioeventfd None), as measured (bench/blk.py, bench/net.py):
     virtio-blk is served in the exit (page-cache I/O is short), but a notify that finds a deep
     queue hands it to the I/O thread (Blk.hands_over; not while FT records the disk's writes),
-    and virtio-net goes through an ioeventfd."""
+    and virtio-net goes through an ioeventfd. (Since the I/O thread polls before it sleeps, blk
+    through the ioeventfd does 4-6x QEMU at depth 1 against 1.6x in the exit, but kv under
+    pipelined FT then runs a third slower: ARCHITECTURE's trade-off table.)"""
     if config.ioeventfd is not None:
         return config.ioeventfd
     return not issubclass(device_type, Blk)
