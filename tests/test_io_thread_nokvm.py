@@ -1,5 +1,7 @@
-"""The I/O thread's polling before it sleeps: the adaptive window, and the look for events that
-never sleeps. (The thread itself serves every virtio test that runs a guest.)"""
+"""The I/O thread's polling before it sleeps: the adaptive window, the look for events that never
+sleeps, and the thread going to sleep in epoll once its device is quiet. The device here is a
+stand-in that records what the thread calls (the real models run under every virtio test that
+boots a guest)."""
 
 from __future__ import annotations
 
@@ -7,15 +9,16 @@ import os
 import select
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from pykvm.devices.virtio.io_thread import PollWindow, poll_for
+from pykvm.devices.virtio.io_thread import IoThread, PollWindow, poll_for
 
 pytestmark = pytest.mark.nokvm
 
 
-def test_the_window_grows_while_polling_would_bridge_the_gaps_and_closes_on_a_long_one():
+def test_the_window_grows_while_events_come_soon_after_it_and_closes_on_a_long_gap():
     window = PollWindow()
     assert window.seconds == 0  # a new thread sleeps at once
     seen, expected, step = [], [], PollWindow.START
@@ -24,17 +27,16 @@ def test_the_window_grows_while_polling_would_bridge_the_gaps_and_closes_on_a_lo
         step *= 2
     expected.append(PollWindow.MAX)
     for _ in expected:  # each event came just after the window closed, within MAX
-        window.waited(window.seconds + 1e-6)
+        window.slept(window.seconds + 1e-6)
         seen.append(window.seconds)
     assert seen == expected and len(expected) > 2
-    window.waited(PollWindow.MAX)  # at most MAX: kept
-    window.waited(PollWindow.MAX / 2)  # found while polling: the window fits
+    window.slept(PollWindow.MAX)  # at most MAX: kept
     assert window.seconds == PollWindow.MAX
-    window.waited(PollWindow.MAX + 1e-6)  # a quiet spell: sleep at once from now on
+    window.slept(PollWindow.MAX + 1e-6)  # a quiet spell: sleep at once from now on
     assert window.seconds == 0
-    window.waited(1.0)
+    window.slept(1.0)
     assert window.seconds == 0
-    window.waited(1e-6)  # busy again
+    window.slept(1e-6)  # busy again
     assert window.seconds == PollWindow.START
 
 
@@ -48,31 +50,34 @@ def watched():
     os.close(fd)
 
 
-class FirstLookSeen:
-    """The poller, telling when its first look is over (the event is written only after it)."""
+class Looks:
+    """The poller, keeping what each look found; the event is written once the first is over."""
 
     def __init__(self, poller: select.epoll) -> None:
-        self.poller, self.looked = poller, threading.Event()
+        self.poller, self.found, self.first_over = poller, [], threading.Event()
 
     def poll(self, timeout: float) -> list:
         events = self.poller.poll(timeout)
-        self.looked.set()
+        self.found.append(events)
+        self.first_over.set()
         return events
 
 
-def test_polling_finds_an_event_that_comes_after_its_first_look(watched):
+def test_polling_returns_the_first_look_that_finds_an_event_coming_meanwhile(watched):
     poller, fd = watched
-    watching = FirstLookSeen(poller)
+    looks = Looks(poller)
 
-    def write_once_looked() -> None:
-        watching.looked.wait()
+    def write_after_the_first_look() -> None:
+        looks.first_over.wait()
         os.eventfd_write(fd, 1)
 
-    writer = threading.Thread(target=write_once_looked)
+    writer = threading.Thread(target=write_after_the_first_look)
     writer.start()
-    events = poll_for(watching, time.perf_counter() + 30)  # returns as soon as it sees the event
+    events = poll_for(looks, time.perf_counter() + 30)
     writer.join()
     assert events == [(fd, select.EPOLLIN)]
+    assert looks.found[0] == [] and looks.found[-1] == events  # no look after the one that found it
+    assert all(found == [] for found in looks.found[:-1])
 
 
 def test_polling_past_its_window_looks_once_and_does_not_sleep(watched):
@@ -80,3 +85,49 @@ def test_polling_past_its_window_looks_once_and_does_not_sleep(watched):
     assert poll_for(poller, time.perf_counter() - 1) == []  # nothing yet: back at once, empty
     os.eventfd_write(fd, 1)
     assert poll_for(poller, time.perf_counter() - 1) == [(fd, select.EPOLLIN)]  # the one look sees it
+
+
+class QuietDevice:
+    """A device with one queue and no backend, recording the notifies its I/O thread serves."""
+
+    name = "quiet"
+
+    def __init__(self) -> None:
+        self.notified: list[int] = []
+
+    def backend_fds(self) -> list[int]:
+        return []
+
+    def queue_notified(self, index: int) -> None:
+        self.notified.append(index)
+
+
+class Function:
+    def __init__(self) -> None:
+        self.device, self.lock, self.serving = QuietDevice(), threading.RLock(), True
+
+
+def sleeping_in_epoll(tid: int) -> bool:
+    """The thread is blocked in epoll_wait (what a thread that polls for ever never is)."""
+    task = Path(f"/proc/self/task/{tid}")
+    return (task / "stat").read_text().rpartition(")")[2].split()[0] == "S" and \
+        (task / "wchan").read_text().strip() in ("do_epoll_wait", "ep_poll")
+
+
+def test_the_thread_serves_each_notify_once_then_sleeps_in_epoll():
+    function = Function()
+    thread = IoThread(function, queues=1)
+    thread.start()
+    try:
+        for _ in range(3):
+            served = len(function.device.notified)
+            thread.kick(0)
+            deadline = time.monotonic() + 10
+            while len(function.device.notified) == served or not sleeping_in_epoll(thread.thread.native_id):
+                assert time.monotonic() < deadline, "the I/O thread never went to sleep in epoll"
+                time.sleep(0.001)  # (a look at its state, every ms, until it is asleep)
+            assert function.device.notified == [0] * (served + 1)
+    finally:
+        thread.stop()
+        thread.close()
+    assert thread.thread is None

@@ -143,9 +143,9 @@ class IoThread:
                     watched = wanted
                 idle_since = time.perf_counter()
                 events = poll_for(poller, idle_since + window.seconds) if window.seconds else []
-                if not events:
+                if not events:  # (found while polling: the window fits as it is)
                     events = poller.poll()
-                window.waited(time.perf_counter() - idle_since)
+                    window.slept(time.perf_counter() - idle_since)
                 if self._stopping:
                     return
                 with function.lock:
@@ -179,26 +179,32 @@ class IoThread:
 @dataclass
 class PollWindow:
     """How long the I/O thread polls for its next event before it sleeps, adapted to the gaps
-    between events as QEMU's IOThreads adapt theirs (`poll-max-ns`, util/aio-posix.c): a gap
-    that polling would have bridged (at most MAX) doubles the window, from START; a longer gap
-    closes it, so a quiet device sleeps at once and costs no CPU. Why: waking from epoll costs a
-    context switch in and one out, and on a core shared with the peer (an echo client, the FT
+    between events as QEMU's IOThreads adapt theirs (`poll-max-ns`, util/aio-posix.c): an event
+    found while polling leaves the window as it is; one that came after the thread had given up
+    and gone to sleep, but within MAX of its falling idle, doubles it, from START; a later one
+    closes it, so a quiet device sleeps at once and costs no CPU. Why: waking from epoll costs
+    a context switch in and one out, and on a core shared with the peer (an echo client, the FT
     standby) those cost more than a frame's own work. MAX is 128 us, inside KVM's own halt
     polling (halt_poll_ns, 200 us): a guest here answers a frame ~100 us after its interrupt, and
-    64 us bridged none of those gaps. Measured with net-echo (alternating runs): 8 echoes
-    outstanding, 42,100-44,700 echoes/s polling against 36,700-39,300 sleeping; one outstanding,
-    8,720-8,820 with MAX 128 against 6,600-6,830 with MAX 64 (the thread then polls ~90% of the
-    time it would have slept)."""
+    with 64 us the window never opened for those gaps (a gap measured from a sleep includes the
+    wake-up). Measured with net-echo (alternating runs): 8 echoes outstanding, 42,100-44,700
+    echoes/s polling against 36,700-39,300 sleeping; one outstanding, 8,720-8,820 with MAX 128
+    against 6,600-6,830 with MAX 64 (the thread then polls ~90% of the time it would have
+    slept). The price, besides that CPU: a thread of this process that wants the interpreter
+    lock while this one polls (a vCPU back from the guest with an exit to serve in Python, the
+    FT thread) gets it at one of the poll's short system calls, not at once: tens of µs more
+    wait, sometimes a few hundred. kv, whose disk is served in the vCPU's exits, ran at the same
+    rate polling as sleeping, with FT and without (ARCHITECTURE, *Threads*)."""
 
     START = 4e-6
     MAX = 128e-6
 
     seconds: float = 0.0  # 0: sleep at once
 
-    def waited(self, gap: float) -> None:
-        """The next event came `gap` seconds after the thread fell idle."""
+    def slept(self, gap: float) -> None:
+        """The thread polled its whole window, slept, and woke `gap` seconds after it fell idle."""
         if gap <= self.seconds:
-            return  # found by polling: the window fits
+            return  # (the event came just as the window closed)
         if gap > self.MAX:
             self.seconds = 0.0  # too long to poll for
         else:
@@ -206,9 +212,9 @@ class PollWindow:
 
 
 def poll_for(poller: select.epoll, until: float) -> list[tuple[int, int]]:
-    """The poller's events, looked for without sleeping until perf_counter() reaches `until`
-    (at least once); the CPU is offered to any other thread between looks (`sched_yield`), so
-    a peer that shares the core runs first."""
+    """The poller's events, from the first look that finds any, looking without sleeping until
+    perf_counter() reaches `until` (at least once); the CPU is offered to any other thread
+    between looks (`sched_yield`), so a peer that shares the core runs first."""
     events = poller.poll(0)
     while not events and time.perf_counter() < until:
         os.sched_yield()
