@@ -297,40 +297,46 @@ SEEK_DATA, SEEK_HOLE = getattr(os, "SEEK_DATA", 3), getattr(os, "SEEK_HOLE", 4)
 _PAGEMAP_PRESENT, _PAGEMAP_SWAPPED = 1 << 63, 1 << 62
 
 
-def populated_pages(slot: MemorySlot) -> np.ndarray:
-    """Page numbers of the slot's pages that may hold something other than zeros: every page
-    ever written, resident or swapped out (a migration's round 0 and the FT full sync send these,
-    and the other side starts from zeros). Residency (mincore) is not the question: a swapped-out
-    page holds data too.
+def populated_pages(slot: MemorySlot, first: int = 0, stop: int | None = None) -> np.ndarray:
+    """Page numbers, in [first, stop) (default: the whole slot), of the slot's pages that may hold
+    something other than zeros: every page ever written, resident or swapped out (a migration's
+    round 0 and the FT full sync send these, and the other side starts from zeros). Residency
+    (mincore) is not the question: a swapped-out page holds data too.
     - memfd RAM: the file itself knows which pages hold data (SEEK_DATA/SEEK_HOLE walk the
       extents, swapped-out shmem pages included; pagemap would show those as never allocated);
     - anonymous RAM: /proc/self/pagemap, present or swapped;
     - RAM mapped from a snapshot file: scanned for zeros (a page of the file may be zeros)."""
     import numpy as np
 
+    stop = slot.pages if stop is None else stop
+    if not 0 <= first <= stop <= slot.pages:
+        raise ValueError(f"pages [{first}, {stop}) are not within the slot's {slot.pages}")
     if slot.from_image:
-        words = np.frombuffer(slot.view, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
-        return np.flatnonzero(words.any(axis=1))
+        words = np.frombuffer(slot.view[first * PAGE_SIZE : stop * PAGE_SIZE], dtype=np.uint64)
+        return first + np.flatnonzero(words.reshape(-1, PAGE_SIZE // 8).any(axis=1))
     if slot.fd is not None:
-        return _data_pages(slot.fd, slot.size)
-    return _mapped_pages(slot.host_addr, slot.pages)
+        return _data_pages(slot.fd, first * PAGE_SIZE, stop * PAGE_SIZE)
+    return first + _mapped_pages(slot.host_addr + first * PAGE_SIZE, stop - first)
 
 
-def _data_pages(fd: int, size: int) -> np.ndarray:
-    """Pages of a file that hold data, from its extents (one lseek pair per extent)."""
+def _data_pages(fd: int, offset: int, end: int) -> np.ndarray:
+    """Pages of a file's bytes [offset, end) that hold data, from its extents (one lseek pair per
+    extent)."""
     import numpy as np
 
-    runs, offset = [], 0
-    while offset < size:
+    runs = []
+    while offset < end:
         try:
             start = os.lseek(fd, offset, SEEK_DATA)
         except OSError as error:
             if error.errno == errno.ENXIO:  # no data after `offset`
                 break
             raise
-        end = min(os.lseek(fd, start, SEEK_HOLE), size)
-        runs.append(np.arange(start >> PAGE_SHIFT, (end + PAGE_SIZE - 1) >> PAGE_SHIFT))
-        offset = end
+        if start >= end:
+            break
+        stop = min(os.lseek(fd, start, SEEK_HOLE), end)
+        runs.append(np.arange(start >> PAGE_SHIFT, (stop + PAGE_SIZE - 1) >> PAGE_SHIFT))
+        offset = stop
     return np.concatenate(runs) if runs else np.empty(0, dtype=np.int64)
 
 

@@ -151,6 +151,33 @@ def test_populated_pages_are_the_written_ones(shared):
         mem.close()
 
 
+@pytest.mark.parametrize("backing", ["anonymous", "memfd", "image"])
+def test_populated_pages_of_a_piece_are_the_written_ones_in_it(backing, tmp_path):
+    """Migration's round 0 scans RAM a piece at a time: each piece finds exactly the written pages
+    within it, numbered from the slot's start (a piece that starts or ends on a written page, in a
+    hole, one page wide, empty), whatever holds the RAM (a snapshot image: pages of zeros)."""
+    if backing == "image":
+        image = bytearray(SIZE)
+        for page in WRITTEN:
+            image[page * PAGE_SIZE + 5 : page * PAGE_SIZE + 10] = b"pykvm"
+        (tmp_path / "ram").write_bytes(image)
+        fd = os.open(tmp_path / "ram", os.O_RDONLY)
+        mem = GuestMemory(SIZE, image=(fd, [0]))
+        os.close(fd)  # the mapping holds the file
+    else:
+        mem = GuestMemory(SIZE, shared=backing == "memfd")
+        _write_some(mem)
+    try:
+        slot = mem.slots[0]
+        for first, stop in [(0, 64), (0, 1), (1, 7), (1, 8), (2, 7), (7, 8), (8, 63), (8, 64), (63, 64), (5, 5), (64, 64)]:
+            assert populated_pages(slot, first, stop).tolist() == [p for p in WRITTEN if first <= p < stop], (first, stop)
+        for first, stop in [(-1, 4), (5, 4), (0, 65)]:
+            with pytest.raises(ValueError):
+                populated_pages(slot, first, stop)
+    finally:
+        mem.close()
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["anonymous", "memfd"])
 def test_ram_hash_is_all_of_ram_and_populates_nothing(shared):
     """FT's --ft-verify hash covers every byte of RAM, the untouched pages as the zeros they read as,
