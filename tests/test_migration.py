@@ -7,14 +7,16 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 
 import pytest
 
-from pykvm.memory import PAGE_SIZE
+from pykvm.memory import PAGE_SIZE, ram_hash
 from pykvm.transfer import wire
 from pykvm.transfer.snapshot import open_snapshot
-from pykvm.machine import MachineConfig
+from pykvm.machine import Machine, MachineConfig
+from pykvm.transfer.migration import SCAN_PIECE, migrate_in, migrate_out
 from pykvm.state import encode
 from tests.conftest import VmmProcess, requires_kvm, run_pykvm
 from tests.netutil import send_a_stray_pages_frame
@@ -269,3 +271,29 @@ def test_migrate_kv_under_client_load(tmp_path, guest_images):
         stop.set()
         source.kill()
         target.kill()
+
+
+def test_round_0_sends_every_piece_of_ram(tmp_path):
+    """Round 0 scans and sends RAM 64 MiB at a time (migration.SCAN_PIECE): pages written before
+    the migration, and never again, reach the target from every piece, the first and last pages
+    of a piece and of RAM included (nothing dirties them later, so round 0 alone carries them)."""
+    size = 3 * SCAN_PIECE * PAGE_SIZE + 16 * PAGE_SIZE  # three whole pieces and a short last one
+    config = MachineConfig(memory=size)
+    marked = [SCAN_PIECE - 1, SCAN_PIECE, 2 * SCAN_PIECE + 5, 3 * SCAN_PIECE, size // PAGE_SIZE - 1]
+    server = socket.create_server(("127.0.0.1", 0))
+    uri = f"tcp:127.0.0.1:{server.getsockname()[1]}"
+    with Machine(config, serial_output=lambda data: None) as source, \
+            Machine(config, serial_output=lambda data: None) as target:
+        source.load(b"\xfa\xf4\xeb\xfd", load_addr=0x100000)  # cli; hlt; jmp back: writes nothing
+        for page in marked:
+            source.vm.memory.write(page * PAGE_SIZE + 7, f"page {page}".encode())
+        source.vm.start()
+        received: list = []
+        thread = threading.Thread(target=lambda: received.append(migrate_in(target, server, say=lambda line: None)))
+        thread.start()
+        figures = migrate_out(source, uri, progress=lambda line: None)
+        thread.join()
+        assert figures["status"] == "migrated" and received
+        for page in marked:
+            assert target.vm.memory.read(page * PAGE_SIZE + 7, len(f"page {page}")) == f"page {page}".encode()
+        assert ram_hash(target.vm.memory) == ram_hash(source.vm.memory)
