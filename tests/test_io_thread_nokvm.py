@@ -91,6 +91,7 @@ class QuietDevice:
     """A device with one queue and no backend, recording the notifies its I/O thread serves."""
 
     name = "quiet"
+    polled_queues = polled = ()
 
     def __init__(self) -> None:
         self.notified: list[int] = []

@@ -43,6 +43,9 @@ class VirtioDevice:
     name: str
     queue_sizes: tuple[int, ...]  # the maximum size of each queue
     features: int  # device-specific feature bits offered (the transport adds the reserved ones)
+    # Queues whose rings the I/O thread looks at itself while it polls, so that their notifies
+    # can stay off meanwhile (see IoThread): those the guest fills while the device works on.
+    polled_queues: tuple[int, ...] = ()
 
     def __init__(self) -> None:
         self.memory: GuestMemory | None = None
@@ -52,6 +55,9 @@ class VirtioDevice:
         # While an FT gate is installed: hold_output(queue_index) tells it an output chain is held
         self.hold_output: Callable[[int], None] | None = None
         self.held = HeldOutputs()
+        # polled_queues while the I/O thread is awake and will look at their rings before it
+        # sleeps; serve_queue then leaves their notifies off (a notify is an exit, dear in a VM)
+        self.polled: tuple[int, ...] = ()
 
     # -- configuration space ---------------------------------------------------------------------
 
@@ -75,6 +81,7 @@ class VirtioDevice:
         """The driver reset the device: forget rings and negotiated state."""
         self.memory, self.rings, self.driver_features, self.interrupt = None, [], 0, _no_interrupt
         self.held.clear()
+        self.polled = ()
 
     # -- serving requests ---------------------------------------------------------------------------
 
@@ -110,6 +117,8 @@ class VirtioDevice:
                 else:
                     self.take_chain(index, ring, chain)
             self.serve_taken(index, ring)
+            if index in self.polled:
+                break  # notifies stay off: the polling I/O thread finds what comes next
             ring.set_notification(True)
             if not ring.pending():  # nothing slipped in before notifies were back on
                 break
@@ -152,6 +161,22 @@ class VirtioDevice:
         in order calls serve_queue). `guest_waits`: served in the notifying vCPU's exit, so the
         guest waits for the whole drain (no completion reaches it sooner); otherwise the I/O
         thread serves while the guest runs on."""
+
+    def queues_waiting(self, indices: tuple[int, ...]) -> list[int]:
+        """Which of queues `indices` have chains to serve. The polling I/O thread calls this
+        without the lock, between its looks at its fds: a ring that a reset takes away meanwhile
+        is skipped, and a broken index counts as waiting, to be served (and refused, the device
+        to NEEDS_RESET) under the lock. A queue holding outputs for an FT gate has nothing to
+        serve: what the driver adds behind them is served at their release."""
+        rings, waiting = self.rings, []
+        for index in indices:
+            ring = rings[index] if index < len(rings) else None
+            try:
+                if ring is not None and index not in self.held and ring.pending():
+                    waiting.append(index)
+            except QueueError:
+                waiting.append(index)
+        return waiting
 
     def hands_over(self, index: int) -> bool:
         """Whether a notify of queue `index` that reached Python (served in the vCPU's exit by

@@ -4,7 +4,8 @@ Each queue has an eventfd. With ioeventfds in use, the platform signals it on th
 write, without an exit to Python (for why a device uses them or not, see
 pykvm.machine.ioeventfd_for); the transport also signals it itself to have a queue looked at
 (at DRIVER_OK, after a restore). The I/O thread waits on those eventfds and on the backend's fds
-(a TAP, a socket) and calls the model. Before it sleeps it polls a while (PollWindow).
+(a TAP, a socket) and calls the model. Before it sleeps it polls a while (PollWindow), looking
+at the rings of the model's polled queues as well, whose notifies stay off meanwhile.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import select
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from pykvm.devices import virtio as v
 from pykvm.devices.platform import IoeventfdUnavailable, Platform
@@ -118,7 +119,14 @@ class IoThread:
         """Each wake-up serves everything that is ready, under one hold of the lock. The queue
         eventfds are edge-triggered: every notify is an edge, and the counter is never read back
         (a read per notify is a system call that tells nothing the edge did not). Idle, the thread
-        first polls for the next event (for `window.seconds`), then sleeps in epoll."""
+        first polls for the next event (for `window.seconds`), then sleeps in epoll.
+
+        While it polls, it also looks at the rings of the model's `polled_queues` (a chain
+        found there is served as a notify would be), and their notifies stay off: serve_queue
+        leaves them off while `device.polled` names the queue, and only _end_ring_polling, just
+        before the thread sleeps, turns them back on. Why: a notify is an exit, which costs the
+        guest far more than a look costs this thread (net-echo with 8 outstanding: 0.27 exits an
+        echo against 0.54, ~5% more echoes/s; ARCHITECTURE, *Threads*)."""
         function = self.function
         device = function.device
         queue_fds = {fd: i for i, fd in enumerate(self.queue_eventfds)}
@@ -131,6 +139,11 @@ class IoThread:
             window = PollWindow()
             with function.lock:
                 wanted = self._wanted()
+            pollable = device.polled_queues
+
+            def rings_ready() -> list[tuple[int, int]]:  # a polled ring with chains: as if notified
+                return [(self.queue_eventfds[i], select.EPOLLIN) for i in device.queues_waiting(device.polled)]
+
             while not self._stopping:
                 if wanted != watched:
                     for fd in set(watched) - set(wanted):
@@ -142,13 +155,21 @@ class IoThread:
                         poller.register(fd, select.EPOLLIN)
                     watched = wanted
                 idle_since = time.perf_counter()
-                events = poll_for(poller, idle_since + window.seconds) if window.seconds else []
+                if window.seconds:
+                    events = poll_for(poller, idle_since + window.seconds, rings_ready if device.polled else list)
+                else:
+                    events = []
+                if not events and device.polled:
+                    with function.lock:
+                        events = self._end_ring_polling()
                 if not events:  # (found while polling: the window fits as it is)
                     events = poller.poll()
                     window.slept(time.perf_counter() - idle_since)
                 if self._stopping:
                     return
                 with function.lock:
+                    if window.seconds and function.serving:  # (only _end_ring_polling ends it)
+                        device.polled = pollable
                     if function.serving:
                         for fd, _ in events:
                             try:
@@ -166,6 +187,19 @@ class IoThread:
                     wanted = self._wanted()  # what the model wants watched now, under the same hold
         finally:
             poller.close()
+
+    def _end_ring_polling(self) -> list[tuple[int, int]]:
+        """Before the thread sleeps (function lock held): the polled queues' notifies back on,
+        then one more look at their rings. A chain the driver adds before it can see them on is
+        found by this look, one after it is notified, as at the end of serve_queue."""
+        device = self.function.device
+        polled, device.polled = device.polled, ()
+        rings = device.rings
+        for index in polled:
+            ring = rings[index] if index < len(rings) else None
+            if ring is not None:
+                ring.set_notification(True)
+        return [(self.queue_eventfds[i], select.EPOLLIN) for i in device.queues_waiting(polled)]
 
     def _wanted(self) -> tuple[int, ...]:
         """The backend fds the model wants watched (call with the function lock held)."""
@@ -211,14 +245,16 @@ class PollWindow:
             self.seconds = min(self.MAX, max(self.START, 2 * self.seconds))
 
 
-def poll_for(poller: select.epoll, until: float) -> list[tuple[int, int]]:
-    """The poller's events, from the first look that finds any, looking without sleeping until
-    perf_counter() reaches `until` (at least once); the CPU is offered to any other thread
-    between looks (`sched_yield`), so a peer that shares the core runs first."""
-    events = poller.poll(0)
+def poll_for(poller: select.epoll, until: float,
+             rings_ready: Callable[[], list[tuple[int, int]]] = list) -> list[tuple[int, int]]:
+    """The poller's events, or else `rings_ready()`'s, from the first look that finds any,
+    looking without sleeping until perf_counter() reaches `until` (at least once); the CPU is
+    offered to any other thread between looks (`sched_yield`), so a peer that shares the core
+    runs first."""
+    events = poller.poll(0) or rings_ready()
     while not events and time.perf_counter() < until:
         os.sched_yield()
-        events = poller.poll(0)
+        events = poller.poll(0) or rings_ready()
     return events
 
 

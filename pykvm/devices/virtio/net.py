@@ -67,6 +67,7 @@ class Net(v.VirtioDevice):
     name = "net"
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
     features = F_MAC | F_MRG_RXBUF | F_STATUS
+    polled_queues = (TX,)  # the frames to send (rx buffers are notified only once the device has none)
 
     def __init__(self, backend: NetBackend | None, mac: bytes) -> None:
         super().__init__()
