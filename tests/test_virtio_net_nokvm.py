@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import socket
 import struct
-import threading
-import time
-from pathlib import Path
 
 import pytest
 
 from pykvm.devices import virtio as v
 from pykvm.devices.net_backends import SocketBackend
-from pykvm.devices.virtio import io_thread
 from pykvm.devices.virtio.net import F_MRG_RXBUF, HEADER_SIZE, RX, TX, Net
 from pykvm.devices.virtio.virtqueue import DESC_F_NEXT, DESC_F_WRITE, SplitQueue
 from pykvm.memory import GuestMemory
@@ -137,66 +133,3 @@ def test_a_reply_queued_while_frames_arrive_goes_out_before_the_next_frame_lands
     assert driver.used_idx(TX) == 1
     assert [driver.received(i) for i in range(3)] == waiting
 
-
-class Window:
-    """A poll window the test sets: the I/O thread polls for `seconds` whatever the gaps."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def slept(self, gap: float) -> None:
-        pass
-
-
-class Function:
-    """What an IoThread needs of its transport: the model, the lock, whether it serves."""
-
-    def __init__(self, device: Net) -> None:
-        self.device, self.lock, self.serving = device, threading.RLock(), True
-
-    def needs_reset(self, reason: str) -> None:
-        raise AssertionError(reason)
-
-
-def sleeping_in_epoll(tid: int) -> bool:
-    task = Path(f"/proc/self/task/{tid}")
-    return (task / "stat").read_text().rpartition(")")[2].split()[0] == "S" and \
-        (task / "wchan").read_text().strip() in ("do_epoll_wait", "ep_poll")
-
-
-@pytest.mark.parametrize("event_idx", [True, False], ids=["event-idx", "no-notify-flag"])
-def test_while_the_io_thread_polls_frames_go_out_with_no_notify_and_notifies_are_back_before_it_sleeps(
-        wire, monkeypatch, event_idx):
-    net, driver, peer, vm_path = wire
-    for queue in driver.queues:
-        queue.event_idx = event_idx
-    features = v.F_VERSION_1 | F_MRG_RXBUF | (v.F_RING_EVENT_IDX if event_idx else 0)
-    window = Window(60.0)  # polling all through the first part, however slow the host
-    monkeypatch.setattr(io_thread, "PollWindow", lambda: window)
-    function = Function(net)
-    thread = io_thread.IoThread(function, queues=2)
-    with function.lock:
-        net.activate(driver.memory, driver.queues, features, lambda queue: None)
-    peer.setblocking(True)
-    peer.settimeout(10)
-    thread.start()
-    try:
-        thread.kick(TX)  # as DRIVER_OK does: the thread looks at the ring once, then polls it
-        sent = frames(3)
-        for frame in sent[:2]:
-            driver.send(frame)  # and no notify: nothing but the polling thread can find these
-            assert peer.recv(2048) == frame
-            assert not driver.notify_wanted(TX)  # the device left notifies off
-        window.seconds = 0.0  # the next idle spell is over at once: notifies back on, then sleep
-        thread.rearm()
-        deadline = time.monotonic() + 10
-        while not sleeping_in_epoll(thread.thread.native_id):
-            assert time.monotonic() < deadline, "the I/O thread never went to sleep in epoll"
-            time.sleep(0.001)
-        assert driver.notify_wanted(TX)  # asleep: the next frame must be notified, and is served
-        driver.send(sent[2])
-        thread.kick(TX)  # the notify, as the ioeventfd delivers it
-        assert peer.recv(2048) == sent[2]
-    finally:
-        thread.stop()
-        thread.close()
