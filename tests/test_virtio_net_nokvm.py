@@ -40,8 +40,7 @@ class Driver:
         """Whether the driver must notify the device of the next buffer it adds (2.7.10)."""
         if self.queues[queue].event_idx:
             avail_event = struct.unpack("<H", self.memory.read(RINGS_AT[queue] + 0x1000 + 4 + 8 * SIZE, 2))[0]
-            old = self.avail_idx[queue]
-            return (old + 1 - avail_event - 1) & 0xFFFF < 1  # need_event(avail_event, old + 1, old)
+            return avail_event == self.avail_idx[queue]  # need_event(avail_event, idx + 1, idx)
         return not struct.unpack("<H", self.memory.read(RINGS_AT[queue] + 0x1000, 2))[0] & 1  # NO_NOTIFY
 
     def used(self, queue: int, entry: int) -> tuple[int, int]:
@@ -132,4 +131,3 @@ def test_a_reply_queued_while_frames_arrive_goes_out_before_the_next_frame_lands
     assert sent_at == [1]  # between the first frame and the second
     assert driver.used_idx(TX) == 1
     assert [driver.received(i) for i in range(3)] == waiting
-

@@ -141,8 +141,8 @@ class IoThread:
                 wanted = self._wanted()
             pollable = device.polled_queues
 
-            def rings_ready() -> list[tuple[int, int]]:  # a polled ring with chains: as if notified
-                return [(self.queue_eventfds[i], select.EPOLLIN) for i in device.queues_waiting(device.polled)]
+            def rings_ready() -> list[tuple[int, int]]:
+                return self._as_notifies(device.queues_waiting(device.polled))
 
             while not self._stopping:
                 if wanted != watched:
@@ -199,7 +199,11 @@ class IoThread:
             ring = rings[index] if index < len(rings) else None
             if ring is not None:
                 ring.set_notification(True)
-        return [(self.queue_eventfds[i], select.EPOLLIN) for i in device.queues_waiting(polled)]
+        return self._as_notifies(device.queues_waiting(polled))
+
+    def _as_notifies(self, indices: list[int]) -> list[tuple[int, int]]:
+        """Queues found with chains, as the events their notifies would have been."""
+        return [(self.queue_eventfds[i], select.EPOLLIN) for i in indices]
 
     def _wanted(self) -> tuple[int, ...]:
         """The backend fds the model wants watched (call with the function lock held)."""
