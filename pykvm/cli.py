@@ -258,10 +258,7 @@ def cmd_ft(args: argparse.Namespace) -> int:
                               tls=args.tls, log=_log, trace=cli_ft.trace(args, _log))
             control_server = control.ControlServer(args.control, machine, tls=args.tls) if args.control else None
             if control_server is not None:
-                control_server.register("ft-stats", lambda request: {
-                    "role": "standby", "mode": standby.mode, "interval_ms": standby.interval_ms,
-                    "disk_mode": standby.disk_mode,
-                    **standby.stats.__dict__})
+                cli_ft.serve_standby_control(control_server, standby)
             _log(f"ft standby: waiting for a primary on {args.listen}")
             try:
                 outcome = standby.serve(server)
@@ -327,8 +324,7 @@ def _run(machine: Machine, args: argparse.Namespace, console: SerialConsole, *,
         debugger = gdb.serve(machine.vm, args.gdb, _log)
     server = control.ControlServer(args.control, machine, tls=args.tls) if args.control else None
     if server is not None:
-        server.register("ft-stats", lambda request: {"role": "primary", **(primary.summary() if primary else {})})
-        server.register("ft-protect", lambda request: cli_ft.ft_protect(primary, request))
+        cli_ft.serve_primary_control(server, primary)
     try:
         console.attach(machine.serial.feed)
         cli_signals.start(machine, started=started)  # from here a SIGTERM or SIGHUP stops the guest

@@ -15,6 +15,7 @@ from pykvm.machine import Machine
 if TYPE_CHECKING:  # FT loads with the first command that uses it
     from pykvm.ft import Primary
     from pykvm.ft.fencing import Fencing
+    from pykvm.ft.standby import Standby
 
 PRIMARY_ONLY_FT_OPTIONS = ("--ft-mode", "--ft-interval", "--ft-disk", "--metrics")  # the standby follows the Hello
 
@@ -83,3 +84,31 @@ def ft_protect(primary: Primary | None, request: dict) -> dict:
     except loaded_errors(("pykvm.ft.reach", "FtError"), ("pykvm.ft.fencing", "Fenced")) as error:
         raise control.CommandError(str(error)) from None
     return primary.summary()
+
+
+def serve_primary_control(server: control.ControlServer, primary: Primary | None) -> None:
+    """The FT commands of `pykvm run`'s control socket. A protected guest is not migrated: the
+    migration would harvest the dirty log its next syncs need, and the standby, still holding
+    the guest, could take over once this VMM had gone, a second copy."""
+    server.register("ft-stats", lambda request: {"role": "primary", **(primary.summary() if primary else {})})
+    server.register("ft-protect", lambda request: ft_protect(primary, request))
+    if primary is not None:
+        server.refuse("migrate", lambda: (
+            f"refused while the FT standby at {primary.stats.standby} protects the guest: it would hold a second "
+            "copy of it; end the standby first (this VMM then runs the guest unprotected)"
+            if primary.stats.protected else None))
+
+
+STANDBY_SERVES = ("query-status", "ft-stats")
+
+
+def serve_standby_control(server: control.ControlServer, standby: Standby) -> None:
+    """A standby's control socket, until it takes over (then `pykvm run`'s serves the guest): its
+    status and FT counts. Whatever acts on a running guest is refused: none runs here yet, and a
+    snapshot or a migration of what the standby holds would be a second copy of the guest."""
+    server.register("query-status", lambda request: {"status": "standby", "paused_by": []})
+    server.register("ft-stats", lambda request: {
+        "role": "standby", "mode": standby.mode, "interval_ms": standby.interval_ms,
+        "disk_mode": standby.disk_mode, **standby.stats.__dict__})
+    for name in set(server.handlers) - set(STANDBY_SERVES):
+        server.refuse(name, lambda: "this VMM is an FT standby: no guest runs here until it takes over")

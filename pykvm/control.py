@@ -85,6 +85,7 @@ class ControlServer:
         self._closed = threading.Event()
         self._clients_lock = threading.Lock()
         self._clients = self._refusing = 0  # connections being served, being told why not
+        self._vetoes: dict[str, Callable[[], str | None]] = {}
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "query-status": self._query_status,
             "stop": self._stop,
@@ -99,6 +100,11 @@ class ControlServer:
     def register(self, name: str, handler: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
         """Add a command (the FT layer adds its own)."""
         self.handlers[name] = handler
+
+    def refuse(self, name: str, why: Callable[[], str | None]) -> None:
+        """Refuse command `name` whenever `why()` gives a reason, asked once the command's turn
+        has come (the FT layer: no migration of a guest a standby protects)."""
+        self._vetoes[name] = why
 
     def close(self) -> None:
         self._closed.set()
@@ -199,18 +205,22 @@ class ControlServer:
         if extra:
             return {"ok": False, "error": f"{name} takes no {', '.join(map(repr, extra))}"}
         if name in LOCK_FREE:
-            return self._call(handler, request)
+            return self._call(name, handler, request)
         if not self._command_lock.acquire(timeout=BUSY_WAIT):
             return {"ok": False, "error": f"busy: {self._running} is still running (ask again when it is done)"}
-        try:
+        try:  # (a veto is asked under the lock: no other command changes its answer meanwhile)
             self._running = name
-            return self._call(handler, request)
+            return self._call(name, handler, request)
         finally:
             self._running = None
             self._command_lock.release()
 
-    @staticmethod
-    def _call(handler: Callable[[dict[str, Any]], dict[str, Any]], request: dict[str, Any]) -> dict[str, Any]:
+    def _call(self, name: str, handler: Callable[[dict[str, Any]], dict[str, Any]],
+              request: dict[str, Any]) -> dict[str, Any]:
+        veto = self._vetoes.get(name)
+        refusal = veto() if veto is not None else None
+        if refusal is not None:
+            return {"ok": False, "error": f"{name}: {refusal}"}
         try:
             return {"ok": True, **handler(request)}
         except (CommandError, ConfigError, OSError) as error:  # (a migration's error is a CommandError)
