@@ -268,6 +268,14 @@ class GuestMemory:
             else:
                 _set_bit_range(slot.dirty_words, first, last + 1)
 
+    def take_dirty_into(self, slot: MemorySlot, bitmap: np.ndarray) -> None:
+        """OR the slot's VMM dirty bitmap into `bitmap` and clear it (atomic w.r.t. writers)."""
+        import numpy as np
+
+        with self._dirty_lock:
+            np.bitwise_or(bitmap, slot.dirty, out=bitmap)
+            slot.dirty.fill(0)
+
     def take_dirty(self, slot: MemorySlot) -> np.ndarray:
         """Return a copy of the slot's VMM dirty bitmap and clear it (atomic w.r.t. writers)."""
         with self._dirty_lock:

@@ -123,7 +123,8 @@ def harvest(machine: Machine, *, full: bool) -> list[tuple[MemorySlot, np.ndarra
 
 
 def dirty_bitmaps(machine: Machine) -> list[tuple[MemorySlot, np.ndarray]]:
-    """Read and reset the dirty log (KVM's | the VMM's) of every slot, as u64 bitmaps."""
+    """Read and reset the dirty log (KVM's | the VMM's) of every slot, as u64 bitmaps: the VM's
+    own, valid until the next harvest (a cow sync keeps them until its pages are found)."""
     return [(slot, machine.vm.dirty_bitmap(slot)) for slot in machine.vm.memory.slots]
 
 
