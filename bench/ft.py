@@ -6,6 +6,8 @@
    released, the standby's commit and ack included) / the bare transfer of the same scattered
    pages by a pair of processes (sendmsg of the runs / recvmsg_into), alternating with the syncs in
    the same run (goal <= 1.5). (The Kemari prototype needed ~150 ms for 3000 pages.)
+   `sync3000_floor`: the same bare pair checking a digest of the bytes on each side, as a sync
+   must to refuse a damaged stream, over the bare pair: what the check alone costs on this host.
    The 3000-page sync again over mutual TLS, and `tls_ratio`: TLS pause / plaintext pause (goal <= 2).
    Cow mode (--ft-mode cow): the guest pause of a 3000-page sync while the guest writes, and
    `cow_pause_ratio`: it over an empty pause and resume of the same running vCPUs (goal <= 5).

@@ -5,7 +5,9 @@ Sync cost for 80 and 3000 random dirty pages of random contents (pause, transfer
 running (halted in KVM_RUN). `sync3000_ratio`: the whole 3000-page sync (request to pause ->
 vCPUs running again, outputs released, the standby's commit and ack included) / the bare transfer of
 the same scattered pages by a pair of processes (sendmsg of the runs / recvmsg_into), alternating
-with the syncs in the same run (goal <= 1.5). (The Kemari prototype needed ~150 ms for 3000
+with the syncs in the same run (goal <= 1.5). `sync3000_floor`: the same pair with the two digests
+that refusing a damaged stream takes (and nothing else a sync does) / the bare pair: the part of
+the ratio that is the integrity check alone. (The Kemari prototype needed ~150 ms for 3000
 pages.) The 3000-page sync again over mutual TLS, and `tls_ratio`: TLS pause / plaintext pause
 (goal <= 2). Cow mode (--ft-mode cow): the guest pause of a 3000-page sync while the guest
 writes, and `cow_pause_ratio`: it over an empty pause and resume of the same running vCPUs
@@ -15,6 +17,7 @@ writes, and `cow_pause_ratio`: it over an empty pause and resume of the same run
 from __future__ import annotations
 
 import json
+import mmap
 import socket
 import statistics
 import subprocess
@@ -22,9 +25,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from bench.harness import Child, free_port
 from bench.state import loopback_limit
@@ -38,47 +44,74 @@ IDLE_GUEST = b"\xfa\xf4\xeb\xfd"  # cli; hlt; jmp back: a vCPU halted in KVM_RUN
 BARE_RECEIVER = """
 import socket, sys
 import numpy as np
+import xxhash
 server = socket.create_server(("127.0.0.1", 0))
 print(server.getsockname()[1], flush=True)
 conn, _ = server.accept()
 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-size = int(sys.argv[1])
+size, check = int(sys.argv[1]), sys.argv[2] == "digest"
 into = memoryview(np.ones(size, dtype=np.uint8)).cast("B")  # faulted in once, as the standby's staging
+digest = xxhash.xxh3_64()
 while True:
     got = 0
     while got < size:
         count = conn.recvmsg_into([into[got:]])[0]
         if count == 0:
             sys.exit(0)
+        if check:  # as the standby: hashed as it lands, still in cache
+            digest.update(into[got : got + count])
         got += count
-    conn.sendall(b"k")
+    if check:
+        intact = conn.recv(8, socket.MSG_WAITALL) == digest.digest()
+        digest.reset()
+        conn.sendall(b"k" if intact else b"x")
+    else:
+        conn.sendall(b"k")
 """
 
 
 class BareTransfer:
     """The wire's limit for scattered pages: another process receiving with recvmsg_into, this
     one sending the page runs with sendmsg (1024 a call), nothing else; timed from the first
-    sendmsg to the receiver's one-byte word that every byte has arrived."""
+    sendmsg to the receiver's one-byte word that every byte has arrived.
 
-    def __init__(self, size: int) -> None:
+    With `digests`, the same pair also does what refusing a damaged stream takes, as a sync does
+    it and nothing more: this side hashes each batch on another thread while it is sent (xxh3,
+    the batch before finished first) and sends the digest after the pages; the receiver hashes
+    the data as it lands and compares: what the check alone costs, below any sync's time."""
+
+    def __init__(self, size: int, *, digests: bool = False) -> None:
         self.size = size
-        self.proc = subprocess.Popen([sys.executable, "-c", BARE_RECEIVER, str(size)], stdout=subprocess.PIPE)
+        self.proc = subprocess.Popen([sys.executable, "-c", BARE_RECEIVER, str(size), "digest" if digests else "bare"],
+                                     stdout=subprocess.PIPE)
         self.sock = socket.create_connection(("127.0.0.1", int(self.proc.stdout.readline())))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.hasher = ThreadPoolExecutor(1) if digests else None
 
     def send(self, views: list[memoryview]) -> float:
         assert sum(len(view) for view in views) == self.size
+        digest, hashing = xxhash.xxh3_64(), None
         started = time.perf_counter()
         for first in range(0, len(views), 1024):
             batch = views[first : first + 1024]
+            if self.hasher is not None:
+                if hashing is not None:
+                    hashing.result()
+                hashing = self.hasher.submit(deque, map(digest.update, batch), 0)  # sendmsg frees the GIL
             sent = self.sock.sendmsg(batch)
             assert sent == sum(len(view) for view in batch)  # a blocking socket sends it all
-        self.sock.recv(1)
+        if hashing is not None:
+            hashing.result()
+            self.sock.sendall(digest.digest())
+        if self.sock.recv(1) != b"k":
+            raise SystemExit("the bare pair's receiver found a digest that does not match")
         return (time.perf_counter() - started) * 1000
 
     def close(self) -> None:
         self.sock.close()
         self.proc.wait()
+        if self.hasher is not None:
+            self.hasher.shutdown()
 
 
 def sync_cost(pages: int, repeats: int = 40, tls: Path | None = None, bare: bool = False) -> dict:
@@ -135,9 +168,36 @@ def sync_cost(pages: int, repeats: int = 40, tls: Path | None = None, bare: bool
     return result
 
 
+def check_floor(pages: int = 3000, repeats: int = 40) -> dict:
+    """The bare pair moving `pages` random scattered pages of a 1 GiB mapping (as the sync bench's
+    guest RAM), alternating with the same pair checking digests (BareTransfer `digests`), new
+    pages each time (medians, ms; `floor`: the median over the pairs of digests / bare)."""
+    size = pages * PAGE_SIZE
+    with mmap.mmap(-1, 1 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as mapping:
+        ram = np.frombuffer(mapping, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        rng = np.random.default_rng(pages)
+        contents = rng.integers(0, 256, (pages, PAGE_SIZE), dtype=np.uint8)
+        bare, checked = BareTransfer(size), BareTransfer(size, digests=True)
+        times: dict[BareTransfer, list[float]] = {bare: [], checked: []}
+        view = memoryview(mapping)
+        for repeat in range(repeats):
+            numbers = np.sort(rng.choice(np.arange(1024, len(ram)), pages, replace=False))
+            ram[numbers] = contents
+            views = [view[n * PAGE_SIZE : (n + 1) * PAGE_SIZE] for n in numbers.tolist()]
+            for pair in (bare, checked) if repeat % 2 else (checked, bare):
+                times[pair].append(pair.send(views))
+            del views
+        view.release()
+        del ram
+        bare.close()
+        checked.close()
+    return {"bare_ms": statistics.median(times[bare]), "digest_ms": statistics.median(times[checked]),
+            "floor": statistics.median(c / b for c, b in zip(times[checked], times[bare]))}
+
+
 def print_sync_costs() -> None:
     """The loopback limit, the syncs of 80 and 3000 pages (3000 also over TLS), the bare transfer,
-    `sync3000_ratio` and `tls_ratio`."""
+    `sync3000_ratio`, `sync3000_floor` and `tls_ratio`."""
     limit = loopback_limit()
     print(f"loopback TCP limit (one Python sender/receiver pair): {limit / 1e6:.0f} MB/s")
     with tempfile.TemporaryDirectory() as creds:
@@ -156,6 +216,11 @@ def print_sync_costs() -> None:
           "to their running again with the outputs released, standby's commit and ack included / the bare transfer "
           "next to it, "
           "same run, median of the pairs; goal <= 1.5)")
+    floor = check_floor()
+    print(f"sync3000_floor: {floor['floor']:.2f}  (the bare pair checking the bytes as a sync must, a digest hashed "
+          f"beside the sends and one as the data lands, compared: {floor['digest_ms']:.2f} ms / the bare pair, "
+          f"{floor['bare_ms']:.2f} ms, alternating, median of the pairs: what checking every byte alone costs "
+          "here, before anything else a sync does)")
     print(f"tls_ratio: {rows[3000, True]['pause_ms'] / plain['pause_ms']:.2f}  (the 3000-page sync's "
           "guest pause over TLS / in the clear, same pages, same run; goal <= 2.0)")
 
