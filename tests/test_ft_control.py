@@ -6,6 +6,7 @@ syncs need); once its standby has gone, the guest migrates."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 
@@ -24,27 +25,38 @@ def _ctl(path: str, *command: str) -> tuple[int, dict]:
     return result.returncode, json.loads(result.stdout)
 
 
-def test_the_standby_serves_only_what_concerns_a_standby_until_it_takes_over(tmp_path, guest_images):
-    port, target_port = _free_port(), _free_port()
-    standby_ctl, primary_ctl, snapshot = str(tmp_path / "sb.ctl"), str(tmp_path / "p.ctl"), tmp_path / "sb.snap"
-    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", "--control", standby_ctl)
+@contextlib.contextmanager
+def _protected_guest_and_a_target(tmp_path, *standby_options: str):
+    """A `dirty` primary (control socket p.ctl) protected by a standby, and a migration target
+    waiting: (standby, primary, target, the target's URI)."""
+    port, target_uri = _free_port(), f"tcp:127.0.0.1:{_free_port()}"
+    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}", *standby_options)
     primary = target = None
     try:
         standby.stderr.wait_for(b"waiting for a primary")
-        primary = VmmProcess("run", "dirty", "--ft", f"tcp:127.0.0.1:{port}", "--control", primary_ctl)
+        primary = VmmProcess("run", "dirty", "--ft", f"tcp:127.0.0.1:{port}", "--control", str(tmp_path / "p.ctl"))
         primary.wait_for(b"pages/s")
-        target = VmmProcess("run", "dirty", "--incoming", f"tcp:127.0.0.1:{target_port}")
+        target = VmmProcess("run", "dirty", "--incoming", target_uri)
         target.stderr.wait_for(b"waiting for a migration")
+        yield standby, primary, target, target_uri
+    finally:
+        stop_pair(primary, standby)
+        if target is not None:
+            target.kill()
 
+
+def test_the_standby_serves_only_what_concerns_a_standby_until_it_takes_over(tmp_path, guest_images):
+    standby_ctl, primary_ctl, snapshot = str(tmp_path / "sb.ctl"), str(tmp_path / "p.ctl"), tmp_path / "sb.snap"
+    with _protected_guest_and_a_target(tmp_path, "--control", standby_ctl) as (standby, primary, target, target_uri):
         assert _ctl(standby_ctl, "query-status") == (0, {"ok": True, "status": "standby", "paused_by": []})
         assert _ctl(standby_ctl, "ft-stats")[1]["role"] == "standby"
         for command in (("stop",), ("cont",), ("query-vcpus",), ("quit",), ("snapshot", str(snapshot)),
-                        ("migrate", f"tcp:127.0.0.1:{target_port}")):
+                        ("migrate", target_uri)):
             assert _ctl(standby_ctl, *command) == (1, {"ok": False, "error": f"{command[0]}: {STANDBY_REFUSAL}"})
         assert not snapshot.exists()
         assert target.proc.poll() is None and target.stdout.data == b""  # still waiting: no guest came
 
-        status, reply = _ctl(primary_ctl, "migrate", f"tcp:127.0.0.1:{target_port}")
+        status, reply = _ctl(primary_ctl, "migrate", target_uri)
         assert status == 1 and "protects the guest" in reply["error"], reply
         stats = _ft_stats(primary_ctl)
         assert stats["protected"] and stats["standby_losses"] == 0, stats
@@ -56,35 +68,18 @@ def test_the_standby_serves_only_what_concerns_a_standby_until_it_takes_over(tmp
         _wait_for_socket(standby_ctl)
         assert _ctl(standby_ctl, "query-status")[1]["status"] == "running"
         assert _ctl(standby_ctl, "snapshot", str(snapshot))[0] == 0 and snapshot.stat().st_size > 0
-    finally:
-        stop_pair(primary, standby)
-        if target is not None:
-            target.kill()
 
 
 def test_a_primary_whose_standby_has_gone_migrates(tmp_path, guest_images):
-    port, target_port = _free_port(), _free_port()
-    primary_ctl = str(tmp_path / "p.ctl")
-    standby = VmmProcess("ft", "standby", "--listen", f"tcp:127.0.0.1:{port}")
-    primary = target = None
-    try:
-        standby.stderr.wait_for(b"waiting for a primary")
-        primary = VmmProcess("run", "dirty", "--ft", f"tcp:127.0.0.1:{port}", "--control", primary_ctl)
-        primary.wait_for(b"pages/s")
-        target = VmmProcess("run", "dirty", "--incoming", f"tcp:127.0.0.1:{target_port}")
-        target.stderr.wait_for(b"waiting for a migration")
+    with _protected_guest_and_a_target(tmp_path) as (standby, primary, target, target_uri):
         standby.proc.send_signal(signal.SIGTERM)  # the user ends the standby, as the refusal says
         assert standby.wait() == 128 + signal.SIGTERM
         primary.stderr.wait_for(b"continuing unprotected")
-        status, reply = _ctl(primary_ctl, "migrate", f"tcp:127.0.0.1:{target_port}")
+        status, reply = _ctl(str(tmp_path / "p.ctl"), "migrate", target_uri)
         assert status == 0 and reply["status"] == "migrated", reply
         assert primary.wait() == 0
         target.wait_for(b"pages/s")  # the guest runs on at the target, checking its pages
         assert "FAIL" not in target.output
-    finally:
-        stop_pair(primary, standby)
-        if target is not None:
-            target.kill()
 
 
 def _ft_stats(path: str) -> dict:
