@@ -282,11 +282,17 @@ def test_query_status_does_not_wait_behind_a_migration(running_vmm):
 # -- ends -------------------------------------------------------------------------------------------------
 
 
+# The VMM starts with the signal's default action even if this runner ignores it (under `nohup`
+# it ignores SIGHUP, which a VMM then keeps ignoring, as `nohup pykvm ...` should).
+WITH_DEFAULT_SIGNALS = (sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+                        "signal.signal(signal.SIGTERM, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_ends_a_vmm_and_removes_its_sockets(tmp_path, guest_images, signum):
     control, link = tmp_path / "vm.sock", tmp_path / "link.sock"
     vmm = VmmProcess("run", "dirty", "--append", "pages=64 seconds=100000", "--control", str(control),
-                     "--net", f"socket:{link}", "--serial", "none")
+                     "--net", f"socket:{link}", "--serial", "none", prefix=WITH_DEFAULT_SIGNALS)
     try:
         _wait_for_socket(str(control))
         assert link.is_socket()
