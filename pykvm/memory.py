@@ -278,9 +278,10 @@ class GuestMemory:
 
     def take_dirty(self, slot: MemorySlot) -> np.ndarray:
         """Return a copy of the slot's VMM dirty bitmap and clear it (atomic w.r.t. writers)."""
-        with self._dirty_lock:
-            taken = slot.dirty.copy()
-            slot.dirty.fill(0)
+        import numpy as np
+
+        taken = np.zeros_like(slot.dirty)
+        self.take_dirty_into(slot, taken)
         return taken
 
 

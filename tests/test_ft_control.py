@@ -58,7 +58,7 @@ def test_the_standby_serves_only_what_concerns_a_standby_until_it_takes_over(tmp
 
         status, reply = _ctl(primary_ctl, "migrate", target_uri)
         assert status == 1 and "protects the guest" in reply["error"], reply
-        stats = _ft_stats(primary_ctl)
+        stats = _ctl(primary_ctl, "ft-stats")[1]
         assert stats["protected"] and stats["standby_losses"] == 0, stats
         checks = primary.stdout.data.count(b"pages/s")
         primary.wait_for(b"pages/s", count=checks + 1)  # still here, running and checking its pages
@@ -80,7 +80,3 @@ def test_a_primary_whose_standby_has_gone_migrates(tmp_path, guest_images):
         assert primary.wait() == 0
         target.wait_for(b"pages/s")  # the guest runs on at the target, checking its pages
         assert "FAIL" not in target.output
-
-
-def _ft_stats(path: str) -> dict:
-    return json.loads(run_pykvm("ctl", path, "ft-stats").stdout)
